@@ -1,0 +1,93 @@
+"""Name → object registries for likelihoods, posteriors, networks, models and data sets.
+
+Entries are registered where they are defined (``@LIKELIHOODS.register("bernoulli")``),
+so a new likelihood, network or model is one decorated definition in one file.
+The name stored in a ``config.json`` makes loading a lookup, and the command
+line takes its choices from here.
+
+The modules that define entries import torch, which costs seconds.  So that
+``aevb --help`` stays fast, :meth:`Registry.names` reads the entry names from
+the defining module's source (the decorator calls) when that module has not
+been imported yet; :meth:`Registry.get` always imports it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import sys
+from typing import Any, Callable, Iterator
+
+from .errors import UserError
+
+
+class Registry:
+    def __init__(self, kind: str, module: str, variable: str):
+        self.kind = kind  # what an entry is, for messages: "likelihood"
+        self.module = module  # where entries are defined: "aevb.distributions"
+        self.variable = variable  # the registry's name in that module: "LIKELIHOODS"
+        self._entries: dict[str, Any] = {}
+
+    def register(self, name: str) -> Callable[[Any], Any]:
+        def decorator(obj: Any) -> Any:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = obj
+            return obj
+
+        return decorator
+
+    def _load(self) -> None:
+        importlib.import_module(self.module)
+
+    def get(self, name: str) -> Any:
+        self._load()
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UserError(
+                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self._entries)}"
+            ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def items(self):
+        self._load()
+        return self._entries.items()
+
+    def names(self) -> list[str]:
+        """Registered names, in definition order, without importing torch if avoidable."""
+        if self.module in sys.modules:
+            return list(self._entries)
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or spec.origin is None:
+            self._load()
+            return list(self._entries)
+        with open(spec.origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        found = []  # (line, name): ast.walk is breadth-first, so sort by line
+        for node in ast.walk(tree):
+            for decorator in getattr(node, "decorator_list", []):
+                if (
+                    isinstance(decorator, ast.Call)
+                    and isinstance(decorator.func, ast.Attribute)
+                    and decorator.func.attr == "register"
+                    and isinstance(decorator.func.value, ast.Name)
+                    and decorator.func.value.id == self.variable
+                    and decorator.args
+                    and isinstance(decorator.args[0], ast.Constant)
+                ):
+                    found.append((decorator.lineno, decorator.args[0].value))
+        return [name for _, name in sorted(found)]
+
+
+LIKELIHOODS = Registry("likelihood", "aevb.distributions", "LIKELIHOODS")
+POSTERIORS = Registry("posterior", "aevb.distributions", "POSTERIORS")
+NETWORKS = Registry("network", "aevb.networks", "NETWORKS")
+MODELS = Registry("model", "aevb.models", "MODELS")
+DATASETS = Registry("data set", "aevb.data", "DATASETS")
