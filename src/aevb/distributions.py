@@ -1,0 +1,317 @@
+"""Likelihoods p(x|z), posteriors q(z|x) and the prior p(z), as torch distributions.
+
+A *likelihood* is a decoder head: a small module that turns the decoder's raw
+output ``params`` ([*S, B, k·C, H, W] where k = ``params_per_channel``) into a
+``torch.distributions.Distribution`` over one data point, with the data
+dimensions as event dimensions (``Independent``).  ``log_prob(x)`` is then the
+log-density of a whole example in nats, constants included, so values are
+comparable across likelihood families.
+
+A *posterior* is an encoder head: it turns the encoder's output
+([*, k·D] with k = ``params_per_latent``) into q(z|x) with event shape [D].
+
+Register a new family with ``@LIKELIHOODS.register("name")`` or
+``@POSTERIORS.register("name")``; nothing else in the library needs to change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import (
+    Bernoulli,
+    ContinuousBernoulli,
+    Distribution,
+    Independent,
+    Laplace,
+    Normal,
+    constraints,
+)
+
+from .registry import LIKELIHOODS, POSTERIORS
+
+# Learned scales live in log space and are clamped from below: the Gaussian and
+# Laplace densities grow without bound as the scale goes to zero, so a model
+# that reconstructs some pixel exactly (the black border of MNIST) would
+# otherwise drive log p(x|z) to +inf instead of learning anything.  1e-3 is
+# below the quantisation step of 8-bit data (1/255 ≈ 4e-3), so the floor does
+# not bias real images.
+SCALE_FLOOR = 1e-3
+
+
+def _independent(base: Distribution, event_dims: int) -> Distribution:
+    """Sum log-densities over the trailing ``event_dims`` (the data dimensions)."""
+    return Independent(base, event_dims)
+
+
+class Likelihood(nn.Module):
+    """Base of decoder heads.  Subclasses implement :meth:`forward`.
+
+    ``forward(params, event_dims)`` maps raw decoder output
+    [*S, B, k·C, *spatial] to a distribution with event shape [C, *spatial].
+    """
+
+    params_per_channel = 1
+
+    def extra_config(self) -> dict:
+        """Constructor arguments to store in ``config.json``."""
+        return {}
+
+
+@LIKELIHOODS.register("bernoulli")
+class BernoulliLikelihood(Likelihood):
+    """Bernoulli with logits: log p(x|z) = −BCE(x, σ(logits)), the tutorials' loss.
+
+    Defined for x in {0, 1}.  Grey values in [0, 1] are accepted (as in the
+    tutorials) but the result is then not a normalised density; binarise the
+    data for a true likelihood.
+    """
+
+    def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
+        return _independent(Bernoulli(logits=params, validate_args=False), event_dims)
+
+
+@LIKELIHOODS.register("continuous-bernoulli")
+class ContinuousBernoulliLikelihood(Likelihood):
+    """Continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): the Bernoulli
+    density renormalised over [0, 1], a proper density for grey values."""
+
+    def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
+        return _independent(ContinuousBernoulli(logits=params, validate_args=False), event_dims)
+
+
+@LIKELIHOODS.register("gaussian")
+class GaussianLikelihood(Likelihood):
+    """Gaussian with a fixed σ.  σ = 1 gives ½·SSE + ½·n·log 2π: the MSE loss."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"gaussian scale must be positive, got {scale}")
+        self.scale = float(scale)
+
+    def extra_config(self) -> dict:
+        return {"scale": self.scale}
+
+    def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
+        return _independent(Normal(params, self.scale, validate_args=False), event_dims)
+
+
+class _LearnedScale(Likelihood):
+    """One learned log-scale shared by all data dimensions, clamped to a floor."""
+
+    def __init__(self, scale: float = 1.0, floor: float = SCALE_FLOOR):
+        super().__init__()
+        self.floor = float(floor)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+
+    def extra_config(self) -> dict:
+        return {"floor": self.floor}
+
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.clamp(min=math.log(self.floor)).exp()
+
+
+@LIKELIHOODS.register("gaussian-learned")
+class LearnedGaussianLikelihood(_LearnedScale):
+    """Gaussian with one learned σ for all pixels (log-parametrised, floored)."""
+
+    def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
+        scale = self.scale().to(params.dtype)
+        return _independent(Normal(params, scale, validate_args=False), event_dims)
+
+
+class OptimalScaleNormal(Normal):
+    """Normal whose σ is chosen, for each example, to maximise its own log-density.
+
+    The σ-VAE (Rybkin et al. 2021): for a fixed mean μ, the σ that maximises
+    log N(x; μ, σ²I) over the n dimensions of one example is σ* = √MSE(x, μ).
+    ``log_prob(x)`` evaluates the density at that σ (floored), which makes it a
+    profile likelihood: an upper bound of every shared-σ Gaussian on the same
+    example, not a normalised density in x.  ``sample`` uses ``sample_scale``
+    (the running σ* seen in training).
+
+    Shapes: ``loc`` [*S, B, *event]; ``event_dims`` trailing dimensions form an example.
+    """
+
+    def __init__(self, loc, sample_scale, event_dims: int, floor: float, observe=None):
+        super().__init__(loc, sample_scale, validate_args=False)
+        self._event_dims = event_dims
+        self._floor = floor
+        self._observe = observe
+
+    def optimal_scale(self, value: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(-self._event_dims, 0))
+        mse = (value - self.loc).pow(2).mean(dim=dims, keepdim=True)
+        return mse.sqrt().clamp(min=self._floor)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        scale = self.optimal_scale(value)
+        if self._observe is not None:
+            self._observe(scale)
+        return Normal(self.loc, scale, validate_args=False).log_prob(value)
+
+
+@LIKELIHOODS.register("gaussian-optimal")
+class OptimalGaussianLikelihood(Likelihood):
+    """Gaussian with σ at its analytic optimum √MSE per example (σ-VAE).
+
+    There is nothing to learn; a running average of σ* is kept as a buffer so
+    that samples from p(x|z) have a sensible noise level.
+    """
+
+    def __init__(self, floor: float = SCALE_FLOOR, momentum: float = 0.01):
+        super().__init__()
+        self.floor = float(floor)
+        self.momentum = float(momentum)
+        self.register_buffer("running_scale", torch.tensor(1.0))
+
+    def extra_config(self) -> dict:
+        return {"floor": self.floor}
+
+    @torch.no_grad()
+    def _observe(self, scale: torch.Tensor) -> None:
+        if self.training:
+            mean = scale.detach().float().mean().to(self.running_scale.dtype)
+            self.running_scale.lerp_(mean, self.momentum)
+
+    def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
+        base = OptimalScaleNormal(
+            params, self.running_scale.to(params.dtype), event_dims, self.floor, self._observe
+        )
+        return _independent(base, event_dims)
+
+
+@LIKELIHOODS.register("gaussian-diag")
+class DiagonalGaussianLikelihood(Likelihood):
+    """Gaussian with a per-pixel σ predicted by the decoder (2·C output channels).
+
+    Why the floor: the density of a Gaussian is unbounded as σ → 0.  A decoder
+    that predicts the value of a constant pixel exactly (MNIST's black border)
+    can send that pixel's σ to zero and its log-density to +∞, so the "ELBO"
+    grows without limit while the model learns nothing.  σ = floor + softplus
+    keeps every density finite.
+    """
+
+    params_per_channel = 2
+
+    def __init__(self, floor: float = SCALE_FLOOR):
+        super().__init__()
+        self.floor = float(floor)
+
+    def extra_config(self) -> dict:
+        return {"floor": self.floor}
+
+    def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
+        channel_dim = params.dim() - event_dims
+        loc, raw_scale = params.chunk(2, dim=channel_dim)  # each [*S, B, C, *spatial]
+        scale = F.softplus(raw_scale) + self.floor
+        return _independent(Normal(loc, scale, validate_args=False), event_dims)
+
+
+@LIKELIHOODS.register("laplace")
+class LaplaceLikelihood(Likelihood):
+    """Laplace with a fixed scale b: −log p = L1/b + n·log 2b (the L1 loss)."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"laplace scale must be positive, got {scale}")
+        self.scale = float(scale)
+
+    def extra_config(self) -> dict:
+        return {"scale": self.scale}
+
+    def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
+        return _independent(Laplace(params, self.scale, validate_args=False), event_dims)
+
+
+@LIKELIHOODS.register("laplace-learned")
+class LearnedLaplaceLikelihood(_LearnedScale):
+    """Laplace with one learned scale for all pixels (log-parametrised, floored)."""
+
+    def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
+        scale = self.scale().to(params.dtype)
+        return _independent(Laplace(params, scale, validate_args=False), event_dims)
+
+
+# ---------------------------------------------------------------------------
+# Posteriors q(z|x) and the prior p(z)
+
+
+class PointMass(Distribution):
+    """A Dirac delta at ``loc``: the 'posterior' of a deterministic autoencoder.
+
+    It has a mean and (zero) spread and can be sampled, but no density: there
+    is no ELBO for a model with a point-mass posterior.
+    """
+
+    arg_constraints = {"loc": constraints.real}
+    support = constraints.real
+    has_rsample = True
+
+    def __init__(self, loc: torch.Tensor, event_dims: int = 1):
+        self.loc = loc
+        shape = loc.shape
+        split = len(shape) - event_dims
+        super().__init__(shape[:split], shape[split:], validate_args=False)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc
+
+    @property
+    def mode(self) -> torch.Tensor:
+        return self.loc
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return torch.zeros_like(self.loc)
+
+    @property
+    def stddev(self) -> torch.Tensor:
+        return torch.zeros_like(self.loc)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return self.loc.expand(torch.Size(sample_shape) + self.loc.shape)
+
+    def log_prob(self, value):
+        raise NotImplementedError("a point mass has no density")
+
+
+class Posterior(nn.Module):
+    """Base of encoder heads: ``forward(params [*, k·D]) -> q(z|x)`` with event shape [D]."""
+
+    params_per_latent = 1
+    has_density = True
+
+
+@POSTERIORS.register("gaussian")
+class GaussianPosterior(Posterior):
+    """Diagonal Gaussian q(z|x) = N(μ, diag σ²) from the encoder's (μ, log σ)."""
+
+    params_per_latent = 2
+
+    def forward(self, params: torch.Tensor) -> Distribution:
+        loc, log_scale = params.chunk(2, dim=-1)  # each [*, D]
+        return Independent(Normal(loc, log_scale.exp(), validate_args=False), 1)
+
+
+@POSTERIORS.register("point-mass")
+class PointMassPosterior(Posterior):
+    """q(z|x) = δ(z − f(x)): the deterministic autoencoder's code."""
+
+    params_per_latent = 1
+    has_density = False
+
+    def forward(self, params: torch.Tensor) -> Distribution:
+        return PointMass(params, event_dims=1)
+
+
+def standard_normal(latent_dim: int, like: torch.Tensor) -> Distribution:
+    """p(z) = N(0, I) with event shape [latent_dim], on ``like``'s device and dtype."""
+    zeros = like.new_zeros(latent_dim)
+    return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1)

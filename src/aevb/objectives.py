@@ -1,0 +1,122 @@
+"""Objectives and estimators, as functions of a model and a batch.
+
+The whole data path of a latent-variable model is here, top to bottom:
+
+    posterior = model.encode(x)            q(z|x), batch [B], event [D]
+    z = posterior.rsample((L,))            [L, B, D]
+    likelihood = model.decode(z)           p(x|z), batch [L, B]
+    log p(x|z) = likelihood.log_prob(x)    [L, B]
+    KL(q || p) = kl_divergence(posterior, model.prior())   [B]
+
+and everything else (ELBO, the importance-weighted bound of Burda et al.
+2016, the importance-sampled log-likelihood) is a reduction of these
+quantities.  All values are in nats per example; reductions over samples run
+in float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.distributions import Distribution, kl_divergence
+
+
+@dataclass
+class ElboTerms:
+    """The two terms of the ELBO for a batch, each [B] in nats.
+
+    ``reconstruction`` is −E_q[log p(x|z)] averaged over the L samples drawn,
+    ``kl`` is KL(q(z|x) ‖ p(z)) (analytic where torch knows a closed form,
+    else the Monte Carlo estimate from the same samples).
+    """
+
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+    posterior: Distribution
+
+    @property
+    def elbo(self) -> torch.Tensor:
+        return -(self.reconstruction + self.kl)
+
+
+def kl_term(posterior: Distribution, prior: Distribution, z: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(q ‖ p) per example [B]; Monte Carlo over ``z`` [L, B, D] where no closed form exists."""
+    try:
+        return kl_divergence(posterior, prior)
+    except NotImplementedError:
+        if z is None:
+            raise
+        return (posterior.log_prob(z) - prior.log_prob(z)).mean(0)
+
+
+def elbo_terms(model, x: torch.Tensor, n_samples: int = 1) -> ElboTerms:
+    """Reconstruction and KL terms with ``n_samples`` reparameterised samples (SGVB).
+
+    x: [B, *data_shape].  Gradients flow to encoder and decoder through rsample.
+    """
+    posterior = model.encode(x)  # q(z|x), batch [B]
+    z = posterior.rsample((n_samples,))  # [L, B, D]
+    likelihood = model.decode(z)  # p(x|z), batch [L, B]
+    reconstruction = -likelihood.log_prob(x).float().mean(0)  # [B]
+    kl = kl_term(posterior, model.prior(), z).float()  # [B]
+    return ElboTerms(reconstruction, kl, posterior)
+
+
+def elbo(model, x: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
+    """The evidence lower bound E_q[log p(x|z)] − KL(q ‖ p), [B] in nats, β = 1."""
+    return elbo_terms(model, x, n_samples).elbo
+
+
+def log_weights(model, x: torch.Tensor, n_samples: int, posterior: Distribution | None = None) -> torch.Tensor:
+    """Importance log-weights log p(x|z) + log p(z) − log q(z|x), [n_samples, B], float32.
+
+    z is drawn with ``rsample`` so the weights can be differentiated (IWAE).
+    Pass ``posterior`` to reuse an encoder pass across chunks.
+    """
+    if posterior is None:
+        posterior = model.encode(x)
+    z = posterior.rsample((n_samples,))  # [S, B, D]
+    log_px_z = model.decode(z).log_prob(x)  # [S, B]
+    log_pz = model.prior().log_prob(z)  # [S, B]
+    log_qz = posterior.log_prob(z)  # [S, B]
+    return (log_px_z.float() + log_pz.float()) - log_qz.float()
+
+
+def iwae_bound(model, x: torch.Tensor, k: int) -> torch.Tensor:
+    """The importance-weighted bound log (1/k) Σ_i w_i (Burda et al. 2016), [B] in nats.
+
+    Equals the ELBO for k = 1 and rises towards log p(x) as k grows.
+    """
+    return torch.logsumexp(log_weights(model, x, k), dim=0) - math.log(k)
+
+
+# Rows (samples × examples) decoded at once by the importance sampler.  Memory
+# is proportional to this, never to n_samples.
+DEFAULT_ROWS = 16384
+
+
+@torch.no_grad()
+def log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_size: int | None = None) -> torch.Tensor:
+    """Importance-sampled estimate of log p(x) with q(z|x) as proposal, [B] in nats.
+
+    log p(x) ≈ log (1/S) Σ_s p(x|z_s) p(z_s) / q(z_s|x),  z_s ~ q(z|x)
+
+    The S samples are drawn in chunks of ``chunk_size`` (default: enough to
+    decode about 16k rows at a time) and combined with a log-sum-exp of the
+    per-chunk log-sum-exps, so memory does not grow with S.  On average the
+    estimate is a lower bound that rises towards log p(x) as S grows.
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+    posterior = model.encode(x)
+    batch = x.shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_ROWS // max(batch, 1))
+    chunk_size = min(chunk_size, n_samples)
+    chunk_lse = []  # each [B], float32
+    for start in range(0, n_samples, chunk_size):
+        n = min(chunk_size, n_samples - start)
+        chunk_lse.append(torch.logsumexp(log_weights(model, x, n, posterior), dim=0))
+    return torch.logsumexp(torch.stack(chunk_lse), dim=0) - math.log(n_samples)
