@@ -55,6 +55,7 @@ class Likelihood(nn.Module):
     """
 
     params_per_channel = 1
+    discrete = False  # a probability mass function (bits/dim need no bin width)
 
     def extra_config(self) -> dict:
         """Constructor arguments to store in ``config.json``."""
@@ -69,6 +70,8 @@ class BernoulliLikelihood(Likelihood):
     tutorials) but the result is then not a normalised density; binarise the
     data for a true likelihood.
     """
+
+    discrete = True
 
     def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
         return _independent(Bernoulli(logits=params, validate_args=False), event_dims)

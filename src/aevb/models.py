@@ -137,7 +137,12 @@ class Model(nn.Module):
 
     # -- objectives -----------------------------------------------------------
 
-    def loss(self, x: torch.Tensor) -> LossOutput:
+    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
+        """The training objective for a batch x [B, *data_shape].
+
+        ``beta`` overrides the KL weight for this call (warm-up schedules);
+        models without a KL term ignore it.
+        """
         raise NotImplementedError
 
     def elbo(self, x: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
@@ -191,7 +196,7 @@ class AE(Model):
     name = "ae"
     posterior_family = "point-mass"
 
-    def loss(self, x: torch.Tensor) -> LossOutput:
+    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
         posterior = self.encode(x)
         reconstruction = -self.decode(posterior.mean).log_prob(x).float().mean()
         mu, sigma = _posterior_stats(posterior)

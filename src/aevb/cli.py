@@ -1,0 +1,291 @@
+"""The ``aevb`` command: thin wrappers over importable functions.
+
+Options of ``aevb train`` are generated from :class:`aevb.config.RunConfig`,
+and their choices come from the registries, so nothing is defined twice.
+torch is imported only inside the commands that need it, so ``--help``
+answers at once.  Errors a user can cause print one line and exit with
+status 2 (130 for Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .config import RunConfig, coerce, flag, make_config, read_config_file
+from .errors import UserError
+from .registry import DATASETS
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class Group(click.Group):
+    def list_commands(self, ctx):  # keep definition order, not alphabetical
+        return list(self.commands)
+
+
+@click.group(cls=Group, context_settings=CONTEXT)
+@click.version_option(package_name="aevb", prog_name="aevb")
+def cli():
+    """Train, evaluate and explore autoencoders and variational autoencoders.
+
+    \b
+    Quick start:
+      aevb train                         # a VAE on the bundled 8x8 digits
+      aevb eval runs/vae-digits          # test ELBO, log-likelihood, bits/dim
+      aevb sample runs/vae-digits -n 64  # a grid of samples
+
+    Every number is a log-probability in nats per example.
+    """
+
+
+# ---------------------------------------------------------------------------
+# aevb train
+
+
+def _click_type(f: dataclasses.Field):
+    kind = f.type
+    if f.metadata.get("choices") is not None:
+        return click.Choice(list(f.metadata["choices"]))
+    if kind.startswith("int"):
+        return int
+    if kind.startswith("float") and not f.name.endswith("_split"):
+        return float
+    return str
+
+
+def _train_options(function):
+    for f in reversed(dataclasses.fields(RunConfig)):
+        default = f.default
+        help_text = f.metadata["help"]
+        if f.name == "data":
+            help_text += f" [registered: {', '.join(DATASETS.names())}]"
+        if default is not None and default is not False:
+            shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            help_text += f"  [default: {shown}]"
+        names = [f"--{flag(f.name)}"]
+        if f.type.startswith("bool"):
+            option = click.option(f"--{flag(f.name)}/--no-{flag(f.name)}", f.name, default=None, help=help_text)
+        else:
+            option = click.option(*names, f.name, type=_click_type(f), default=None, help=help_text,
+                                  metavar=f.metadata.get("metavar"))
+        function = option(function)
+    return function
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of options (e.g. RUN/config.json); flags override it")
+@click.option("--resume", type=click.Path(file_okay=False), metavar="RUN", help="continue RUN from its last checkpoint (--epochs/--steps may be raised)")
+@click.option("--force", is_flag=True, help="overwrite an existing --out folder")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+@_train_options
+def train(config_file, resume, force, quiet, **flags):
+    """Train a model and write a run folder.
+
+    \b
+    Examples:
+      aevb train                                    # VAE on digits, 10 epochs
+      aevb train --data ../shared/data/mnist/t10k-images-idx3-ubyte.gz \\
+          --labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz --test-split 2000 \\
+          --likelihood bernoulli --latent-dim 20 --hidden 400 --epochs 10 --out runs/mnist
+      aevb train --data faces/ --image-size 64 --arch conv --likelihood gaussian-learned
+      aevb train --data table.csv --likelihood gaussian-diag --latent-dim 4
+      aevb train --model iwae --k 50 --binarize dynamic
+      aevb train --config runs/mnist/config.json --out runs/mnist-again   # reproduce
+      aevb train --resume runs/mnist --epochs 20                           # continue
+    """
+    given = {k: v for k, v in flags.items() if v is not None}
+    if resume:
+        from .training import read_run_config
+
+        config = read_run_config(resume)
+        resumable = ("epochs", "steps", "device")
+        changed = sorted(k for k, v in given.items() if k not in resumable and coerce(k, v) != getattr(config, k))
+        if changed or config_file:
+            raise UserError(f"--resume continues a run as it was configured; only --epochs, --steps and --device "
+                            f"may change (got {', '.join('--' + flag(k) for k in changed) or '--config'})")
+        config = make_config(dataclasses.asdict(config), **{k: v for k, v in given.items() if k in resumable})
+    else:
+        file_values = read_config_file(config_file) if config_file else {}
+        config = make_config(file_values, **given)
+
+    from .training import train as run_training
+    from .io import write_json
+
+    model, run_dir = run_training(config, resume=resume, force=force, progress=not quiet)
+    if resume:
+        write_json(Path(run_dir) / "config.json", config.to_dict())
+    click.echo(f"run folder: {run_dir}  (model in {run_dir}/model, pictures in {run_dir}/images)")
+
+
+# ---------------------------------------------------------------------------
+# commands on a run folder
+
+
+def _run_argument(function):
+    return click.argument("run", type=click.Path(file_okay=False), metavar="RUN")(function)
+
+
+def _device_option(function):
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
+                        show_default=True, help="where to compute")(function)
+
+
+def _load(run: str, device: str):
+    from .training import load_run_model, resolve_device
+
+    if not Path(run).is_dir():
+        raise UserError(f"run folder not found: {run}; pass a folder written by 'aevb train'")
+    return load_run_model(run, resolve_device(device))
+
+
+@cli.command(name="eval", context_settings=CONTEXT)
+@_run_argument
+@click.option("--iw-samples", "-k", type=click.IntRange(min=1), default=5000, show_default=True, help="importance samples per test example for log p(x)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True, help="test examples per batch")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the Monte Carlo estimates")
+@_device_option
+def eval_command(run, iw_samples, batch_size, seed, device):
+    """Evaluate a run on its test split; print a table and write RUN/eval.json.
+
+    \b
+    Reports the negative ELBO and its terms, the importance-sampled negative
+    log-likelihood with k samples, bits per dimension for 8-bit or binary
+    image data, reconstruction error, KL per latent dimension and active units.
+
+    \b
+    Examples:
+      aevb eval runs/vae-digits
+      aevb eval runs/mnist --iw-samples 1000
+    """
+    import torch
+
+    from .evaluation import evaluate
+    from .io import write_json
+    from .training import held_out, load_dataset, read_run_config
+
+    config = read_run_config(run)
+    model = _load(run, device)
+    dataset = load_dataset(config)
+    x, _ = held_out(dataset, config, "test")
+    if x is None or not len(x):
+        raise UserError(f"{run} has no test split to evaluate; train with --test-split")
+    torch.manual_seed(seed)
+    metrics = evaluate(model, x, iw_samples=iw_samples, batch_size=batch_size, levels=dataset.levels, progress=True)
+    metrics["data"] = config.data
+    write_json(Path(run) / "eval.json", metrics)
+    click.echo(format_metrics(metrics))
+    if metrics.get("collapsed"):
+        click.echo(f"warning: posterior collapse: only {metrics['active_units']} of {metrics['latent_dim']} latent "
+                   f"dimensions are active (variance of the posterior mean > 0.01)", err=True)
+    click.echo(f"written: {Path(run) / 'eval.json'}")
+
+
+def format_metrics(metrics: dict) -> str:
+    rows = [
+        ("test examples", metrics.get("examples"), ""),
+        ("negative ELBO", metrics.get("neg_elbo"), "nats"),
+        ("  reconstruction −E[log p(x|z)]", metrics.get("reconstruction_nll"), "nats"),
+        ("  KL(q(z|x) ‖ p(z))", metrics.get("kl"), "nats"),
+        (f"negative log-likelihood (k={metrics.get('iw_samples')})", metrics.get("nll"), "nats"),
+        ("ELBO gap", metrics.get("elbo_gap"), "nats"),
+        ("bits per dimension", metrics.get("bits_per_dim"), "bits"),
+        ("reconstruction MSE per dim", metrics.get("mse_per_dim"), ""),
+        ("active units", metrics.get("active_units"), f"of {metrics.get('latent_dim')}"),
+        ("mean posterior μ / σ", f"{metrics['posterior_mu']:.3f} / {metrics['posterior_sigma']:.3f}", ""),
+    ]
+    lines = []
+    for name, value, unit in rows:
+        if value is None or (name.startswith("negative log") and "nll" not in metrics):
+            continue
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        lines.append(f"{name:<40} {text:>12} {unit}")
+    return "\n".join(lines)
+
+
+@cli.command(context_settings=CONTEXT)
+@_run_argument
+@click.option("-n", "n", type=click.IntRange(min=1), default=64, show_default=True, help="number of samples")
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, help="scale of z ~ N(0, T² I)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="PNG to write [default: RUN/images/samples-T.png]")
+@_device_option
+def sample(run, n, temperature, seed, out, device):
+    """Draw samples from the prior and write a PNG grid of the decoder means.
+
+    \b
+    Examples:
+      aevb sample runs/vae-digits -n 64
+      aevb sample runs/mnist --temperature 0.7 -o samples.png
+    """
+    from .figures import sample_grid
+
+    model = _load(run, device)
+    _require_images(model, "sample")
+    path = Path(out) if out else Path(run) / "images" / f"samples-T{temperature:g}.png"
+    click.echo(f"written: {sample_grid(model, path, n=n, seed=seed, temperature=temperature)}")
+
+
+@cli.command(context_settings=CONTEXT)
+@_run_argument
+@click.option("-n", "n", type=click.IntRange(min=1), default=10, show_default=True, help="test images (one per class where labels exist)")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="PNG to write [default: RUN/images/reconstructions.png]")
+@_device_option
+def reconstruct(run, n, out, device):
+    """Write test images (top row) above their reconstructions (bottom row).
+
+    \b
+    Example:
+      aevb reconstruct runs/vae-digits -n 10
+    """
+    from .data import holdout_indices
+    from .figures import reconstruction_grid
+    from .training import held_out, load_dataset, read_run_config
+
+    config = read_run_config(run)
+    model = _load(run, device)
+    _require_images(model, "reconstruct")
+    x, y = held_out(load_dataset(config), config, "test")
+    x = x[holdout_indices(y, n)].to(next(model.parameters()).device)
+    path = Path(out) if out else Path(run) / "images" / "reconstructions.png"
+    click.echo(f"written: {reconstruction_grid(model, x, path)}")
+
+
+def _require_images(model, command: str) -> None:
+    if len(model.data_shape) != 3:
+        raise UserError(f"'aevb {command}' draws pictures, but this model's data are rows of "
+                        f"{model.data_shape[0]} numbers, not images")
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        result = cli.main(args=args, prog_name="aevb", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:  # `aevb` alone: show the help
+        click.echo(e.ctx.get_help() if e.ctx else "")
+        sys.exit(0)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        command = " ".join(["aevb", *(e.ctx.command_path.split()[1:] if getattr(e, "ctx", None) else [])])
+        click.echo(f"error: {e.format_message()} (see '{command} --help')", err=True)
+        sys.exit(2)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The configuration of a training run: one typed dataclass, defined once.
+
+Every field is a command-line flag of ``aevb train`` (``latent_dim`` →
+``--latent-dim``) and a key of a TOML or JSON config file; the command line
+builds its options from these fields, so an option is never defined twice.
+The resolved configuration is written to ``RUN/config.json`` and
+``aevb train --config RUN/config.json`` reproduces the run.
+
+This module does not import torch, so that ``aevb --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .registry import DATASETS, LIKELIHOODS, MODELS, NETWORKS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+FORMAT = "aevb-run"
+BINARIZE_MODES = ("none", "threshold", "dynamic")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _opt(default: Any, help: str, *, group: str, choices: Any = None, short: str | None = None,
+         metavar: str | None = None):
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices,
+                                            "short": short, "metavar": metavar})
+
+
+@dataclass
+class RunConfig:
+    # -- data ---------------------------------------------------------------
+    data: str = _opt("digits", "registered data set (see choices) or a path: IDX/.npy/.npz/.csv file or an image folder", group="data", metavar="NAME|PATH")
+    labels: str | None = _opt(None, "labels file for --data FILE (IDX, .npy or .csv)", group="data", metavar="FILE")
+    data_dir: str | None = _opt(None, "folder holding the published files of mnist/fashion-mnist/cifar10", group="data", metavar="DIR")
+    download: bool = _opt(False, "download mnist/fashion-mnist/cifar10 with torchvision when missing", group="data")
+    test_split: float = _opt(0.1, "held-out test examples: a count (2000) or a fraction (0.1), taken from the end in file order", group="data", metavar="N|F")
+    val_split: float = _opt(0.0, "validation examples taken from the end of the training part (0: report the test set each epoch)", group="data", metavar="N|F")
+    shuffle: bool = _opt(False, "shuffle (seeded) before splitting instead of splitting in file order", group="data")
+    image_size: int | None = _opt(None, "resize and centre-crop an image folder to this size (default 64)", group="data", metavar="PX")
+    binarize: str = _opt("none", "binarise images for Bernoulli likelihoods: none, threshold (>0.5) or dynamic (resampled each epoch)", group="data", choices=BINARIZE_MODES)
+    # -- model --------------------------------------------------------------
+    model: str = _opt("vae", "model", group="model", choices=MODELS)
+    likelihood: str = _opt("bernoulli", "likelihood p(x|z)", group="model", choices=LIKELIHOODS)
+    arch: str = _opt("mlp", "encoder/decoder network", group="model", choices=NETWORKS)
+    latent_dim: int = _opt(20, "dimension of z", group="model", metavar="D")
+    hidden: list[int] | None = _opt(None, "hidden sizes, comma-separated (mlp default 400; conv: its linear layer)", group="model", metavar="N[,N…]")
+    likelihood_scale: float | None = _opt(None, "fixed σ of gaussian / scale of laplace, or initial value of the learned ones (default 1)", group="model", metavar="S")
+    beta: float = _opt(1.0, "weight of the KL term in the training loss (β-VAE); the reported ELBO always uses 1", group="model")
+    beta_warmup: int = _opt(0, "steps over which β rises linearly from 0 to --beta (0: constant)", group="model", metavar="STEPS")
+    mc_samples: int = _opt(1, "Monte Carlo samples of z per example in the VAE loss", group="model", metavar="L")
+    k: int = _opt(5, "importance samples of the IWAE bound", group="model")
+    # -- training -----------------------------------------------------------
+    epochs: int = _opt(10, "passes over the training data", group="training")
+    steps: int | None = _opt(None, "stop after this many optimiser steps instead (overrides --epochs)", group="training")
+    batch_size: int = _opt(128, "examples per optimiser step", group="training")
+    lr: float = _opt(1e-3, "Adam learning rate", group="training")
+    adam_betas: list[float] = _opt((0.9, 0.999), "Adam β1,β2", group="training", metavar="B1,B2")
+    grad_clip: float | None = _opt(None, "clip the gradient norm to this value", group="training", metavar="NORM")
+    seed: int = _opt(0, "random seed: the same seed and config give the same weights on CPU", group="training")
+    device: str = _opt("auto", "where to train: auto picks cuda, then mps, then cpu", group="training", choices=DEVICES)
+    log_every: int = _opt(50, "steps between metric records (values are read from the device only then)", group="training", metavar="STEPS")
+    image_every: int = _opt(0, "steps between reconstruction pictures (0: once per epoch)", group="training", metavar="STEPS")
+    eval_batch_size: int = _opt(1000, "examples per batch for validation and evaluation", group="training")
+    tensorboard: bool = _opt(False, "also log to TensorBoard (needs the tensorboard package)", group="training")
+    wandb: bool = _opt(False, "also log to Weights & Biases (needs the wandb package)", group="training")
+    out: str | None = _opt(None, "run folder (default runs/MODEL-DATA, numbered so nothing is overwritten)", group="training", metavar="DIR")
+
+    def model_kwargs(self, data_shape: tuple[int, ...]) -> dict[str, Any]:
+        """Arguments of :func:`aevb.models.build_model` for this run."""
+        kwargs: dict[str, Any] = dict(data_shape=data_shape, latent_dim=self.latent_dim, arch=self.arch,
+                                      likelihood=self.likelihood, hidden=self.hidden)
+        if self.likelihood_scale is not None:
+            kwargs["likelihood_args"] = {"scale": self.likelihood_scale}
+        if self.model == "vae":
+            kwargs.update(beta=self.beta, mc_samples=self.mc_samples)
+        elif self.model == "iwae":
+            kwargs.update(k=self.k)
+        return kwargs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **dataclasses.asdict(self)}
+
+    def validate(self) -> "RunConfig":
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is not None and value not in choices:
+                raise UserError(f"unknown --{flag(f.name)} {value!r}; choose one of: {', '.join(choices)}")
+        positive = ("latent_dim", "epochs", "batch_size", "mc_samples", "k", "log_every", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise UserError(f"--steps must be at least 1, got {self.steps}")
+        if self.lr <= 0 or self.beta < 0:
+            raise UserError(f"need --lr > 0 and --beta ≥ 0, got lr={self.lr}, beta={self.beta}")
+        if self.hidden is not None and any(h < 1 for h in self.hidden):
+            raise UserError(f"--hidden sizes must be positive, got {self.hidden}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise UserError(f"--adam-betas takes two numbers in [0, 1), got {self.adam_betas}")
+        if self.model == "ae" and self.beta_warmup:
+            raise UserError("--beta-warmup needs a model with a KL term; the deterministic autoencoder has none")
+        return self
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a value from the command line or a config file to the field's type."""
+    f = FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else str(f.type)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise UserError(f"--{flag(name)} needs a value")
+    try:
+        if kind.startswith("list[int]"):
+            return _list(value, int)
+        if kind.startswith("list[float]"):
+            return _list(value, float)
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind.startswith("float"):
+            number = float(value)
+            return int(number) if name.endswith("_split") and number >= 1 else number
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--{flag(name)}: cannot read {value!r} as {kind.split(' ')[0]}") from None
+
+
+def _list(value: Any, kind: type) -> list:
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v]
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    return [kind(v) for v in value]
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON config file into {field: value}; unknown keys are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            raw = tomllib.loads(text)
+        else:
+            raw = json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a table of options")
+    raw.pop("format", None)
+    # allow [data] / [model] / [training] tables in TOML
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and key in ("data", "model", "training"):
+            flat.update(value)
+        else:
+            flat[key] = value
+    normalised = {k.replace("-", "_"): v for k, v in flat.items()}
+    unknown = sorted(set(normalised) - set(FIELDS))
+    if unknown:
+        raise UserError(f"config file {path} has unknown options: {', '.join(unknown)}; see 'aevb train --help'")
+    return {k: coerce(k, v) for k, v in normalised.items()}
+
+
+def make_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
+    """Defaults, then a config file's values, then explicit overrides; validated."""
+    values = dict(file_values or {})
+    values.update({k: coerce(k, v) for k, v in overrides.items()})
+    return RunConfig(**values).validate()

@@ -1,0 +1,470 @@
+"""The training loop, run folders and checkpoints.
+
+``train(config)`` is the whole of ``aevb train``: it loads the data, builds
+the model, runs Adam, logs to ``metrics.jsonl`` and writes checkpoints,
+pictures and the exported model into the run folder:
+
+    RUN/config.json            resolved configuration (pass it back to reproduce)
+    RUN/metrics.jsonl          one record per logged step and per epoch
+    RUN/checkpoints/last.safetensors   model + optimiser + RNG + position (atomic)
+    RUN/model/                 the trained model (aevb.load)
+    RUN/images/                reconstructions during training, samples at the end
+
+The loop never reads a value back from the device except every
+``log_every`` steps: the per-step terms are copied into a small device
+buffer and checked (finite?) and logged in one transfer.  A checkpoint holds
+everything that decides the future of the run (weights, Adam moments, the
+global and shuffling RNG states, the permutation and position in the
+epoch), so a resumed run continues bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data as data_module
+from .config import RunConfig, make_config
+from .errors import NonFiniteLossError, UserError
+from .figures import reconstruction_grid, sample_grid
+from .io import write_json, write_safetensors
+from .models import LossOutput, Model, build_model, load
+
+CHECKPOINT = Path("checkpoints") / "last.safetensors"
+
+
+class Interrupted(UserError):
+    """Training stopped by Ctrl-C after saving a checkpoint."""
+
+    exit_code = 130
+
+
+# ---------------------------------------------------------------------------
+# devices, data and run folders
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps asked for, but this PyTorch has no MPS support; use --device cpu or auto")
+    return torch.device(name)
+
+
+def load_dataset(config: RunConfig) -> data_module.Dataset:
+    return data_module.load_data(
+        config.data, labels=config.labels, data_dir=config.data_dir, test_split=config.test_split,
+        val_split=config.val_split, shuffle=config.shuffle, seed=config.seed,
+        image_size=config.image_size, download=config.download,
+    )
+
+
+def held_out(dataset: data_module.Dataset, config: RunConfig, split: str = "test") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The evaluation split, binarised as in training.
+
+    Dynamic binarisation samples the held-out set once with a fixed seed, so
+    every evaluation of every run on these data sees the same binary images.
+    """
+    x = getattr(dataset, split)
+    y = getattr(dataset, f"{split}_labels")
+    if x is None:
+        return None, None
+    if config.binarize == "dynamic":
+        generator = torch.Generator().manual_seed(1234)
+        x = data_module.binarize(x, "dynamic", generator)
+    else:
+        x = data_module.binarize(x, config.binarize)
+    return x, y
+
+
+def _data_name(source: str) -> str:
+    name = Path(source).name if ("/" in source or "." in source) else source
+    name = re.sub(r"(\.gz|\.npy|\.npz|\.csv)$", "", name)
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "data"
+
+
+def new_run_dir(config: RunConfig, force: bool = False) -> Path:
+    """The run folder: ``--out`` (refusing to overwrite without --force) or a fresh numbered one."""
+    if config.out:
+        run_dir = Path(config.out)
+        if run_dir.exists() and any(run_dir.iterdir()) and not force:
+            raise UserError(f"run folder {run_dir} already exists; pass --force to overwrite it, "
+                            f"--resume {run_dir} to continue it, or another --out")
+        if run_dir.exists() and force:
+            for stale in ("metrics.jsonl", "eval.json", str(CHECKPOINT)):
+                (run_dir / stale).unlink(missing_ok=True)
+    else:
+        base = Path("runs") / f"{config.model}-{_data_name(config.data)}"
+        run_dir, n = base, 1
+        while run_dir.exists():
+            n += 1
+            run_dir = base.with_name(f"{base.name}-{n}")
+    (run_dir / "images").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The configuration of an existing run folder (UserError if it is not one)."""
+    from .config import read_config_file
+
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not an aevb run folder (no config.json); pass the folder that 'aevb train' wrote")
+    return make_config(read_config_file(path))
+
+
+def load_run_model(run_dir: str | Path, device: torch.device | None = None) -> Model:
+    """The trained model of a run: RUN/model, or the last checkpoint if the run did not finish."""
+    run_dir = Path(run_dir)
+    if (run_dir / "model" / "config.json").is_file():
+        return load(run_dir / "model", device=device)
+    config = read_run_config(run_dir)
+    checkpoint = run_dir / CHECKPOINT
+    if not checkpoint.is_file():
+        raise UserError(f"{run_dir} has neither a trained model nor a checkpoint; train it first")
+    state, meta = read_checkpoint(checkpoint)
+    model = build_model(config.model, **meta["model_kwargs"])
+    _load_prefixed(model, state, "model.", checkpoint)
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+# ---------------------------------------------------------------------------
+# checkpoints: one safetensors file; tensors for state, JSON metadata for the rest
+
+
+@dataclass
+class Position:
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches done in the current epoch
+    perm: torch.Tensor | None = None  # the current epoch's order, [N] int64
+
+
+def write_checkpoint(path: Path, model: Model, optimizer: torch.optim.Optimizer, position: Position,
+                     shuffle: torch.Generator, model_kwargs: dict) -> None:
+    tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
+    optim_state = optimizer.state_dict()
+    for index, state in optim_state["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.shuffle"] = shuffle.get_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    if position.perm is not None:
+        tensors["position.perm"] = position.perm
+    meta = {
+        "step": position.step, "epoch": position.epoch, "batch": position.batch,
+        "param_groups": optim_state["param_groups"], "model_kwargs": model_kwargs,
+    }
+    write_safetensors(path, tensors, metadata={"format": "aevb-checkpoint", "meta": json.dumps(meta)})
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(metadata["meta"])
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise UserError(f"checkpoint {path} is corrupt or unreadable ({e}); delete it and train again") from None
+    return state, meta
+
+
+def _load_prefixed(module: torch.nn.Module, state: dict, prefix: str, path: Path) -> None:
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        module.load_state_dict(sub)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit the run's model ({str(e).splitlines()[0]})") from None
+
+
+def _restore(path: Path, model: Model, optimizer: torch.optim.Optimizer, shuffle: torch.Generator) -> Position:
+    state, meta = read_checkpoint(path)
+    _load_prefixed(model, state, "model.", path)
+    optim_state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
+    for key, value in state.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            optim_state["state"].setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(optim_state)
+    torch.set_rng_state(state["rng.torch"])
+    shuffle.set_state(state["rng.shuffle"])
+    cuda_states = [state[k] for k in sorted(state) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    return Position(meta["step"], meta["epoch"], meta["batch"], state.get("position.perm"))
+
+
+# ---------------------------------------------------------------------------
+# logging
+
+
+class MetricsLog:
+    """``metrics.jsonl`` plus the optional TensorBoard / W&B mirrors."""
+
+    def __init__(self, run_dir: Path, config: RunConfig, resume_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # drop records written after the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.mirrors = []
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.mirrors.append(("tb", SummaryWriter(str(run_dir / "tensorboard"))))
+        if config.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--wandb needs the wandb package: pip install wandb") from None
+            self.mirrors.append(("wandb", wandb.init(project="aevb", config=config.to_dict(), dir=str(run_dir))))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for kind, writer in self.mirrors:
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            if kind == "tb":
+                for k, v in numbers.items():
+                    writer.add_scalar(k, v, record["step"])
+            else:
+                writer.log(numbers, step=record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        for kind, writer in self.mirrors:
+            writer.close() if kind == "tb" else writer.finish()
+
+
+@contextmanager
+def _stop_on_sigint():
+    """First Ctrl-C asks the loop to stop at the next step boundary; a second one aborts."""
+    requested = {"stop": False}
+    if sys.platform == "win32" or not _in_main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested["stop"]:
+            raise KeyboardInterrupt
+        requested["stop"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ---------------------------------------------------------------------------
+# the loop
+
+
+@torch.no_grad()
+def mean_elbo_terms(model: Model, x: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
+    """Mean ELBO, reconstruction and KL (nats per example) over x [N, ...], in eval mode."""
+    from .objectives import elbo_terms
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for start in range(0, x.shape[0], batch_size):
+        terms = elbo_terms(model, x[start:start + batch_size].to(device))
+        totals += torch.stack([terms.reconstruction.sum(), terms.kl.sum()]).double()
+    model.train(was_training)
+    reconstruction, kl = (totals / x.shape[0]).tolist()
+    return {"elbo": -(reconstruction + kl), "reconstruction": reconstruction, "kl": kl}
+
+
+def _make_optimizer(model: Model, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    kwargs = dict(lr=config.lr, betas=tuple(config.adam_betas))
+    # fused Adam is one kernel per step instead of several per parameter
+    try:
+        return torch.optim.Adam(model.parameters(), fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(model.parameters(), foreach=True, **kwargs)
+
+
+def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = False,
+          progress: bool = True) -> tuple[Model, Path]:
+    """Train a model as ``config`` says; return it and its run folder.
+
+    ``resume``: a run folder to continue from its last checkpoint (its own
+    config.json is used; pass a config whose ``epochs``/``steps`` differ to
+    train further).
+    """
+    if resume is not None:
+        run_dir = Path(resume)
+        checkpoint = run_dir / CHECKPOINT
+        if not checkpoint.is_file():
+            raise UserError(f"cannot resume {run_dir}: it has no checkpoint ({CHECKPOINT}); start a new run instead")
+    else:
+        run_dir = new_run_dir(config, force)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    shuffle = torch.Generator().manual_seed(config.seed)
+
+    dataset = load_dataset(config)
+    x_train = dataset.train
+    if config.binarize == "threshold":
+        x_train = data_module.binarize(x_train, "threshold")
+    x_train = x_train.to(device)
+    x_eval, _ = held_out(dataset, config, "val" if dataset.val is not None else "test")
+    eval_name = "val" if dataset.val is not None else "test"
+    holdout = None
+    if dataset.kind == "image" and dataset.test is not None and len(dataset.test):
+        x_test, y_test = held_out(dataset, config, "test")
+        holdout = x_test[data_module.holdout_indices(y_test, 10)].to(device)
+
+    model_kwargs = config.model_kwargs(dataset.data_shape)
+    model = build_model(config.model, **model_kwargs).to(device)
+    optimizer = _make_optimizer(model, config, device)
+    if resume is not None:
+        position = _restore(run_dir / CHECKPOINT, model, optimizer, shuffle)
+    else:
+        position = Position()
+        write_json(run_dir / "config.json", config.to_dict())
+
+    n = x_train.shape[0]
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total_steps = config.steps or config.epochs * steps_per_epoch
+    log = MetricsLog(run_dir, config, position.step if resume is not None else None)
+    buffer = torch.zeros(config.log_every, len(LossOutput.FIELDS), device=device)
+    filled, last_log_time, last_log_step = 0, time.perf_counter(), position.step
+    image_every = config.image_every or steps_per_epoch
+
+    def beta_at(step: int) -> float:
+        if config.beta_warmup:
+            return config.beta * min(1.0, step / config.beta_warmup)
+        return config.beta
+
+    def flush_log() -> None:
+        nonlocal filled, last_log_time, last_log_step
+        if filled == 0:
+            return
+        values = buffer[:filled].cpu()
+        finite = torch.isfinite(values).all(dim=1)
+        if not finite.all():
+            bad = int((~finite).nonzero()[0])
+            step = position.step - filled + bad + 1
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(LossOutput.FIELDS, values[bad].tolist()))
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} ({terms}); stopped, the last good checkpoint "
+                f"{run_dir / CHECKPOINT} is kept. Try a lower --lr, --grad-clip, or a likelihood with a floor"
+            )
+        now = time.perf_counter()
+        record = {"step": position.step, "epoch": position.epoch + position.batch / steps_per_epoch,
+                  **dict(zip(LossOutput.FIELDS, values.mean(0).tolist())), "beta": beta_at(position.step),
+                  "images_per_s": (position.step - last_log_step) * config.batch_size / max(now - last_log_time, 1e-9)}
+        log.write(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.2f}", rec=f"{record['reconstruction']:.2f}",
+                            kl=f"{record['kl']:.2f}", img_s=f"{record['images_per_s']:.0f}")
+        filled, last_log_time, last_log_step = 0, now, position.step
+
+    def save_checkpoint() -> None:
+        write_checkpoint(run_dir / CHECKPOINT, model, optimizer, position, shuffle, model_kwargs)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=position.step, unit="step", dynamic_ncols=True,
+                   desc=f"{config.model} {dataset.name}", file=sys.stderr)
+    model.train()
+    try:
+        with _stop_on_sigint() as sigint:
+            while position.step < total_steps:
+                if position.perm is None:
+                    position.perm = torch.randperm(n, generator=shuffle).to(device)
+                while position.batch < steps_per_epoch and position.step < total_steps:
+                    index = position.perm[position.batch * config.batch_size:(position.batch + 1) * config.batch_size]
+                    x = x_train[index]  # [b, *data_shape]
+                    if config.binarize == "dynamic":
+                        x = torch.bernoulli(x)
+                    out = model.loss(x, beta=beta_at(position.step))
+                    optimizer.zero_grad(set_to_none=True)
+                    out.loss.backward()
+                    if config.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    optimizer.step()
+                    buffer[filled] = out.as_tensor()
+                    filled += 1
+                    position.step += 1
+                    position.batch += 1
+                    if bar is not None:
+                        bar.update(1)
+                    if filled == config.log_every:
+                        flush_log()
+                    if holdout is not None and config.image_every and position.step % image_every == 0:
+                        reconstruction_grid(model, holdout, run_dir / "images" / f"reconstructions-{position.step:07d}.png")
+                    if sigint["stop"]:
+                        flush_log()
+                        save_checkpoint()
+                        raise Interrupted(f"interrupted at step {position.step}; checkpoint saved, "
+                                          f"continue with: aevb train --resume {run_dir}")
+                if position.batch < steps_per_epoch:
+                    break  # --steps reached mid-epoch
+                flush_log()
+                position.epoch += 1
+                position.batch = 0
+                position.perm = None
+                if x_eval is not None and len(x_eval):
+                    terms = mean_elbo_terms(model, x_eval, config.eval_batch_size)
+                    log.write({"step": position.step, "epoch": position.epoch,
+                               **{f"{eval_name}_{k}": v for k, v in terms.items()}})
+                    if bar is not None:
+                        bar.write(f"epoch {position.epoch}: {eval_name} ELBO {terms['elbo']:.2f} nats "
+                                  f"(reconstruction {terms['reconstruction']:.2f}, KL {terms['kl']:.2f})")
+                if holdout is not None and not config.image_every:
+                    reconstruction_grid(model, holdout, run_dir / "images" / f"reconstructions-epoch{position.epoch:03d}.png")
+                save_checkpoint()
+            flush_log()
+            if position.batch:  # stopped mid-epoch by --steps
+                save_checkpoint()
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+
+    model.eval()
+    model.save(run_dir / "model")
+    if dataset.kind == "image":
+        sample_grid(model, run_dir / "images" / "samples.png", n=64, seed=config.seed)
+        if holdout is not None:
+            reconstruction_grid(model, holdout, run_dir / "images" / "reconstructions.png")
+    return model, run_dir
