@@ -70,7 +70,7 @@ class RunConfig:
     seed: int = _opt(0, "random seed: the same seed and config give the same weights on CPU", group="training")
     device: str = _opt("auto", "where to train: auto picks cuda, then mps, then cpu", group="training", choices=DEVICES)
     log_every: int = _opt(50, "steps between metric records (values are read from the device only then)", group="training", metavar="STEPS")
-    image_every: int = _opt(0, "steps between reconstruction pictures (0: once per epoch)", group="training", metavar="STEPS")
+    image_every: int = _opt(0, "steps between reconstruction pictures (0: at about ten epoch ends over the run)", group="training", metavar="STEPS")
     eval_batch_size: int = _opt(1000, "examples per batch for validation and evaluation", group="training")
     tensorboard: bool = _opt(False, "also log to TensorBoard (needs the tensorboard package)", group="training")
     wandb: bool = _opt(False, "also log to Weights & Biases (needs the wandb package)", group="training")

@@ -35,6 +35,10 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, 
     return (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 
+def _upscale(array: np.ndarray, factor: int) -> np.ndarray:
+    return array.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
 def save_png(array: np.ndarray, path: str | Path, min_size: int = 0) -> Path:
     """Write a uint8 array [H, W, 3] as PNG (atomically), upscaled by an integer factor to ``min_size``."""
     from PIL import Image
@@ -50,7 +54,9 @@ def save_png(array: np.ndarray, path: str | Path, min_size: int = 0) -> Path:
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """Save images [N, C, H, W] in [0, 1] as one PNG grid."""
-    return save_png(image_grid(images, nrow), path, min_size=256)
+    # upscale small images (8×8 digits) so each tile is at least 64 pixels
+    factor = max(1, math.ceil(64 / images.shape[-2]))
+    return save_png(_upscale(image_grid(images, nrow), factor), path)
 
 
 def reconstruction_grid(model, x: torch.Tensor, path: str | Path) -> Path:

@@ -365,7 +365,9 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     log = MetricsLog(run_dir, config, position.step if resume is not None else None)
     buffer = torch.zeros(config.log_every, len(LossOutput.FIELDS), device=device)
     filled, last_log_time, last_log_step = 0, time.perf_counter(), position.step
-    image_every = config.image_every or steps_per_epoch
+    image_every = config.image_every
+    # by default, reconstruction pictures at about ten epoch ends over the run
+    picture_epochs = max(1, math.ceil(total_steps / steps_per_epoch) // 10)
 
     def beta_at(step: int) -> float:
         if config.beta_warmup:
@@ -430,7 +432,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
                         bar.update(1)
                     if filled == config.log_every:
                         flush_log()
-                    if holdout is not None and config.image_every and position.step % image_every == 0:
+                    if holdout is not None and image_every and position.step % image_every == 0:
                         reconstruction_grid(model, holdout, run_dir / "images" / f"reconstructions-{position.step:07d}.png")
                     if sigint["stop"]:
                         flush_log()
@@ -450,7 +452,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
                     if bar is not None:
                         bar.write(f"epoch {position.epoch}: {eval_name} ELBO {terms['elbo']:.2f} nats "
                                   f"(reconstruction {terms['reconstruction']:.2f}, KL {terms['kl']:.2f})")
-                if holdout is not None and not config.image_every:
+                if holdout is not None and not image_every and position.epoch % picture_epochs == 0:
                     reconstruction_grid(model, holdout, run_dir / "images" / f"reconstructions-epoch{position.epoch:03d}.png")
                 save_checkpoint()
             flush_log()

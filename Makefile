@@ -1,0 +1,27 @@
+# One command to a trained model, one to the tests. Both create .venv first.
+PYTHON ?= python3
+VENV := .venv
+# The PyTorch build to install; override for another platform, e.g.
+#   make demo TORCH="torch torchvision"
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/aevb train --epochs 100 --out runs/demo --force
+	$(VENV)/bin/aevb eval runs/demo --iw-samples 1000
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python bench/run.py
+
+clean:
+	rm -rf $(VENV) runs
