@@ -123,16 +123,16 @@ class Model(nn.Module):
         return standard_normal(self.latent_dim, next(self.parameters()).new_zeros((), dtype=torch.float32))
 
     def encode(self, x: torch.Tensor) -> Distribution:
-        """q(z|x) for x [B, *data_shape]: batch shape [B], event shape [D], float32."""
+        """q(z|x) for x [B, *data_shape]: batch shape [B], event shape [D], at least float32."""
         self._check_input(x)
         params = self.encoder(x.to(self._dtype))  # [B, k·D]
-        return self.posterior(params.float())
+        return self.posterior(objectives.at_least_float32(params))
 
     def decode(self, z: torch.Tensor) -> Distribution:
-        """p(x|z) for z [*S, B, D]: batch shape [*S, B], event shape data_shape, float32."""
+        """p(x|z) for z [*S, B, D]: batch shape [*S, B], event shape data_shape, at least float32."""
         batch_shape = z.shape[:-1]
         params = self.decoder(z.reshape(-1, self.latent_dim).to(self._dtype))  # [N, k·C, ...]
-        params = params.reshape(*batch_shape, *params.shape[1:]).float()
+        params = objectives.at_least_float32(params.reshape(*batch_shape, *params.shape[1:]))
         return self.likelihood(params, len(self.data_shape))
 
     # -- objectives -----------------------------------------------------------
@@ -198,7 +198,7 @@ class AE(Model):
 
     def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
         posterior = self.encode(x)
-        reconstruction = -self.decode(posterior.mean).log_prob(x).float().mean()
+        reconstruction = -self.decode(posterior.mean).log_prob(x.to(posterior.mean.dtype)).mean()
         mu, sigma = _posterior_stats(posterior)
         return LossOutput(reconstruction, reconstruction.detach(), torch.zeros_like(reconstruction.detach()), mu, sigma)
 

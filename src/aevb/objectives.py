@@ -11,7 +11,8 @@ The whole data path of a latent-variable model is here, top to bottom:
 and everything else (ELBO, the importance-weighted bound of Burda et al.
 2016, the importance-sampled log-likelihood) is a reduction of these
 quantities.  All values are in nats per example; reductions over samples run
-in float32 whatever the model's dtype.
+in at least float32 (a bfloat16 model reduces in float32, a float64 model in
+float64).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributions import Distribution, kl_divergence
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32 if its dtype is narrower (bf16, fp16), else unchanged (float32, float64)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 @dataclass
@@ -59,8 +65,8 @@ def elbo_terms(model, x: torch.Tensor, n_samples: int = 1) -> ElboTerms:
     posterior = model.encode(x)  # q(z|x), batch [B]
     z = posterior.rsample((n_samples,))  # [L, B, D]
     likelihood = model.decode(z)  # p(x|z), batch [L, B]
-    reconstruction = -likelihood.log_prob(x).float().mean(0)  # [B]
-    kl = kl_term(posterior, model.prior(), z).float()  # [B]
+    reconstruction = -likelihood.log_prob(x.to(z.dtype)).mean(0)  # [B], in z's (≥ float32) dtype
+    kl = at_least_float32(kl_term(posterior, model.prior(), z))  # [B]
     return ElboTerms(reconstruction, kl, posterior)
 
 
@@ -70,7 +76,7 @@ def elbo(model, x: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
 
 
 def log_weights(model, x: torch.Tensor, n_samples: int, posterior: Distribution | None = None) -> torch.Tensor:
-    """Importance log-weights log p(x|z) + log p(z) − log q(z|x), [n_samples, B], float32.
+    """Importance log-weights log p(x|z) + log p(z) − log q(z|x), [n_samples, B], at least float32.
 
     z is drawn with ``rsample`` so the weights can be differentiated (IWAE).
     Pass ``posterior`` to reuse an encoder pass across chunks.
@@ -78,10 +84,10 @@ def log_weights(model, x: torch.Tensor, n_samples: int, posterior: Distribution 
     if posterior is None:
         posterior = model.encode(x)
     z = posterior.rsample((n_samples,))  # [S, B, D]
-    log_px_z = model.decode(z).log_prob(x)  # [S, B]
+    log_px_z = model.decode(z).log_prob(x.to(z.dtype))  # [S, B]
     log_pz = model.prior().log_prob(z)  # [S, B]
     log_qz = posterior.log_prob(z)  # [S, B]
-    return (log_px_z.float() + log_pz.float()) - log_qz.float()
+    return (at_least_float32(log_px_z) + at_least_float32(log_pz)) - at_least_float32(log_qz)
 
 
 def iwae_bound(model, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -115,7 +121,7 @@ def log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_size: in
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_ROWS // max(batch, 1))
     chunk_size = min(chunk_size, n_samples)
-    chunk_lse = []  # each [B], float32
+    chunk_lse = []  # each [B], at least float32
     for start in range(0, n_samples, chunk_size):
         n = min(chunk_size, n_samples - start)
         chunk_lse.append(torch.logsumexp(log_weights(model, x, n, posterior), dim=0))

@@ -1,0 +1,432 @@
+"""Every model × likelihood × network builds, trains, samples and round-trips;
+β, Monte Carlo samples, errors, dtypes and the tutorial conv network."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import aevb
+from aevb import objectives
+from aevb.errors import NoLikelihoodError, UserError
+from aevb.registry import LIKELIHOODS, MODELS, NETWORKS
+
+MODEL_NAMES = [name for name, _ in MODELS.items()]
+LIKELIHOOD_NAMES = [name for name, _ in LIKELIHOODS.items()]
+NETWORK_NAMES = [name for name, _ in NETWORKS.items()]
+LATENT = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tensors here are small: one intra-op thread is as fast on an idle machine and
+    avoids OpenMP spin-waiting (many times slower) on a busy one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cases():
+    cases = []
+    for model in MODEL_NAMES:
+        for likelihood in LIKELIHOOD_NAMES:
+            for arch in NETWORK_NAMES:
+                cases.append((model, likelihood, arch, (1, 8, 8)))
+                if arch in ("linear", "mlp"):
+                    cases.append((model, likelihood, arch, (6,)))
+            for_rgb = likelihood in ("bernoulli", "gaussian-diag")
+            if for_rgb and "conv" in NETWORK_NAMES:
+                cases.append((model, likelihood, "conv", (3, 32, 32)))
+    return cases
+
+
+def test_registries_hold_the_expected_entries():
+    assert set(MODEL_NAMES) >= {"ae", "vae", "iwae"}
+    assert set(NETWORK_NAMES) >= {"linear", "mlp", "conv"}
+    assert len(LIKELIHOOD_NAMES) == 8
+
+
+def first_layer(module: nn.Module) -> nn.Module:
+    return next(m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)))
+
+
+def last_layer(module: nn.Module) -> nn.Module:
+    return [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))][-1]
+
+
+@pytest.mark.parametrize("model_name,likelihood,arch,data_shape", _cases(),
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_model_end_to_end(model_name, likelihood, arch, data_shape, tmp_path):
+    torch.manual_seed(0)
+    model = aevb.build_model(model_name, data_shape=data_shape, latent_dim=LATENT, arch=arch,
+                             likelihood=likelihood)
+    assert isinstance(model, MODELS.get(model_name))
+    B = 4
+    x = torch.rand(B, *data_shape)
+
+    # the loss is a finite scalar whose gradient reaches both networks
+    out = model.loss(x)
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+    for field in ("reconstruction", "kl", "mu", "sigma"):
+        value = getattr(out, field)
+        assert value.shape == () and torch.isfinite(value) and not value.requires_grad
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert first_layer(model.encoder).weight.grad.abs().sum() > 0
+    assert last_layer(model.decoder).weight.grad.abs().sum() > 0
+    if model_name == "ae":
+        assert out.kl == 0 and out.sigma == 0
+        torch.testing.assert_close(out.loss.detach(), out.reconstruction)
+    else:
+        assert out.kl > 0 and out.sigma > 0
+        # the reconstruction term alone (no KL) sends gradient to the encoder: z is reparameterised
+        model.zero_grad()
+        objectives.elbo_terms(model, x).reconstruction.sum().backward()
+        assert first_layer(model.encoder).weight.grad.abs().sum() > 0
+
+    # the decoder's output channels follow the likelihood
+    k = model.likelihood.params_per_channel
+    assert k == (2 if likelihood == "gaussian-diag" else 1)
+    with torch.no_grad():
+        raw = model.decoder(torch.zeros(2, LATENT))
+    assert raw.shape == (2, k * data_shape[0], *data_shape[1:])
+
+    # distributions and shapes
+    q = model.encode(x)
+    assert tuple(q.batch_shape) == (B,) and tuple(q.event_shape) == (LATENT,)
+    p = model.decode(q.mean)
+    assert tuple(p.batch_shape) == (B,) and tuple(p.event_shape) == data_shape
+    p2 = model.decode(torch.zeros(5, B, LATENT))
+    assert tuple(p2.batch_shape) == (5, B) and p2.log_prob(x).shape == (5, B)
+    assert model.sample(5).shape == (5, *data_shape)
+    recon = model.reconstruct(x)
+    assert recon.shape == x.shape and torch.isfinite(recon).all()
+    torch.testing.assert_close(recon, model.decode(model.encode(x).mean).mean)
+    if model_name != "ae":
+        assert model.elbo(x).shape == (B,)
+        assert model.log_likelihood(x, n_samples=3).shape == (B,)
+
+    # save and load: same weights, same outputs
+    model.eval()
+    model.save(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model"] == model_name
+    loaded = aevb.load(tmp_path / "m")
+    assert type(loaded) is type(model)
+    assert loaded.config == model.config
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    for key in state:
+        assert torch.equal(state[key], loaded_state[key]), key
+    assert torch.equal(loaded.reconstruct(x), model.reconstruct(x))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(loaded.sample(3, generator=g1), model.sample(3, generator=g2))
+    if model_name != "ae":
+        torch.manual_seed(7)
+        a = model.elbo(x)
+        torch.manual_seed(7)
+        b = loaded.elbo(x)
+        assert torch.equal(a, b)
+    # a freshly built model differs, so the comparisons above are not vacuous
+    torch.manual_seed(1)
+    other = aevb.build_model(model_name, data_shape=data_shape, latent_dim=LATENT, arch=arch, likelihood=likelihood)
+    assert not torch.equal(other.reconstruct(x), model.reconstruct(x))
+
+
+def test_ae_defines_no_likelihood():
+    model = aevb.AE(data_shape=(1, 8, 8), latent_dim=2, arch="mlp", likelihood="bernoulli", hidden=[16])
+    x = torch.rand(3, 1, 8, 8)
+    with pytest.raises(NoLikelihoodError, match="point-mass"):
+        model.elbo(x)
+    with pytest.raises(NoLikelihoodError):
+        model.log_likelihood(x, n_samples=10)
+    assert issubclass(NoLikelihoodError, UserError)
+    # the AE loss is −log p(x | z = f(x)), averaged over the batch
+    expected = -model.decode(model.encode(x).mean).log_prob(x).mean()
+    torch.testing.assert_close(model.loss(x).loss, expected)
+
+
+def _pair(beta: float, **kwargs):
+    torch.manual_seed(0)
+    base = aevb.VAE(data_shape=(1, 8, 8), latent_dim=4, arch="mlp", likelihood="bernoulli", hidden=[32], **kwargs)
+    weighted = aevb.VAE(data_shape=(1, 8, 8), latent_dim=4, arch="mlp", likelihood="bernoulli", hidden=[32],
+                        beta=beta, **kwargs)
+    weighted.load_state_dict(base.state_dict())
+    return base, weighted
+
+
+def test_beta_weights_kl_in_the_loss_only():
+    base, vae4 = _pair(4.0)
+    assert vae4.beta == 4.0 and vae4.config["beta"] == 4.0
+    x = torch.rand(6, 1, 8, 8)
+    torch.manual_seed(3)
+    out = vae4.loss(x)
+    torch.testing.assert_close(out.loss.detach(), out.reconstruction + 4 * out.kl)
+    # and the terms are the SGVB terms drawn with the same seed
+    torch.manual_seed(3)
+    terms = objectives.elbo_terms(vae4, x)
+    torch.testing.assert_close(out.reconstruction, terms.reconstruction.mean())
+    torch.testing.assert_close(out.kl, terms.kl.mean())
+    assert out.kl > 0.01  # so β makes a difference
+    torch.manual_seed(3)
+    out1 = base.loss(x)
+    torch.testing.assert_close(out.loss - out1.loss, 3 * out.kl)
+    # the per-call override (KL warm-up)
+    torch.manual_seed(3)
+    torch.testing.assert_close(vae4.loss(x, beta=0.0).loss.detach(), out.reconstruction)
+    # elbo is the true ELBO, β = 1, whatever the training β
+    torch.manual_seed(9)
+    e4 = vae4.elbo(x)
+    torch.manual_seed(9)
+    e1 = base.elbo(x)
+    assert torch.equal(e4, e1)
+    torch.testing.assert_close(-e1.mean(), out1.loss.detach(), rtol=0.2, atol=0)
+
+
+def test_mc_samples_average_over_samples():
+    L = 5
+    torch.manual_seed(0)
+    model = aevb.VAE(data_shape=(1, 8, 8), latent_dim=4, arch="mlp", likelihood="bernoulli", hidden=[32],
+                     mc_samples=L)
+    assert model.config["mc_samples"] == L
+    x = torch.rand(3, 1, 8, 8)
+    torch.manual_seed(11)
+    loss = model.loss(x).loss
+    torch.manual_seed(11)
+    terms = objectives.elbo_terms(model, x, n_samples=L)
+    torch.testing.assert_close(loss, (terms.reconstruction + terms.kl).mean())
+    # the reconstruction term is the average over the L samples drawn (same seed, same z)
+    torch.manual_seed(11)
+    q = model.encode(x)
+    z = q.rsample((L,))  # [L, B, D]
+    per_sample = torch.stack([-model.decode(z[l]).log_prob(x) for l in range(L)])  # [L, B]
+    assert per_sample.std(0).min() > 0  # the samples differ, so averaging is not trivial
+    torch.testing.assert_close(terms.reconstruction, per_sample.mean(0))
+    kl = 0.5 * (q.mean**2 + q.variance - 1 - q.variance.log()).sum(-1)
+    torch.testing.assert_close(terms.kl, kl)
+    torch.testing.assert_close(loss, (per_sample.mean(0) + kl).mean())
+    # and it differs from a one-sample loss under the same seed
+    torch.manual_seed(11)
+    single = objectives.elbo_terms(model, x, n_samples=1)
+    assert not torch.allclose(single.reconstruction, terms.reconstruction)
+
+
+def test_iwae_loss_is_the_importance_weighted_bound():
+    torch.manual_seed(0)
+    model = aevb.IWAE(data_shape=(6,), latent_dim=2, arch="mlp", likelihood="gaussian", hidden=[16], k=7)
+    x = torch.randn(5, 6)
+    torch.manual_seed(4)
+    loss = model.loss(x).loss
+    torch.manual_seed(4)
+    w = objectives.log_weights(model, x, 7)  # [7, B]
+    torch.testing.assert_close(loss, -(torch.logsumexp(w, 0) - math.log(7)).mean())
+
+
+# ---------------------------------------------------------------------------
+# Errors
+
+
+def _saved(tmp_path, **kwargs):
+    torch.manual_seed(0)
+    args = dict(data_shape=(1, 8, 8), latent_dim=4, arch="mlp", likelihood="bernoulli", hidden=[16])
+    args.update(kwargs)
+    model = aevb.VAE(**args)
+    path = tmp_path / f"model-{args['latent_dim']}"
+    model.save(path)
+    return model, path
+
+
+def test_load_missing_folder(tmp_path):
+    with pytest.raises(UserError, match="no saved model") as e:
+        aevb.load(tmp_path / "nothing-here")
+    assert "nothing-here" in str(e.value)
+
+
+def test_load_missing_file(tmp_path):
+    _, path = _saved(tmp_path)
+    (path / "weights.safetensors").unlink()
+    with pytest.raises(UserError, match="weights.safetensors is missing"):
+        aevb.load(path)
+
+
+def test_load_config_not_json(tmp_path):
+    _, path = _saved(tmp_path)
+    (path / "config.json").write_text("{this is not json", encoding="utf-8")
+    with pytest.raises(UserError, match="corrupt") as e:
+        aevb.load(path)
+    assert "config.json" in str(e.value)
+
+
+def test_load_config_of_something_else(tmp_path):
+    _, path = _saved(tmp_path)
+    (path / "config.json").write_text(json.dumps({"model": "vae", "args": {}, "format": "other"}))
+    with pytest.raises(UserError, match="not an aevb model"):
+        aevb.load(path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0001])
+def test_load_truncated_weights(tmp_path, keep):
+    _, path = _saved(tmp_path)
+    weights = path / "weights.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: max(4, int(len(data) * keep))])
+    with pytest.raises(UserError, match="corrupt or unreadable") as e:
+        aevb.load(path)
+    assert "weights.safetensors" in str(e.value)
+
+
+def test_load_weights_of_another_model(tmp_path):
+    _, small = _saved(tmp_path, latent_dim=4)
+    _, large = _saved(tmp_path, latent_dim=8)
+    (small / "weights.safetensors").write_bytes((large / "weights.safetensors").read_bytes())
+    with pytest.raises(UserError, match="wrong shape") as e:
+        aevb.load(small)
+    assert "encoder" in str(e.value) and "different models" in str(e.value)
+
+
+def test_wrong_input_shape(tmp_path):
+    model, _ = _saved(tmp_path)
+    for bad in (torch.rand(2, 1, 7, 7), torch.rand(2, 64), torch.rand(2, 3, 8, 8)):
+        with pytest.raises(UserError, match=r"expects \[batch, 1, 8, 8\]"):
+            model.encode(bad)
+        with pytest.raises(UserError):
+            model.loss(bad)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(UserError, match="unknown likelihood"):
+        aevb.VAE(data_shape=(4,), latent_dim=2, likelihood="poisson")
+    with pytest.raises(UserError, match="unknown network"):
+        aevb.VAE(data_shape=(4,), latent_dim=2, arch="transformer")
+    with pytest.raises(UserError):
+        aevb.VAE(data_shape=(4,), latent_dim=0)
+    with pytest.raises(UserError):
+        aevb.VAE(data_shape=(4,), latent_dim=2, beta=-1)
+    with pytest.raises(UserError):
+        aevb.IWAE(data_shape=(4,), latent_dim=2, k=0)
+    with pytest.raises(UserError, match="conv"):
+        aevb.VAE(data_shape=(6,), latent_dim=2, arch="conv")
+    with pytest.raises(UserError, match="multiples of 4"):
+        aevb.VAE(data_shape=(1, 10, 10), latent_dim=2, arch="conv")
+    with pytest.raises(UserError, match="likelihood_args"):
+        aevb.VAE(data_shape=(4,), latent_dim=2, likelihood="bernoulli", likelihood_args={"scale": 2.0})
+
+
+def test_likelihood_args_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = aevb.VAE(data_shape=(5,), latent_dim=2, arch="linear", likelihood="gaussian",
+                     likelihood_args={"scale": 0.25})
+    assert model.likelihood.scale == 0.25
+    model.save(tmp_path / "m")
+    assert aevb.load(tmp_path / "m").likelihood.scale == 0.25
+
+
+# ---------------------------------------------------------------------------
+# dtypes
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian-learned", "gaussian-optimal", "gaussian-diag"])
+def test_float64_and_bfloat16(likelihood):
+    torch.manual_seed(0)
+    model = aevb.VAE(data_shape=(1, 8, 8), latent_dim=4, arch="mlp", likelihood=likelihood, hidden=[32]).eval()
+    x = torch.rand(6, 1, 8, 8)
+
+    def run(m):
+        """Stochastic (same seed) and deterministic outputs, all finite."""
+        torch.manual_seed(3)
+        loss = m.loss(x).loss.detach()
+        torch.manual_seed(3)
+        elbo = m.elbo(x, n_samples=200)
+        torch.manual_seed(3)
+        ll = m.log_likelihood(x, n_samples=200)
+        q = m.encode(x)
+        reconstruction = m.decode(q.mean).log_prob(x.to(q.mean.dtype))
+        kl = torch.distributions.kl_divergence(q, m.prior())
+        values = (loss, elbo, ll, reconstruction, kl)
+        for value in values:
+            assert torch.isfinite(value).all()
+        return values
+
+    reference = run(model)
+    double = _converted(model, torch.float64)
+    values = run(double)
+    # a float64 model computes in float64 (no silent downcast to float32) ...
+    for value in values:
+        assert value.dtype == torch.float64
+    torch.manual_seed(3)
+    assert objectives.elbo_terms(double, x).reconstruction.dtype == torch.float64
+    assert objectives.log_weights(double, x, 2).dtype == torch.float64
+    # ... and agrees with float32 on the deterministic terms, and on the stochastic ones
+    # up to Monte Carlo noise (float64 draws a different random stream)
+    for a, b in zip(reference[3:], values[3:]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(reference[1:3], values[1:3]):
+        torch.testing.assert_close(a.double().mean(), b.mean(), rtol=0.02, atol=0.2)
+
+    bf16 = _converted(model, torch.bfloat16)
+    assert next(bf16.decoder.parameters()).dtype == torch.bfloat16
+    values = run(bf16)
+    for value in values:
+        assert value.dtype == torch.float32  # reductions run in float32
+    for a, b in zip(reference, values):  # same random stream as float32
+        torch.testing.assert_close(a, b, rtol=0.05, atol=1.0)
+    # a low-precision model still trains
+    bf16.train().loss(x).loss.backward()
+    assert first_layer(bf16.encoder).weight.grad.abs().sum() > 0
+
+
+def _converted(model, dtype):
+    torch.manual_seed(0)
+    copy = aevb.VAE(**model.config)
+    copy.load_state_dict(model.state_dict())
+    return copy.to(dtype).eval()
+
+
+# ---------------------------------------------------------------------------
+# the tutorial conv network
+
+
+def test_conv_network_for_28x28_is_the_tutorial_network():
+    D = 20
+    model = aevb.VAE(data_shape=(1, 28, 28), latent_dim=D, arch="conv", likelihood="bernoulli")
+
+    def layers(module):
+        return [m for m in module.modules() if not isinstance(m, nn.Sequential)]
+
+    def describe(m):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            return (type(m).__name__, m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding)
+        if isinstance(m, nn.Linear):
+            return ("Linear", m.in_features, m.out_features)
+        if isinstance(m, nn.Unflatten):
+            return ("Unflatten", tuple(m.unflattened_size))
+        return (type(m).__name__,)
+
+    assert [describe(m) for m in layers(model.encoder)] == [
+        ("Conv2d", 1, 16, (4, 4), (2, 2), (1, 1)),
+        ("ReLU",),
+        ("Conv2d", 16, 32, (4, 4), (2, 2), (1, 1)),
+        ("ReLU",),
+        ("Flatten",),
+        ("Linear", 32 * 7 * 7, 128),
+        ("ReLU",),
+        ("Linear", 128, 2 * D),
+    ]
+    assert [describe(m) for m in layers(model.decoder)] == [
+        ("Linear", D, 128),
+        ("ReLU",),
+        ("Linear", 128, 32 * 7 * 7),
+        ("ReLU",),
+        ("Unflatten", (32, 7, 7)),
+        ("ConvTranspose2d", 32, 16, (4, 4), (2, 2), (1, 1)),
+        ("ReLU",),
+        ("ConvTranspose2d", 16, 1, (4, 4), (2, 2), (1, 1)),
+    ]
+    x = torch.rand(2, 1, 28, 28)
+    assert model.encoder(x).shape == (2, 2 * D)
+    assert model.decoder(torch.zeros(2, D)).shape == (2, 1, 28, 28)
