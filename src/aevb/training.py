@@ -41,6 +41,7 @@ from .io import write_json, write_safetensors
 from .models import LossOutput, Model, build_model, load
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
+NONFINITE_ADVICE = "Try a lower --lr, --grad-clip, or a likelihood with a floor"
 
 
 class Interrupted(UserError):
@@ -295,18 +296,29 @@ def _in_main_thread() -> bool:
 
 @torch.no_grad()
 def mean_elbo_terms(model: Model, x: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
-    """Mean ELBO, reconstruction and KL (nats per example) over x [N, ...], in eval mode."""
+    """Mean ELBO, reconstruction and KL (nats per example) over x [N, ...], in eval mode.
+
+    A model with a point-mass posterior (the AE) has no ELBO: only its
+    reconstruction term −log p(x|z = f(x)) is returned.
+    """
     from .objectives import elbo_terms
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    has_density = model.posterior.has_density
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for start in range(0, x.shape[0], batch_size):
-        terms = elbo_terms(model, x[start:start + batch_size].to(device))
-        totals += torch.stack([terms.reconstruction.sum(), terms.kl.sum()]).double()
+        xb = x[start:start + batch_size].to(device)
+        if has_density:
+            terms = elbo_terms(model, xb)
+            totals += torch.stack([terms.reconstruction.sum(), terms.kl.sum()]).double()
+        else:
+            totals[0] += -model.decode(model.encode(xb).mean).log_prob(xb).double().sum()
     model.train(was_training)
     reconstruction, kl = (totals / x.shape[0]).tolist()
+    if not has_density:
+        return {"reconstruction": reconstruction}
     return {"elbo": -(reconstruction + kl), "reconstruction": reconstruction, "kl": kl}
 
 
@@ -384,19 +396,23 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
             bad = int((~finite).nonzero()[0])
             step = position.step - filled + bad + 1
             terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(LossOutput.FIELDS, values[bad].tolist()))
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} ({terms}); stopped, the last good checkpoint "
-                f"{run_dir / CHECKPOINT} is kept. Try a lower --lr, --grad-clip, or a likelihood with a floor"
-            )
+            raise NonFiniteLossError(f"non-finite loss at step {step} ({terms}); stopped, {kept_message()}. "
+                                     f"{NONFINITE_ADVICE}")
         now = time.perf_counter()
+        # "beta" is the β the last logged step trained with (step s uses beta_at(s - 1))
         record = {"step": position.step, "epoch": position.epoch + position.batch / steps_per_epoch,
-                  **dict(zip(LossOutput.FIELDS, values.mean(0).tolist())), "beta": beta_at(position.step),
+                  **dict(zip(LossOutput.FIELDS, values.mean(0).tolist())), "beta": beta_at(position.step - 1),
                   "images_per_s": (position.step - last_log_step) * config.batch_size / max(now - last_log_time, 1e-9)}
         log.write(record)
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.2f}", rec=f"{record['reconstruction']:.2f}",
                             kl=f"{record['kl']:.2f}", img_s=f"{record['images_per_s']:.0f}")
         filled, last_log_time, last_log_step = 0, now, position.step
+
+    def kept_message() -> str:
+        if (run_dir / CHECKPOINT).is_file():
+            return f"the last good checkpoint {run_dir / CHECKPOINT} is kept"
+        return "no checkpoint had been written yet"
 
     def save_checkpoint() -> None:
         write_checkpoint(run_dir / CHECKPOINT, model, optimizer, position, shuffle, model_kwargs)
@@ -449,15 +465,36 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
                     terms = mean_elbo_terms(model, x_eval, config.eval_batch_size)
                     log.write({"step": position.step, "epoch": position.epoch,
                                **{f"{eval_name}_{k}": v for k, v in terms.items()}})
+                    if not all(math.isfinite(v) for v in terms.values()):
+                        # the weights of the last step are broken: do not save them over the last good checkpoint
+                        raise NonFiniteLossError(
+                            f"non-finite {eval_name} loss after step {position.step} "
+                            f"({', '.join(f'{eval_name}_{k}={v:.4g}' for k, v in terms.items())}); "
+                            f"stopped, {kept_message()}. {NONFINITE_ADVICE}"
+                        )
                     if bar is not None:
-                        bar.write(f"epoch {position.epoch}: {eval_name} ELBO {terms['elbo']:.2f} nats "
-                                  f"(reconstruction {terms['reconstruction']:.2f}, KL {terms['kl']:.2f})")
+                        if "elbo" in terms:
+                            bar.write(f"epoch {position.epoch}: {eval_name} ELBO {terms['elbo']:.2f} nats "
+                                      f"(reconstruction {terms['reconstruction']:.2f}, KL {terms['kl']:.2f})")
+                        else:
+                            bar.write(f"epoch {position.epoch}: {eval_name} reconstruction −log p(x|z) "
+                                      f"{terms['reconstruction']:.2f} nats")
                 if holdout is not None and not image_every and position.epoch % picture_epochs == 0:
                     reconstruction_grid(model, holdout, run_dir / "images" / f"reconstructions-epoch{position.epoch:03d}.png")
                 save_checkpoint()
             flush_log()
             if position.batch:  # stopped mid-epoch by --steps
                 save_checkpoint()
+    except (RuntimeError, ValueError) as error:
+        # Non-finite weights give the distributions invalid parameters, which torch reports as an
+        # error before the loss of that step can be checked: name the first non-finite loss
+        # since the last record (flush_log raises), or else the weights.
+        flush_log()
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise NonFiniteLossError(f"non-finite weights after step {position.step} ({reason}); stopped, "
+                                     f"{kept_message()}. {NONFINITE_ADVICE}") from None
+        raise
     finally:
         if bar is not None:
             bar.close()

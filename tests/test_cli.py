@@ -1,0 +1,390 @@
+"""The ``aevb`` command end to end: every command on small data, Ctrl-C, a diverging run,
+the bad-input cases of the issue (one line, exit status 2, no traceback) and fast --help.
+
+What must be seen from outside (exit statuses, stderr, signals, import time)
+runs ``aevb`` as a real subprocess; the rest calls ``aevb.cli.main`` in this
+process, which is the same code without the 2–4 s of importing torch again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import aevb
+from aevb.cli import cli, main
+from aevb.errors import UserError
+from aevb.training import CHECKPOINT, read_checkpoint
+
+SMALL = ("--latent-dim", "4", "--hidden", "32", "--device", "cpu", "-q")
+_SCRIPT = Path(sys.executable).with_name("aevb")
+AEVB = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "aevb.cli"]
+COMMANDS = list(cli.commands)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def aevb_cli(*args) -> int:
+    """Run ``aevb ARGS`` in this process; its exit status."""
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    raise AssertionError("aevb.cli.main returned without an exit status")
+
+
+def run_aevb(*args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``aevb ARGS`` as a subprocess in ``cwd``."""
+    return subprocess.run([*AEVB, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *names: str) -> str:
+    """Exit status 2, no traceback, and stderr is one line 'error: …' naming each of ``names``."""
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for name in names:
+        assert name in lines[0], f"{name!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "weights.safetensors")
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def write_idx_images(path: Path, images: np.ndarray) -> None:
+    """An IDX file of uint8 images [N, H, W], as MNIST is published."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, images.ndim) + struct.pack(f">{images.ndim}I", *images.shape)
+    path.write_bytes(header + images.astype(np.uint8).tobytes())
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A VAE trained for two epochs on digits (do not change it; copy it)."""
+    out = tmp_path_factory.mktemp("cli") / "vae-digits"
+    assert aevb_cli("train", "--out", out, *SMALL, "--epochs", 2) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(run, tmp_path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> Path:
+    """300 rows of 5 correlated Gaussian columns (2 latent factors), with a header."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 2)) @ rng.normal(size=(2, 5)) + 0.1 * rng.normal(size=(300, 5))
+    path = tmp_path_factory.mktemp("table") / "table.csv"
+    np.savetxt(path, x, delimiter=",", header="a,b,c,d,e", comments="")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# 7. every command end to end
+
+
+def test_eval_writes_eval_json_and_prints_a_table(run, capsys):
+    capsys.readouterr()
+    assert aevb_cli("eval", run, "-k", 50) == 0
+    out = capsys.readouterr().out
+    assert "negative ELBO" in out and "negative log-likelihood (k=50)" in out
+    metrics = json.loads((run / "eval.json").read_text())
+    assert metrics["examples"] == 180 and metrics["iw_samples"] == 50  # the last 10 % of 1,797 digits
+    assert metrics["neg_elbo"] == pytest.approx(metrics["reconstruction_nll"] + metrics["kl"])
+    # the importance-sampled log-likelihood is above the ELBO (on average; k = 50)
+    assert 0 < metrics["nll"] <= metrics["neg_elbo"] + 0.5
+    assert metrics["bits_per_dim"] is None or metrics["bits_per_dim"] > 0
+    assert 0 <= metrics["active_units"] <= metrics["latent_dim"] == 4
+    assert f"{metrics['neg_elbo']:.3f}" in out
+
+
+def test_sample_writes_a_grid_of_n_images(run, tmp_path):
+    path = tmp_path / "samples.png"
+    assert aevb_cli("sample", run, "-n", 16, "-o", path) == 0
+    width, height = png_size(path)
+    # a 4×4 grid of 8×8 tiles with 2-pixel padding is 42 pixels a side, upscaled by a whole factor
+    assert width == height and width % 42 == 0
+    from PIL import Image
+
+    with Image.open(path) as image:
+        grid = np.asarray(image.convert("L"))
+    scale = width // 42
+    for line in range(5):  # the padding between the tiles is white
+        band = slice(line * 10 * scale, (line * 10 + 2) * scale)
+        assert (grid[band, :] == 255).all() and (grid[:, band] == 255).all()
+    # seeded: the same seed gives the same picture, another seed another one
+    again, other = tmp_path / "again.png", tmp_path / "other.png"
+    assert aevb_cli("sample", run, "-n", 16, "-o", again) == 0
+    assert aevb_cli("sample", run, "-n", 16, "--seed", 1, "-o", other) == 0
+    assert again.read_bytes() == path.read_bytes() != other.read_bytes()
+    # the default path is in the run folder
+    assert aevb_cli("sample", run, "-n", 4) == 0
+    assert png_size(run / "images" / "samples-T1.png")[0] % 22 == 0  # 2×2 grid
+
+
+def test_reconstruct_writes_originals_above_reconstructions(run, tmp_path):
+    path = tmp_path / "recon.png"
+    assert aevb_cli("reconstruct", run, "-n", 5, "-o", path) == 0
+    width, height = png_size(path)
+    # 5 columns, 2 rows of 8×8 tiles with 2-pixel padding: 52 × 22, upscaled by a whole factor
+    assert width * 22 == height * 52 and width % 52 == 0
+    assert aevb_cli("reconstruct", run) == 0
+    width, height = png_size(run / "images" / "reconstructions.png")
+    assert width * 22 == height * 102  # one per class: 10 columns
+
+
+def test_a_csv_table_trains_and_evaluates_but_draws_no_pictures(table, tmp_path, capsys):
+    out = tmp_path / "table-run"
+    assert aevb_cli("train", "--data", table, "--likelihood", "gaussian-diag", "--arch", "mlp",
+                    "--latent-dim", 2, "--hidden", 32, "--epochs", 3, "--batch-size", 64, "-q", "--out", out) == 0
+    model = aevb.load(out / "model")
+    assert model.data_shape == (5,) and model.config["likelihood"] == "gaussian-diag"
+    assert not list((out / "images").glob("*.png"))
+    assert len([r for r in records(out) if "test_elbo" in r]) == 3
+    assert aevb_cli("eval", out, "-k", 50) == 0
+    metrics = json.loads((out / "eval.json").read_text())
+    assert metrics["examples"] == 30 and metrics["bits_per_dim"] is None
+    assert math.isfinite(metrics["nll"]) and metrics["nll"] <= metrics["neg_elbo"] + 0.5
+    for command in ("sample", "reconstruct"):
+        capsys.readouterr()
+        assert aevb_cli(command, out) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and len(err.splitlines()) == 1
+        assert "pictures" in err and "rows of 5 numbers" in err
+
+
+def test_a_toml_config_file_sets_options(tmp_path):
+    config = tmp_path / "small.toml"
+    config.write_text('[model]\nlatent_dim = 3\nhidden = [32]\n\n[training]\nsteps = 2\nseed = 7\n')
+    out = tmp_path / "toml-run"
+    assert aevb_cli("train", "--config", config, "--out", out, "--device", "cpu", "-q") == 0
+    written = json.loads((out / "config.json").read_text())
+    assert (written["latent_dim"], written["hidden"], written["steps"], written["seed"]) == (3, [32], 2, 7)
+    assert aevb.load(out / "model").latent_dim == 3
+    # flags override the file
+    out2 = tmp_path / "toml-override"
+    assert aevb_cli("train", "--config", config, "--latent-dim", 5, "--out", out2, "--device", "cpu", "-q") == 0
+    assert aevb.load(out2 / "model").latent_dim == 5
+
+
+def test_force_overwrites_an_existing_run(run_copy):
+    before = weights(run_copy)
+    assert aevb_cli("train", "--out", run_copy, *SMALL, "--epochs", 1, "--seed", 3, "--force") == 0
+    assert json.loads((run_copy / "config.json").read_text())["seed"] == 3
+    after = weights(run_copy)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    steps = [r["step"] for r in records(run_copy)]
+    assert steps == sorted(steps) and steps[-1] == 13  # a new log, not appended to the old one
+    assert read_checkpoint(run_copy / CHECKPOINT)[1]["step"] == 13
+
+
+def test_a_model_refuses_images_of_another_size(run):
+    model = aevb.load(run / "model")
+    with pytest.raises(UserError, match="8, 8"):
+        model.encode(torch.rand(2, 1, 28, 28))
+
+
+# ---------------------------------------------------------------------------
+# 4. Ctrl-C
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_run_resumes(tmp_path):
+    args = ["train", "--out", "run", *SMALL, "--epochs", 200, "--log-every", 1]
+    proc = subprocess.Popen([*AEVB, *map(str, args)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 90
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert proc.poll() is None, f"the run ended early: {proc.communicate()}"
+            assert time.monotonic() < deadline, "no metrics after 90 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted at step "), stderr
+    assert "aevb train --resume run" in lines[0]
+    step = int(lines[0].split("interrupted at step ")[1].split(";")[0])
+    state, meta = read_checkpoint(tmp_path / "run" / CHECKPOINT)
+    assert meta["step"] == step >= 1
+    assert all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("model."))
+    steps = [r["step"] for r in records(tmp_path / "run") if "loss" in r]
+    assert steps[-1] == step and steps == sorted(set(steps))
+
+    # resume and finish: the same weights as a run that was never interrupted
+    target = step + 6
+    assert aevb_cli("train", "--resume", tmp_path / "run", "--steps", target, "-q") == 0
+    assert read_checkpoint(tmp_path / "run" / CHECKPOINT)[1]["step"] == target
+    straight = tmp_path / "straight"
+    assert aevb_cli("train", "--out", straight, *SMALL, "--epochs", 200, "--log-every", 1, "--steps", target) == 0
+    assert_same_tensors(weights(tmp_path / "run"), weights(straight))
+
+
+# ---------------------------------------------------------------------------
+# 5. a diverging run
+
+
+def test_a_nan_loss_ends_with_one_line_naming_the_step_and_the_terms(tmp_path):
+    proc = run_aevb("train", "--out", "run", *SMALL, "--lr", "1e30", "--epochs", 2, cwd=tmp_path)
+    line = assert_user_error(proc, "non-finite", "step 2 ", "loss=", "reconstruction=", "kl=", "--lr")
+    assert "loss=nan" in line or "loss=inf" in line
+    assert not (tmp_path / "run" / "model").exists()
+
+
+# ---------------------------------------------------------------------------
+# 9. bad input: one line, exit status 2, no traceback
+
+
+@pytest.mark.parametrize("option,value", [("--likelihood", "gausian"), ("--model", "vea"), ("--arch", "cnn"),
+                                          ("--latent-dim", "two")])
+def test_an_unknown_option_value_is_one_line(option, value, tmp_path):
+    proc = run_aevb("train", option, value, cwd=tmp_path)
+    assert_user_error(proc, option, value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_missing_data_file_is_one_line(tmp_path):
+    proc = run_aevb("train", "--data", "missing.npy", cwd=tmp_path)
+    assert_user_error(proc, "missing.npy", "not found")
+    assert not list((tmp_path / "runs").rglob("*.json"))
+
+
+@pytest.mark.parametrize("folder", ["nonexistent", "empty"])
+def test_a_folder_that_is_not_a_run_is_one_line(folder, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run_aevb("eval", folder, cwd=tmp_path), folder, "run folder")
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_a_corrupt_model_is_one_line(run_copy):
+    weights_file = run_copy / "model" / "weights.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[: weights_file.stat().st_size // 2])
+    proc = run_aevb("eval", run_copy, "-k", 5, cwd=run_copy.parent)
+    assert_user_error(proc, "weights.safetensors", "corrupt")
+
+
+def test_a_corrupt_checkpoint_is_one_line(run_copy):
+    checkpoint = run_copy / CHECKPOINT
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    proc = run_aevb("train", "--resume", run_copy, "--epochs", 3, cwd=run_copy.parent)
+    assert_user_error(proc, "checkpoint", "corrupt")
+
+
+def test_an_existing_out_is_not_overwritten_without_force(run_copy):
+    before = snapshot(run_copy)
+    proc = run_aevb("train", "--out", run_copy, "--epochs", 1, cwd=run_copy.parent)
+    assert_user_error(proc, str(run_copy), "already exists", "--force")
+    assert snapshot(run_copy) == before
+
+
+def test_data_of_another_image_size_is_one_line(run_copy):
+    (run_copy / "eval.json").unlink(missing_ok=True)
+    images = np.random.default_rng(0).integers(0, 256, size=(40, 28, 28))
+    write_idx_images(run_copy.parent / "big-images-idx3-ubyte", images)
+    config = json.loads((run_copy / "config.json").read_text())
+    config["data"] = str(run_copy.parent / "big-images-idx3-ubyte")
+    (run_copy / "config.json").write_text(json.dumps(config))
+    for command in ("eval", "reconstruct"):
+        proc = run_aevb(command, run_copy, "-k" if command == "eval" else "-n", 5, cwd=run_copy.parent)
+        assert_user_error(proc, "28×28", "8×8")
+    assert not (run_copy / "eval.json").exists()
+
+
+def test_a_config_file_with_an_unknown_key_is_one_line(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps({"latent_dim": 3, "learning_rate": 0.1}))
+    proc = run_aevb("train", "--config", "bad.json", cwd=tmp_path)
+    assert_user_error(proc, "bad.json", "learning_rate")
+    (tmp_path / "bad.toml").write_text("[model]\nlatent_dims = 3\n")
+    assert_user_error(run_aevb("train", "--config", "bad.toml", cwd=tmp_path), "latent_dims")
+
+
+def test_resume_with_another_learning_rate_is_refused(run_copy):
+    before = snapshot(run_copy)
+    proc = run_aevb("train", "--resume", run_copy, "--lr", "0.01", "--epochs", 3, cwd=run_copy.parent)
+    assert_user_error(proc, "--resume", "--lr")
+    assert snapshot(run_copy) == before
+
+
+# ---------------------------------------------------------------------------
+# 10. --help is fast, does not import torch, and has examples
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_answers_in_half_a_second(command, tmp_path):
+    args = [*AEVB, *([command] if command else []), "--help"]
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        times.append(time.perf_counter() - start)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert min(times) < 0.5, f"aevb {command or ''} --help took {min(times):.2f} s at best"
+    if command is None:
+        assert all(name in proc.stdout for name in COMMANDS)
+    else:
+        assert "Example" in proc.stdout and f"aevb {command}" in proc.stdout
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_does_not_import_torch(command, tmp_path):
+    argv = [*([command] if command else []), "--help"]
+    code = (
+        "import sys\n"
+        "from aevb.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision'})\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_train_flag_of_the_issue_exists():
+    help_text = subprocess.run([*AEVB, "train", "--help"], capture_output=True, text=True, timeout=60).stdout
+    for flag in ("--data", "--labels", "--test-split", "--model", "--likelihood", "--arch", "--latent-dim",
+                 "--hidden", "--beta", "--epochs", "--batch-size", "--lr", "--seed", "--device", "--out",
+                 "--resume", "--config", "--force"):
+        assert f"{flag} " in help_text, flag
