@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/aevb train --epochs 100 --out runs/demo --force
 	$(VENV)/bin/aevb eval runs/demo --iw-samples 1000
+	$(VENV)/bin/aevb report runs/demo
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest

@@ -171,17 +171,23 @@ def eval_command(run, iw_samples, batch_size, seed, device):
     config = read_run_config(run)
     model = _load(run, device)
     dataset = load_dataset(config)
-    x, _ = held_out(dataset, config, "test")
+    x, y = held_out(dataset, config, "test")
     if x is None or not len(x):
         raise UserError(f"{run} has no test split to evaluate; train with --test-split")
+    _check_data_shape(model, x, run, config.data)
+    # labelled data: per-class rows, and classifiers trained on the training split's posterior means
+    train_x, train_y = held_out(dataset, config, "train") if y is not None else (None, None)
     torch.manual_seed(seed)
-    metrics = evaluate(model, x, iw_samples=iw_samples, batch_size=batch_size, levels=dataset.levels, progress=True)
+    metrics = evaluate(model, x, iw_samples=iw_samples, batch_size=batch_size, levels=dataset.levels, progress=True,
+                       labels=y, train_x=train_x, train_labels=train_y, classes=dataset.classes)
     metrics["data"] = config.data
     write_json(Path(run) / "eval.json", metrics)
     click.echo(format_metrics(metrics))
-    if metrics.get("collapsed"):
-        click.echo(f"warning: posterior collapse: only {metrics['active_units']} of {metrics['latent_dim']} latent "
-                   f"dimensions are active (variance of the posterior mean > 0.01)", err=True)
+    diagnostics = format_diagnostics(metrics)
+    if diagnostics:
+        click.echo(diagnostics)
+    if metrics.get("collapse_warning"):
+        click.echo(f"warning: {metrics['collapse_warning']}", err=True)
     click.echo(f"written: {Path(run) / 'eval.json'}")
 
 
@@ -250,15 +256,146 @@ def reconstruct(run, n, out, device):
     model = _load(run, device)
     _require_images(model, "reconstruct")
     x, y = held_out(load_dataset(config), config, "test")
+    _check_data_shape(model, x, run, config.data)
     x = x[holdout_indices(y, n)].to(next(model.parameters()).device)
     path = Path(out) if out else Path(run) / "images" / "reconstructions.png"
     click.echo(f"written: {reconstruction_grid(model, x, path)}")
+
+
+def _check_data_shape(model, x, run: str, data: str) -> None:
+    """The run's data must have the shape its model was trained on (before any progress bar starts)."""
+    if tuple(x.shape[1:]) != tuple(model.data_shape):
+        shape = "×".join(map(str, x.shape[1:]))
+        raise UserError(f"the data {data} hold examples of shape {shape}, but the model of {run} was trained on "
+                        f"{'×'.join(map(str, model.data_shape))}; point 'data' in {Path(run) / 'config.json'} "
+                        f"at data of the training shape")
 
 
 def _require_images(model, command: str) -> None:
     if len(model.data_shape) != 3:
         raise UserError(f"'aevb {command}' draws pictures, but this model's data are rows of "
                         f"{model.data_shape[0]} numbers, not images")
+
+
+def format_diagnostics(metrics: dict) -> str:
+    """Representation accuracy and the per-class table of ``evaluate`` (empty without labels)."""
+    lines = []
+    if metrics.get("representation_accuracy") is not None:
+        lines.append(f"{'classifier accuracy on posterior means':<40} {metrics['representation_accuracy']:>12.3f} "
+                     f"logistic regression")
+        lines.append(f"{'':<40} {metrics['representation_knn_accuracy']:>12.3f} 5-nearest neighbours")
+        lines.append(f"{'':<40} {metrics['chance_accuracy']:>12.3f} chance (most common label)")
+    per_class = metrics.get("per_class")
+    if per_class:
+        keys = [k for k in ("reconstruction_nll", "neg_elbo", "nll") if k in per_class[0]]
+        names = {"reconstruction_nll": "reconstruction", "neg_elbo": "−ELBO", "nll": "NLL"}
+        lines.append("")
+        lines.append(f"{'per class (nats)':<16} {'examples':>8}" + "".join(f" {names[k]:>14}" for k in keys))
+        for row in per_class:
+            label = str(row.get("class", row["label"]))[:16]
+            lines.append(f"{label:<16} {row['examples']:>8}" + "".join(f" {row[k]:>14.3f}" for k in keys))
+    return "\n".join(lines)
+
+
+@cli.command(context_settings=CONTEXT)
+@_run_argument
+@click.option("--pairs", type=click.IntRange(min=1), default=4, show_default=True, help="pairs of test images (of different classes where labels exist)")
+@click.option("--steps", type=click.IntRange(min=2), default=10, show_default=True, help="points on each path, ends included")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="PNG to write [default: RUN/images/interpolations.png]")
+@_device_option
+def interpolate(run, pairs, steps, out, device):
+    """Decode linear and spherical paths between the posterior means of test image pairs.
+
+    \b
+    Each pair is two rows, linear and slerp, with the inputs at the ends;
+    t = 0 and t = 1 are exactly the reconstructions of the inputs.
+
+    \b
+    Examples:
+      aevb interpolate runs/vae-digits
+      aevb interpolate runs/mnist --pairs 6 --steps 12 -o interpolations.png
+    """
+    from .data import holdout_indices
+    from .figures import interpolation
+    from .training import held_out, load_dataset, read_run_config
+
+    config = read_run_config(run)
+    model = _load(run, device)
+    _require_images(model, "interpolate")
+    x, y = held_out(load_dataset(config), config, "test")
+    chosen = holdout_indices(y, 2 * pairs, num_examples=len(x))
+    if len(chosen) < 2:
+        raise UserError(f"{run} has fewer than two test images to interpolate between")
+    chosen = chosen[: len(chosen) // 2 * 2]
+    x = x[chosen].to(next(model.parameters()).device)
+    path = Path(out) if out else Path(run) / "images" / "interpolations.png"
+    interpolation(model, x[0::2], x[1::2], path, steps=steps)
+    click.echo(f"written: {path}")
+
+
+@cli.command(context_settings=CONTEXT)
+@_run_argument
+@click.option("--grid-range", type=click.FloatRange(min=0, min_open=True), metavar="R", help="half-width of the latent grid in latent units [default: 2 for coords, 2 standard deviations of the projected posterior means for pca]")
+@click.option("--directions", type=click.Choice(["auto", "coords", "pca"]), default="auto", show_default=True, help="plane of the latent grid and scatter plot: z1,z2 (coords), the first two principal components of the posterior means (pca), or coords for a 2-D latent space and pca otherwise (auto)")
+@click.option("-n", "grid_size", type=click.IntRange(min=2), default=15, show_default=True, help="latent grid points per side")
+@click.option("--pairs", type=click.IntRange(min=1), default=4, show_default=True, help="interpolated pairs of test images")
+@click.option("--top-dims", type=click.IntRange(min=1), default=10, show_default=True, help="latent dimensions traversed (largest KL first)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_device_option
+def explore(run, grid_range, directions, grid_size, pairs, top_dims, seed, device):
+    """Write every figure of a run into RUN/images/ and print their paths.
+
+    \b
+    Training curves, reconstructions, prior samples at temperature 1 and 0.5,
+    linear and spherical interpolations, the posterior means of the test set
+    as a scatter plot, the decoder over a latent grid (other coordinates at
+    the mean of the posterior means), traversals of the dimensions with the
+    largest KL, and for Gaussian and Laplace likelihoods the plots that
+    explain the choice of likelihood.  Figures of images are skipped for
+    tabular data.
+
+    \b
+    Examples:
+      aevb explore runs/vae-digits
+      aevb explore runs/mnist --directions pca --grid-range 3 -n 20
+    """
+    from .report import explore_run
+
+    if not Path(run).is_dir():
+        raise UserError(f"run folder not found: {run}; pass a folder written by 'aevb train'")
+    written, skipped = explore_run(run, grid_range=grid_range, directions=directions, grid_size=grid_size,
+                                   pairs=pairs, top_dims=top_dims, device=device, seed=seed)
+    for name, reason in skipped.items():
+        click.echo(f"skipped {name}: {reason}")
+    for path in written:
+        click.echo(f"written: {path}")
+
+
+@cli.command(context_settings=CONTEXT)
+@_run_argument
+@click.option("--iw-samples", "-k", type=click.IntRange(min=1), default=1000, show_default=True, help="importance samples for the evaluation, if the run has no eval.json yet")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="HTML file to write [default: RUN/report.html]")
+@_device_option
+def report(run, iw_samples, out, device):
+    """Write RUN/report.html: configuration, evaluation, curves and every figure, in one file.
+
+    \b
+    The page is self-contained (images embedded, no script, nothing fetched),
+    readable on a phone and printable.  A run without eval.json is evaluated
+    first (with -k importance samples) and missing figures are drawn as by
+    'aevb explore'.
+
+    \b
+    Examples:
+      aevb report runs/vae-digits
+      aevb report runs/mnist -k 5000 -o mnist.html
+    """
+    from .report import write_report
+
+    if not Path(run).is_dir():
+        raise UserError(f"run folder not found: {run}; pass a folder written by 'aevb train'")
+    path = write_report(run, iw_samples=iw_samples, device=device, out=out, echo=click.echo)
+    click.echo(f"written: {path}")
 
 
 # ---------------------------------------------------------------------------

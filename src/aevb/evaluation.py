@@ -4,12 +4,20 @@
 two terms, the importance-sampled negative log-likelihood with k samples
 (Burda et al. 2016), their gap, bits per dimension where the numbers are
 likelihoods of 8-bit or binary data, the reconstruction error, and the
-posterior diagnostics (KL per latent dimension, active units).
+posterior diagnostics (KL per latent dimension, active units, a collapse
+warning).  Given the labels of x it adds the same numbers per class, and
+given a labelled training set the accuracy of a linear classifier and of
+k-nearest neighbours trained on the posterior means (how useful the
+representation is).
+
+``evaluate_run(run_dir)`` is the whole of ``aevb eval``: the run's model on
+the run's test split, with its labels and training split where it has them.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -46,6 +54,23 @@ def active_units(posterior_means: torch.Tensor, threshold: float = ACTIVE_UNIT_T
     return posterior_means.var(dim=0, unbiased=True) > threshold
 
 
+def collapse_warning(active: int, latent_dim: int) -> str | None:
+    """A one-line warning when few or no latent dimensions are active, else None.
+
+    Collapsed means at most one dimension in ten (and at most one) carries
+    information about x: the decoder then ignores z and the model is close to
+    a density model of x alone.
+    """
+    if active == 0:
+        return (f"posterior collapse: none of the {latent_dim} latent dimensions is active (the posterior "
+                f"mean does not vary with x; variance ≤ {ACTIVE_UNIT_THRESHOLD}). The decoder ignores z; "
+                f"try --beta-warmup, a smaller --beta, or a less flexible decoder")
+    if active <= max(1, latent_dim // 10):
+        return (f"posterior collapse: only {active} of {latent_dim} latent dimensions are active "
+                f"(variance of the posterior mean > {ACTIVE_UNIT_THRESHOLD})")
+    return None
+
+
 def bits_per_dim(nll: float, model: Model, x: torch.Tensor, levels: int | None) -> float | None:
     """Bits per dimension, where the negative log-likelihood is one of discrete data.
 
@@ -64,34 +89,111 @@ def bits_per_dim(nll: float, model: Model, x: torch.Tensor, levels: int | None) 
     return None
 
 
+# ---------------------------------------------------------------------------
+# how useful is the representation?
+
+
+def classifier_accuracy(train_codes: torch.Tensor, train_labels: torch.Tensor, test_codes: torch.Tensor,
+                        test_labels: torch.Tensor, *, neighbours: int = 5, seed: int = 0) -> dict[str, float]:
+    """Test accuracy of simple classifiers trained on codes [N, D] with labels [N].
+
+    Returns ``logistic`` (multinomial logistic regression on standardised
+    codes), ``knn`` (k-nearest neighbours, Euclidean, k = ``neighbours``) and
+    ``chance`` (the frequency in the test set of the most common training
+    label: what a classifier that ignores the codes gets).
+    """
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    xtr = train_codes.detach().double().cpu().numpy()
+    xte = test_codes.detach().double().cpu().numpy()
+    ytr = train_labels.detach().reshape(-1).cpu().numpy()
+    yte = test_labels.detach().reshape(-1).cpu().numpy()
+    values, counts = np.unique(ytr, return_counts=True)
+    chance = float((yte == values[counts.argmax()]).mean())
+    if len(values) < 2:  # one class: nothing to learn
+        return {"logistic": chance, "knn": chance, "chance": chance}
+    logistic = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
+    logistic.fit(xtr, ytr)
+    knn = KNeighborsClassifier(n_neighbors=min(neighbours, len(xtr))).fit(xtr, ytr)
+    return {
+        "logistic": float((logistic.predict(xte) == yte).mean()),
+        "knn": float((knn.predict(xte) == yte).mean()),
+        "chance": chance,
+    }
+
+
+@torch.no_grad()
+def representation_accuracy(model: Model, train_x: torch.Tensor, train_labels: torch.Tensor,
+                            test_x: torch.Tensor, test_labels: torch.Tensor) -> dict[str, float]:
+    """:func:`classifier_accuracy` on the posterior means E_q[z|x] of train and test data."""
+    model.eval()
+    train_codes = posterior_statistics(model, train_x)["mean"]  # [N_train, D]
+    test_codes = posterior_statistics(model, test_x)["mean"]  # [N_test, D]
+    return classifier_accuracy(train_codes, train_labels, test_codes, test_labels)
+
+
+# ---------------------------------------------------------------------------
+# the metrics
+
+
+def _per_class(labels: torch.Tensor, columns: dict[str, torch.Tensor], classes: list[str] | None) -> list[dict]:
+    """Mean of each per-example column [N] within each label: one row per class."""
+    labels = labels.reshape(-1).cpu()
+    rows = []
+    for label in torch.unique(labels).tolist():
+        mask = labels == label
+        row = {"label": int(label), "examples": int(mask.sum())}
+        if classes is not None and 0 <= label < len(classes):
+            row["class"] = str(classes[label])
+        row.update({name: values[mask].double().mean().item() for name, values in columns.items()})
+        rows.append(row)
+    return rows
+
+
 @torch.no_grad()
 def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_size: int = 500,
-             levels: int | None = None, progress: bool = False) -> dict:
-    """Metrics of ``model`` on x [N, *data_shape] (already binarised if the model expects it)."""
+             levels: int | None = None, progress: bool = False, labels: torch.Tensor | None = None,
+             train_x: torch.Tensor | None = None, train_labels: torch.Tensor | None = None,
+             classes: list[str] | None = None) -> dict:
+    """Metrics of ``model`` on x [N, *data_shape] (already binarised if the model expects it).
+
+    labels [N] (optional) add ``per_class``: one row per label with the mean
+    reconstruction term, negative ELBO and negative log-likelihood of its
+    examples.  ``train_x`` [M, *data_shape] with ``train_labels`` [M] (and
+    labels) add ``representation_accuracy`` (logistic regression on posterior
+    means), ``representation_knn_accuracy`` and ``chance_accuracy``.
+    """
     model.eval()
     device = next(model.parameters()).device
     n = x.shape[0]
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # rec, kl, log p, sq. error, abs. error
     has_density = model.posterior.has_density
     batches = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"evaluating (k={iw_samples})", unit="batch", leave=False)
+    # per-example columns [N], kept on the device until the end
+    columns: dict[str, list[torch.Tensor]] = {"reconstruction_nll": [], "kl": [], "log_px": [],
+                                               "squared": [], "absolute": []}
     for start in batches:
         xb = x[start:start + batch_size].to(device)
         recon = model.reconstruct(xb)
-        squared = (recon - xb).pow(2).flatten(1).sum(1).double().sum()
-        absolute = (recon - xb).abs().flatten(1).sum(1).double().sum()
+        columns["squared"].append((recon - xb).pow(2).flatten(1).sum(1).double())
+        columns["absolute"].append((recon - xb).abs().flatten(1).sum(1).double())
         if has_density:
             terms = elbo_terms(model, xb)
-            log_px = model.log_likelihood(xb, n_samples=iw_samples)
-            batch_sums = [terms.reconstruction.sum(), terms.kl.sum(), log_px.sum()]
+            columns["reconstruction_nll"].append(terms.reconstruction.double())
+            columns["kl"].append(terms.kl.double())
+            columns["log_px"].append(model.log_likelihood(xb, n_samples=iw_samples).double())
         else:
-            reconstruction = -model.decode(model.encode(xb).mean).log_prob(xb).float().sum()
-            batch_sums = [reconstruction, torch.zeros((), device=device), torch.zeros((), device=device)]
-        sums += torch.stack([*(t.double() for t in batch_sums), squared, absolute])
-    rec, kl, log_px, squared, absolute = (sums / n).tolist()
+            columns["reconstruction_nll"].append(-model.decode(model.encode(xb).mean).log_prob(xb).double())
+    per_example = {name: torch.cat(values).cpu() for name, values in columns.items() if values}
+    means = {name: values.mean().item() for name, values in per_example.items()}
+    rec, squared, absolute = means["reconstruction_nll"], means["squared"], means["absolute"]
     dims = math.prod(model.data_shape)
 
     stats = posterior_statistics(model, x)
@@ -105,7 +207,9 @@ def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_siz
         "posterior_mu": stats["mean"].mean().item(),
         "posterior_sigma": stats["std"].mean().item(),
     }
+    active = active_units(stats["mean"])
     if has_density:
+        kl, log_px = means["kl"], means["log_px"]
         nll = -log_px
         metrics.update({
             "neg_elbo": rec + kl,
@@ -116,8 +220,57 @@ def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_siz
             "bits_per_dim": bits_per_dim(nll, model, x, levels),
             "kl_per_dim": stats["kl"].mean(0).tolist(),
         })
-        active = active_units(stats["mean"])
         metrics["active_units"] = int(active.sum())
         metrics["latent_dim"] = model.latent_dim
         metrics["collapsed"] = bool(active.sum() <= max(1, model.latent_dim // 10))
+        metrics["collapse_warning"] = collapse_warning(int(active.sum()), model.latent_dim)
+    else:
+        metrics["active_units"] = int(active.sum())
+        metrics["latent_dim"] = model.latent_dim
+    metrics["posterior_mean_variance_per_dim"] = stats["mean"].var(0, unbiased=True).tolist()
+
+    if labels is not None:
+        per_class = {"reconstruction_nll": per_example["reconstruction_nll"],
+                     "mse_per_dim": per_example["squared"] / dims}
+        if has_density:
+            per_class["neg_elbo"] = per_example["reconstruction_nll"] + per_example["kl"]
+            per_class["nll"] = -per_example["log_px"]
+        metrics["per_class"] = _per_class(labels, per_class, classes)
+        if train_x is not None and train_labels is not None:
+            accuracy = representation_accuracy(model, train_x, train_labels, x, labels)
+            metrics.update({
+                "representation_accuracy": accuracy["logistic"],
+                "representation_knn_accuracy": accuracy["knn"],
+                "chance_accuracy": accuracy["chance"],
+                "representation_train_examples": int(train_x.shape[0]),
+            })
+    return metrics
+
+
+def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int = 500, seed: int = 0,
+                 device: str = "auto", progress: bool = False) -> dict:
+    """Evaluate a run folder's model on its test split and write ``RUN/eval.json``.
+
+    The test split is binarised as in training; where the data have labels
+    the per-class rows and the representation accuracy (classifiers trained
+    on the posterior means of the training split) are included.
+    """
+    from .errors import UserError
+    from .io import write_json
+    from .training import held_out, load_dataset, load_run_model, read_run_config, resolve_device
+
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    model = load_run_model(run_dir, resolve_device(device))
+    dataset = load_dataset(config)
+    x, y = held_out(dataset, config, "test")
+    if x is None or not len(x):
+        raise UserError(f"{run_dir} has no test split to evaluate; train with --test-split")
+    train_x, train_y = held_out(dataset, config, "train") if y is not None else (None, None)
+    torch.manual_seed(seed)
+    metrics = evaluate(model, x, iw_samples=iw_samples, batch_size=batch_size, levels=dataset.levels,
+                       progress=progress, labels=y, train_x=train_x, train_labels=train_y,
+                       classes=dataset.classes)
+    metrics["data"] = config.data
+    write_json(run_dir / "eval.json", metrics)
     return metrics

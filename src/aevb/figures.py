@@ -1,12 +1,17 @@
 """Pictures of what a model does.  Every function takes tensors and writes PNGs.
 
 Image grids are written with PIL from uint8 arrays (no matplotlib, no
-torchvision import), so that training can save pictures cheaply.
+torchvision import), so that training can save pictures cheaply.  The
+figures of the latent space (prior samples, interpolations, the latent grid
+and scatter plot, traversals, training curves, the likelihood-choice plots)
+use matplotlib's Agg canvas, imported inside each function, and return the
+numbers they drew.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +82,599 @@ def sample_grid(model, path: str | Path, n: int = 64, seed: int = 0, temperature
     samples = model.sample(n, generator=generator, temperature=temperature)
     model.train(was_training)
     return save_grid(samples, path)
+
+
+# ---------------------------------------------------------------------------
+# Figures of the latent space.  Each takes a model, tensors and a path, writes
+# one PNG with matplotlib (Agg, imported here only) and returns the numbers
+# it drew, so that tests can check what a picture means.  Embeddings,
+# interpolations and traversals use the posterior mean E_q[z|x], never a
+# sample.  Shapes: x [N, *data_shape]; z [..., D].
+
+DIRECTIONS = ("coords", "pca")
+
+
+@contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas (no pyplot, no global state)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.08))
+    return path
+
+
+def _is_image(model) -> bool:
+    return len(model.data_shape) == 3
+
+
+def _require_image_model(model, what: str) -> None:
+    if not _is_image(model):
+        raise ValueError(f"{what} draws images, but this model's data are rows of {model.data_shape[0]} numbers")
+
+
+def _show_tiles(ax, tiles: torch.Tensor, padding: int = 2) -> tuple[int, int]:
+    """Draw tiles [R, C, ch, h, w] as one image on ax; return (tile height, width) with padding."""
+    rows, cols = tiles.shape[:2]
+    grid = image_grid(tiles.reshape(rows * cols, *tiles.shape[2:]), nrow=cols, padding=padding)
+    ax.imshow(grid, interpolation="nearest")
+    return tiles.shape[-2] + padding, tiles.shape[-1] + padding
+
+
+def _tile_figure(tiles: torch.Tensor, path: str | Path, *, title: str | None = None,
+                 row_labels: list[str] | None = None, col_labels: list[str] | None = None,
+                 xlabel: str | None = None, tile_inches: float = 0.55) -> Path:
+    """Save tiles [R, C, ch, h, w] as a grid with row and column labels."""
+    rows, cols = tiles.shape[:2]
+    fig = _figure(cols * tile_inches + (1.4 if row_labels else 0.2), rows * tile_inches + 0.9)
+    ax = fig.add_subplot()
+    th, tw = _show_tiles(ax, tiles)
+    ax.set_xticks([2 + j * tw + (tw - 2) / 2 - 0.5 for j in range(cols)], col_labels or [""] * cols, fontsize=8)
+    ax.set_yticks([2 + i * th + (th - 2) / 2 - 0.5 for i in range(rows)], row_labels or [""] * rows, fontsize=8)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=9)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save_figure(fig, path)
+
+
+# -- prior samples -------------------------------------------------------------
+
+
+def prior_samples(model, path: str | Path, n: int = 64, temperatures: tuple[float, ...] = (1.0, 0.5),
+                  seed: int = 0) -> dict:
+    """Means of p(x|z) for z = T·ε, ε ~ N(0, I), side by side for each temperature T.
+
+    The same ε (seeded) is used for every T, so the panels show the same
+    draws pulled towards the origin.  Returns ``z`` [T, n, D] and ``images``
+    [T, n, *data_shape].
+    """
+    _require_image_model(model, "prior_samples")
+    device = _device(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    eps = torch.randn(n, model.latent_dim, generator=generator, device=device)  # [n, D]
+    with _eval_mode(model):
+        z = torch.stack([eps * t for t in temperatures])  # [T, n, D]
+        images = model.decode(z).mean  # [T, n, *data_shape]
+    side = max(1, math.ceil(math.sqrt(n)))
+    fig = _figure(4.2 * len(temperatures), 4.6)
+    for k, t in enumerate(temperatures):
+        ax = fig.add_subplot(1, len(temperatures), k + 1)
+        ax.imshow(image_grid(images[k], nrow=side), interpolation="nearest")
+        ax.set_title(f"temperature {t:g}: z ~ N(0, {t:g}² I)", fontsize=10)
+        ax.axis("off")
+    _save_figure(fig, path)
+    return {"temperatures": list(temperatures), "z": z.cpu(), "images": images.cpu()}
+
+
+# -- interpolation -------------------------------------------------------------
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation: a, b [..., D], t [S] → [..., S, D]; exactly a at t = 0 and b at t = 1."""
+    t = torch.as_tensor(t, dtype=a.dtype, device=a.device).reshape(-1, 1)  # [S, 1]
+    a, b = a.unsqueeze(-2), b.unsqueeze(-2)  # [..., 1, D]
+    out = a + t * (b - a)
+    return torch.where(t == 1, b, out)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation (Shoemake 1985; White 2016 for latent spaces), [..., S, D].
+
+    slerp(a, b; t) = sin((1 − t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b with Ω the
+    angle between a and b.  Between vectors of equal norm it keeps the norm,
+    so it stays in the shell where a Gaussian prior puts its mass; for nearly
+    parallel a and b (sin Ω ≈ 0) it falls back to :func:`lerp`.  Exactly a at
+    t = 0 and b at t = 1.
+    """
+    import torch.nn.functional as F
+
+    t = torch.as_tensor(t, dtype=a.dtype, device=a.device).reshape(-1, 1)  # [S, 1]
+    cos = (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1).clamp(-1, 1)  # [...]
+    omega = torch.acos(cos)[..., None, None]  # [..., 1, 1]
+    sin = torch.sin(omega)
+    parallel = sin.abs() < 1e-6
+    safe = torch.where(parallel, torch.ones_like(sin), sin)
+    wa = torch.where(parallel, 1 - t, torch.sin((1 - t) * omega) / safe)  # [..., S, 1]
+    wb = torch.where(parallel, t, torch.sin(t * omega) / safe)
+    a, b = a.unsqueeze(-2), b.unsqueeze(-2)
+    out = wa * a + wb * b
+    out = torch.where(t == 0, a, out)
+    return torch.where(t == 1, b, out)
+
+
+def interpolation(model, a: torch.Tensor, b: torch.Tensor, path: str | Path, steps: int = 10) -> dict:
+    """Decode linear and spherical paths between the posterior means of a [P, ...] and b [P, ...].
+
+    Each pair is two rows (linear, slerp) of ``steps`` decoder means from
+    t = 0 to 1, with the inputs in the first and last columns; the t = 0 and
+    t = 1 columns are exactly the reconstructions of a and b.  Returns ``t``
+    [S], ``z_linear``/``z_slerp`` [P, S, D] and ``linear``/``slerp``
+    [P, S, *data_shape].
+    """
+    _require_image_model(model, "interpolation")
+    device = _device(model)
+    a, b = a.to(device), b.to(device)
+    t = torch.linspace(0, 1, steps, device=device)  # [S]
+    with _eval_mode(model):
+        za, zb = model.encode(a).mean, model.encode(b).mean  # [P, D]
+        paths = {"linear": lerp(za, zb, t), "slerp": slerp(za, zb, t)}  # [P, S, D]
+        decoded = {k: model.decode(z).mean for k, z in paths.items()}  # [P, S, *data_shape]
+    rows, labels = [], []
+    for p in range(a.shape[0]):
+        for kind in ("linear", "slerp"):
+            rows.append(torch.cat([a[p:p + 1].float(), decoded[kind][p].float(), b[p:p + 1].float()]))
+            labels.append(f"pair {p + 1} {kind}")
+    tiles = torch.stack(rows)  # [2P, S + 2, ch, h, w]
+    cols = ["input"] + [f"{v:.2g}" for v in t.tolist()] + ["input"]
+    _tile_figure(tiles, path, row_labels=labels, col_labels=cols, xlabel="t (0: first input, 1: second input)",
+                 title="interpolation between posterior means: linear and spherical (slerp)")
+    return {"t": t.cpu(), "z_linear": paths["linear"].cpu(), "z_slerp": paths["slerp"].cpu(),
+            "linear": decoded["linear"].cpu(), "slerp": decoded["slerp"].cpu()}
+
+
+# -- two latent directions: grid and scatter -----------------------------------
+
+
+def latent_directions(means: torch.Tensor, directions: str = "coords") -> tuple[torch.Tensor, torch.Tensor]:
+    """The plane shown by :func:`latent_grid` and :func:`latent_scatter`: (origin [D], axes [2, D]).
+
+    A code z is drawn at (z − origin) · axes^T, and the grid point (u, v) is
+    z = origin + u·axes[0] + v·axes[1].
+
+    * ``coords``: axes are the unit vectors of z1 and z2; the origin is 0 in
+      those two coordinates (so u, v are z1, z2 themselves) and the mean of
+      the posterior means in all other coordinates.
+    * ``pca``: axes are the first two principal directions of the posterior
+      means [N, D] (SVD of the centred means; sign chosen so the largest
+      component is positive); the origin is their mean, so u, v are the
+      principal-component scores.
+
+    Holding the other coordinates at the mean of the posterior means (rather
+    than at 0) keeps the grid in the region the encoder actually uses, which
+    matters when the aggregate posterior is not centred.
+    """
+    if directions not in DIRECTIONS:
+        raise ValueError(f"directions must be one of {DIRECTIONS}, got {directions!r}")
+    means = means.float()
+    if means.shape[-1] < 2:
+        raise ValueError("a plane of two latent directions needs a latent space of at least 2 dimensions")
+    center = means.mean(0)  # [D]
+    if directions == "coords":
+        axes = torch.eye(means.shape[-1], device=means.device)[:2]  # [2, D]
+        origin = center.clone()
+        origin[:2] = 0
+        return origin, axes
+    _, _, vh = torch.linalg.svd(means - center, full_matrices=False)  # vh [min(N, D), D]
+    axes = vh[:2].clone()
+    if axes.shape[0] < 2:
+        raise ValueError("PCA directions need at least 2 posterior means")
+    signs = torch.sign(axes.gather(1, axes.abs().argmax(1, keepdim=True)))  # [2, 1]
+    return center, axes * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def project(means: torch.Tensor, origin: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:
+    """Coordinates [N, 2] of codes [N, D] in the plane (origin, axes)."""
+    return (means.float() - origin) @ axes.T
+
+
+def grid_extent(points: torch.Tensor, directions: str, grid_range: float | None = None) -> tuple[float, float]:
+    """Half-widths (Ru, Rv) of the latent grid.
+
+    ``grid_range`` given: that, in both directions.  Otherwise ±2 for
+    ``coords`` (two standard deviations of the prior) and ±2 standard
+    deviations of the projected posterior means for ``pca``.
+    """
+    if grid_range is not None:
+        if not grid_range > 0:
+            raise ValueError(f"grid_range must be positive, got {grid_range}")
+        return float(grid_range), float(grid_range)
+    if directions == "coords":
+        return 2.0, 2.0
+    std = points.float().std(0, unbiased=True) if points.shape[0] > 1 else torch.ones(2)
+    return tuple(float(2 * s) if s > 1e-3 else 2.0 for s in std.tolist())
+
+
+def _axis_names(directions: str) -> tuple[str, str]:
+    return ("z1", "z2") if directions == "coords" else ("PC1 score", "PC2 score")
+
+
+def latent_grid(model, x: torch.Tensor, path: str | Path, n: int = 15, grid_range: float | None = None,
+                directions: str = "coords") -> dict:
+    """Decoder means over an n × n grid in two latent directions (the tutorial's latent grid).
+
+    The directions and origin come from the posterior means of x (see
+    :func:`latent_directions`); u runs left to right and v bottom to top over
+    ±(Ru, Rv) (see :func:`grid_extent`).  Returns ``z`` [n, n, D] (row i, column
+    j: z = origin + u[j]·axes[0] + v[i]·axes[1], v descending), ``images``
+    [n, n, *data_shape] = decode(z).mean, ``u``, ``v`` [n], ``origin``, ``axes``.
+    """
+    _require_image_model(model, "latent_grid")
+    from .evaluation import posterior_statistics
+
+    with _eval_mode(model):
+        means = posterior_statistics(model, x)["mean"]  # [N, D]
+        origin, axes = latent_directions(means, directions)
+        ru, rv = grid_extent(project(means, origin, axes), directions, grid_range)
+        u = torch.linspace(-ru, ru, n, device=means.device)  # [n]
+        v = torch.linspace(rv, -rv, n, device=means.device)  # [n], top row first
+        z = origin + u[None, :, None] * axes[0] + v[:, None, None] * axes[1]  # [n, n, D]
+        images = model.decode(z).mean  # [n, n, *data_shape]
+    du, dv = (2 * ru / (n - 1) if n > 1 else ru), (2 * rv / (n - 1) if n > 1 else rv)
+    fig = _figure(7, 7)
+    ax = fig.add_subplot()
+    grid = image_grid(images.reshape(n * n, *images.shape[2:]), nrow=n, padding=0)
+    ax.imshow(grid, interpolation="nearest", aspect="auto",
+              extent=(-ru - du / 2, ru + du / 2, -rv - dv / 2, rv + dv / 2))
+    name_u, name_v = _axis_names(directions)
+    ax.set_xlabel(name_u)
+    ax.set_ylabel(name_v)
+    rest = "other coordinates at the mean of the posterior means" if directions == "coords" else \
+        "centred on the mean of the posterior means"
+    ax.set_title(f"decoder means over {name_u} × {name_v} ({rest})", fontsize=9)
+    _save_figure(fig, path)
+    return {"z": z.cpu(), "images": images.cpu(), "u": u.cpu(), "v": v.cpu(), "origin": origin.cpu(),
+            "axes": axes.cpu(), "extent": (ru, rv)}
+
+
+def _spread_indices(points: torch.Tensor, k: int, min_distance: float, seed: int = 0) -> list[int]:
+    """Up to k indices of points [N, 2], in seeded random order, at least min_distance apart."""
+    order = torch.randperm(points.shape[0], generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen: list[int] = []
+    for i in order:
+        if len(chosen) == k:
+            break
+        if all(float((points[i] - points[j]).norm()) >= min_distance for j in chosen):
+            chosen.append(i)
+    return chosen
+
+
+def latent_scatter(model, x: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None,
+                   directions: str = "coords", classes: list[str] | None = None, n_images: int = 20,
+                   grid_range: float | None = None, seed: int = 0) -> dict:
+    """The posterior means of x in two latent directions, coloured by label where given.
+
+    For image data, ``n_images`` of the inputs (seeded, spread apart) are
+    drawn at their positions; the dashed rectangle is the region that
+    :func:`latent_grid` decodes with the same arguments.  Returns ``points``
+    [N, 2], ``origin``, ``axes`` and ``image_indices``.
+    """
+    import matplotlib
+    from matplotlib.colors import Normalize
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+    from matplotlib.patches import Rectangle
+
+    from .evaluation import posterior_statistics
+
+    with _eval_mode(model):
+        means = posterior_statistics(model, x)["mean"]  # [N, D]
+    origin, axes = latent_directions(means, directions)
+    points = project(means, origin, axes).cpu()  # [N, 2]
+    ru, rv = grid_extent(points, directions, grid_range)
+    fig = _figure(7.5, 6.5)
+    ax = fig.add_subplot()
+    size = max(2.0, min(12.0, 4000 / max(points.shape[0], 1)))
+    colors = None
+    if labels is not None:
+        labels = labels.reshape(-1).cpu()
+        values = torch.unique(labels).tolist()
+        cmap = matplotlib.colormaps["tab10" if len(values) <= 10 else "tab20"]
+        colors = {value: cmap(k % cmap.N) for k, value in enumerate(values)}
+        for value in values:
+            mask = labels == value
+            name = classes[value] if classes is not None and 0 <= value < len(classes) else str(value)
+            ax.scatter(points[mask, 0], points[mask, 1], s=size, color=colors[value], alpha=0.7,
+                       linewidths=0, label=name)
+        ax.legend(title="label", fontsize=8, title_fontsize=8, markerscale=12 / size ** 0.5, loc="upper left",
+                  bbox_to_anchor=(1.01, 1), frameon=False)
+    else:
+        ax.scatter(points[:, 0], points[:, 1], s=size, color="#3b6fb6", alpha=0.6, linewidths=0)
+    image_indices: list[int] = []
+    if _is_image(model) and n_images > 0 and points.shape[0]:
+        span = float((points.max(0).values - points.min(0).values).norm())
+        image_indices = _spread_indices(points, n_images, 0.09 * span, seed)
+        zoom = 26 / x.shape[-2]
+        for i in image_indices:
+            image = x[i].detach().float().cpu().clamp(0, 1)
+            array = image[0].numpy() if image.shape[0] == 1 else image[:3].permute(1, 2, 0).numpy()
+            box = OffsetImage(array, zoom=zoom, cmap="gray", norm=Normalize(0, 1), interpolation="nearest")
+            edge = colors[int(labels[i])] if colors is not None else "#555555"
+            ax.add_artist(AnnotationBbox(box, (float(points[i, 0]), float(points[i, 1])), frameon=True,
+                                         pad=0.1, bboxprops={"edgecolor": edge, "linewidth": 1.5}))
+    ax.add_patch(Rectangle((-ru, -rv), 2 * ru, 2 * rv, fill=False, linestyle="--", linewidth=0.8,
+                           edgecolor="#444444"))
+    name_u, name_v = _axis_names(directions)
+    ax.set_xlabel(name_u)
+    ax.set_ylabel(name_v)
+    ax.set_title(f"posterior means of {points.shape[0]} test examples ({name_u}, {name_v}); "
+                 f"dashed: the latent grid's range", fontsize=9)
+    _save_figure(fig, path)
+    return {"points": points, "origin": origin.cpu(), "axes": axes.cpu(), "image_indices": image_indices}
+
+
+# -- one dimension at a time ---------------------------------------------------
+
+
+def latent_traversal(model, x: torch.Tensor, path: str | Path, top: int = 10,
+                     values: torch.Tensor | None = None, base: torch.Tensor | None = None) -> dict:
+    """Change one latent dimension at a time (β-VAE style), dimensions ordered by KL.
+
+    The ``top`` dimensions with the largest mean KL(q(z_d|x) ‖ p(z_d)) over x
+    (for a model without KL, the largest variance of the posterior mean) are
+    rows; in each, z_d is set to each of ``values`` (default −3 … 3, the
+    prior's ±3σ) while the other coordinates stay at ``base`` (default: the
+    posterior mean of x[0]).  Returns ``dims``, ``score`` (KL or variance per
+    shown dimension), ``values`` [V], ``base`` [D], ``z`` [R, V, D] and
+    ``images`` [R, V, *data_shape].
+    """
+    _require_image_model(model, "latent_traversal")
+    from .evaluation import posterior_statistics
+
+    device = _device(model)
+    values = torch.linspace(-3, 3, 9) if values is None else torch.as_tensor(values, dtype=torch.float32)
+    values = values.to(device)
+    with _eval_mode(model):
+        stats = posterior_statistics(model, x)
+        has_kl = stats["kl"] is not None
+        score = stats["kl"].mean(0) if has_kl else stats["mean"].var(0)  # [D]
+        dims = torch.argsort(score, descending=True)[:top].tolist()
+        if base is None:
+            base = model.encode(x[:1].to(device)).mean[0]  # [D]
+        base = base.to(device).float()
+        z = base.repeat(len(dims), len(values), 1)  # [R, V, D]
+        for r, d in enumerate(dims):
+            z[r, :, d] = values
+        images = model.decode(z).mean  # [R, V, *data_shape]
+    label = "KL" if has_kl else "var"
+    rows = [f"z{d + 1}  {label} {score[d]:.2f}" for d in dims]
+    _tile_figure(images.float(), path, row_labels=rows, col_labels=[f"{v:g}" for v in values.tolist()],
+                 xlabel="value of the dimension (others at the base code)",
+                 title=f"latent traversals, {len(dims)} dimensions with the largest {label}")
+    return {"dims": dims, "score": [float(score[d]) for d in dims], "values": values.cpu(), "base": base.cpu(),
+            "z": z.cpu(), "images": images.cpu()}
+
+
+# -- training curves -------------------------------------------------------------
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (blank or truncated lines are skipped)."""
+    import json
+
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def training_curves(metrics: str | Path | list[dict], path: str | Path) -> dict:
+    """Loss, reconstruction term, KL and posterior statistics against optimiser steps.
+
+    ``metrics``: a ``metrics.jsonl`` path or its records.  Training records
+    (averages over the logged steps) are lines; the held-out ELBO terms
+    logged at epoch ends (``val_*`` or ``test_*``) are dots.  All in nats per
+    example; the training loss includes β and is the IWAE bound for IWAE.
+    Returns the plotted series.
+    """
+    records = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
+    train = [r for r in records if "loss" in r]
+    split = next((s for s in ("val", "test") if any(f"{s}_reconstruction" in r for r in records)), None)
+    held = [r for r in records if split and f"{split}_reconstruction" in r]
+    series = {
+        "step": [r["step"] for r in train],
+        "loss": [r["loss"] for r in train],
+        "reconstruction": [r["reconstruction"] for r in train],
+        "kl": [r["kl"] for r in train],
+        "neg_elbo": [r["reconstruction"] + r["kl"] for r in train],
+        "mu": [r.get("mu") for r in train],
+        "sigma": [r.get("sigma") for r in train],
+        "beta": [r.get("beta") for r in train],
+        "eval_split": split,
+        "eval_step": [r["step"] for r in held],
+        "eval_neg_elbo": [-r[f"{split}_elbo"] if f"{split}_elbo" in r else None for r in held],
+        "eval_reconstruction": [r.get(f"{split}_reconstruction") for r in held],
+        "eval_kl": [r.get(f"{split}_kl") for r in held],
+    }
+    fig = _figure(10, 6.8)
+    panels = fig.subplots(2, 2, sharex=True)
+    # markers where there are few points, so a one-epoch run still shows something
+    train_style = {"linewidth": 1.2, **({"marker": ".", "markersize": 5} if len(train) < 30 else {})}
+    eval_style = {"marker": "o", "markersize": 3.5, "linewidth": 1}
+
+    def draw(ax, title, curves):
+        for label, xs, ys, style in curves:
+            pairs = [(a, b) for a, b in zip(xs, ys) if b is not None]
+            if pairs:
+                ax.plot(*zip(*pairs), label=label, **style)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+
+    steps, eval_steps = series["step"], series["eval_step"]
+    draw(panels[0, 0], "training loss and negative ELBO (nats)", [
+        ("training loss (minimised)", steps, series["loss"], train_style),
+        ("training −ELBO = reconstruction + KL", steps, series["neg_elbo"], {**train_style, "linestyle": "--"}),
+        (f"{split} −ELBO", eval_steps, series["eval_neg_elbo"], eval_style),
+    ])
+    draw(panels[0, 1], "reconstruction −E_q[log p(x|z)] (nats)", [
+        ("training", steps, series["reconstruction"], train_style),
+        (f"{split}", eval_steps, series["eval_reconstruction"], eval_style),
+    ])
+    draw(panels[1, 0], "KL(q(z|x) ‖ p(z)) (nats)", [
+        ("training", steps, series["kl"], train_style),
+        (f"{split}", eval_steps, series["eval_kl"], eval_style),
+    ])
+    betas = [b for b in series["beta"] if b is not None]
+    draw(panels[1, 1], "posterior statistics (training batches)", [
+        ("mean of μ", steps, series["mu"], train_style),
+        ("mean of σ", steps, series["sigma"], train_style),
+        *([("β", steps, series["beta"], {**train_style, "linestyle": ":"})] if len(set(betas)) > 1 else []),
+    ])
+    for ax in panels[1]:
+        ax.set_xlabel("optimiser step")
+    _save_figure(fig, path)
+    return series
+
+
+# -- why this likelihood? ----------------------------------------------------------
+
+
+def likelihood_choice(model, x: torch.Tensor, path: str | Path, n_points: int = 241) -> dict:
+    """What the Gaussian and Laplace likelihoods do with the model's own residuals.
+
+    Left: negative log-likelihood per dimension of the residuals r = x̂ − x of
+    the model's reconstructions of x, against the scale, computed with the
+    library's :class:`~aevb.distributions.GaussianLikelihood` and
+    :class:`~aevb.distributions.LaplaceLikelihood`: the Gaussian curve has its
+    minimum at σ = √MSE (the σ that ``gaussian-optimal`` uses, whose value is
+    marked), the Laplace one at b = mean |r|.  The model's own scale is marked
+    where it has one.
+
+    Right: the gradient of each loss with respect to one predicted value
+    against its residual, by autograd through ``log_prob``, the other
+    residuals of the example held fixed: MSE (Gaussian, σ = 1) is linear, L1
+    (Laplace, b = 1) is its sign, log-MSE (σ-VAE) is the MSE gradient divided
+    by the example's MSE.  Returns the curves.
+    """
+    from .distributions import (GaussianLikelihood, LaplaceLikelihood, OptimalGaussianLikelihood)
+
+    device = _device(model)
+    x = x.to(device)
+    with _eval_mode(model):
+        recon = model.reconstruct(x).double()  # [N, *data_shape]
+    target = x.double().flatten()  # [n]: all residuals as one event
+    loc = recon.flatten()
+    residual = loc - target
+    n = target.numel()
+    mse = float(residual.pow(2).mean())
+    mae = float(residual.abs().mean())
+    sigma_star = max(math.sqrt(mse), 1e-6)
+    b_star = max(mae, 1e-6)
+
+    def curve(make, center):
+        scales = torch.logspace(math.log10(center / 10), math.log10(center * 10), n_points - 1, dtype=torch.float64)
+        scales = torch.sort(torch.cat([scales, torch.tensor([center], dtype=torch.float64)])).values
+        nll = torch.stack([-make(float(s))(loc, 1).log_prob(target) / n for s in scales])
+        return scales, nll
+
+    sigma, gaussian_nll = curve(GaussianLikelihood, sigma_star)
+    scale, laplace_nll = curve(LaplaceLikelihood, b_star)
+    optimal = OptimalGaussianLikelihood().to(device).eval()
+    optimal_nll = float(-optimal(loc.float(), 1).log_prob(target.float()) / n)
+    model_scale = _model_scale(model.likelihood)
+
+    # gradient of −log p(x|x̂) with respect to one prediction, the rest of an example fixed;
+    # every gradient is odd in the residual, so positive residuals on log axes show it all
+    example = residual[: math.prod(model.data_shape)].detach().cpu()  # residuals of the first example [m]
+    e = torch.logspace(-3, 0, 121, dtype=torch.float64)  # [E]
+    grads = {}
+    for name, head in (("mse", GaussianLikelihood(1.0)), ("log_mse", OptimalGaussianLikelihood().eval()),
+                       ("l1", LaplaceLikelihood(1.0))):
+        pred = example.repeat(len(e), 1)  # [E, m] predictions with targets at 0: the residuals
+        pred[:, 0] = e
+        pred.requires_grad_(True)
+        (-head(pred, 1).log_prob(torch.zeros_like(pred))).sum().backward()
+        grads[name] = pred.grad[:, 0].detach()
+    background_mse = float(example[1:].pow(2).mean()) if example.numel() > 1 else 0.0
+
+    fig = _figure(11, 4.2)
+    left, right = fig.subplots(1, 2)
+    left.plot(sigma, gaussian_nll, label="Gaussian, NLL against σ")
+    left.plot(scale, laplace_nll, label="Laplace, NLL against b")
+    left.axvline(sigma_star, color="C0", linestyle="--", linewidth=0.8)
+    left.axvline(b_star, color="C1", linestyle="--", linewidth=0.8)
+    left.plot([sigma_star], [optimal_nll], "o", color="C0", label=f"gaussian-optimal: σ = √MSE = {sigma_star:.3g}")
+    left.plot([b_star], [float(laplace_nll.min())], "o", color="C1", label=f"b = mean |r| = {b_star:.3g}")
+    lowest = float(min(gaussian_nll.min(), laplace_nll.min()))
+    if model_scale is not None:
+        name, value = model_scale
+        left.plot([value], [_nll_at(name, value, loc, target, n)], "s", color="k",
+                  label=f"this model's {'σ' if name == 'gaussian' else 'b'} = {value:.3g}")
+    left.set_xscale("log")
+    left.set_ylim(lowest - 0.3, lowest + 3)
+    left.set_xlabel("scale (σ or b)")
+    left.set_ylabel("−log p(x | x̂) per dimension (nats)")
+    left.set_title(f"NLL of the model's residuals (MSE {mse:.3g}) against the scale", fontsize=10)
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    right.plot(e, grads["mse"], label="MSE (gaussian, σ = 1): r")
+    right.plot(e, grads["log_mse"], label=f"log-MSE (gaussian-optimal): ≈ r / MSE (MSE of the rest {background_mse:.3g})")
+    right.plot(e, grads["l1"], label="L1 (laplace, b = 1): sign(r) = 1")
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("residual r = x̂ − x of one value (gradients are odd in r)")
+    right.set_ylabel("∂(−log p) / ∂x̂")
+    right.set_title("gradient with respect to one prediction", fontsize=10)
+    right.legend(fontsize=8)
+    right.grid(alpha=0.3, which="both")
+    _save_figure(fig, path)
+    return {"mse": mse, "mae": mae, "sigma": sigma, "gaussian_nll": gaussian_nll, "sigma_star": sigma_star,
+            "optimal_nll": optimal_nll, "scale": scale, "laplace_nll": laplace_nll, "b_star": b_star,
+            "model_scale": model_scale, "residual": e, "grad_mse": grads["mse"], "grad_log_mse": grads["log_mse"],
+            "grad_l1": grads["l1"]}
+
+
+def _model_scale(likelihood) -> tuple[str, float] | None:
+    """("gaussian" | "laplace", scale) of a likelihood with one scale for all dimensions, else None."""
+    from .distributions import (GaussianLikelihood, LaplaceLikelihood, LearnedGaussianLikelihood,
+                                LearnedLaplaceLikelihood)
+
+    if isinstance(likelihood, (GaussianLikelihood, LaplaceLikelihood)):
+        family = "gaussian" if isinstance(likelihood, GaussianLikelihood) else "laplace"
+        return family, float(likelihood.scale)
+    if isinstance(likelihood, (LearnedGaussianLikelihood, LearnedLaplaceLikelihood)):
+        family = "gaussian" if isinstance(likelihood, LearnedGaussianLikelihood) else "laplace"
+        return family, float(likelihood.scale().detach())
+    return None
+
+
+def _nll_at(family: str, scale: float, loc: torch.Tensor, target: torch.Tensor, n: int) -> float:
+    from .distributions import GaussianLikelihood, LaplaceLikelihood
+
+    head = GaussianLikelihood(scale) if family == "gaussian" else LaplaceLikelihood(scale)
+    return float(-head(loc, 1).log_prob(target) / n)

@@ -1,0 +1,217 @@
+"""Diagnostics and the run report: active units and KL per dimension on a model
+whose collapsed dimensions are known by construction, the representation
+classifier, per-class rows, and `aevb explore / interpolate / report / eval`
+end to end on a tiny digits run (the report embeds every PNG of the run and
+fetches nothing); a headless-Chromium screenshot where Chromium is installed."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import aevb
+from aevb.cli import main
+from aevb.data import load_data
+from aevb.evaluation import classifier_accuracy, collapse_warning, evaluate
+from aevb.report import FIGURE_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+IMG = '<img src="data:image/png;base64,'
+
+
+def run_cli(*args: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    assert exit_info.value.code == 0, f"aevb {' '.join(map(str, args))} exited with {exit_info.value.code}"
+
+
+# -- diagnostics on a model built by hand -------------------------------------------
+
+
+def _linear_vae(latent_dim: int, inactive: set[int], seed: int = 0):
+    """A linear VAE on 8×8 images whose posterior means are constant in the ``inactive`` dimensions.
+
+    The encoder's last layer maps x to (μ [D], log σ [D]): rows of inactive
+    dimensions have zero weights and a bias c_d, and every log σ is a constant
+    log s_d, so KL per dimension has a closed form.
+    """
+    torch.manual_seed(seed)
+    model = aevb.VAE(data_shape=(1, 8, 8), latent_dim=latent_dim, arch="linear", likelihood="gaussian")
+    layer = model.encoder[-1]  # Linear(64 → 2D)
+    c = torch.linspace(-0.5, 0.8, latent_dim)
+    s = torch.linspace(0.3, 0.9, latent_dim)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.5)
+        layer.bias.zero_()
+        for d in inactive:
+            layer.weight[d].zero_()
+            layer.bias[d] = c[d]
+        layer.weight[latent_dim:].zero_()
+        layer.bias[latent_dim:] = s.log()
+    return model.eval(), c, s
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits")
+
+
+def test_active_units_and_kl_per_dimension_match_the_construction(digits):
+    inactive = {1, 3, 4}
+    model, c, s = _linear_vae(6, inactive)
+    x = digits.test
+    metrics = evaluate(model, x, iw_samples=8)
+    assert metrics["active_units"] == 3 and metrics["latent_dim"] == 6
+    variance = metrics["posterior_mean_variance_per_dim"]
+    assert all(variance[d] == pytest.approx(0, abs=1e-10) for d in inactive)
+    assert all(variance[d] > 0.01 for d in set(range(6)) - inactive)
+    with torch.no_grad():
+        mu = model.encode(x).mean  # [N, D]
+    for d in range(6):
+        # KL(N(μ, s²) ‖ N(0, 1)) = ½(μ² + s² − 1) − log s, averaged over x
+        expected = (0.5 * (mu[:, d] ** 2 + s[d] ** 2 - 1) - torch.log(s[d])).mean()
+        assert metrics["kl_per_dim"][d] == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+        if d in inactive:
+            closed = 0.5 * (c[d] ** 2 + s[d] ** 2 - 1) - math.log(s[d])
+            assert metrics["kl_per_dim"][d] == pytest.approx(float(closed), rel=1e-4)
+    assert metrics["kl"] == pytest.approx(sum(metrics["kl_per_dim"]), rel=1e-4)
+    assert metrics["collapse_warning"] is None and not metrics["collapsed"]
+
+
+def test_collapse_is_warned_about(digits):
+    model, _, _ = _linear_vae(4, {0, 1, 2, 3})
+    metrics = evaluate(model, digits.test, iw_samples=4)
+    assert metrics["active_units"] == 0 and metrics["collapsed"]
+    assert "posterior collapse" in metrics["collapse_warning"] and "none of the 4" in metrics["collapse_warning"]
+    assert "only 1 of 20" in collapse_warning(1, 20)
+    assert collapse_warning(5, 20) is None
+
+
+def test_classifier_accuracy_is_high_for_codes_of_the_label_and_chance_for_noise():
+    generator = torch.Generator().manual_seed(0)
+    y_train = torch.randint(0, 10, (2000,), generator=generator)
+    y_test = torch.randint(0, 10, (1000,), generator=generator)
+
+    def codes(y):  # the label written into the code, plus noise
+        return 3 * torch.nn.functional.one_hot(y, 10).float() + 0.3 * torch.randn(len(y), 10, generator=generator)
+
+    good = classifier_accuracy(codes(y_train), y_train, codes(y_test), y_test)
+    assert good["logistic"] > 0.97 and good["knn"] > 0.97
+    noise = classifier_accuracy(torch.randn(2000, 10, generator=generator), y_train,
+                                torch.randn(1000, 10, generator=generator), y_test)
+    assert abs(noise["logistic"] - 0.1) < 0.05 and abs(noise["knn"] - 0.1) < 0.05
+    assert 0.05 < noise["chance"] < 0.15
+
+
+def test_evaluate_with_labels_gives_per_class_rows_and_representation_accuracy(digits):
+    model, _, _ = _linear_vae(4, set())
+    x, y = digits.test, digits.test_labels
+    metrics = evaluate(model, x, iw_samples=4, labels=y, train_x=digits.train, train_labels=digits.train_labels,
+                       classes=digits.classes)
+    rows = metrics["per_class"]
+    assert [r["label"] for r in rows] == list(range(10))
+    assert sum(r["examples"] for r in rows) == len(x)
+    for key in ("reconstruction_nll", "neg_elbo", "nll"):
+        overall = metrics[key] if key != "neg_elbo" else metrics["neg_elbo"]
+        weighted = sum(r[key] * r["examples"] for r in rows) / len(x)
+        assert weighted == pytest.approx(overall, rel=1e-9)
+    # random linear codes of digits still carry the class well above chance
+    assert metrics["representation_accuracy"] > metrics["chance_accuracy"] + 0.2
+    assert metrics["representation_train_examples"] == len(digits.train)
+
+
+# -- the commands, end to end ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "run"
+    run_cli("train", "--epochs", "1", "--latent-dim", "2", "--hidden", "32", "-q", "--out", out)
+    return out
+
+
+def _embedded_pngs(text: str) -> list[bytes]:
+    found = re.findall(r'<img[^>]* src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    return [base64.b64decode(b, validate=True) for b in found]
+
+
+def test_report_explore_interpolate_and_eval_end_to_end(run, capsys):
+    # a fresh run: the report evaluates it and draws the missing figures itself
+    assert not (run / "eval.json").exists()
+    run_cli("report", run, "-k", "20")
+    report = run / "report.html"
+    assert report.is_file() and (run / "eval.json").is_file()
+    for name in ("training-curves.png", "reconstructions.png", "prior-samples.png", "interpolations.png",
+                 "latent-scatter.png", "latent-grid.png", "latent-traversal.png"):
+        assert (run / "images" / name).is_file(), name
+    assert not (run / "images" / "likelihood-choice.png").exists()  # Bernoulli: not drawn
+
+    capsys.readouterr()
+    run_cli("explore", run, "--directions", "pca", "--grid-range", "3", "-n", "6", "--pairs", "2", "--top-dims", "2")
+    printed = capsys.readouterr().out
+    assert "skipped likelihood-choice.png" in printed
+    assert printed.count("written: ") == 7
+    run_cli("interpolate", run, "--pairs", "3", "--steps", "5", "-o", run / "images" / "interp-extra.png")
+    assert (run / "images" / "interp-extra.png").is_file()
+    run_cli("report", run)
+
+    text = report.read_text(encoding="utf-8")
+    pngs = sorted((run / "images").glob("*.png"))
+    assert text.count(IMG) == len(pngs) > len(FIGURE_NAMES) - 1  # every picture of the run
+    for data, path in zip(sorted(_embedded_pngs(text)), sorted(p.read_bytes() for p in pngs)):
+        assert data == path
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    assert not re.search(r"https?://", text) and "<script" not in text.lower() and "<link" not in text.lower()
+    assert '<meta name="viewport"' in text and "@media print" in text and "max-width" in text
+    metrics = json.loads((run / "eval.json").read_text())
+    assert f"{metrics['neg_elbo']:.4g}" in text and "Per class (nats" in text and "<code>latent_dim</code>" in text
+
+    capsys.readouterr()
+    run_cli("eval", run, "-k", "10")
+    printed = capsys.readouterr().out
+    assert "classifier accuracy on posterior means" in printed and "per class (nats)" in printed
+    metrics = json.loads((run / "eval.json").read_text())
+    assert len(metrics["per_class"]) == 10 and 0 <= metrics["representation_accuracy"] <= 1
+    assert metrics["iw_samples"] == 10
+
+
+def test_explore_skips_image_figures_for_tabular_data(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(200, 2)) @ rng.normal(size=(2, 5))  # rank-2 rows of 5 numbers
+    np.savetxt(tmp_path / "table.csv", table, delimiter=",")
+    out = tmp_path / "run"
+    run_cli("train", "--data", tmp_path / "table.csv", "--likelihood", "gaussian", "--latent-dim", "2",
+            "--hidden", "16", "--epochs", "1", "-q", "--out", out)
+    capsys.readouterr()
+    run_cli("explore", out)
+    printed = capsys.readouterr().out
+    assert "skipped latent-grid.png: the data are rows of 5 numbers, not images" in printed
+    written = sorted(p.name for p in (out / "images").glob("*.png"))
+    assert written == ["latent-scatter.png", "likelihood-choice.png", "training-curves.png"]
+    run_cli("report", out, "-k", "5")
+    assert (out / "report.html").read_text().count(IMG) == 3
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(run, tmp_path):
+    if not (run / "report.html").exists():
+        run_cli("report", run, "-k", "5")
+    subprocess.run(["sh", str(REPO / "scripts" / "screenshot_report.sh"), str(run), str(tmp_path)],
+                   check=True, capture_output=True, timeout=120)
+    for name, width in (("report-desktop.png", 1200), ("report-phone.png", 390)):
+        with Image.open(tmp_path / name) as image:
+            assert image.size[0] == width
+            # something was drawn: not a blank page
+            assert np.unique(np.asarray(image.convert("L").resize((64, 64)))).size > 8
