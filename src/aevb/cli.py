@@ -162,26 +162,11 @@ def eval_command(run, iw_samples, batch_size, seed, device):
       aevb eval runs/vae-digits
       aevb eval runs/mnist --iw-samples 1000
     """
-    import torch
+    from .evaluation import evaluate_run
 
-    from .evaluation import evaluate
-    from .io import write_json
-    from .training import held_out, load_dataset, read_run_config
-
-    config = read_run_config(run)
-    model = _load(run, device)
-    dataset = load_dataset(config)
-    x, y = held_out(dataset, config, "test")
-    if x is None or not len(x):
-        raise UserError(f"{run} has no test split to evaluate; train with --test-split")
-    _check_data_shape(model, x, run, config.data)
-    # labelled data: per-class rows, and classifiers trained on the training split's posterior means
-    train_x, train_y = held_out(dataset, config, "train") if y is not None else (None, None)
-    torch.manual_seed(seed)
-    metrics = evaluate(model, x, iw_samples=iw_samples, batch_size=batch_size, levels=dataset.levels, progress=True,
-                       labels=y, train_x=train_x, train_labels=train_y, classes=dataset.classes)
-    metrics["data"] = config.data
-    write_json(Path(run) / "eval.json", metrics)
+    if not Path(run).is_dir():
+        raise UserError(f"run folder not found: {run}; pass a folder written by 'aevb train'")
+    metrics = evaluate_run(run, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device, progress=True)
     click.echo(format_metrics(metrics))
     diagnostics = format_diagnostics(metrics)
     if diagnostics:
@@ -250,25 +235,16 @@ def reconstruct(run, n, out, device):
     """
     from .data import holdout_indices
     from .figures import reconstruction_grid
-    from .training import held_out, load_dataset, read_run_config
+    from .training import check_data_shape, held_out, load_dataset, read_run_config
 
     config = read_run_config(run)
     model = _load(run, device)
     _require_images(model, "reconstruct")
     x, y = held_out(load_dataset(config), config, "test")
-    _check_data_shape(model, x, run, config.data)
+    check_data_shape(model, x, run, config.data)
     x = x[holdout_indices(y, n)].to(next(model.parameters()).device)
     path = Path(out) if out else Path(run) / "images" / "reconstructions.png"
     click.echo(f"written: {reconstruction_grid(model, x, path)}")
-
-
-def _check_data_shape(model, x, run: str, data: str) -> None:
-    """The run's data must have the shape its model was trained on (before any progress bar starts)."""
-    if tuple(x.shape[1:]) != tuple(model.data_shape):
-        shape = "×".join(map(str, x.shape[1:]))
-        raise UserError(f"the data {data} hold examples of shape {shape}, but the model of {run} was trained on "
-                        f"{'×'.join(map(str, model.data_shape))}; point 'data' in {Path(run) / 'config.json'} "
-                        f"at data of the training shape")
 
 
 def _require_images(model, command: str) -> None:

@@ -257,7 +257,7 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int
     """
     from .errors import UserError
     from .io import write_json
-    from .training import held_out, load_dataset, load_run_model, read_run_config, resolve_device
+    from .training import check_data_shape, held_out, load_dataset, load_run_model, read_run_config, resolve_device
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
@@ -266,6 +266,7 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int
     x, y = held_out(dataset, config, "test")
     if x is None or not len(x):
         raise UserError(f"{run_dir} has no test split to evaluate; train with --test-split")
+    check_data_shape(model, x, run_dir, config.data)
     train_x, train_y = held_out(dataset, config, "train") if y is not None else (None, None)
     torch.manual_seed(seed)
     metrics = evaluate(model, x, iw_samples=iw_samples, batch_size=batch_size, levels=dataset.levels,

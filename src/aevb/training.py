@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import signal
 import sys
 import time
@@ -41,6 +42,7 @@ from .io import write_json, write_safetensors
 from .models import LossOutput, Model, build_model, load
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "eval.json", "report.html", "checkpoints", "model", "images", "tensorboard")
 NONFINITE_ADVICE = "Try a lower --lr, --grad-clip, or a likelihood with a floor"
 
 
@@ -94,6 +96,15 @@ def held_out(dataset: data_module.Dataset, config: RunConfig, split: str = "test
     return x, y
 
 
+def check_data_shape(model: Model, x: torch.Tensor, run: str | Path, data: str) -> None:
+    """The run's data must have the shape its model was trained on (checked before any progress bar)."""
+    if tuple(x.shape[1:]) != tuple(model.data_shape):
+        shape = "×".join(map(str, x.shape[1:]))
+        raise UserError(f"the data {data} hold examples of shape {shape}, but the model of {run} was trained on "
+                        f"{'×'.join(map(str, model.data_shape))}; point 'data' in {Path(run) / 'config.json'} "
+                        f"at data of the training shape")
+
+
 def _data_name(source: str) -> str:
     name = Path(source).name if ("/" in source or "." in source) else source
     name = re.sub(r"(\.gz|\.npy|\.npz|\.csv)$", "", name)
@@ -108,8 +119,13 @@ def new_run_dir(config: RunConfig, force: bool = False) -> Path:
             raise UserError(f"run folder {run_dir} already exists; pass --force to overwrite it, "
                             f"--resume {run_dir} to continue it, or another --out")
         if run_dir.exists() and force:
-            for stale in ("metrics.jsonl", "eval.json", str(CHECKPOINT)):
-                (run_dir / stale).unlink(missing_ok=True)
+            # only what a run writes; anything else the user keeps there stays
+            for stale in RUN_OUTPUTS:
+                path = run_dir / stale
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
     else:
         base = Path("runs") / f"{config.model}-{_data_name(config.data)}"
         run_dir, n = base, 1
