@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .registry import DATASETS, LIKELIHOODS, MODELS, NETWORKS
+from .registry import DATASETS, LIKELIHOODS, MODELS, NETWORKS, PRIORS, SCHEDULES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,6 +29,9 @@ else:  # pragma: no cover
 FORMAT = "aevb-run"
 BINARIZE_MODES = ("none", "threshold", "dynamic")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+CORRUPTIONS = ("gaussian", "masking", "salt-and-pepper")
+SPARSITY_PENALTIES = ("l1", "kl")
+JACOBIAN_MODES = ("auto", "exact", "projections")
 
 
 def _opt(default: Any, help: str, *, group: str, choices: Any = None, short: str | None = None,
@@ -58,6 +61,21 @@ class RunConfig:
     likelihood_scale: float | None = _opt(None, "fixed σ of gaussian / scale of laplace, or initial value of the learned ones (default 1)", group="model", metavar="S")
     beta: float = _opt(1.0, "weight of the KL term in the training loss (β-VAE); the reported ELBO always uses 1", group="model")
     beta_warmup: int = _opt(0, "steps over which β rises linearly from 0 to --beta (0: constant)", group="model", metavar="STEPS")
+    beta_schedule: str = _opt("linear", "KL weight schedule: constant, linear (over --beta-warmup steps; constant while that is 0) or cyclical (Fu et al. 2019: --beta-cycles ramps from 0 to --beta, each over --beta-ratio of its cycle)", group="model", choices=SCHEDULES)
+    beta_cycles: int = _opt(4, "cycles of the cyclical β schedule over the run", group="model", metavar="M")
+    beta_ratio: float = _opt(0.5, "fraction of each cycle over which the cyclical β rises (then stays at --beta)", group="model", metavar="R")
+    free_bits: float = _opt(0.0, "free bits λ (Kingma et al. 2016): the training loss uses Σ_d max(λ, batch-mean KL_d) per latent dimension d, in nats (0: off); VAE with a factorising prior", group="model", metavar="NATS")
+    prior: str = _opt("standard", "prior p(z): standard normal, a learned mixture of Gaussians (mog) or the VampPrior (vamp)", group="model", choices=PRIORS)
+    prior_components: int | None = _opt(None, "components K of the mog prior (default 10) or pseudo-inputs of the vamp prior (default 100)", group="model", metavar="K")
+    stochastic_layers: int = _opt(2, "hvae: stochastic layers, each of --latent-dim dimensions", group="model", metavar="L")
+    corruption: str = _opt("gaussian", "dae: corruption of the input: gaussian (additive noise of σ = level), masking (each value zeroed with probability level) or salt-and-pepper (each value set to 0 or 1 with probability level)", group="model", choices=CORRUPTIONS)
+    noise_level: float = _opt(0.3, "dae: corruption level (σ or probability)", group="model", metavar="LEVEL")
+    sparsity: str = _opt("l1", "sparse-ae: penalty on the code: l1 (Σ|z_d|) or kl (Σ_d KL(ρ ‖ ρ̂_d) with ρ̂_d the batch-mean sigmoid activation)", group="model", choices=SPARSITY_PENALTIES)
+    sparsity_weight: float = _opt(0.1, "sparse-ae: weight of the sparsity penalty", group="model", metavar="W")
+    sparsity_target: float = _opt(0.05, "sparse-ae: target mean activation ρ of the kl penalty", group="model", metavar="RHO")
+    contractive_weight: float = _opt(0.1, "cae: weight of the penalty ‖∂f/∂x‖²_F", group="model", metavar="W")
+    jacobian: str = _opt("auto", "cae: Jacobian norm exactly (one backward pass per code dimension), by random projections, or auto (exact up to 16 code dimensions)", group="model", choices=JACOBIAN_MODES)
+    jacobian_projections: int = _opt(1, "cae: random projections per example for --jacobian projections", group="model", metavar="N")
     mc_samples: int = _opt(1, "Monte Carlo samples of z per example in the VAE loss", group="model", metavar="L")
     k: int = _opt(5, "importance samples of the IWAE bound", group="model")
     # -- training -----------------------------------------------------------
@@ -82,10 +100,8 @@ class RunConfig:
                                       likelihood=self.likelihood, hidden=self.hidden)
         if self.likelihood_scale is not None:
             kwargs["likelihood_args"] = {"scale": self.likelihood_scale}
-        if self.model == "vae":
-            kwargs.update(beta=self.beta, mc_samples=self.mc_samples)
-        elif self.model == "iwae":
-            kwargs.update(k=self.k)
+        # each model says which run options it takes (imports torch: called by training only)
+        kwargs.update(MODELS.get(self.model).run_kwargs(self))
         return kwargs
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,8 +125,18 @@ class RunConfig:
             raise UserError(f"--hidden sizes must be positive, got {self.hidden}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise UserError(f"--adam-betas takes two numbers in [0, 1), got {self.adam_betas}")
-        if self.model == "ae" and self.beta_warmup:
-            raise UserError("--beta-warmup needs a model with a KL term; the deterministic autoencoder has none")
+        if self.beta_schedule == "constant" and self.beta_warmup:
+            raise UserError("--beta-warmup sets the linear schedule; drop it or use --beta-schedule linear")
+        if self.beta_cycles < 1 or not 0 < self.beta_ratio <= 1:
+            raise UserError(f"need --beta-cycles ≥ 1 and 0 < --beta-ratio ≤ 1, got {self.beta_cycles} and {self.beta_ratio}")
+        if self.free_bits < 0 or self.noise_level < 0 or self.sparsity_weight < 0 or self.contractive_weight < 0:
+            raise UserError("--free-bits, --noise-level, --sparsity-weight and --contractive-weight must be ≥ 0")
+        if not 0 < self.sparsity_target < 1:
+            raise UserError(f"--sparsity-target must be in (0, 1), got {self.sparsity_target}")
+        if self.corruption != "gaussian" and self.noise_level > 1:
+            raise UserError(f"--noise-level is a probability for --corruption {self.corruption}, got {self.noise_level}")
+        if self.jacobian_projections < 1 or (self.prior_components is not None and self.prior_components < 1):
+            raise UserError("--jacobian-projections and --prior-components must be at least 1")
         return self
 
 

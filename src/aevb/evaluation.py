@@ -31,15 +31,21 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 
 @torch.no_grad()
 def posterior_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000) -> dict[str, torch.Tensor]:
-    """Posterior means [N, D], standard deviations [N, D] and per-dimension KL [N, D] over x."""
+    """Posterior means [N, D], standard deviations [N, D] and per-dimension KL [N, D] over x.
+
+    The KL per dimension exists only where the prior factorises over
+    dimensions (the standard normal); for the mixture priors it is None.
+    """
     device = next(model.parameters()).device
     means, stds, kls = [], [], []
-    prior = model.prior()
+    per_dimension = (model.posterior.has_density and model.prior_module.factorises
+                     and not hasattr(model, "layer_statistics"))  # hierarchical: z_1's prior is p(z_1|z_2)
+    prior = model.prior() if per_dimension else None
     for start in range(0, x.shape[0], batch_size):
         posterior = model.encode(x[start:start + batch_size].to(device))
         means.append(posterior.mean.float())
         stds.append(posterior.stddev.float())
-        if model.posterior.has_density:
+        if per_dimension:
             # KL of a diagonal Gaussian to N(0, I) factorises over dimensions
             kls.append(torch.distributions.kl_divergence(posterior.base_dist, prior.base_dist).float())
     return {
@@ -218,7 +224,9 @@ def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_siz
             "nll": nll,
             "elbo_gap": (rec + kl) - nll,
             "bits_per_dim": bits_per_dim(nll, model, x, levels),
-            "kl_per_dim": stats["kl"].mean(0).tolist(),
+            # a mixture prior does not factorise over dimensions: no per-dimension KL then
+            "kl_per_dim": stats["kl"].mean(0).tolist() if stats["kl"] is not None else None,
+            "prior": model.config.get("prior", "standard"),
         })
         metrics["active_units"] = int(active.sum())
         metrics["latent_dim"] = model.latent_dim
@@ -228,6 +236,9 @@ def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_siz
         metrics["active_units"] = int(active.sum())
         metrics["latent_dim"] = model.latent_dim
     metrics["posterior_mean_variance_per_dim"] = stats["mean"].var(0, unbiased=True).tolist()
+    metrics.update(model.code_statistics(stats["mean"]))
+    if hasattr(model, "layer_statistics"):  # hierarchical models: KL and active units of every layer
+        metrics.update(model.layer_statistics(x))
 
     if labels is not None:
         per_class = {"reconstruction_nll": per_example["reconstruction_nll"],

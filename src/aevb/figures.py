@@ -167,22 +167,26 @@ def prior_samples(model, path: str | Path, n: int = 64, temperatures: tuple[floa
     """Means of p(x|z) for z = T·ε, ε ~ N(0, I), side by side for each temperature T.
 
     The same ε (seeded) is used for every T, so the panels show the same
-    draws pulled towards the origin.  Returns ``z`` [T, n, D] and ``images``
+    draws pulled towards the origin.  With a mixture prior (``--prior mog``
+    or ``vamp``) the same components and ε are drawn for every T and T
+    scales each component's noise.  Returns ``z`` [T, n, D] and ``images``
     [T, n, *data_shape].
     """
     _require_image_model(model, "prior_samples")
     device = _device(model)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    eps = torch.randn(n, model.latent_dim, generator=generator, device=device)  # [n, D]
+    standard = model.config.get("prior", "standard") == "standard"
     with _eval_mode(model):
-        z = torch.stack([eps * t for t in temperatures])  # [T, n, D]
+        draw = (lambda g, t: model.sample_layers(n, g, t)[0]) if hasattr(model, "sample_layers") else \
+            (lambda g, t: model.prior_module.sample(model, n, g, t))  # z_1 drawn ancestrally for a hierarchical VAE
+        z = torch.stack([draw(torch.Generator(device=device).manual_seed(seed), t) for t in temperatures])  # [T, n, D]
         images = model.decode(z).mean  # [T, n, *data_shape]
     side = max(1, math.ceil(math.sqrt(n)))
     fig = _figure(4.2 * len(temperatures), 4.6)
     for k, t in enumerate(temperatures):
         ax = fig.add_subplot(1, len(temperatures), k + 1)
         ax.imshow(image_grid(images[k], nrow=side), interpolation="nearest")
-        ax.set_title(f"temperature {t:g}: z ~ N(0, {t:g}² I)", fontsize=10)
+        ax.set_title(f"temperature {t:g}: z ~ N(0, {t:g}² I)" if standard else
+                     f"temperature {t:g}: z ~ {model.config['prior']} prior", fontsize=10)
         ax.axis("off")
     _save_figure(fig, path)
     return {"temperatures": list(temperatures), "z": z.cpu(), "images": images.cpu()}
@@ -431,6 +435,30 @@ def latent_scatter(model, x: torch.Tensor, path: str | Path, labels: torch.Tenso
                  f"dashed: the latent grid's range", fontsize=9)
     _save_figure(fig, path)
     return {"points": points, "origin": origin.cpu(), "axes": axes.cpu(), "image_indices": image_indices}
+
+
+# -- denoising -------------------------------------------------------------------
+
+
+def denoising(model, x: torch.Tensor, path: str | Path, seed: int = 0) -> dict:
+    """A denoising autoencoder at work: corrupted inputs x̃ (top row), the clean targets x
+    (middle) and the reconstructions from x̃ (bottom), for x [N, C, H, W].
+
+    The corruption is the model's own (``model.corrupt``), seeded.  Returns
+    ``noisy``, ``clean`` and ``reconstructions``, each [N, *data_shape].
+    """
+    _require_image_model(model, "denoising")
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    with _eval_mode(model):
+        noisy = model.corrupt(x, generator=generator)
+        recon = model.reconstruct(noisy)
+    tiles = torch.stack([noisy.clamp(0, 1), x, recon.to(x.dtype)]).float()  # [3, N, C, H, W]
+    label = getattr(model, "corruption", "corrupted")
+    level = getattr(model, "noise_level", None)
+    _tile_figure(tiles.cpu(), path, row_labels=[f"{label} {level:g}" if level is not None else label, "clean",
+                                                "reconstruction"],
+                 title="denoising: corrupted input, clean target, reconstruction of the corrupted input")
+    return {"noisy": noisy.cpu(), "clean": x.cpu(), "reconstructions": recon.cpu()}
 
 
 # -- one dimension at a time ---------------------------------------------------

@@ -7,7 +7,14 @@ differs from the others only in its training objective (:meth:`Model.loss`):
 * ``AE``   point-mass posterior, loss = −log p(x|z = f(x)) (no KL, no likelihood);
 * ``VAE``  Gaussian posterior, loss = −E_q[log p(x|z)] + β·KL, with L samples
   (β = 1 is Kingma & Welling 2014, β > 1 the β-VAE of Higgins et al. 2017);
-* ``IWAE`` Gaussian posterior, loss = −log (1/k) Σ w_i (Burda et al. 2016).
+* ``IWAE`` Gaussian posterior, loss = −log (1/k) Σ w_i (Burda et al. 2016);
+* ``DenoisingAE``, ``SparseAE``, ``ContractiveAE``: the AE with a corrupted
+  input or a penalty on the code (:meth:`AE.corrupt`, :meth:`AE.penalties`);
+* ``HVAE`` (in :mod:`aevb.hierarchical`): L stochastic layers, top-down inference.
+
+Models with a KL take a registered prior (``prior="standard"|"mog"|"vamp"``,
+:mod:`aevb.priors`); each model lists in ``run_options`` the fields of
+:class:`aevb.config.RunConfig` its constructor takes.
 
 The data path itself lives in :mod:`aevb.objectives`.  Saved models are a
 folder with ``config.json`` (the constructor's arguments) and
@@ -18,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
@@ -27,9 +34,10 @@ from torch import nn
 from torch.distributions import Distribution
 
 from . import objectives
-from .distributions import standard_normal
+from .config import CORRUPTIONS, JACOBIAN_MODES, SPARSITY_PENALTIES
 from .errors import NoLikelihoodError, UserError
 from .io import write_json, write_safetensors
+from .priors import build_prior, per_dimension_kl
 from .registry import LIKELIHOODS, MODELS, NETWORKS, POSTERIORS
 
 FORMAT = "aevb-model"
@@ -44,6 +52,12 @@ class LossOutput:
     detached diagnostics: the reconstruction term −E_q[log p(x|z)], the KL
     term KL(q ‖ p) (0 for the AE), and the mean over batch and latent
     dimensions of the posterior mean μ and standard deviation σ.
+
+    ``extras`` holds a model's own detached scalar diagnostics, logged after
+    the fixed fields under their names: the KL with free bits as trained
+    (``kl_free_bits``), a penalty before its weight (``sparsity``,
+    ``contractive``), the KL of each layer of a hierarchical VAE.  A model
+    returns the same keys at every step.
     """
 
     loss: torch.Tensor
@@ -51,11 +65,16 @@ class LossOutput:
     kl: torch.Tensor
     mu: torch.Tensor
     sigma: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def as_tensor(self) -> torch.Tensor:
-        """[5] float32: loss, reconstruction, kl, mu, sigma (one copy, no host sync)."""
+        """[5 + extras] float32: loss, reconstruction, kl, mu, sigma, *extras (one copy, no host sync)."""
         return torch.stack([self.loss.detach().float(), self.reconstruction.float(), self.kl.float(),
-                            self.mu.float(), self.sigma.float()])
+                            self.mu.float(), self.sigma.float(), *(v.float() for v in self.extras.values())])
+
+    def names(self) -> tuple[str, ...]:
+        """The names of :meth:`as_tensor`'s entries."""
+        return (*self.FIELDS, *self.extras)
 
     FIELDS: ClassVar[tuple[str, ...]] = ("loss", "reconstruction", "kl", "mu", "sigma")
 
@@ -74,6 +93,14 @@ class Model(nn.Module):
 
     posterior_family: ClassVar[str] = "gaussian"
     name: ClassVar[str]
+    has_kl: ClassVar[bool] = True  # a KL term that β, its schedules and free bits weigh
+    # the fields of aevb.config.RunConfig this model's constructor takes (same names)
+    run_options: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def run_kwargs(cls, config) -> dict[str, Any]:
+        """Constructor arguments taken from a :class:`aevb.config.RunConfig`."""
+        return {name: getattr(config, name) for name in cls.run_options}
 
     def __init__(self, data_shape: Sequence[int], latent_dim: int = 20, arch: str = "mlp",
                  likelihood: str = "bernoulli", hidden: Sequence[int] | None = None,
@@ -103,6 +130,12 @@ class Model(nn.Module):
             "hidden": list(hidden) if hidden else None,
             "likelihood_args": {**self.likelihood.extra_config(), **(likelihood_args or {})},
         }
+        self.prior_module = build_prior("standard", self.latent_dim, self.data_shape)
+
+    def _set_prior(self, prior: str, prior_args: dict[str, Any] | None) -> None:
+        """Use the registered prior ``prior`` and store it in the config (models with a KL)."""
+        self.prior_module = build_prior(prior, self.latent_dim, self.data_shape, prior_args)
+        self.config.update(prior=prior, prior_args={**self.prior_module.extra_config(), **(prior_args or {})})
 
     # -- the three distributions -------------------------------------------
 
@@ -119,8 +152,8 @@ class Model(nn.Module):
             )
 
     def prior(self) -> Distribution:
-        """p(z) = N(0, I), event shape [D], on the model's device (float32)."""
-        return standard_normal(self.latent_dim, next(self.parameters()).new_zeros((), dtype=torch.float32))
+        """p(z), event shape [D], on the model's device (N(0, I) in float32 unless ``prior`` says otherwise)."""
+        return self.prior_module(self)
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z|x) for x [B, *data_shape]: batch shape [B], event shape [D], at least float32."""
@@ -157,10 +190,14 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
-        """[n, *data_shape]: means of p(x|z) for z ~ N(0, temperature² I)."""
-        device = next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device) * temperature
+        """[n, *data_shape]: means of p(x|z) for z ~ p(z) (for N(0, I): z ~ N(0, temperature² I);
+        for mixtures the temperature scales each component's noise)."""
+        z = self.prior_module.sample(self, n, generator, temperature)  # [n, D]
         return self.decode(z).mean
+
+    def code_statistics(self, codes: torch.Tensor) -> dict[str, float]:
+        """Model-specific numbers about the codes E_q[z|x] [N, D] of a test set (for ``evaluate``)."""
+        return {}
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,16 +232,40 @@ class AE(Model):
 
     name = "ae"
     posterior_family = "point-mass"
+    has_kl = False
+    needs_input_grad: ClassVar[bool] = False  # the penalty differentiates the code with respect to x
 
     def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
-        posterior = self.encode(x)
-        reconstruction = -self.decode(posterior.mean).log_prob(x.to(posterior.mean.dtype)).mean()
+        """−log p(x | z = f(corrupt(x))) + Σ weight·penalty, mean over the batch.
+
+        The variants below change only :meth:`corrupt` (the DAE) or
+        :meth:`penalties` (sparse and contractive AEs); the target is always the clean x.
+        """
+        inputs = self.corrupt(x)
+        if self.needs_input_grad:
+            inputs = inputs.to(self._dtype).detach().requires_grad_(True)
+        posterior = self.encode(inputs)
+        code = posterior.mean  # [B, D]
+        reconstruction = -self.decode(code).log_prob(x.to(code.dtype)).mean()
+        penalties = self.penalties(inputs, code)  # {name: (weight, [] value)}
+        loss = reconstruction
+        for weight, value in penalties.values():
+            loss = loss + weight * value
         mu, sigma = _posterior_stats(posterior)
-        return LossOutput(reconstruction, reconstruction.detach(), torch.zeros_like(reconstruction.detach()), mu, sigma)
+        return LossOutput(loss, reconstruction.detach(), torch.zeros_like(reconstruction.detach()), mu, sigma,
+                          {name: value.detach() for name, (_, value) in penalties.items()})
+
+    def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The encoder's input in training (the identity but for the denoising AE)."""
+        return x
+
+    def penalties(self, inputs: torch.Tensor, code: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
+        """Regularisers of the code as {name: (weight, scalar value)}; none for the plain AE."""
+        return {}
 
     def _no_likelihood(self, *args, **kwargs):
         raise NoLikelihoodError(
-            "a deterministic autoencoder (model 'ae') has a point-mass posterior and defines no "
+            f"a deterministic autoencoder (model {self.name!r}) has a point-mass posterior and defines no "
             "likelihood of x; train a VAE or IWAE (--model vae) for an ELBO or log-likelihood"
         )
 
@@ -212,24 +273,199 @@ class AE(Model):
     log_likelihood = _no_likelihood
 
 
-@MODELS.register("vae")
-class VAE(Model):
-    """Variational autoencoder; loss = mean over the batch of −E_q[log p(x|z)] + β·KL.
+@MODELS.register("dae")
+class DenoisingAE(AE):
+    """Denoising autoencoder (Vincent et al. 2008): −log p(x | z = f(x̃)), x̃ a corrupted x.
+
+    The encoder sees the corrupted input only in training (``loss``);
+    ``encode``/``reconstruct`` take what they are given.
 
     Args (besides :class:`Model`'s):
+        corruption: ``gaussian`` (x̃ = x + level·ε), ``masking`` (each value
+            set to 0 with probability level) or ``salt-and-pepper`` (each value
+            set to 0 or 1, equally likely, with probability level).
+        noise_level: σ of the Gaussian noise or the probability above.
+    """
+
+    name = "dae"
+    run_options = ("corruption", "noise_level")
+
+    def __init__(self, *args, corruption: str = "gaussian", noise_level: float = 0.3, **kwargs):
+        super().__init__(*args, **kwargs)
+        if corruption not in CORRUPTIONS:
+            raise UserError(f"unknown corruption {corruption!r}; choose one of: {', '.join(CORRUPTIONS)}")
+        if noise_level < 0 or (corruption != "gaussian" and noise_level > 1):
+            raise UserError(f"noise_level must be ≥ 0 (a probability for {corruption}), got {noise_level}")
+        self.corruption, self.noise_level = corruption, float(noise_level)
+        self.config.update(corruption=corruption, noise_level=self.noise_level)
+
+    def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x̃ [B, *data_shape], a corrupted copy of x (seeded by ``generator`` if given)."""
+        def uniform():
+            return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+        if self.corruption == "gaussian":
+            return x + self.noise_level * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if self.corruption == "masking":
+            return torch.where(uniform() < self.noise_level, torch.zeros_like(x), x)
+        hit, salt = uniform() < self.noise_level, uniform() < 0.5
+        return torch.where(hit, salt.to(x.dtype), x)
+
+
+@MODELS.register("sparse-ae")
+class SparseAE(AE):
+    """Sparse autoencoder: −log p(x|z = f(x)) + weight · penalty(z).
+
+    Args (besides :class:`Model`'s):
+        sparsity: ``l1``: mean over the batch of Σ_d |z_d|; ``kl``: the classic
+            sparse autoencoder's Σ_d KL(Bernoulli(ρ) ‖ Bernoulli(ρ̂_d)), where
+            ρ̂_d is the batch mean of the sigmoid activation σ(z_d) (Ng's notes).
+        sparsity_weight: weight of the penalty.
+        sparsity_target: ρ, the target mean activation of the ``kl`` penalty.
+    """
+
+    name = "sparse-ae"
+    run_options = ("sparsity", "sparsity_weight", "sparsity_target")
+
+    def __init__(self, *args, sparsity: str = "l1", sparsity_weight: float = 0.1, sparsity_target: float = 0.05,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        if sparsity not in SPARSITY_PENALTIES:
+            raise UserError(f"unknown sparsity penalty {sparsity!r}; choose one of: {', '.join(SPARSITY_PENALTIES)}")
+        if sparsity_weight < 0 or not 0 < sparsity_target < 1:
+            raise UserError(f"need sparsity_weight ≥ 0 and 0 < sparsity_target < 1, got {sparsity_weight}, "
+                            f"{sparsity_target}")
+        self.sparsity, self.sparsity_weight, self.sparsity_target = sparsity, float(sparsity_weight), float(sparsity_target)
+        self.config.update(sparsity=sparsity, sparsity_weight=self.sparsity_weight,
+                           sparsity_target=self.sparsity_target)
+
+    def sparsity_penalty(self, code: torch.Tensor) -> torch.Tensor:
+        """The unweighted penalty of codes [B, D], a scalar."""
+        if self.sparsity == "l1":
+            return code.abs().sum(-1).mean()
+        rho, rho_hat = self.sparsity_target, torch.sigmoid(code).mean(0).clamp(1e-6, 1 - 1e-6)  # [D]
+        return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+
+    def penalties(self, inputs, code):
+        return {"sparsity": (self.sparsity_weight, self.sparsity_penalty(code))}
+
+    def code_statistics(self, codes: torch.Tensor) -> dict[str, float]:
+        """``code_l1`` (mean Σ_d |z_d|), ``code_near_zero_fraction`` (|z_d| < 0.01) and
+        ``code_mean_activation`` (mean σ(z_d), what the kl penalty pulls towards ρ)."""
+        return {"code_l1": codes.abs().sum(-1).mean().item(),
+                "code_near_zero_fraction": (codes.abs() < 0.01).float().mean().item(),
+                "code_mean_activation": torch.sigmoid(codes).mean().item(),
+                "sparsity_penalty": self.sparsity_penalty(codes).item()}
+
+
+@MODELS.register("cae")
+class ContractiveAE(AE):
+    """Contractive autoencoder (Rifai et al. 2011): −log p(x|z = f(x)) + weight · ‖∂f/∂x‖²_F.
+
+    The squared Frobenius norm of the encoder's Jacobian J [D, n] at each
+    example, averaged over the batch, is computed
+
+    * exactly: Σ_d ‖∂f_d/∂x‖², one backward pass per code dimension (the
+      examples are independent, so one pass gives the rows of every example);
+    * by random projections: E_v ‖vᵀJ‖² = tr(J Jᵀ) = ‖J‖²_F for v ~ N(0, I_D),
+      one backward pass per projection (unbiased; Hutchinson's estimator);
+    * ``auto``: exactly up to 16 code dimensions, else by one projection.
+
+    Both keep the graph (``create_graph``) so the penalty is trained.
+    """
+
+    name = "cae"
+    run_options = ("contractive_weight", "jacobian", "jacobian_projections")
+    needs_input_grad = True
+    EXACT_UP_TO = 16
+
+    def __init__(self, *args, contractive_weight: float = 0.1, jacobian: str = "auto", jacobian_projections: int = 1,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        if jacobian not in JACOBIAN_MODES:
+            raise UserError(f"unknown jacobian mode {jacobian!r}; choose one of: {', '.join(JACOBIAN_MODES)}")
+        if contractive_weight < 0 or jacobian_projections < 1:
+            raise UserError(f"need contractive_weight ≥ 0 and jacobian_projections ≥ 1, got {contractive_weight}, "
+                            f"{jacobian_projections}")
+        self.contractive_weight, self.jacobian = float(contractive_weight), jacobian
+        self.jacobian_projections = int(jacobian_projections)
+        self.config.update(contractive_weight=self.contractive_weight, jacobian=jacobian,
+                           jacobian_projections=self.jacobian_projections)
+
+    def jacobian_norm(self, inputs: torch.Tensor, code: torch.Tensor, exact: bool | None = None) -> torch.Tensor:
+        """Mean over the batch of ‖∂code/∂inputs‖²_F, a scalar; ``inputs`` must require grad."""
+        if exact is None:
+            exact = self.jacobian == "exact" or (self.jacobian == "auto" and code.shape[-1] <= self.EXACT_UP_TO)
+        if exact:
+            directions = [torch.nn.functional.one_hot(torch.tensor(d), code.shape[-1]).to(code).expand_as(code)
+                          for d in range(code.shape[-1])]
+        else:
+            directions = [torch.randn_like(code) for _ in range(self.jacobian_projections)]
+        total = code.new_zeros(())
+        for v in directions:  # each [B, D]
+            (vjp,) = torch.autograd.grad(code, inputs, grad_outputs=v, create_graph=True)  # [B, *data_shape]
+            total = total + vjp.pow(2).flatten(1).sum(1).mean()
+        return total if exact else total / len(directions)
+
+    def penalties(self, inputs, code):
+        return {"contractive": (self.contractive_weight, self.jacobian_norm(inputs, code))}
+
+
+class LatentVariableModel(Model):
+    """A model with a Gaussian posterior and a KL to a registered prior.
+
+    Args (besides :class:`Model`'s):
+        prior: a name in ``aevb.registry.PRIORS`` (standard, mog, vamp).
+        prior_args: its arguments (``{"components": 10}``).
+    """
+
+    run_options = ("prior",)
+
+    def __init__(self, *args, prior: str = "standard", prior_args: dict[str, Any] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_prior(prior, prior_args)
+
+    @classmethod
+    def run_kwargs(cls, config) -> dict[str, Any]:
+        kwargs = super().run_kwargs(config)
+        if config.prior_components is not None:
+            if config.prior == "standard":
+                raise UserError("--prior-components needs a mixture prior (--prior mog or vamp)")
+            kwargs["prior_args"] = {"components": config.prior_components}
+        return kwargs
+
+
+@MODELS.register("vae")
+class VAE(LatentVariableModel):
+    """Variational autoencoder; loss = mean over the batch of −E_q[log p(x|z)] + β·KL.
+
+    Args (besides :class:`LatentVariableModel`'s):
         beta: weight of the KL term in the training loss only (``elbo`` always uses 1).
         mc_samples: L reparameterised samples averaged per example (SGVB).
+        free_bits: λ ≥ 0 in nats.  The training loss uses Σ_d max(λ, KL_d), where
+            KL_d = KL(q(z_d|x) ‖ p(z_d)) is averaged over the batch *before* the
+            floor, one group per latent dimension (Kingma et al. 2016, §C.8).
+            Needs a factorising prior (the standard normal); the logged ``kl``
+            stays the true KL, the floored one is logged as ``kl_free_bits``.
     """
 
     name = "vae"
+    run_options = ("beta", "mc_samples", "free_bits", "prior")
 
-    def __init__(self, *args, beta: float = 1.0, mc_samples: int = 1, **kwargs):
+    def __init__(self, *args, beta: float = 1.0, mc_samples: int = 1, free_bits: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        if beta < 0 or mc_samples < 1:
-            raise UserError(f"need beta ≥ 0 and mc_samples ≥ 1, got beta={beta}, mc_samples={mc_samples}")
+        if beta < 0 or mc_samples < 1 or free_bits < 0:
+            raise UserError(f"need beta ≥ 0, mc_samples ≥ 1 and free_bits ≥ 0, got beta={beta}, "
+                            f"mc_samples={mc_samples}, free_bits={free_bits}")
+        if free_bits and not self.prior_module.factorises:
+            raise UserError(f"free bits are a KL floor per latent dimension, which the {self.config['prior']!r} "
+                            f"prior does not have; use --prior standard with --free-bits")
         self.beta = float(beta)
         self.mc_samples = int(mc_samples)
+        self.free_bits = float(free_bits)
         self.config.update(beta=self.beta, mc_samples=self.mc_samples)
+        if self.free_bits:  # only then, so configs of models without free bits stay as they were
+            self.config.update(free_bits=self.free_bits)
 
     def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
         """``beta`` overrides the model's β for this call (KL warm-up schedules)."""
@@ -237,18 +473,25 @@ class VAE(Model):
         terms = objectives.elbo_terms(self, x, self.mc_samples)
         reconstruction, kl = terms.reconstruction.mean(), terms.kl.mean()
         mu, sigma = _posterior_stats(terms.posterior)
-        return LossOutput(reconstruction + beta * kl, reconstruction.detach(), kl.detach(), mu, sigma)
+        if not self.free_bits:
+            return LossOutput(reconstruction + beta * kl, reconstruction.detach(), kl.detach(), mu, sigma)
+        kl_floored = objectives.free_bits_kl(terms.posterior, self.prior(), self.free_bits)
+        return LossOutput(reconstruction + beta * kl_floored, reconstruction.detach(), kl.detach(), mu, sigma,
+                          {"kl_free_bits": kl_floored.detach()})
 
 
 @MODELS.register("iwae")
-class IWAE(Model):
+class IWAE(LatentVariableModel):
     """Importance-weighted autoencoder (Burda et al. 2016): loss = −log (1/k) Σ_i w_i.
 
     ``reconstruction`` and ``kl`` in its :class:`LossOutput` are the ELBO's
-    terms at the posterior mean, logged for comparison with the VAE.
+    terms at the posterior mean, logged for comparison with the VAE.  The
+    bound has no separate KL term, so β, its schedules and free bits do not
+    apply (the command line refuses them).
     """
 
     name = "iwae"
+    run_options = ("k", "prior")
 
     def __init__(self, *args, k: int = 5, **kwargs):
         super().__init__(*args, **kwargs)
@@ -263,7 +506,12 @@ class IWAE(Model):
         with torch.no_grad():
             z = posterior.mean
             reconstruction = -self.decode(z).log_prob(x).float().mean()
-            kl = objectives.kl_term(posterior, self.prior()).float().mean()
+            prior = self.prior()
+            try:
+                kl = objectives.kl_term(posterior, prior)
+            except NotImplementedError:  # no closed form (mixture priors): Monte Carlo
+                kl = objectives.kl_term(posterior, prior, posterior.sample((self.k,)))
+            kl = kl.float().mean()
         mu, sigma = _posterior_stats(posterior)
         return LossOutput(-bound.mean(), reconstruction, kl, mu, sigma)
 

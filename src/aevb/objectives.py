@@ -41,6 +41,7 @@ class ElboTerms:
     reconstruction: torch.Tensor
     kl: torch.Tensor
     posterior: Distribution
+    kl_layers: tuple[torch.Tensor, ...] | None = None  # [B] per stochastic layer (hierarchical models), top last
 
     @property
     def elbo(self) -> torch.Tensor:
@@ -57,11 +58,25 @@ def kl_term(posterior: Distribution, prior: Distribution, z: torch.Tensor | None
         return (posterior.log_prob(z) - prior.log_prob(z)).mean(0)
 
 
+def free_bits_kl(posterior: Distribution, prior: Distribution, free_bits: float) -> torch.Tensor:
+    """Σ_d max(λ, mean_B KL(q(z_d|x) ‖ p(z_d))), a scalar in nats (Kingma et al. 2016).
+
+    One group per latent dimension; the batch mean comes before the floor, so
+    a dimension is free to carry up to λ nats on average, not per example.
+    Needs a factorising prior and posterior (``Independent`` over [D]).
+    """
+    kl_per_dim = kl_divergence(posterior.base_dist, prior.base_dist)  # [B, D]
+    return at_least_float32(kl_per_dim).mean(0).clamp(min=free_bits).sum()
+
+
 def elbo_terms(model, x: torch.Tensor, n_samples: int = 1) -> ElboTerms:
     """Reconstruction and KL terms with ``n_samples`` reparameterised samples (SGVB).
 
     x: [B, *data_shape].  Gradients flow to encoder and decoder through rsample.
+    A model with more than one stochastic layer supplies its own ``elbo_terms``.
     """
+    if hasattr(model, "elbo_terms"):
+        return model.elbo_terms(x, n_samples)
     posterior = model.encode(x)  # q(z|x), batch [B]
     z = posterior.rsample((n_samples,))  # [L, B, D]
     likelihood = model.decode(z)  # p(x|z), batch [L, B]
@@ -79,8 +94,11 @@ def log_weights(model, x: torch.Tensor, n_samples: int, posterior: Distribution 
     """Importance log-weights log p(x|z) + log p(z) − log q(z|x), [n_samples, B], at least float32.
 
     z is drawn with ``rsample`` so the weights can be differentiated (IWAE).
-    Pass ``posterior`` to reuse an encoder pass across chunks.
+    Pass ``posterior`` to reuse an encoder pass across chunks.  A model with
+    more than one stochastic layer supplies its own ``log_weights`` (over all layers).
     """
+    if hasattr(model, "log_weights"):
+        return model.log_weights(x, n_samples)
     if posterior is None:
         posterior = model.encode(x)
     z = posterior.rsample((n_samples,))  # [S, B, D]

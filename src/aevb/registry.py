@@ -23,9 +23,10 @@ from .errors import UserError
 
 
 class Registry:
-    def __init__(self, kind: str, module: str, variable: str):
+    def __init__(self, kind: str, module: str | tuple[str, ...], variable: str):
         self.kind = kind  # what an entry is, for messages: "likelihood"
-        self.module = module  # where entries are defined: "aevb.distributions"
+        # where entries are defined: "aevb.distributions", or several modules in order
+        self.modules = (module,) if isinstance(module, str) else tuple(module)
         self.variable = variable  # the registry's name in that module: "LIKELIHOODS"
         self._entries: dict[str, Any] = {}
 
@@ -39,7 +40,8 @@ class Registry:
         return decorator
 
     def _load(self) -> None:
-        importlib.import_module(self.module)
+        for module in self.modules:
+            importlib.import_module(module)
 
     def get(self, name: str) -> Any:
         self._load()
@@ -62,13 +64,20 @@ class Registry:
 
     def names(self) -> list[str]:
         """Registered names, in definition order, without importing torch if avoidable."""
-        if self.module in sys.modules:
+        if all(module in sys.modules for module in self.modules):
             return list(self._entries)
-        spec = importlib.util.find_spec(self.module)
-        if spec is None or spec.origin is None:
-            self._load()
-            return list(self._entries)
-        with open(spec.origin, encoding="utf-8") as f:
+        names = []
+        for module in self.modules:
+            spec = importlib.util.find_spec(module)
+            if spec is None or spec.origin is None:
+                self._load()
+                return list(self._entries)
+            names += self._scan(spec.origin)
+        return names
+
+    def _scan(self, origin: str) -> list[str]:
+        """The names registered by decorator calls in one source file, in line order."""
+        with open(origin, encoding="utf-8") as f:
             tree = ast.parse(f.read())
         found = []  # (line, name): ast.walk is breadth-first, so sort by line
         for node in ast.walk(tree):
@@ -89,5 +98,7 @@ class Registry:
 LIKELIHOODS = Registry("likelihood", "aevb.distributions", "LIKELIHOODS")
 POSTERIORS = Registry("posterior", "aevb.distributions", "POSTERIORS")
 NETWORKS = Registry("network", "aevb.networks", "NETWORKS")
-MODELS = Registry("model", "aevb.models", "MODELS")
+MODELS = Registry("model", ("aevb.models", "aevb.hierarchical"), "MODELS")
 DATASETS = Registry("data set", "aevb.data", "DATASETS")
+SCHEDULES = Registry("beta schedule", "aevb.schedules", "SCHEDULES")
+PRIORS = Registry("prior", "aevb.priors", "PRIORS")

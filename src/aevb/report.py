@@ -44,6 +44,9 @@ FIGURES: list[tuple[str, str, str]] = [
     ("latent-traversal.png", "Latent traversals",
      "One latent dimension changed at a time from −3 to 3, the others at the posterior mean of one test "
      "image; rows are the dimensions with the largest KL (the ones the model uses)."),
+    ("denoising.png", "Denoising",
+     "Held-out images corrupted as in training (top row), the clean images the loss compares with "
+     "(middle row) and the reconstructions of the corrupted inputs (bottom row)."),
     ("likelihood-choice.png", "Choice of likelihood",
      "Left: negative log-likelihood per dimension of this model's residuals against the scale, computed "
      "with the library's Gaussian and Laplace likelihoods (minimum at σ = √MSE and b = mean |r|). "
@@ -77,7 +80,11 @@ def plan_figures(model, run_dir: str | Path) -> Plan:
         skipped["training-curves.png"] = "the run has no metrics.jsonl"
     if not likelihood.startswith(("gaussian", "laplace")):
         skipped["likelihood-choice.png"] = f"drawn for Gaussian and Laplace likelihoods, not {likelihood}"
-    return Plan([n for n in FIGURE_NAMES if n not in skipped], skipped)
+    if not images and hasattr(model, "corruption"):
+        skipped["denoising.png"] = f"the data are rows of {model.data_shape[0]} numbers, not images"
+    # figures of one kind of model are left out of the others without a word
+    foreign = set() if hasattr(model, "corruption") else {"denoising.png"}
+    return Plan([n for n in FIGURE_NAMES if n not in skipped and n not in foreign], skipped)
 
 
 def explore_run(run_dir: str | Path, *, grid_range: float | None = None, directions: str = "auto",
@@ -143,6 +150,8 @@ def explore_run(run_dir: str | Path, *, grid_range: float | None = None, directi
             with torch.no_grad():
                 base = model.encode(holdout[:1]).mean[0]  # [D]: the first held-out image's code
             figures.latent_traversal(model, x, out(name), top=top_dims, base=base)
+        elif name == "denoising.png":
+            figures.denoising(model, holdout, out(name), seed=seed)
         elif name == "likelihood-choice.png":
             figures.likelihood_choice(model, holdout, out(name))
     return written, plan.skipped

@@ -39,7 +39,9 @@ from .config import RunConfig, make_config
 from .errors import NonFiniteLossError, UserError
 from .figures import reconstruction_grid, sample_grid
 from .io import write_json, write_safetensors
-from .models import LossOutput, Model, build_model, load
+from .models import Model, build_model, load
+from .registry import MODELS
+from .schedules import make_schedule
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
 RUN_OUTPUTS = ("config.json", "metrics.jsonl", "eval.json", "report.html", "checkpoints", "model", "images", "tensorboard")
@@ -109,6 +111,35 @@ def _data_name(source: str) -> str:
     name = Path(source).name if ("/" in source or "." in source) else source
     name = re.sub(r"(\.gz|\.npy|\.npz|\.csv)$", "", name)
     return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "data"
+
+
+OBJECTIVE_OPTIONS = ("beta", "beta_warmup", "beta_schedule", "beta_cycles", "beta_ratio")
+
+
+def check_model_options(config: RunConfig) -> None:
+    """Refuse options that the chosen model would ignore (one line, before a run folder is made).
+
+    A model takes the :class:`RunConfig` fields in its ``run_options``; any
+    other model's option set away from its default, and the β schedule
+    options for a model without a β-weighted KL term, are user errors.
+    """
+    import dataclasses
+
+    cls = MODELS.get(config.model)
+    taken = set(cls.run_options)
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    others = {name for _, other in MODELS.items() for name in other.run_options} | set(OBJECTIVE_OPTIONS)
+    if "beta" in taken:
+        taken |= set(OBJECTIVE_OPTIONS)
+    if "prior" in taken:
+        taken.add("prior_components")
+    others.add("prior_components")
+    ignored = sorted(name for name in others - taken if getattr(config, name) != defaults[name])
+    if ignored:
+        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        raise UserError(f"{flags} {'does' if len(ignored) == 1 else 'do'} not apply to --model {config.model}; "
+                        f"drop {'it' if len(ignored) == 1 else 'them'} or choose a model that takes "
+                        f"{'it' if len(ignored) == 1 else 'them'}")
 
 
 def new_run_dir(config: RunConfig, force: bool = False) -> Path:
@@ -361,6 +392,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
         if not checkpoint.is_file():
             raise UserError(f"cannot resume {run_dir}: it has no checkpoint ({CHECKPOINT}); start a new run instead")
     else:
+        check_model_options(config)
         run_dir = new_run_dir(config, force)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -391,16 +423,14 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = config.steps or config.epochs * steps_per_epoch
     log = MetricsLog(run_dir, config, position.step if resume is not None else None)
-    buffer = torch.zeros(config.log_every, len(LossOutput.FIELDS), device=device)
+    buffer, names = None, ()  # [log_every, terms] on the device and the terms' names, from the first step
     filled, last_log_time, last_log_step = 0, time.perf_counter(), position.step
     image_every = config.image_every
     # by default, reconstruction pictures at about ten epoch ends over the run
     picture_epochs = max(1, math.ceil(total_steps / steps_per_epoch) // 10)
 
-    def beta_at(step: int) -> float:
-        if config.beta_warmup:
-            return config.beta * min(1.0, step / config.beta_warmup)
-        return config.beta
+    beta_at = make_schedule(config.beta_schedule, beta=config.beta, warmup=config.beta_warmup,
+                            cycles=config.beta_cycles, ratio=config.beta_ratio, total_steps=total_steps)
 
     def flush_log() -> None:
         nonlocal filled, last_log_time, last_log_step
@@ -411,13 +441,13 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
         if not finite.all():
             bad = int((~finite).nonzero()[0])
             step = position.step - filled + bad + 1
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(LossOutput.FIELDS, values[bad].tolist()))
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, values[bad].tolist()))
             raise NonFiniteLossError(f"non-finite loss at step {step} ({terms}); stopped, {kept_message()}. "
                                      f"{NONFINITE_ADVICE}")
         now = time.perf_counter()
         # "beta" is the β the last logged step trained with (step s uses beta_at(s - 1))
         record = {"step": position.step, "epoch": position.epoch + position.batch / steps_per_epoch,
-                  **dict(zip(LossOutput.FIELDS, values.mean(0).tolist())), "beta": beta_at(position.step - 1),
+                  **dict(zip(names, values.mean(0).tolist())), "beta": beta_at(position.step - 1),
                   "images_per_s": (position.step - last_log_step) * config.batch_size / max(now - last_log_time, 1e-9)}
         log.write(record)
         if bar is not None:
@@ -456,7 +486,10 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
                     if config.grad_clip:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                     optimizer.step()
-                    buffer[filled] = out.as_tensor()
+                    row = out.as_tensor()
+                    if buffer is None:
+                        buffer, names = row.new_zeros(config.log_every, row.numel()), out.names()
+                    buffer[filled] = row
                     filled += 1
                     position.step += 1
                     position.batch += 1

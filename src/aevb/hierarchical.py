@@ -1,0 +1,185 @@
+"""A hierarchical VAE with L stochastic layers, top-down inference sharing the generative path.
+
+In the spirit of the ladder VAE (Sønderby et al. 2016) and NVAE (Vahdat &
+Kautz 2020):
+
+    generative   p(z_L) p(z_{L-1} | z_L) … p(z_1 | z_2) p(x | z_1),  p(z_L) = N(0, I)
+    inference    bottom-up   d_1 = encoder(x),  d_{l+1} = up_l(d_l)          (deterministic)
+                 top-down    q(z_L | x) = N(d_L)
+                             q(z_l | z_{l+1}, x) = N(μ_p + Δμ_l, σ_p · exp Δlog σ_l),
+                             (μ_p, log σ_p) = down_l(z_{l+1}) the prior's own parameters,
+                             (Δμ_l, Δlog σ_l) = d_l
+
+so the posterior of each layer is a correction of that layer's prior, and
+the top-down networks serve both.  All layers have ``latent_dim`` dimensions;
+the decoder (the model's network body) sees z_1.
+
+The ELBO has one KL term per layer, KL(q(z_l|·) ‖ p(z_l|z_{l+1})), each in
+closed form given the sampled z_{l+1}; ``log_likelihood`` importance-samples
+all layers at once (weights p(x|z_1) Π p(z_l|z_{l+1}) / Π q(z_l|·)).
+``encode(x)`` returns q(z_1 | x) along the posterior-mean path (z_{l>1} at
+their means): what embeddings, reconstructions and figures use.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
+
+from .errors import UserError
+from .models import LatentVariableModel, LossOutput, _posterior_stats
+from .networks import _mlp
+from .objectives import ElboTerms, at_least_float32
+from .registry import MODELS
+
+
+def _normal(params: torch.Tensor) -> Distribution:
+    loc, log_scale = params.chunk(2, dim=-1)  # each [*, D]
+    return Independent(Normal(loc, log_scale.exp(), validate_args=False), 1)
+
+
+@MODELS.register("hvae")
+class HVAE(LatentVariableModel):
+    """Hierarchical VAE; loss = −E_q[log p(x|z_1)] + β · Σ_l KL_l.
+
+    Args (besides :class:`aevb.models.Model`'s):
+        stochastic_layers: L ≥ 2 layers of ``latent_dim`` dimensions each.
+        beta: weight of the KL terms in the training loss only.
+        ladder_hidden: width of the small MLPs between layers (default 2·latent_dim, at least 64).
+    """
+
+    name = "hvae"
+    run_options = ("beta", "stochastic_layers")
+
+    def __init__(self, *args, stochastic_layers: int = 2, beta: float = 1.0, ladder_hidden: int | None = None,
+                 prior: str = "standard", **kwargs):
+        if prior != "standard":
+            raise UserError("the hierarchical VAE's top layer has the standard normal prior; drop --prior")
+        super().__init__(*args, **kwargs)
+        if stochastic_layers < 2 or beta < 0:
+            raise UserError(f"the hierarchical VAE needs at least two stochastic layers and beta ≥ 0, "
+                            f"got {stochastic_layers} and {beta}")
+        self.layers, self.beta = int(stochastic_layers), float(beta)
+        width = int(ladder_hidden or max(64, 2 * self.latent_dim))
+        two_d = 2 * self.latent_dim
+        # up[l]: d_{l+1} from d_l; down[l]: p(z_{l+1} | z_{l+2}) parameters … indexed by the lower layer
+        self.up = nn.ModuleList(nn.Sequential(nn.ReLU(), *_mlp([two_d, width, two_d]))
+                                for _ in range(self.layers - 1))
+        self.down = nn.ModuleList(nn.Sequential(*_mlp([self.latent_dim, width, two_d]))
+                                  for _ in range(self.layers - 1))
+        self.config.update(stochastic_layers=self.layers, beta=self.beta, ladder_hidden=width)
+        del self.config["prior"], self.config["prior_args"]
+
+    @classmethod
+    def run_kwargs(cls, config) -> dict[str, Any]:
+        return {name: getattr(config, name) for name in cls.run_options}
+
+    # -- the two passes ----------------------------------------------------------
+
+    def _bottom_up(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[d_1, …, d_L], each [B, 2D]."""
+        self._check_input(x)
+        d = [at_least_float32(self.encoder(x.to(self._dtype)))]
+        for up in self.up:
+            d.append(at_least_float32(up(d[-1])))
+        return d
+
+    def _top_down(self, d: list[torch.Tensor], n_samples: int | None):
+        """Sample (or take means of) every layer from the top down.
+
+        Returns, from the top layer L down to 1, lists of z [S, B, D] (or [B, D]
+        with ``n_samples=None``: the means), q(z_l|·) and p(z_l|z_{l+1}).
+        """
+        q = _normal(d[-1])
+        p = Independent(Normal(torch.zeros_like(q.mean), torch.ones_like(q.mean), validate_args=False), 1)
+        zs, qs, ps = [], [], []
+        for level in range(self.layers - 1, -1, -1):  # L-1 … 0 (0-based)
+            if level < self.layers - 1:
+                prior_params = self.down[level](zs[-1].to(self._dtype)).float()  # [S, B, 2D]
+                p = _normal(prior_params)
+                q = _normal(prior_params + d[level])
+            z = q.mean if n_samples is None else (q.rsample((n_samples,)) if not zs else q.rsample())
+            zs.append(z), qs.append(q), ps.append(p)
+        return zs, qs, ps
+
+    # -- the model contract --------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> Distribution:
+        """q(z_1 | x, z_{>1} at their posterior means): batch [B], event [D]."""
+        _, qs, _ = self._top_down(self._bottom_up(x), None)
+        return qs[-1]
+
+    def layer_posteriors(self, x: torch.Tensor) -> list[Distribution]:
+        """q(z_l | ·) along the posterior-mean path, for l = 1 … L (bottom first)."""
+        _, qs, _ = self._top_down(self._bottom_up(x), None)
+        return qs[::-1]
+
+    def elbo_terms(self, x: torch.Tensor, n_samples: int = 1) -> ElboTerms:
+        zs, qs, ps = self._top_down(self._bottom_up(x), n_samples)
+        reconstruction = -self.decode(zs[-1]).log_prob(x.to(zs[-1].dtype)).mean(0)  # [B]
+        # the top layer's KL is over a [B] posterior; the others average over the S samples they depend on
+        kls = [kl_divergence(q, p) for q, p in zip(qs, ps)]  # top first: [B], then [S, B]
+        kls = [kl if kl.dim() == 1 else kl.mean(0) for kl in kls][::-1]  # bottom first, each [B]
+        return ElboTerms(reconstruction, torch.stack(kls).sum(0), qs[-1], tuple(kls))
+
+    def log_weights(self, x: torch.Tensor, n_samples: int) -> torch.Tensor:
+        """log p(x|z_1) + Σ_l log p(z_l|z_{l+1}) − Σ_l log q(z_l|·) over all layers, [S, B]."""
+        zs, qs, ps = self._top_down(self._bottom_up(x), n_samples)
+        log_w = self.decode(zs[-1]).log_prob(x.to(zs[-1].dtype)).float()
+        for z, q, p in zip(zs, qs, ps):
+            log_w = log_w + p.log_prob(z).float() - q.log_prob(z).float()
+        return log_w
+
+    def elbo(self, x: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
+        return self.elbo_terms(x, n_samples).elbo
+
+    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
+        beta = self.beta if beta is None else beta
+        terms = self.elbo_terms(x)
+        reconstruction, kl = terms.reconstruction.mean(), terms.kl.mean()
+        mu, sigma = _posterior_stats(terms.posterior)
+        extras = {f"kl_layer{l + 1}": k.mean().detach() for l, k in enumerate(terms.kl_layers)}
+        return LossOutput(reconstruction + beta * kl, reconstruction.detach(), kl.detach(), mu, sigma, extras)
+
+    @torch.no_grad()
+    def sample_layers(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0,
+                      fixed: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Ancestral samples [z_1, …, z_L], each [n, D]; ``fixed`` {layer (1-based): z [n, D]} holds layers."""
+        device = next(self.parameters()).device
+        fixed = fixed or {}
+        z = fixed.get(self.layers, torch.randn(n, self.latent_dim, generator=generator, device=device) * temperature)
+        zs = [z]
+        for level in range(self.layers - 2, -1, -1):
+            if level + 1 in fixed:
+                z = fixed[level + 1]
+            else:
+                p = _normal(self.down[level](z.to(self._dtype)).float())
+                eps = torch.randn(p.mean.shape, generator=generator, device=device)
+                z = p.mean + temperature * p.stddev * eps
+            zs.append(z)
+        return zs[::-1]
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """[n, *data_shape]: means of p(x|z_1) for z_1 drawn ancestrally from p(z_L) … p(z_1|z_2)."""
+        return self.decode(self.sample_layers(n, generator, temperature)[0]).mean
+
+    def layer_statistics(self, x: torch.Tensor, batch_size: int = 1000) -> dict[str, Any]:
+        """Per-layer KL and active units (variance of the posterior mean > 0.01) over x."""
+        kls = torch.zeros(self.layers, dtype=torch.float64)
+        means = [[] for _ in range(self.layers)]
+        device = next(self.parameters()).device
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start:start + batch_size].to(device)
+                terms = self.elbo_terms(xb)
+                kls += torch.stack([k.sum() for k in terms.kl_layers]).double().cpu()
+                for l, q in enumerate(self.layer_posteriors(xb)):
+                    means[l].append(q.mean.float().cpu())
+        variances = [torch.cat(m).var(0, unbiased=True) for m in means]
+        return {"kl_per_layer": (kls / x.shape[0]).tolist(),
+                "active_units_per_layer": [int((v > 0.01).sum()) for v in variances]}
