@@ -531,6 +531,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
                 if holdout is not None and not image_every and position.epoch % picture_epochs == 0:
                     reconstruction_grid(model, holdout, run_dir / "images" / f"reconstructions-epoch{position.epoch:03d}.png")
                 save_checkpoint()
+                last_log_time = time.perf_counter()  # images_per_s counts training steps, not epoch-end work
             flush_log()
             if position.batch:  # stopped mid-epoch by --steps
                 save_checkpoint()
