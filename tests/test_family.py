@@ -277,3 +277,23 @@ def test_three_layer_hvae_trains_from_the_command_line(tmp_path):
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert {"kl_layer1", "kl_layer2", "kl_layer3"} <= set(record)
     assert aevb.load(run / "model").layers == 3
+
+
+def test_hvae_layer_variation_holds_the_layers_above_and_decodes_what_it_shows(tmp_path):
+    from aevb import figures
+
+    torch.manual_seed(0)
+    model = aevb.HVAE(data_shape=(1, 8, 8), latent_dim=3, hidden=[16], stochastic_layers=3).eval()
+    rows, cols = 2, 4
+    out = figures.layer_variation(model, tmp_path / "layers.png", rows=rows, cols=cols)
+    assert (tmp_path / "layers.png").stat().st_size > 0
+    assert sorted(out["images"]) == [1, 2, 3]
+    for layer, zs in out["codes"].items():
+        # decoded images are exactly the decoder means of the bottom codes
+        expected = model.decode(zs[0]).mean.reshape(rows, cols, 1, 8, 8)
+        assert torch.allclose(out["images"][layer], expected, atol=1e-6)
+        varied = zs[layer - 1].reshape(rows, cols, -1)
+        assert not torch.allclose(varied[:, 0], varied[:, 1])  # the layer itself changes along a row
+        for upper in range(layer + 1, 4):
+            held = zs[upper - 1].reshape(rows, cols, -1)
+            assert torch.equal(held, held[:, :1].expand_as(held))  # layers above are held in each row

@@ -189,6 +189,10 @@ def format_metrics(metrics: dict) -> str:
         ("active units", metrics.get("active_units"), f"of {metrics.get('latent_dim')}"),
         ("mean posterior μ / σ", f"{metrics['posterior_mu']:.3f} / {metrics['posterior_sigma']:.3f}", ""),
     ]
+    # hierarchical models: one KL term and one active-unit count per stochastic layer
+    for layer, (kl, active) in enumerate(zip(metrics.get("kl_per_layer") or [],
+                                             metrics.get("active_units_per_layer") or []), start=1):
+        rows.append((f"  layer z{layer}: KL / active units", f"{kl:.3f} / {active}", "nats / units"))
     lines = []
     for name, value, unit in rows:
         if value is None or (name.startswith("negative log") and "nll" not in metrics):

@@ -461,6 +461,40 @@ def denoising(model, x: torch.Tensor, path: str | Path, seed: int = 0) -> dict:
     return {"noisy": noisy.cpu(), "clean": x.cpu(), "reconstructions": recon.cpu()}
 
 
+# -- what each layer of a hierarchical VAE encodes ------------------------------
+
+
+def layer_variation(model, path: str | Path, rows: int = 3, cols: int = 8, seed: int = 0) -> dict:
+    """For each stochastic layer ℓ of a hierarchical VAE (top first), vary z_ℓ and hold the rest.
+
+    Each row draws the layers above ℓ once from the prior and holds them; the
+    columns draw z_ℓ ~ p(z_ℓ | z_ℓ+1) afresh, and the layers below ℓ are set
+    to their conditional means, so a row changes only what layer ℓ encodes
+    (global content for the top layer, detail for the lower ones).
+    Returns ``images`` {layer: [rows, cols, *data_shape]} and the ``codes``
+    {layer: list of [rows·cols, D] per layer} that were decoded.
+    """
+    _require_image_model(model, "layer variation")
+    layers = model.layers
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    images, codes, tiles, labels = {}, {}, [], []
+    with _eval_mode(model), torch.no_grad():
+        for layer in range(layers, 0, -1):
+            base = model.sample_layers(rows, generator)  # [z_1 … z_L], each [rows, D]
+            held = {upper: base[upper - 1].repeat_interleave(cols, 0) for upper in range(layer + 1, layers + 1)}
+            varied = model.sample_layers(rows * cols, generator, fixed=held)
+            held.update({upper: varied[upper - 1] for upper in range(layer, layers + 1)})
+            zs = model.sample_layers(rows * cols, generator, temperature=0.0, fixed=held)  # lower layers at means
+            decoded = model.decode(zs[0]).mean.float().cpu().reshape(rows, cols, *model.data_shape)
+            images[layer], codes[layer] = decoded, [z.cpu() for z in zs]
+            tiles.append(decoded)
+            labels += [f"vary z{layer}" if r == 0 else "" for r in range(rows)]
+    _tile_figure(torch.cat(tiles), path, row_labels=labels,
+                 title="each row holds the layers above, columns resample one layer; layers below at their means")
+    return {"images": images, "codes": codes}
+
+
 # -- one dimension at a time ---------------------------------------------------
 
 

@@ -47,6 +47,9 @@ FIGURES: list[tuple[str, str, str]] = [
     ("denoising.png", "Denoising",
      "Held-out images corrupted as in training (top row), the clean images the loss compares with "
      "(middle row) and the reconstructions of the corrupted inputs (bottom row)."),
+    ("layer-variation.png", "What each layer encodes",
+     "Hierarchical VAE: for each stochastic layer (top first), each row holds the layers above it at one "
+     "prior draw and the columns resample that layer; the layers below sit at their conditional means."),
     ("likelihood-choice.png", "Choice of likelihood",
      "Left: negative log-likelihood per dimension of this model's residuals against the scale, computed "
      "with the library's Gaussian and Laplace likelihoods (minimum at σ = √MSE and b = mean |r|). "
@@ -84,6 +87,11 @@ def plan_figures(model, run_dir: str | Path) -> Plan:
         skipped["denoising.png"] = f"the data are rows of {model.data_shape[0]} numbers, not images"
     # figures of one kind of model are left out of the others without a word
     foreign = set() if hasattr(model, "corruption") else {"denoising.png"}
+    if hasattr(model, "sample_layers"):
+        if not images:
+            skipped["layer-variation.png"] = f"the data are rows of {model.data_shape[0]} numbers, not images"
+    else:
+        foreign.add("layer-variation.png")
     return Plan([n for n in FIGURE_NAMES if n not in skipped and n not in foreign], skipped)
 
 
@@ -152,6 +160,8 @@ def explore_run(run_dir: str | Path, *, grid_range: float | None = None, directi
             figures.latent_traversal(model, x, out(name), top=top_dims, base=base)
         elif name == "denoising.png":
             figures.denoising(model, holdout, out(name), seed=seed)
+        elif name == "layer-variation.png":
+            figures.layer_variation(model, out(name), seed=seed)
         elif name == "likelihood-choice.png":
             figures.likelihood_choice(model, holdout, out(name))
     return written, plan.skipped
