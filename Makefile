@@ -9,8 +9,8 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	# one resolver pass; --no-compile skips byte-compiling all of torch up front
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-compile $(TORCH) -e '.[test]'
 	touch $@
 
 demo: $(VENV)/.installed
