@@ -86,25 +86,28 @@ class ContinuousBernoulliLikelihood(Likelihood):
         return _independent(ContinuousBernoulli(logits=params, validate_args=False), event_dims)
 
 
-@LIKELIHOODS.register("gaussian")
-class GaussianLikelihood(Likelihood):
-    """Gaussian with a fixed σ.  σ = 1 gives ½·SSE + ½·n·log 2π: the MSE loss."""
+class _FixedScale(Likelihood):
+    """A location family (``family``: Normal or Laplace) with one fixed scale for all dimensions."""
+
+    family: type[Distribution]
 
     def __init__(self, scale: float = 1.0):
         super().__init__()
         if not scale > 0:
-            raise ValueError(f"gaussian scale must be positive, got {scale}")
+            raise ValueError(f"{type(self).__name__}: the scale must be positive, got {scale}")
         self.scale = float(scale)
 
     def extra_config(self) -> dict:
         return {"scale": self.scale}
 
     def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
-        return _independent(Normal(params, self.scale, validate_args=False), event_dims)
+        return _independent(self.family(params, self.scale, validate_args=False), event_dims)
 
 
 class _LearnedScale(Likelihood):
-    """One learned log-scale shared by all data dimensions, clamped to a floor."""
+    """A location family with one learned log-scale shared by all dimensions, clamped to a floor."""
+
+    family: type[Distribution]
 
     def __init__(self, scale: float = 1.0, floor: float = SCALE_FLOOR):
         super().__init__()
@@ -117,14 +120,23 @@ class _LearnedScale(Likelihood):
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(min=math.log(self.floor)).exp()
 
+    def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
+        scale = self.scale().to(params.dtype)
+        return _independent(self.family(params, scale, validate_args=False), event_dims)
+
+
+@LIKELIHOODS.register("gaussian")
+class GaussianLikelihood(_FixedScale):
+    """Gaussian with a fixed σ.  σ = 1 gives ½·SSE + ½·n·log 2π: the MSE loss."""
+
+    family = Normal
+
 
 @LIKELIHOODS.register("gaussian-learned")
 class LearnedGaussianLikelihood(_LearnedScale):
     """Gaussian with one learned σ for all pixels (log-parametrised, floored)."""
 
-    def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
-        scale = self.scale().to(params.dtype)
-        return _independent(Normal(params, scale, validate_args=False), event_dims)
+    family = Normal
 
 
 class OptimalScaleNormal(Normal):
@@ -216,29 +228,17 @@ class DiagonalGaussianLikelihood(Likelihood):
 
 
 @LIKELIHOODS.register("laplace")
-class LaplaceLikelihood(Likelihood):
+class LaplaceLikelihood(_FixedScale):
     """Laplace with a fixed scale b: −log p = L1/b + n·log 2b (the L1 loss)."""
 
-    def __init__(self, scale: float = 1.0):
-        super().__init__()
-        if not scale > 0:
-            raise ValueError(f"laplace scale must be positive, got {scale}")
-        self.scale = float(scale)
-
-    def extra_config(self) -> dict:
-        return {"scale": self.scale}
-
-    def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
-        return _independent(Laplace(params, self.scale, validate_args=False), event_dims)
+    family = Laplace
 
 
 @LIKELIHOODS.register("laplace-learned")
 class LearnedLaplaceLikelihood(_LearnedScale):
     """Laplace with one learned scale for all pixels (log-parametrised, floored)."""
 
-    def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
-        scale = self.scale().to(params.dtype)
-        return _independent(Laplace(params, scale, validate_args=False), event_dims)
+    family = Laplace
 
 
 # ---------------------------------------------------------------------------
