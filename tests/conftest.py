@@ -1,10 +1,14 @@
-"""Shared test helpers: where the real MNIST test set lives, and a marker to skip without it."""
+"""Shared test helpers: the real MNIST test set and a marker to skip without it, the CLI run
+in-process, and one torch thread for modules of small tensors."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
+
+from aevb.cli import main
 
 # The real MNIST test set (10,000 images, IDX as published), shipped beside the repository.
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -15,3 +19,22 @@ requires_mnist = pytest.mark.skipif(
     not (MNIST_IMAGES.is_file() and MNIST_LABELS.is_file()),
     reason=f"the MNIST test set is not in {MNIST_DIR}",
 )
+
+
+def aevb_cli(*args) -> int:
+    """Run ``aevb ARGS`` in this process; its exit status."""
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    raise AssertionError("aevb.cli.main returned without an exit status")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tensors are small: one intra-op thread is as fast on an idle machine and
+    avoids OpenMP spin-waiting (many times slower) on a busy one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

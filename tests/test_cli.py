@@ -24,9 +24,10 @@ import torch
 from safetensors.torch import load_file
 
 import aevb
-from aevb.cli import cli, main
+from aevb.cli import cli
 from aevb.errors import UserError
 from aevb.training import CHECKPOINT, read_checkpoint
+from conftest import aevb_cli
 
 SMALL = ("--latent-dim", "4", "--hidden", "32", "--device", "cpu", "-q")
 _SCRIPT = Path(sys.executable).with_name("aevb")
@@ -38,13 +39,6 @@ COMMANDS = list(cli.commands)
 # helpers
 
 
-def aevb_cli(*args) -> int:
-    """Run ``aevb ARGS`` in this process; its exit status."""
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        return e.code
-    raise AssertionError("aevb.cli.main returned without an exit status")
 
 
 def run_aevb(*args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -14,7 +14,8 @@ from aevb import objectives
 from aevb.errors import UserError
 from aevb.schedules import make_schedule
 
-from test_cli import aevb_cli, png_size
+from conftest import aevb_cli
+from test_cli import png_size
 
 SHAPE = (1, 8, 8)
 

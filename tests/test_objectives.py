@@ -20,14 +20,7 @@ MNIST_IMAGES = MNIST_DIR / "t10k-images-idx3-ubyte.gz"
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are small: one intra-op thread is as fast on an idle machine and
-    avoids OpenMP spin-waiting (many times slower) on a busy one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------

@@ -20,13 +20,13 @@ import torch
 from safetensors.torch import load_file
 
 import aevb
-from aevb.cli import main
 from aevb.config import make_config
 from aevb.errors import NonFiniteLossError
 from aevb.io import atomic_write, write_json, write_safetensors
 from aevb.models import VAE
 from aevb.registry import LIKELIHOODS, MODELS, NETWORKS
 from aevb.training import CHECKPOINT, read_checkpoint
+from conftest import aevb_cli
 
 SMALL = ("--latent-dim", "2", "--hidden", "32", "--device", "cpu", "-q")
 STEPS_PER_EPOCH = 13  # ceil(1617 / 128)
@@ -37,13 +37,6 @@ STEP_KEYS = {"step", "epoch", "loss", "reconstruction", "kl", "mu", "sigma", "be
 # helpers
 
 
-def aevb_cli(*args) -> int:
-    """Run ``aevb ARGS`` in this process; its exit status."""
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        return e.code
-    raise AssertionError("aevb.cli.main returned without an exit status")
 
 
 def train(out: Path, *args) -> Path:

@@ -138,8 +138,6 @@ def _device_option(function):
 def _load(run: str, device: str):
     from .training import load_run_model, resolve_device
 
-    if not Path(run).is_dir():
-        raise UserError(f"run folder not found: {run}; pass a folder written by 'aevb train'")
     return load_run_model(run, resolve_device(device))
 
 
@@ -164,8 +162,6 @@ def eval_command(run, iw_samples, batch_size, seed, device):
     """
     from .evaluation import evaluate_run
 
-    if not Path(run).is_dir():
-        raise UserError(f"run folder not found: {run}; pass a folder written by 'aevb train'")
     metrics = evaluate_run(run, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device, progress=True)
     click.echo(format_metrics(metrics))
     diagnostics = format_diagnostics(metrics)
@@ -341,8 +337,6 @@ def explore(run, grid_range, directions, grid_size, pairs, top_dims, seed, devic
     """
     from .report import explore_run
 
-    if not Path(run).is_dir():
-        raise UserError(f"run folder not found: {run}; pass a folder written by 'aevb train'")
     written, skipped = explore_run(run, grid_range=grid_range, directions=directions, grid_size=grid_size,
                                    pairs=pairs, top_dims=top_dims, device=device, seed=seed)
     for name, reason in skipped.items():
@@ -372,8 +366,6 @@ def report(run, iw_samples, out, device):
     """
     from .report import write_report
 
-    if not Path(run).is_dir():
-        raise UserError(f"run folder not found: {run}; pass a folder written by 'aevb train'")
     path = write_report(run, iw_samples=iw_samples, device=device, out=out, echo=click.echo)
     click.echo(f"written: {path}")
 

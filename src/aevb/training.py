@@ -172,6 +172,8 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     from .config import read_config_file
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}; pass a folder written by 'aevb train'")
     path = run_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not an aevb run folder (no config.json); pass the folder that 'aevb train' wrote")
@@ -181,9 +183,9 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
 def load_run_model(run_dir: str | Path, device: torch.device | None = None) -> Model:
     """The trained model of a run: RUN/model, or the last checkpoint if the run did not finish."""
     run_dir = Path(run_dir)
+    config = read_run_config(run_dir)  # a UserError unless this is a run folder
     if (run_dir / "model" / "config.json").is_file():
         return load(run_dir / "model", device=device)
-    config = read_run_config(run_dir)
     checkpoint = run_dir / CHECKPOINT
     if not checkpoint.is_file():
         raise UserError(f"{run_dir} has neither a trained model nor a checkpoint; train it first")
