@@ -12,7 +12,9 @@ decides how many parameters each head needs (two per latent dimension for a
 Gaussian posterior, two channels per data channel for a per-pixel σ), so the
 networks know nothing about distributions.
 
-Register a new body with ``@NETWORKS.register("name")``.
+Register a new body with ``@NETWORKS.register("name")``.  Build it from the
+layers of :mod:`aevb.precision` (``Linear``, ``Conv2d``, ``ConvTranspose2d``:
+the torch layers, plus bf16 multiplies under mixed-precision training).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Sequence
 from torch import nn
 
 from .errors import UserError
+from .precision import Conv2d, ConvTranspose2d, Linear
 from .registry import NETWORKS
 
 Shape = tuple[int, ...]
@@ -36,7 +39,7 @@ def _mlp(sizes: Sequence[int]) -> list[nn.Module]:
     """Linear layers with ReLU between them (none after the last)."""
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
+        layers.append(Linear(n_in, n_out))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU(inplace=True))
     return layers
@@ -49,8 +52,8 @@ def build_linear(data_shape: Shape, latent_dim: int, encoder_outputs: int,
     if hidden:
         raise UserError("the linear network has no hidden layers; drop --hidden or use --arch mlp")
     out_shape = (decoder_channels, *data_shape[1:])
-    encoder = nn.Sequential(nn.Flatten(), nn.Linear(_numel(data_shape), encoder_outputs))
-    decoder = nn.Sequential(nn.Linear(latent_dim, _numel(out_shape)), nn.Unflatten(1, out_shape))
+    encoder = nn.Sequential(nn.Flatten(), Linear(_numel(data_shape), encoder_outputs))
+    decoder = nn.Sequential(Linear(latent_dim, _numel(out_shape)), nn.Unflatten(1, out_shape))
     return encoder, decoder
 
 
@@ -107,7 +110,7 @@ def build_conv(data_shape: Shape, latent_dim: int, encoder_outputs: int,
 
     down: list[nn.Module] = []
     for c_in, c_out in zip([channels_in, *channels[:-1]], channels):
-        down += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.ReLU(inplace=True)]
+        down += [Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.ReLU(inplace=True)]
     encoder = nn.Sequential(
         *down,  # [B, C_last, H/f, W/f]
         nn.Flatten(),
@@ -117,7 +120,7 @@ def build_conv(data_shape: Shape, latent_dim: int, encoder_outputs: int,
     up: list[nn.Module] = []
     reversed_channels = [*reversed(channels), decoder_channels]
     for i, (c_in, c_out) in enumerate(zip(reversed_channels[:-1], reversed_channels[1:])):
-        up.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
+        up.append(ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
         if i < len(channels) - 1:
             up.append(nn.ReLU(inplace=True))
     decoder = nn.Sequential(

@@ -40,6 +40,7 @@ from .errors import NonFiniteLossError, UserError
 from .figures import reconstruction_grid, sample_grid
 from .io import write_json, write_safetensors
 from .models import Model, build_model, load
+from .precision import matmul_dtype, resolve_precision
 from .registry import MODELS
 from .schedules import make_schedule
 
@@ -388,6 +389,8 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     config.json is used; pass a config whose ``epochs``/``steps`` differ to
     train further).
     """
+    device = resolve_device(config.device)
+    step_dtype = resolve_precision(config.precision, device)  # of the training step's multiplies; None: fp32
     if resume is not None:
         run_dir = Path(resume)
         checkpoint = run_dir / CHECKPOINT
@@ -396,7 +399,6 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     else:
         check_model_options(config)
         run_dir = new_run_dir(config, force)
-    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
 
@@ -482,7 +484,8 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
                     x = x_train[index]  # [b, *data_shape]
                     if config.binarize == "dynamic":
                         x = torch.bernoulli(x)
-                    out = model.loss(x, beta=beta_at(position.step))
+                    with matmul_dtype(step_dtype):
+                        out = model.loss(x, beta=beta_at(position.step))
                     optimizer.zero_grad(set_to_none=True)
                     out.loss.backward()
                     if config.grad_clip:
