@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Distribution, kl_divergence
 
+from .runtime import keep_freed_memory
+
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """``t`` as float32 if its dtype is narrower (bf16, fp16), else unchanged (float32, float64)."""
@@ -135,6 +137,7 @@ def log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_size: in
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+    keep_freed_memory()
     posterior = model.encode(x)
     batch = x.shape[0]
     if chunk_size is None:

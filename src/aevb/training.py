@@ -42,6 +42,7 @@ from .io import write_json, write_safetensors
 from .models import Model, build_model, load
 from .precision import matmul_dtype, resolve_precision
 from .registry import MODELS
+from .runtime import keep_freed_memory
 from .schedules import make_schedule
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
@@ -389,6 +390,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     config.json is used; pass a config whose ``epochs``/``steps`` differ to
     train further).
     """
+    keep_freed_memory()
     device = resolve_device(config.device)
     step_dtype = resolve_precision(config.precision, device)  # of the training step's multiplies; None: fp32
     if resume is not None:
