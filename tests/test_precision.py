@@ -103,6 +103,6 @@ def test_bf16_training_reaches_the_fp32_elbo(tmp_path, one_thread):
 
         results[name] = [json.loads(r)["test_elbo"] for r in records]
     first, last = results["fp32"], results["bf16"]
-    assert last[-1] > last[0] + 5  # it trained
+    assert last[-1] > last[0] + 1.5  # it trained on after the first epoch
     # different rounding, different trajectory, same quality (measured: −24.532 fp32, −24.534 bf16)
     assert abs(last[-1] - first[-1]) < 1.0, (first[-1], last[-1])

@@ -113,7 +113,9 @@ def test_train_writes_a_complete_run_folder(two_epochs):
         assert r["loss"] == pytest.approx(r["reconstruction"] + r["beta"] * r["kl"], rel=1e-5)
     # every 4 steps, and at each epoch end
     assert [r["step"] for r in steps] == [4, 8, 12, 13, 17, 21, 25, 26]
-    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0, "the training loss did not go down"
+    # from the data-mean start (--output-bias) the first steps are already near the average-image
+    # model: 2 epochs of this 2-D model take the loss from 27.5 to 26.9 nats
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.3, "the training loss did not go down"
 
     epochs = epoch_records(run)
     assert [(r["epoch"], r["step"]) for r in epochs] == [(1, STEPS_PER_EPOCH), (2, 2 * STEPS_PER_EPOCH)]

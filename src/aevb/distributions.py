@@ -61,6 +61,21 @@ class Likelihood(nn.Module):
         """Constructor arguments to store in ``config.json``."""
         return {}
 
+    def params_for_mean(self, mean: torch.Tensor) -> torch.Tensor | None:
+        """Raw decoder output [k·C, *spatial] under which p(x|z) has mean ``mean`` [C, *spatial].
+
+        Used to start training from the data's average image (the decoder's last
+        bias); None where a family has no such inverse (then the bias keeps its init).
+        """
+        return None
+
+
+class _LocationFamily(Likelihood):
+    """A family whose one decoder output per value is its location (Gaussian, Laplace)."""
+
+    def params_for_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        return mean
+
 
 class _BernoulliLogProb(torch.autograd.Function):
     """x·l − softplus(l) elementwise for logits l, with the gradient x − σ(l) in one step.
@@ -115,6 +130,10 @@ class BernoulliLikelihood(Likelihood):
     def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
         return _independent(FastBernoulli(logits=params, validate_args=False), event_dims)
 
+    def params_for_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        # pixels that are always 0 (the MNIST border) start at p = 1e-3, not at logit −inf
+        return torch.logit(mean.clamp(1e-3, 1 - 1e-3))
+
 
 @LIKELIHOODS.register("continuous-bernoulli")
 class ContinuousBernoulliLikelihood(Likelihood):
@@ -125,7 +144,7 @@ class ContinuousBernoulliLikelihood(Likelihood):
         return _independent(ContinuousBernoulli(logits=params, validate_args=False), event_dims)
 
 
-class _FixedScale(Likelihood):
+class _FixedScale(_LocationFamily):
     """A location family (``family``: Normal or Laplace) with one fixed scale for all dimensions."""
 
     family: type[Distribution]
@@ -143,7 +162,7 @@ class _FixedScale(Likelihood):
         return _independent(self.family(params, self.scale, validate_args=False), event_dims)
 
 
-class _LearnedScale(Likelihood):
+class _LearnedScale(_LocationFamily):
     """A location family with one learned log-scale shared by all dimensions, clamped to a floor."""
 
     family: type[Distribution]
@@ -210,7 +229,7 @@ class OptimalScaleNormal(Normal):
 
 
 @LIKELIHOODS.register("gaussian-optimal")
-class OptimalGaussianLikelihood(Likelihood):
+class OptimalGaussianLikelihood(_LocationFamily):
     """Gaussian with σ at its analytic optimum √MSE per example (σ-VAE).
 
     There is nothing to learn; a running average of σ* is kept as a buffer so

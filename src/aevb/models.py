@@ -168,6 +168,31 @@ class Model(nn.Module):
         params = objectives.at_least_float32(params.reshape(*batch_shape, *params.shape[1:]))
         return self.likelihood(params, len(self.data_shape))
 
+    @torch.no_grad()
+    def init_output_bias(self, x: torch.Tensor) -> bool:
+        """Start p(x|z) at the data's average: set the decoder's last bias from x [N, *data_shape].
+
+        A fresh decoder outputs values near 0 whatever z is (grey images for a
+        Bernoulli); the first epoch then goes on learning the average image.
+        Setting the last bias to the likelihood's parameters for the mean of x
+        (per value for an MLP, per channel for a convolution) starts from it.
+        Returns False, changing nothing, where the likelihood has no inverse of
+        its mean or the decoder's last layer has no bias of a matching size.
+        """
+        mean = x.float().mean(0)  # [*data_shape]
+        params = self.likelihood.params_for_mean(mean)  # [k·C, *spatial] or None
+        biased = [m for m in self.decoder.modules() if isinstance(getattr(m, "bias", None), torch.Tensor)]
+        if params is None or not biased:
+            return False
+        bias = biased[-1].bias
+        if bias.numel() == params.numel():
+            bias.copy_(params.reshape(bias.shape))
+        elif bias.numel() == params.shape[0]:
+            bias.copy_(params.reshape(params.shape[0], -1).mean(1))
+        else:
+            return False
+        return True
+
     # -- objectives -----------------------------------------------------------
 
     def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:

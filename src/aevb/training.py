@@ -418,6 +418,8 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
 
     model_kwargs = config.model_kwargs(dataset.data_shape)
     model = build_model(config.model, **model_kwargs).to(device)
+    if resume is None and config.output_bias == "data-mean":
+        model.init_output_bias(x_train)
     optimizer = _make_optimizer(model, config, device)
     if resume is not None:
         position = _restore(run_dir / CHECKPOINT, model, optimizer, shuffle)
