@@ -23,6 +23,8 @@ site_main="$("$main_python" -c 'import sysconfig; print(sysconfig.get_paths()["p
 site_venv="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 echo "$site_main" > "$site_venv/_aevb_main_venv.pth"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "pythae==0.1.2" imageio
+# pythae's own light dependencies that aevb does not need (resolved against the packages above)
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "pydantic>=2" cloudpickle
 "$venv/bin/python" - <<'PY'
 import torch, pythae
 from pythae.models import VAE, VAEConfig

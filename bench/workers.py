@@ -95,13 +95,16 @@ def _steady_images_per_s(records: list[dict], batch: int) -> float | None:
 
 @worker
 def aevb_train(arch: str = "mlp", max_epochs: int = 10, min_epochs: int = 10, target: float | None = None,
-               device: str = "cpu", n_train: int = 8000, lr: float = 1e-3, batch_size: int = 128,
+               device: str = "cpu", n_train: int = 8000, lr: float | None = None, batch_size: int | None = None,
+               precision: str | None = None, output_bias: str | None = None,
                patches: list | None = None, save_model: str | None = None, seed: int = 0) -> dict:
     """aevb.training.train on the reference data; epoch times and test −ELBO from its own evaluations.
 
     Trains up to ``max_epochs``; stops after ``min_epochs`` once the test
     −ELBO is ≤ ``target`` (time to quality).  Wall-clock times exclude the
     loop's evaluation passes but include everything else it does per epoch.
+    ``lr``, ``batch_size``, ``precision``, ``output_bias``: None keeps the
+    library's default (its recipe).
     """
     import aevb.training as T
     from aevb.config import make_config
@@ -111,9 +114,12 @@ def aevb_train(arch: str = "mlp", max_epochs: int = 10, min_epochs: int = 10, ta
         data, labels = MNIST_IMAGES, MNIST_LABELS
     else:
         data, labels = _subset_files(tmp, n_train)
+    recipe = {k: v for k, v in dict(lr=lr, batch_size=batch_size, precision=precision,
+                                    output_bias=output_bias).items() if v is not None}
     config = make_config(data=str(data), labels=str(labels), test_split=N_TEST, arch=arch, latent_dim=LATENT,
-                         likelihood="bernoulli", epochs=max_epochs, batch_size=batch_size, lr=lr,
-                         device=device, out=str(tmp / "run"), seed=seed)
+                         likelihood="bernoulli", epochs=max_epochs, device=device, out=str(tmp / "run"), seed=seed,
+                         **recipe)
+    batch_size = config.batch_size
     state = {"t0": None, "eval_s": 0.0, "epochs": []}
     make_optimizer, mean_elbo_terms = T._make_optimizer, T.mean_elbo_terms
 
@@ -150,6 +156,7 @@ def aevb_train(arch: str = "mlp", max_epochs: int = 10, min_epochs: int = 10, ta
     records = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return _summary("aevb", state["epochs"], n_train, target,
                     images_per_s=_steady_images_per_s(records, batch_size),
+                    recipe={k: getattr(config, k) for k in ("lr", "batch_size", "precision", "output_bias")},
                     logged_test_elbo=[r["test_elbo"] for r in records if "test_elbo" in r])
 
 
@@ -250,10 +257,19 @@ def _batches(x: torch.Tensor, batch: int):
     return next_batch
 
 
+def _step_dtype(precision: str, device: str):
+    from aevb.precision import resolve_precision
+
+    return resolve_precision(precision, torch.device(device))
+
+
 @worker
 def aevb_step(arch: str = "mlp", batch_size: int = 128, hidden: int | None = None, device: str = "cpu",
-              seconds: float = 2.0, patches: list | None = None, fused: bool = True) -> dict:
-    """aevb's model step alone: x = x_train[perm slice]; model.loss(x); backward; fused Adam."""
+              seconds: float = 2.0, patches: list | None = None, fused: bool = True, precision: str = "auto") -> dict:
+    """aevb's model step alone: x = x_train[perm slice]; model.loss(x) (in ``precision``); backward; fused Adam."""
+    from aevb.precision import matmul_dtype
+
+    dtype = _step_dtype(precision, device)
     torch.manual_seed(0)
     x_train, _ = load_mnist()
     x_train = x_train.to(device)
@@ -262,7 +278,8 @@ def aevb_step(arch: str = "mlp", batch_size: int = 128, hidden: int | None = Non
     next_batch = _batches(x_train, batch_size)
     with applied(patches):
         def step(i):
-            out = model.loss(next_batch())
+            with matmul_dtype(dtype):
+                out = model.loss(next_batch())
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
@@ -270,6 +287,7 @@ def aevb_step(arch: str = "mlp", batch_size: int = 128, hidden: int | None = Non
         per_step = _time_steps(step, seconds, device)
     flops = _train_flops(arch, hidden)
     return {"setup": "aevb-step", "arch": arch, "batch_size": batch_size, "hidden": hidden, "patches": patches or [],
+            "precision": str(dtype or torch.float32),
             "ms_per_step": per_step * 1e3, "images_per_s": batch_size / per_step, "train_flops": flops["train_flops"]}
 
 
@@ -297,8 +315,11 @@ def plain_step(arch: str = "mlp", batch_size: int = 128, device: str = "cpu", se
 
 @worker
 def step_breakdown(arch: str = "mlp", batch_size: int = 128, device: str = "cpu", repeats: int = 300,
-                   patches: list | None = None) -> dict:
+                   patches: list | None = None, precision: str = "auto") -> dict:
     """Milliseconds of forward+loss, backward, fused Adam and batch gathering in aevb's step."""
+    from aevb.precision import matmul_dtype
+
+    dtype = _step_dtype(precision, device)
     torch.manual_seed(0)
     x_train, _ = load_mnist()
     x_train = x_train.to(device)
@@ -313,7 +334,8 @@ def step_breakdown(arch: str = "mlp", batch_size: int = 128, device: str = "cpu"
             x = next_batch()
             sync(device)
             t1 = time.perf_counter()
-            out = model.loss(x)
+            with matmul_dtype(dtype):
+                out = model.loss(x)
             sync(device)
             t2 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
@@ -446,6 +468,9 @@ def _interleaved(variants: dict, run_block, rounds: int) -> dict:
 @worker
 def ab_step(arch: str = "mlp", batch_size: int = 128, device: str = "cpu", rounds: int = 9, steps: int = 30) -> dict:
     """aevb's model step, library loss vs the fast-loss prototype, interleaved blocks of ``steps`` steps."""
+    from aevb.precision import matmul_dtype
+
+    dtype = _step_dtype("auto", device)
     torch.manual_seed(0)
     x_train, _ = load_mnist()
     x_train = x_train.to(device)
@@ -455,14 +480,16 @@ def ab_step(arch: str = "mlp", batch_size: int = 128, device: str = "cpu", round
 
     def block(name):
         for _ in range(3):  # settle
-            out = model.loss(next_batch())
+            with matmul_dtype(dtype):
+                out = model.loss(next_batch())
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
         sync(device)
         start = time.perf_counter()
         for _ in range(steps):
-            out = model.loss(next_batch())
+            with matmul_dtype(dtype):
+                out = model.loss(next_batch())
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
@@ -525,8 +552,8 @@ def ab_eval(k: int = 1000, n_images: int = 100, rounds: int = 5, device: str = "
     model = _eval_model(model_path, device)
     plain = copy_aevb_weights(model, make_plain("mlp").to(device)).eval()
     variants = {
-        "library (16384 rows)": lambda: model.log_likelihood(x, n_samples=k),
-        "library, 4096 rows": lambda: model.log_likelihood(x, n_samples=k, chunk_size=max(1, 4096 // n_images)),
+        "library (default: 4096 rows)": lambda: model.log_likelihood(x, n_samples=k),
+        "library, 16384 rows": lambda: model.log_likelihood(x, n_samples=k, chunk_size=max(1, 16384 // n_images)),
         "library, 1024 rows": lambda: model.log_likelihood(x, n_samples=k, chunk_size=max(1, 1024 // n_images)),
         "fast-ll (4096 rows)": lambda: fast_log_likelihood(model, x, k, rows=4096),
         "fast-ll (2048 rows)": lambda: fast_log_likelihood(model, x, k, rows=2048),
