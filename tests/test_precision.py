@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import aevb
-from aevb import precision
+from aevb import layers, precision
 from aevb.errors import UserError
 from aevb.precision import bf16_is_native, matmul_dtype, resolve_precision
 
@@ -48,16 +48,17 @@ def test_bf16_step_matches_fp32_to_bf16_rounding(arch, shape):
         cosine = torch.nn.functional.cosine_similarity(g.flatten(), ref_grads[name].flatten(), dim=0)
         assert cosine > 0.99, (name, float(cosine))
         assert abs(g.norm() / ref_grads[name].norm() - 1) < 0.05, name
-    # and the multiplies really ran in bf16: not bit-identical to fp32
-    assert not torch.equal(out.loss, ref.loss)
+    # and the multiplies really ran in bf16: not bit-identical to fp32 (convolutions on the
+    # CPU stay fp32, the linear layers do not)
+    assert any(not torch.equal(g, ref_grads[name]) for name, g in grads.items())
 
 
 def test_outside_the_context_layers_are_the_torch_layers():
     torch.manual_seed(0)
-    layer = precision.Linear(5, 3)
+    layer = layers.Linear(5, 3)
     x = torch.randn(4, 5)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-    conv = precision.ConvTranspose2d(4, 2, 4, stride=2, padding=1)
+    conv = layers.ConvTranspose2d(4, 2, 4, stride=2, padding=1)
     h = torch.randn(2, 4, 7, 7)
     reference = torch.nn.ConvTranspose2d(4, 2, 4, stride=2, padding=1)
     reference.load_state_dict(conv.state_dict())
@@ -66,7 +67,7 @@ def test_outside_the_context_layers_are_the_torch_layers():
         pass
     assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
     # a float64 model is never lowered
-    layer64 = precision.Linear(5, 3).double()
+    layer64 = layers.Linear(5, 3).double()
     with matmul_dtype(BF16):
         y = layer64(x.double())
     assert y.dtype == torch.float64

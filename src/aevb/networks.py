@@ -13,8 +13,9 @@ Gaussian posterior, two channels per data channel for a per-pixel σ), so the
 networks know nothing about distributions.
 
 Register a new body with ``@NETWORKS.register("name")``.  Build it from the
-layers of :mod:`aevb.precision` (``Linear``, ``Conv2d``, ``ConvTranspose2d``:
-the torch layers, plus bf16 multiplies under mixed-precision training).
+layers of :mod:`aevb.layers` (``Linear``, ``Conv2d``, ``ConvTranspose2d``:
+the torch layers, plus bf16 multiplies under mixed-precision training and a
+faster form of the last transposed convolution).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Sequence
 from torch import nn
 
 from .errors import UserError
-from .precision import Conv2d, ConvTranspose2d, Linear
+from .layers import Conv2d, ConvTranspose2d, Linear
 from .registry import NETWORKS
 
 Shape = tuple[int, ...]
