@@ -27,6 +27,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 FORMAT = "aevb-run"
+# Options added after config.json's format was first written, with the values that
+# reproduce a run from before them (whose config.json, listing every option, lacks them).
+OPTIONS_ADDED_LATER = {"precision": "fp32", "output_bias": "default"}
 BINARIZE_MODES = ("none", "threshold", "dynamic")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -207,7 +210,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}") from None
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a table of options")
-    raw.pop("format", None)
+    is_run_config = raw.pop("format", None) == FORMAT
     # allow [data] / [model] / [training] tables in TOML
     flat: dict[str, Any] = {}
     for key, value in raw.items():
@@ -216,6 +219,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             flat[key] = value
     normalised = {k.replace("-", "_"): v for k, v in flat.items()}
+    if is_run_config:  # a run's config.json lists every option it had: reproduce runs written before these
+        normalised = {**OPTIONS_ADDED_LATER, **normalised}
     unknown = sorted(set(normalised) - set(FIELDS))
     if unknown:
         raise UserError(f"config file {path} has unknown options: {', '.join(unknown)}; see 'aevb train --help'")
