@@ -146,8 +146,9 @@ def plain_neg_elbo(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) ->
 def copy_aevb_weights(aevb_model, plain: nn.Module) -> nn.Module:
     """Load an aevb VAE's weights into the matching hand-written model (same function).
 
-    aevb's encoder ends in one linear layer giving (μ, log σ); the hand-written
-    one has a μ head and a log σ² head, so the second half is doubled.
+    aevb's encoder ends in one linear layer giving (μ, log σ²) (or (μ, log σ) for
+    ``posterior_scale="log-scale"``, then doubled); the hand-written one has a μ
+    head and a log σ² head.
     """
     enc = [m for m in aevb_model.encoder.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     dec = [m for m in aevb_model.decoder.modules() if isinstance(m, (nn.Linear, nn.ConvTranspose2d))]
@@ -163,8 +164,9 @@ def copy_aevb_weights(aevb_model, plain: nn.Module) -> nn.Module:
         d = plain.fc21.out_features
         plain.fc21.weight.copy_(head.weight[:d])
         plain.fc21.bias.copy_(head.bias[:d])
-        plain.fc22.weight.copy_(2 * head.weight[d:])
-        plain.fc22.bias.copy_(2 * head.bias[d:])
+        factor = 1.0 if aevb_model.posterior.scale_param == "log-variance" else 2.0
+        plain.fc22.weight.copy_(factor * head.weight[d:])
+        plain.fc22.bias.copy_(factor * head.bias[d:])
     return plain
 
 

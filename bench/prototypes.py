@@ -37,6 +37,12 @@ def _is_fast_case(model) -> bool:
     return isinstance(model.likelihood, BernoulliLikelihood) and isinstance(model.posterior, GaussianPosterior)
 
 
+def _loc_log_scale(model, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, log σ) [B, D] from the encoder's output, as the model's posterior reads it."""
+    loc, raw = params.chunk(2, dim=-1)
+    return loc, (0.5 * raw if model.posterior.scale_param == "log-variance" else raw)
+
+
 # --------------------------------------------------------------------------- training loss
 
 
@@ -53,7 +59,7 @@ def fast_vae_loss(self, x: torch.Tensor, beta: float | None = None):
     beta = self.beta if beta is None else beta
     self._check_input(x)
     batch, samples = x.shape[0], self.mc_samples
-    loc, log_scale = self.encoder(x).chunk(2, dim=-1)  # each [B, D]
+    loc, log_scale = _loc_log_scale(self, self.encoder(x))  # each [B, D]
     scale = log_scale.exp()
     eps = torch.randn((samples, *loc.shape), dtype=loc.dtype, device=loc.device)  # [L, B, D], as rsample draws
     z = loc + scale * eps  # [L, B, D]
@@ -88,7 +94,7 @@ def fast_bce_vae_loss(self, x: torch.Tensor, beta: float | None = None):
     beta = self.beta if beta is None else beta
     self._check_input(x)
     batch, samples = x.shape[0], self.mc_samples
-    loc, log_scale = self.encoder(x).chunk(2, dim=-1)  # each [B, D]
+    loc, log_scale = _loc_log_scale(self, self.encoder(x))  # each [B, D]
     scale = log_scale.exp()
     eps = torch.randn((samples, *loc.shape), dtype=loc.dtype, device=loc.device)  # [L, B, D]
     z = loc + scale * eps
@@ -143,7 +149,7 @@ def fast_log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_siz
     body = model.decoder[:-2]  # z -> h [N, H]
     b = x.shape[0]
     xf = x.reshape(b, -1).to(model._dtype)  # [B, P]
-    loc, log_scale = model.encoder(x.to(model._dtype)).float().chunk(2, dim=-1)  # [B, D]
+    loc, log_scale = _loc_log_scale(model, model.encoder(x.to(model._dtype)).float())  # [B, D]
     scale = log_scale.exp()
     xw = xf @ last.weight  # [B, H]: Σ_i x_i W_ih
     xb = xf @ last.bias  # [B]

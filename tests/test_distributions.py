@@ -20,6 +20,7 @@ from aevb.distributions import (
     PointMassPosterior,
     standard_normal,
 )
+from aevb.errors import UserError
 from aevb.registry import LIKELIHOODS, POSTERIORS
 
 EXPECTED_LIKELIHOODS = [
@@ -439,11 +440,16 @@ def test_registered_posteriors():
     assert {name for name, _ in POSTERIORS.items()} == {"gaussian", "point-mass"}
 
 
-def test_gaussian_posterior_from_mean_and_log_scale():
+def test_gaussian_posterior_from_mean_and_log_variance_or_log_scale():
     gen = torch.Generator().manual_seed(10)
     mu = torch.randn(5, 3, generator=gen, dtype=torch.float64)
     log_sigma = torch.randn(5, 3, generator=gen, dtype=torch.float64) * 0.5
-    q = GaussianPosterior()(torch.cat([mu, log_sigma], dim=-1))
+    q = GaussianPosterior()(torch.cat([mu, 2 * log_sigma], dim=-1))  # default: (μ, log σ²)
+    legacy = GaussianPosterior("log-scale")(torch.cat([mu, log_sigma], dim=-1))
+    torch.testing.assert_close(legacy.stddev, log_sigma.exp())
+    assert GaussianPosterior().extra_config() == {"scale_param": "log-variance"}
+    with pytest.raises(UserError, match="log-variance"):
+        GaussianPosterior("sigma")
     assert tuple(q.batch_shape) == (5,) and tuple(q.event_shape) == (3,)
     torch.testing.assert_close(q.mean, mu)
     torch.testing.assert_close(q.stddev, log_sigma.exp())
@@ -482,7 +488,7 @@ def test_kl_analytic_and_monte_carlo():
     gen = torch.Generator().manual_seed(12)
     mu = torch.randn(4, 3, generator=gen, dtype=torch.float64)
     log_sigma = torch.randn(4, 3, generator=gen, dtype=torch.float64) * 0.5
-    q = GaussianPosterior()(torch.cat([mu, log_sigma], dim=-1))
+    q = GaussianPosterior()(torch.cat([mu, 2 * log_sigma], dim=-1))
     p = standard_normal(3, mu)
     kl = torch.distributions.kl_divergence(q, p)
     closed = 0.5 * (mu**2 + (2 * log_sigma).exp() - 1 - 2 * log_sigma).sum(-1)

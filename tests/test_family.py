@@ -62,7 +62,8 @@ def test_free_bits_loss_is_its_definition(free_bits):
     out = model.loss(x)
     torch.manual_seed(1)
     params = model.encoder(x)
-    mu, log_sigma = params.chunk(2, dim=-1)  # [B, D]
+    mu, log_var = params.chunk(2, dim=-1)  # [B, D]: the encoder outputs (μ, log σ²)
+    log_sigma = log_var / 2
     sigma = log_sigma.exp()
     z = mu + sigma * torch.randn((1, *mu.shape))[0]
     reconstruction = torch.nn.functional.binary_cross_entropy_with_logits(
@@ -238,11 +239,14 @@ def test_hvae_loss_is_its_definition_and_its_elbo_is_below_its_log_likelihood():
     torch.manual_seed(1)
     d1 = model.encoder(x)
     d2 = model.up[0](d1)
+    # every layer's parameters are (μ, log σ²); ls* below are log σ
     mu2, ls2 = d2.chunk(2, -1)
+    ls2 = ls2 / 2
     z2 = mu2 + ls2.exp() * torch.randn((1, *mu2.shape))[0]
     prior1 = model.down[0](z2)
     mu1p, ls1p = prior1.chunk(2, -1)
     mu1q, ls1q = (prior1 + d1).chunk(2, -1)
+    ls1p, ls1q = ls1p / 2, ls1q / 2
     z1 = mu1q + ls1q.exp() * torch.randn(mu1q.shape)
 
     def kl(mq, lq, mp, lp):  # KL(N(mq, e^{2lq}) ‖ N(mp, e^{2lp})) summed over dimensions

@@ -470,3 +470,26 @@ def test_data_mean_start_is_a_better_starting_point_on_digits():
         with torch.no_grad():
             elbos[init] = float(model.elbo(data.test).mean())
     assert elbos["data-mean"] > elbos["default"] + 5, elbos
+
+
+def test_posterior_parametrisation_is_saved_and_old_models_load_as_they_were(tmp_path):
+    """New models read the encoder's second half as log σ²; a model saved before that choice
+    existed (no ``posterior_args`` in its config.json) is read as log σ, and gives the same q(z|x)."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 8, 8)
+    new = aevb.VAE(data_shape=(1, 8, 8), latent_dim=3)
+    assert new.posterior.scale_param == "log-variance"
+    new.save(tmp_path / "new")
+    assert aevb.load(tmp_path / "new").posterior.scale_param == "log-variance"
+
+    old = aevb.VAE(data_shape=(1, 8, 8), latent_dim=3, posterior_args={"scale_param": "log-scale"})
+    old.save(tmp_path / "old")
+    config_path = tmp_path / "old" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["args"]["posterior_args"]  # as aevb wrote it before the option
+    config_path.write_text(json.dumps(config))
+    loaded = aevb.load(tmp_path / "old")
+    assert loaded.posterior.scale_param == "log-scale"
+    torch.testing.assert_close(loaded.encode(x).stddev, old.encode(x).stddev)
+    with pytest.raises(UserError, match="scale"):
+        aevb.VAE(data_shape=(1, 8, 8), latent_dim=3, posterior_args={"scale_param": "sigma"})

@@ -100,7 +100,7 @@ def exact_posterior_ppca(n: int = 40, dtype=F64):
 
     W has orthogonal columns, so M = WᵀW + σ²I is diagonal and the exact posterior
     N(M⁻¹Wᵀ(x − b), σ²M⁻¹) is a diagonal Gaussian the encoder can represent:
-    mean rows M⁻¹Wᵀ with bias −M⁻¹Wᵀb, log-σ rows zero with bias ½·log(σ²/M_ii).
+    mean rows M⁻¹Wᵀ with bias −M⁻¹Wᵀb, log-variance rows zero with bias log(σ²/M_ii).
     Then every importance weight p(x|z)p(z)/q(z|x) equals p(x) exactly.
     """
     gen = torch.Generator().manual_seed(5)
@@ -114,11 +114,11 @@ def exact_posterior_ppca(n: int = 40, dtype=F64):
     A = W.T / m[:, None]  # M⁻¹Wᵀ [K, D]
     model = aevb.VAE(data_shape=(D,), latent_dim=K, arch="linear", likelihood="gaussian-learned").to(F64)
     with torch.no_grad():
-        encoder = model.encoder[1]  # Linear(D, 2K): rows [:K] mean, rows [K:] log σ
+        encoder = model.encoder[1]  # Linear(D, 2K): rows [:K] mean, rows [K:] log σ²
         encoder.weight.zero_()
         encoder.weight[:K] = A
         encoder.bias[:K] = -A @ b
-        encoder.bias[K:] = 0.5 * torch.log(SIGMA**2 / m)
+        encoder.bias[K:] = torch.log(SIGMA**2 / m)
         model.decoder[0].weight.copy_(W)
         model.decoder[0].bias.copy_(b)
         model.likelihood.log_scale.fill_(math.log(SIGMA))
@@ -143,7 +143,7 @@ def test_exact_posterior_gives_exact_log_likelihood_in_every_chunking():
     assert abs(elbo.mean().item() - exact.mean().item()) < 0.01
     # a slightly wrong posterior loses the tightness: the estimator is sensitive to q
     with torch.no_grad():
-        model.encoder[1].bias[K:] += 0.3
+        model.encoder[1].bias[K:] += 0.6  # log σ² (σ 35% too wide)
     torch.manual_seed(0)
     assert objectives.log_weights(model, x, 30).std(0).min() > 1e-3
     torch.manual_seed(0)

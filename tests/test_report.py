@@ -42,9 +42,9 @@ def run_cli(*args: str) -> None:
 def _linear_vae(latent_dim: int, inactive: set[int], seed: int = 0):
     """A linear VAE on 8×8 images whose posterior means are constant in the ``inactive`` dimensions.
 
-    The encoder's last layer maps x to (μ [D], log σ [D]): rows of inactive
-    dimensions have zero weights and a bias c_d, and every log σ is a constant
-    log s_d, so KL per dimension has a closed form.
+    The encoder's last layer maps x to (μ [D], log σ² [D]): rows of inactive
+    dimensions have zero weights and a bias c_d, and every σ is a constant
+    s_d, so KL per dimension has a closed form.
     """
     torch.manual_seed(seed)
     model = aevb.VAE(data_shape=(1, 8, 8), latent_dim=latent_dim, arch="linear", likelihood="gaussian")
@@ -58,7 +58,7 @@ def _linear_vae(latent_dim: int, inactive: set[int], seed: int = 0):
             layer.weight[d].zero_()
             layer.bias[d] = c[d]
         layer.weight[latent_dim:].zero_()
-        layer.bias[latent_dim:] = s.log()
+        layer.bias[latent_dim:] = 2 * s.log()
     return model.eval(), c, s
 
 

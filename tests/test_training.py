@@ -386,15 +386,17 @@ def test_mc_samples_reduce_the_variance_of_the_vae_loss(tmp_path):
 
 
 def test_a_run_config_from_before_precision_and_output_bias_reproduces_that_run(tmp_path):
-    """Older config.json files lack --precision and --output-bias: they mean fp32 and torch's init."""
+    """Older config.json files lack --precision, --output-bias and --posterior-scale: they mean
+    fp32, torch's init and a log σ head."""
     from aevb.config import FORMAT, make_config, read_config_file
 
     old = tmp_path / "config.json"
     old.write_text(json.dumps({"format": FORMAT, "data": "digits", "lr": 0.001}))
     config = make_config(read_config_file(old))
-    assert (config.precision, config.output_bias, config.lr) == ("fp32", "default", 0.001)
+    assert (config.precision, config.output_bias, config.posterior_scale, config.lr) == \
+        ("fp32", "default", "log-scale", 0.001)
     # a hand-written config file (no "format") gets today's defaults
     mine = tmp_path / "mine.json"
     mine.write_text(json.dumps({"data": "digits"}))
     config = make_config(read_config_file(mine))
-    assert (config.precision, config.output_bias) == ("auto", "data-mean")
+    assert (config.precision, config.output_bias, config.posterior_scale) == ("auto", "data-mean", "log-variance")

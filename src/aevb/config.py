@@ -29,11 +29,12 @@ else:  # pragma: no cover
 FORMAT = "aevb-run"
 # Options added after config.json's format was first written, with the values that
 # reproduce a run from before them (whose config.json, listing every option, lacks them).
-OPTIONS_ADDED_LATER = {"precision": "fp32", "output_bias": "default"}
+OPTIONS_ADDED_LATER = {"precision": "fp32", "output_bias": "default", "posterior_scale": "log-scale"}
 BINARIZE_MODES = ("none", "threshold", "dynamic")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 OUTPUT_BIAS_INITS = ("data-mean", "default")
+POSTERIOR_SCALES = ("log-variance", "log-scale")
 CORRUPTIONS = ("gaussian", "masking", "salt-and-pepper")
 SPARSITY_PENALTIES = ("l1", "kl")
 JACOBIAN_MODES = ("auto", "exact", "projections")
@@ -70,6 +71,7 @@ class RunConfig:
     beta_cycles: int = _opt(4, "cycles of the cyclical β schedule over the run", group="model", metavar="M")
     beta_ratio: float = _opt(0.5, "fraction of each cycle over which the cyclical β rises (then stays at --beta)", group="model", metavar="R")
     free_bits: float = _opt(0.0, "free bits λ (Kingma et al. 2016): the training loss uses Σ_d max(λ, batch-mean KL_d) per latent dimension d, in nats (0: off); VAE with a factorising prior", group="model", metavar="NATS")
+    posterior_scale: str = _opt("log-variance", "what the encoder outputs for the Gaussian posterior's scale: log σ² (trains faster under Adam) or log σ (models from before aevb had the choice)", group="model", choices=POSTERIOR_SCALES)
     prior: str = _opt("standard", "prior p(z): standard normal, a learned mixture of Gaussians (mog) or the VampPrior (vamp)", group="model", choices=PRIORS)
     prior_components: int | None = _opt(None, "components K of the mog prior (default 10) or pseudo-inputs of the vamp prior (default 100)", group="model", metavar="K")
     stochastic_layers: int = _opt(2, "hvae: stochastic layers, each of --latent-dim dimensions", group="model", metavar="L")
@@ -107,6 +109,8 @@ class RunConfig:
                                       likelihood=self.likelihood, hidden=self.hidden)
         if self.likelihood_scale is not None:
             kwargs["likelihood_args"] = {"scale": self.likelihood_scale}
+        if MODELS.get(self.model).posterior_family == "gaussian":
+            kwargs["posterior_args"] = {"scale_param": self.posterior_scale}
         # each model says which run options it takes (imports torch: called by training only)
         kwargs.update(MODELS.get(self.model).run_kwargs(self))
         return kwargs

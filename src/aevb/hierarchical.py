@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
+from .distributions import diagonal_normal
 from .errors import UserError
 from .models import LatentVariableModel, LossOutput, _posterior_stats
 from .networks import _mlp
@@ -37,9 +38,6 @@ from .objectives import ElboTerms, at_least_float32
 from .registry import MODELS
 
 
-def _normal(params: torch.Tensor) -> Distribution:
-    loc, log_scale = params.chunk(2, dim=-1)  # each [*, D]
-    return Independent(Normal(loc, log_scale.exp(), validate_args=False), 1)
 
 
 @MODELS.register("hvae")
@@ -94,14 +92,14 @@ class HVAE(LatentVariableModel):
         Returns, from the top layer L down to 1, lists of z [S, B, D] (or [B, D]
         with ``n_samples=None``: the means), q(z_l|·) and p(z_l|z_{l+1}).
         """
-        q = _normal(d[-1])
+        q = self._normal(d[-1])
         p = Independent(Normal(torch.zeros_like(q.mean), torch.ones_like(q.mean), validate_args=False), 1)
         zs, qs, ps = [], [], []
         for level in range(self.layers - 1, -1, -1):  # L-1 … 0 (0-based)
             if level < self.layers - 1:
                 prior_params = self.down[level](zs[-1].to(self._dtype)).float()  # [S, B, 2D]
-                p = _normal(prior_params)
-                q = _normal(prior_params + d[level])
+                p = self._normal(prior_params)
+                q = self._normal(prior_params + d[level])
             z = q.mean if n_samples is None else (q.rsample((n_samples,)) if not zs else q.rsample())
             zs.append(z), qs.append(q), ps.append(p)
         return zs, qs, ps
@@ -112,6 +110,10 @@ class HVAE(LatentVariableModel):
         """q(z_1 | x, z_{>1} at their posterior means): batch [B], event [D]."""
         _, qs, _ = self._top_down(self._bottom_up(x), None)
         return qs[-1]
+
+    def _normal(self, params: torch.Tensor) -> Distribution:
+        """A layer's Gaussian from params [*, 2·D], parametrised as the model's posterior is."""
+        return diagonal_normal(params, self.posterior.scale_param)
 
     def layer_posteriors(self, x: torch.Tensor) -> list[Distribution]:
         """q(z_l | ·) along the posterior-mean path, for l = 1 … L (bottom first)."""
@@ -157,7 +159,7 @@ class HVAE(LatentVariableModel):
             if level + 1 in fixed:
                 z = fixed[level + 1]
             else:
-                p = _normal(self.down[level](z.to(self._dtype)).float())
+                p = self._normal(self.down[level](z.to(self._dtype)).float())
                 eps = torch.randn(p.mean.shape, generator=generator, device=device)
                 z = p.mean + temperature * p.stddev * eps
             zs.append(z)

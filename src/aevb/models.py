@@ -104,7 +104,7 @@ class Model(nn.Module):
 
     def __init__(self, data_shape: Sequence[int], latent_dim: int = 20, arch: str = "mlp",
                  likelihood: str = "bernoulli", hidden: Sequence[int] | None = None,
-                 likelihood_args: dict[str, Any] | None = None):
+                 likelihood_args: dict[str, Any] | None = None, posterior_args: dict[str, Any] | None = None):
         super().__init__()
         if latent_dim < 1:
             raise UserError(f"latent_dim must be at least 1, got {latent_dim}")
@@ -114,7 +114,10 @@ class Model(nn.Module):
             self.likelihood = LIKELIHOODS.get(likelihood)(**(likelihood_args or {}))
         except TypeError as e:
             raise UserError(f"bad likelihood_args for {likelihood!r}: {e}") from None
-        self.posterior = POSTERIORS.get(self.posterior_family)()
+        try:
+            self.posterior = POSTERIORS.get(self.posterior_family)(**(posterior_args or {}))
+        except TypeError as e:
+            raise UserError(f"bad posterior_args for the {self.posterior_family!r} posterior: {e}") from None
         self.encoder, self.decoder = NETWORKS.get(arch)(
             self.data_shape,
             self.latent_dim,
@@ -129,6 +132,7 @@ class Model(nn.Module):
             "likelihood": likelihood,
             "hidden": list(hidden) if hidden else None,
             "likelihood_args": {**self.likelihood.extra_config(), **(likelihood_args or {})},
+            "posterior_args": self.posterior.extra_config(),
         }
         self.prior_module = build_prior("standard", self.latent_dim, self.data_shape)
 
@@ -550,6 +554,17 @@ def build_model(name: str, **kwargs: Any) -> Model:
         raise UserError(f"bad arguments for model {name!r}: {e}") from None
 
 
+def legacy_model_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of a model saved by an older aevb, with what it meant then.
+
+    Models saved before ``posterior_args`` existed had a Gaussian posterior read
+    from (μ, log σ); today's default is (μ, log σ²).
+    """
+    if "posterior_args" not in args and MODELS.get(name).posterior_family == "gaussian":
+        return {**args, "posterior_args": {"scale_param": "log-scale"}}
+    return args
+
+
 def load(path: str | Path, device: str | torch.device | None = None) -> Model:
     """Load a model saved with :meth:`Model.save`.  Nothing is unpickled."""
     from safetensors import SafetensorError
@@ -569,7 +584,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Model:
         raise UserError(f"{config_path} is corrupt ({e}); re-export the model") from None
     if config.get("format") != FORMAT:
         raise UserError(f"{config_path} is not an aevb model config (format {config.get('format')!r})")
-    model = build_model(name, **args)
+    model = build_model(name, **legacy_model_args(name, args))
     try:
         state = load_file(weights_path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:

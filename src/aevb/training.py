@@ -39,7 +39,7 @@ from .config import RunConfig, make_config
 from .errors import NonFiniteLossError, UserError
 from .figures import reconstruction_grid, sample_grid
 from .io import write_json, write_safetensors
-from .models import Model, build_model, load
+from .models import Model, build_model, legacy_model_args, load
 from .precision import matmul_dtype, resolve_precision
 from .registry import MODELS
 from .runtime import keep_freed_memory
@@ -192,7 +192,7 @@ def load_run_model(run_dir: str | Path, device: torch.device | None = None) -> M
     if not checkpoint.is_file():
         raise UserError(f"{run_dir} has neither a trained model nor a checkpoint; train it first")
     state, meta = read_checkpoint(checkpoint)
-    model = build_model(config.model, **meta["model_kwargs"])
+    model = build_model(config.model, **legacy_model_args(config.model, meta["model_kwargs"]))
     _load_prefixed(model, state, "model.", checkpoint)
     model.eval()
     return model.to(device) if device is not None else model
