@@ -143,8 +143,11 @@ def log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_size: in
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_ROWS // max(batch, 1))
     chunk_size = min(chunk_size, n_samples)
-    chunk_lse = []  # each [B], at least float32
+    total = None  # log Σ_s w_s over the chunks so far, [B], at least float32
     for start in range(0, n_samples, chunk_size):
         n = min(chunk_size, n_samples - start)
-        chunk_lse.append(torch.logsumexp(log_weights(model, x, n, posterior), dim=0))
-    return torch.logsumexp(torch.stack(chunk_lse), dim=0) - math.log(n_samples)
+        chunk = torch.logsumexp(log_weights(model, x, n, posterior), dim=0)
+        # a running sum, not a list of per-chunk results: small tensors that live across
+        # the loop sit between the chunks' large blocks and fragment the heap
+        total = chunk if total is None else torch.logaddexp(total, chunk)
+    return total - math.log(n_samples)
