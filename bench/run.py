@@ -152,7 +152,9 @@ def suite(quick: bool, device: str, skip_pythae: bool) -> dict:
     res["ab_eval"] = call("ab_eval", model_path=model_path, k=1000, n_images=n_small, rounds=2 if q else 5,
                           device=device)
     res["memory"] = []
-    for impl, patches, n_images in (("aevb", None, 10), ("aevb", ["fast-ll"], 10), ("plain", None, 2)):
+    # 10 images: many samples per chunk; 500 (aevb.evaluate's batch): 8 samples per chunk, so many chunks
+    for impl, patches, n_images in (("aevb", None, 10), ("aevb", None, 500), ("aevb", ["fast-ll"], 10),
+                                    ("plain", None, 2)):
         for k in (100, 5000) if q else (100, 1000, 5000, 20000):
             res["memory"].append(call("ll_memory", model_path=model_path, k=k, n_images=n_images, impl=impl,
                                       device=device, patches=patches))
