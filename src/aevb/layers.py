@@ -22,7 +22,7 @@ from .precision import compute_dtype
 # For output phase a (row 2i + a) and 3×3 offset u (input row i + u − 1), the row
 # of the 4×4 transposed-convolution kernel that connects them; 4 means none
 # (a zero tap).  Derived from o = 2r − 1 + k (stride 2, padding 1); columns alike.
-_SUBPIXEL_TAPS = ((3, 1, 4), (4, 2, 0))
+_SUBPIXEL_TAPS = torch.tensor(((3, 1, 4), (4, 2, 0)))
 
 
 def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     """
     c_in, c_out = weight.shape[:2]
     padded = F.pad(weight.transpose(0, 1), (0, 1, 0, 1))  # [C_out, C_in, 5, 5]; index 4 is 0
-    taps = torch.tensor(_SUBPIXEL_TAPS, device=weight.device)
+    taps = _SUBPIXEL_TAPS.to(weight.device)  # no copy on the CPU
     kernel = padded[:, :, taps[:, :, None, None], taps[None, None, :, :]]  # [o, c, a, u, b, v]
     return kernel.permute(0, 2, 4, 1, 3, 5).reshape(4 * c_out, c_in, 3, 3)
 
@@ -68,6 +68,11 @@ class _SubpixelConvTranspose2d(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _lowered(dtype: torch.dtype, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """x, weight and bias in the multiply dtype of the context."""
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` that multiplies in the :func:`~aevb.precision.matmul_dtype` of its context.  [*, in] -> [*, out]."""
 
@@ -75,8 +80,7 @@ class Linear(nn.Linear):
         dtype = compute_dtype(self.weight)
         if dtype is None:
             return F.linear(x, self.weight, self.bias)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.weight.to(dtype), bias).to(x.dtype)
+        return F.linear(*_lowered(dtype, x, self.weight, self.bias)).to(x.dtype)
 
 
 class Conv2d(nn.Conv2d):
@@ -86,8 +90,7 @@ class Conv2d(nn.Conv2d):
         dtype = compute_dtype(self.weight, convolution=True)
         if dtype is None:
             return self._conv_forward(x, self.weight, self.bias)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return self._conv_forward(x.to(dtype), self.weight.to(dtype), bias).to(x.dtype)
+        return self._conv_forward(*_lowered(dtype, x, self.weight, self.bias)).to(x.dtype)
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
@@ -111,8 +114,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         out_dtype = x.dtype
         weight, bias = self.weight, self.bias
         if dtype is not None:
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+            x, weight, bias = _lowered(dtype, x, weight, bias)
         if subpixel:
             return _SubpixelConvTranspose2d.apply(x, weight, bias).to(out_dtype)
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
