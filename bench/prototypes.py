@@ -39,15 +39,17 @@ def _is_fast_case(model) -> bool:
 
 def _loc_log_scale(model, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(μ, log σ) [B, D] from the encoder's output, as the model's posterior reads it."""
-    loc, raw = params.chunk(2, dim=-1)
-    return loc, (0.5 * raw if model.posterior.scale_param == "log-variance" else raw)
+    from aevb.distributions import loc_and_log_scale
+
+    return loc_and_log_scale(params, model.posterior.scale_param)
 
 
 # --------------------------------------------------------------------------- training loss
 
 
-def fast_vae_loss(self, x: torch.Tensor, beta: float | None = None):
-    """VAE.loss with the same maths and the same random draws, on plain tensors.
+def _fast_loss(self, x: torch.Tensor, beta: float | None, reconstruction_sum):
+    """VAE.loss on plain tensors with the same maths and random draws; ``reconstruction_sum``
+    maps (logits [L·B, P], targets [L·B, P]) to Σ BCE-with-logits, a scalar.
 
     loss = mean_b [ (1/L) Σ_l BCEwithlogits(decoder(z_lb), x_b) summed over pixels
                     + ½ Σ_d (σ² + μ² − 1 − 2 log σ) ]
@@ -63,12 +65,17 @@ def fast_vae_loss(self, x: torch.Tensor, beta: float | None = None):
     scale = log_scale.exp()
     eps = torch.randn((samples, *loc.shape), dtype=loc.dtype, device=loc.device)  # [L, B, D], as rsample draws
     z = loc + scale * eps  # [L, B, D]
-    logits = self.decoder(z.reshape(-1, self.latent_dim))  # [L·B, C, H, W]
+    logits = self.decoder(z.reshape(-1, self.latent_dim)).flatten(1)  # [L·B, P]
     target = x.unsqueeze(0).expand(samples, *x.shape).reshape(logits.shape)
-    reconstruction = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / (samples * batch)
+    reconstruction = reconstruction_sum(logits, target) / (samples * batch)
     kl = (0.5 * (scale.square() + loc.square() - 1) - log_scale).sum() / batch
     return LossOutput(reconstruction + beta * kl, reconstruction.detach(), kl.detach(),
                       loc.detach().mean(), scale.detach().mean())
+
+
+def fast_vae_loss(self, x: torch.Tensor, beta: float | None = None):
+    """VAE.loss on tensors, no Distribution objects: Σ BCE by torch's fused BCE-with-logits."""
+    return _fast_loss(self, x, beta, lambda l, t: F.binary_cross_entropy_with_logits(l, t, reduction="sum"))
 
 
 class BernoulliNLLSum(torch.autograd.Function):
@@ -87,23 +94,7 @@ class BernoulliNLLSum(torch.autograd.Function):
 
 def fast_bce_vae_loss(self, x: torch.Tensor, beta: float | None = None):
     """fast_vae_loss with the reconstruction term through :class:`BernoulliNLLSum`."""
-    from aevb.models import LossOutput, VAE
-
-    if not _is_fast_case(self):
-        return VAE._original_loss(self, x, beta)
-    beta = self.beta if beta is None else beta
-    self._check_input(x)
-    batch, samples = x.shape[0], self.mc_samples
-    loc, log_scale = _loc_log_scale(self, self.encoder(x))  # each [B, D]
-    scale = log_scale.exp()
-    eps = torch.randn((samples, *loc.shape), dtype=loc.dtype, device=loc.device)  # [L, B, D]
-    z = loc + scale * eps
-    logits = self.decoder(z.reshape(-1, self.latent_dim)).flatten(1)  # [L·B, P]
-    target = x.unsqueeze(0).expand(samples, *x.shape).reshape(logits.shape)
-    reconstruction = BernoulliNLLSum.apply(logits, target).sum() / (samples * batch)
-    kl = (0.5 * (scale.square() + loc.square() - 1) - log_scale).sum() / batch
-    return LossOutput(reconstruction + beta * kl, reconstruction.detach(), kl.detach(),
-                      loc.detach().mean(), scale.detach().mean())
+    return _fast_loss(self, x, beta, lambda l, t: BernoulliNLLSum.apply(l, t).sum())
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -257,37 +257,47 @@ def _batches(x: torch.Tensor, batch: int):
     return next_batch
 
 
-def _step_dtype(precision: str, device: str):
-    from aevb.precision import resolve_precision
+class _AevbStep:
+    """aevb's model step on resident MNIST: model.loss(x) in ``precision``, backward, Adam (fused by default).
 
-    return resolve_precision(precision, torch.device(device))
+    The one setup of the step workers (aevb_step, step_breakdown, ab_step).
+    """
+
+    def __init__(self, arch: str, batch_size: int, device: str, precision: str = "auto",
+                 hidden: int | None = None, fused: bool = True):
+        from aevb.precision import resolve_precision
+
+        self.dtype = resolve_precision(precision, torch.device(device))
+        torch.manual_seed(0)
+        x_train, _ = load_mnist()
+        self.model = _aevb_model(arch, hidden, device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=fused,
+                                          foreach=None if fused else False)
+        self.next_batch = _batches(x_train.to(device), batch_size)
+
+    def loss(self, x: torch.Tensor):
+        from aevb.precision import matmul_dtype
+
+        with matmul_dtype(self.dtype):
+            return self.model.loss(x)
+
+    def __call__(self, i: int = 0) -> None:
+        out = self.loss(self.next_batch())
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
 
 
 @worker
 def aevb_step(arch: str = "mlp", batch_size: int = 128, hidden: int | None = None, device: str = "cpu",
               seconds: float = 2.0, patches: list | None = None, fused: bool = True, precision: str = "auto") -> dict:
     """aevb's model step alone: x = x_train[perm slice]; model.loss(x) (in ``precision``); backward; fused Adam."""
-    from aevb.precision import matmul_dtype
-
-    dtype = _step_dtype(precision, device)
-    torch.manual_seed(0)
-    x_train, _ = load_mnist()
-    x_train = x_train.to(device)
-    model = _aevb_model(arch, hidden, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused, foreach=None if fused else False)
-    next_batch = _batches(x_train, batch_size)
+    step = _AevbStep(arch, batch_size, device, precision, hidden, fused)
     with applied(patches):
-        def step(i):
-            with matmul_dtype(dtype):
-                out = model.loss(next_batch())
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-
         per_step = _time_steps(step, seconds, device)
     flops = _train_flops(arch, hidden)
     return {"setup": "aevb-step", "arch": arch, "batch_size": batch_size, "hidden": hidden, "patches": patches or [],
-            "precision": str(dtype or torch.float32),
+            "precision": str(step.dtype or torch.float32),
             "ms_per_step": per_step * 1e3, "images_per_s": batch_size / per_step, "train_flops": flops["train_flops"]}
 
 
@@ -317,32 +327,23 @@ def plain_step(arch: str = "mlp", batch_size: int = 128, device: str = "cpu", se
 def step_breakdown(arch: str = "mlp", batch_size: int = 128, device: str = "cpu", repeats: int = 300,
                    patches: list | None = None, precision: str = "auto") -> dict:
     """Milliseconds of forward+loss, backward, fused Adam and batch gathering in aevb's step."""
-    from aevb.precision import matmul_dtype
-
-    dtype = _step_dtype(precision, device)
-    torch.manual_seed(0)
-    x_train, _ = load_mnist()
-    x_train = x_train.to(device)
-    model = _aevb_model(arch, device=device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    next_batch = _batches(x_train, batch_size)
+    step = _AevbStep(arch, batch_size, device, precision)
     parts = {"batch": [], "forward_loss": [], "backward": [], "adam": [], "log_buffer": []}
     buffer = torch.zeros(50, 5, device=device)
     with applied(patches):
         for i in range(repeats + 20):
             t0 = time.perf_counter()
-            x = next_batch()
+            x = step.next_batch()
             sync(device)
             t1 = time.perf_counter()
-            with matmul_dtype(dtype):
-                out = model.loss(x)
+            out = step.loss(x)
             sync(device)
             t2 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
+            step.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             sync(device)
             t3 = time.perf_counter()
-            optimizer.step()
+            step.optimizer.step()
             sync(device)
             t4 = time.perf_counter()
             buffer[i % 50] = out.as_tensor()
@@ -468,31 +469,15 @@ def _interleaved(variants: dict, run_block, rounds: int) -> dict:
 @worker
 def ab_step(arch: str = "mlp", batch_size: int = 128, device: str = "cpu", rounds: int = 9, steps: int = 30) -> dict:
     """aevb's model step, library loss vs the fast-loss prototype, interleaved blocks of ``steps`` steps."""
-    from aevb.precision import matmul_dtype
-
-    dtype = _step_dtype("auto", device)
-    torch.manual_seed(0)
-    x_train, _ = load_mnist()
-    x_train = x_train.to(device)
-    model = _aevb_model(arch, device=device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    next_batch = _batches(x_train, batch_size)
+    step = _AevbStep(arch, batch_size, device)
 
     def block(name):
         for _ in range(3):  # settle
-            with matmul_dtype(dtype):
-                out = model.loss(next_batch())
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
+            step()
         sync(device)
         start = time.perf_counter()
         for _ in range(steps):
-            with matmul_dtype(dtype):
-                out = model.loss(next_batch())
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
+            step()
         sync(device)
         return (time.perf_counter() - start) / steps
 
