@@ -233,17 +233,17 @@ def sync(device: str | torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: str = "cpu", sizes=None, repeats: int = 5) -> dict:
-    """Best fp32 torch.mm rate over a few square sizes (GFLOP/s), torch's default threads.
+def matmul_peak(device: str = "cpu", sizes=None, repeats: int = 5, dtype: torch.dtype = torch.float32) -> dict:
+    """Best torch.mm rate over a few square sizes (GFLOP/s), torch's default threads; fp32 unless ``dtype``.
 
     On CUDA, TF32 stays off (torch's default for matmul), so this is the fp32 peak.
     """
     sizes = sizes or ((1024, 2048, 3072) if torch.device(device).type == "cpu" else (2048, 4096, 8192))
     best = {"gflops": 0.0, "n": None}
     for n in sizes:
-        a = torch.randn(n, n, device=device)
-        b = torch.randn(n, n, device=device)
-        c = torch.empty(n, n, device=device)
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        c = torch.empty(n, n, device=device, dtype=dtype)
         for _ in range(2):
             torch.mm(a, b, out=c)
         sync(device)

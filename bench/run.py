@@ -78,6 +78,7 @@ def suite(quick: bool, device: str, skip_pythae: bool) -> dict:
 
     log("matmul peak …")
     res["matmul"] = [call("matmul", device=device)]
+    res["matmul_bf16"] = call("matmul", device=device, dtype="bfloat16")  # for the bf16 rows' own utilisation
     res["flops"] = {arch: call("flops", arch=arch) for arch in ("mlp", "conv")}
 
     pythae_ok = not skip_pythae and PYTHAE_PYTHON.exists()
@@ -143,6 +144,11 @@ def suite(quick: bool, device: str, skip_pythae: bool) -> dict:
         "aevb k=1000": call("aevb_ll", model_path=model_path, k=1000, n_images=n_small, batch_size=n_small,
                             device=device),
         "plain k=1000": call("plain_ll", model_path=model_path, k=1000, n_images=n_small, device=device),
+        # aevb eval --precision bf16: the same estimate within noise (see the mean log p(x) column)
+        "aevb k=5000 bf16": call("aevb_ll", model_path=model_path, k=5000, n_images=n_eval, device=device,
+                                 precision="bf16"),
+        "aevb k=1000 bf16": call("aevb_ll", model_path=model_path, k=1000, n_images=n_small, batch_size=n_small,
+                                 device=device, precision="bf16"),
     }
     if pythae_ok:
         res["eval"]["pythae get_nll k=1000"] = call("pythae_nll", model_path=model_path, k=1000, n_images=n_small,
@@ -294,7 +300,20 @@ def report(res: dict) -> str:
         gflops = r.get("gflops")
         rows.append([name, str(r["n_images"]), f"{r['seconds']:.2f}", f"{r['ms_per_image']:.2f}",
                      _f(gflops / peak * 100 if gflops else None, "{:.1f}%"), f"{r['mean_log_likelihood']:.2f}"])
-    out += ["", _table(["importance-sampled log p(x)", "images", "seconds", "ms/image", "of peak", "mean log p(x)"], rows)]
+    out += ["", _table(["importance-sampled log p(x)", "images", "seconds", "ms/image", "of fp32 peak",
+                        "mean log p(x)"], rows)]
+    ev = res["eval"]
+    parts = []
+    for name, other in (("plain k=1000", "plain"), ("pythae get_nll k=1000", "pythae")):
+        for mine in ("aevb k=1000", "aevb k=1000 bf16"):
+            if "ms_per_image" in ev.get(name, {}) and "ms_per_image" in ev.get(mine, {}):
+                parts.append(f"{other}/{mine[5:]} {ev[name]['ms_per_image'] / ev[mine]['ms_per_image']:.2f}×")
+    bf16_peak = res.get("matmul_bf16", {}).get("gflops")
+    if bf16_peak and "gflops" in ev.get("aevb k=5000 bf16", {}):
+        parts.append(f"k=5000 bf16 at {ev['aevb k=5000 bf16']['gflops'] / bf16_peak * 100:.1f}% of the bf16 peak "
+                     f"({bf16_peak:.0f} GFLOP/s)")
+    if parts:
+        out.append("  speed-ups (ms per image): " + ", ".join(parts))
     ab = res.get("ab_eval", {})
     if "error" not in ab and ab:
         base = ab["ms_per_image"]["library (default: 4096 rows)"]

@@ -61,10 +61,10 @@ def flops(arch: str = "mlp", hidden: int | None = None) -> dict:
 
 
 @worker
-def matmul(device: str = "cpu") -> dict:
+def matmul(device: str = "cpu", dtype: str = "float32") -> dict:
     from common import matmul_peak
 
-    return matmul_peak(device)
+    return {**matmul_peak(device, dtype=getattr(torch, dtype)), "dtype": dtype}
 
 
 # --------------------------------------------------------------------------- (a) aevb's library loop
@@ -370,13 +370,18 @@ def _eval_model(model_path: str | None, device: str):
 
 @worker
 def aevb_ll(model_path: str | None = None, k: int = 5000, n_images: int = 2000, batch_size: int = 500,
-            device: str = "cpu", patches: list | None = None) -> dict:
-    """model.log_likelihood(x, n_samples=k) over the last n_images test images, in batches."""
+            device: str = "cpu", patches: list | None = None, precision: str = "fp32") -> dict:
+    """model.log_likelihood(x, n_samples=k) over the last n_images test images, in batches.
+
+    ``precision``: of the sampler's multiplies, as ``aevb eval --precision``.
+    """
+    from aevb.precision import matmul_dtype, resolve_precision
+
     torch.manual_seed(0)
     _, x_test = load_mnist()
     x = x_test[-n_images:].to(device)
     model = _eval_model(model_path, device)
-    with applied(patches):
+    with applied(patches), matmul_dtype(resolve_precision(precision, torch.device(device))):
         model.log_likelihood(x[:2], n_samples=64)  # warm-up
         sync(device)
         start = time.perf_counter()
@@ -386,7 +391,7 @@ def aevb_ll(model_path: str | None = None, k: int = 5000, n_images: int = 2000, 
     flops = _train_flops("mlp")
     work = n_images * (flops["encoder_flops"] + k * flops["decoder_flops"])
     return {"setup": "aevb-ll", "k": k, "n_images": n_images, "batch_size": batch_size, "patches": patches or [],
-            "seconds": seconds, "ms_per_image": seconds / n_images * 1e3, "gflops": work / seconds / 1e9,
+            "precision": precision, "seconds": seconds, "ms_per_image": seconds / n_images * 1e3, "gflops": work / seconds / 1e9,
             "mean_log_likelihood": float(torch.cat(values).mean())}
 
 
@@ -530,7 +535,14 @@ def ab_loop(epochs: int = 3, rounds: int = 3, device: str = "cpu") -> dict:
 def ab_eval(k: int = 1000, n_images: int = 100, rounds: int = 5, device: str = "cpu", model_path: str | None = None) -> dict:
     """Importance-sampled log-likelihood variants, interleaved, on the same model and images."""
     import aevb.objectives as O
+    from aevb.precision import bf16_is_native, matmul_dtype
     from prototypes import fast_log_likelihood
+
+    def bf16(fn):
+        def run():
+            with matmul_dtype(torch.bfloat16):
+                return fn()
+        return run
 
     _, x_test = load_mnist()
     x = x_test[-n_images:].to(device)
@@ -547,6 +559,8 @@ def ab_eval(k: int = 1000, n_images: int = 100, rounds: int = 5, device: str = "
             model, x, k, rows=4096, softplus_sum=lambda l: torch.nn.functional.softplus(l).sum(-1)),
         "plain per image": lambda: plain_log_likelihood(plain, x, k),
     }
+    if bf16_is_native(torch.device(device)):  # aevb eval --precision bf16
+        variants["library, bf16 multiplies"] = bf16(lambda: model.log_likelihood(x, n_samples=k))
     del O
     times = {name: [] for name in variants}
     with torch.no_grad():

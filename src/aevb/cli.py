@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from .config import RunConfig, coerce, flag, make_config, read_config_file
+from .config import PRECISIONS, RunConfig, coerce, flag, make_config, read_config_file
 from .errors import UserError
 from .registry import DATASETS
 
@@ -146,8 +146,12 @@ def _load(run: str, device: str):
 @click.option("--iw-samples", "-k", type=click.IntRange(min=1), default=5000, show_default=True, help="importance samples per test example for log p(x)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True, help="test examples per batch")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the Monte Carlo estimates")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="multiplies of the importance sampler: bf16 decodes the k samples about 2× faster and moves "
+                   "log p(x) by a few thousandths of a nat, several times less than other samples would; auto: "
+                   "bf16 where the device has native bf16, else fp32. The ELBO and all other metrics are float32")
 @_device_option
-def eval_command(run, iw_samples, batch_size, seed, device):
+def eval_command(run, iw_samples, batch_size, seed, precision, device):
     """Evaluate a run on its test split; print a table and write RUN/eval.json.
 
     \b
@@ -159,10 +163,12 @@ def eval_command(run, iw_samples, batch_size, seed, device):
     Examples:
       aevb eval runs/vae-digits
       aevb eval runs/mnist --iw-samples 1000
+      aevb eval runs/mnist --precision fp32     # float32 importance sampler
     """
     from .evaluation import evaluate_run
 
-    metrics = evaluate_run(run, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device, progress=True)
+    metrics = evaluate_run(run, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
+                           progress=True, precision=precision)
     click.echo(format_metrics(metrics))
     diagnostics = format_diagnostics(metrics)
     if diagnostics:
@@ -178,7 +184,8 @@ def format_metrics(metrics: dict) -> str:
         ("negative ELBO", metrics.get("neg_elbo"), "nats"),
         ("  reconstruction −E[log p(x|z)]", metrics.get("reconstruction_nll"), "nats"),
         ("  KL(q(z|x) ‖ p(z))", metrics.get("kl"), "nats"),
-        (f"negative log-likelihood (k={metrics.get('iw_samples')})", metrics.get("nll"), "nats"),
+        (f"negative log-likelihood (k={metrics.get('iw_samples')}"
+         f"{', bf16' if metrics.get('iw_precision') == 'bf16' else ''})", metrics.get("nll"), "nats"),
         ("ELBO gap", metrics.get("elbo_gap"), "nats"),
         ("bits per dimension", metrics.get("bits_per_dim"), "bits"),
         ("reconstruction MSE per dim", metrics.get("mse_per_dim"), ""),

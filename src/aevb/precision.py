@@ -1,20 +1,24 @@
-"""Mixed precision for training: matrix multiplies in bfloat16, everything else in float32.
+"""Mixed precision: matrix multiplies in bfloat16, everything else in float32.
 
 On processors with native bfloat16 dot products (x86 with AVX512-BF16 or
 AMX, CUDA GPUs from Ampere on) a bf16 matrix multiply runs 2–4× faster than
-an fp32 one; at batch 128 the multiplies are most of a VAE's training step.
+an fp32 one; at batch 128 the multiplies are most of a VAE's training step,
+and they are most of an importance-sampled evaluation.
 Inside :func:`matmul_dtype`, the layers of :mod:`aevb.layers` cast their input,
 weight and bias to bf16 for the multiply (which accumulates in fp32) and
-return fp32 (convolutions only on GPUs: see :func:`compute_dtype`).  Only the layer outputs are rounded to bf16 (3 significant
-digits): weights, optimiser state, activations between layers, the
-likelihood, the KL and every sum stay fp32, and so does everything outside
-the context — evaluation and the reported ELBO never use it.
+return fp32 (convolutions only on GPUs: see :func:`compute_dtype`).  Only the
+layer outputs are rounded to bf16 (3 significant digits): weights, optimiser
+state, activations between layers, the likelihood, the KL and every sum stay
+fp32, and so does everything outside the context.  Training's step and the
+importance sampler of ``aevb eval`` use it (``--precision``); the test ELBO
+that training reports never does.
 
 This is a different rule from ``torch.autocast``, which keeps the layer
 outputs, and so the activations and distribution parameters after them, in
 bf16.  ``tests/test_precision.py`` checks that a bf16 step gives the fp32
-loss and gradients to bf16 rounding and that training reaches the same test
-ELBO; ``bench/`` measures the speed.
+loss and gradients to bf16 rounding, that training reaches the same test
+ELBO, and that bf16 moves an importance-sampled log p(x) several times less
+than drawing other samples does; ``bench/`` measures the speed.
 """
 
 from __future__ import annotations

@@ -199,6 +199,7 @@ EVAL_ROWS = [
     ("kl", "KL(q(z|x) ‖ p(z))", "nats", "analytic"),
     ("nll", "negative log-likelihood", "nats", "importance-sampled, k samples per example"),
     ("iw_samples", "importance samples k", "", ""),
+    ("iw_precision", "importance sampler's multiplies", "", "bf16: bfloat16 matrix multiplies, all else float32"),
     ("elbo_gap", "ELBO gap", "nats", "negative ELBO − negative log-likelihood"),
     ("bits_per_dim", "bits per dimension", "bits", "for discrete (8-bit or binary) data"),
     ("mse_per_dim", "reconstruction MSE per dimension", "", "at the posterior mean"),
