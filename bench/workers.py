@@ -97,25 +97,28 @@ def _steady_images_per_s(records: list[dict], batch: int) -> float | None:
 def aevb_train(arch: str = "mlp", max_epochs: int = 10, min_epochs: int = 10, target: float | None = None,
                device: str = "cpu", n_train: int = 8000, lr: float | None = None, batch_size: int | None = None,
                precision: str | None = None, output_bias: str | None = None,
-               patches: list | None = None, save_model: str | None = None, seed: int = 0) -> dict:
+               patches: list | None = None, save_model: str | None = None, seed: int = 0,
+               stream: str | None = None) -> dict:
     """aevb.training.train on the reference data; epoch times and test −ELBO from its own evaluations.
 
     Trains up to ``max_epochs``; stops after ``min_epochs`` once the test
     −ELBO is ≤ ``target`` (time to quality).  Wall-clock times exclude the
     loop's evaluation passes but include everything else it does per epoch.
     ``lr``, ``batch_size``, ``precision``, ``output_bias``: None keeps the
-    library's default (its recipe).
+    library's default (its recipe).  ``stream`` (``yes``/``no``) reads the
+    images from a uint8 .npy file, memory-mapped and converted per batch or
+    converted up front (``aevb train --stream``).
     """
     import aevb.training as T
     from aevb.config import make_config
 
     tmp = Path(tempfile.mkdtemp(prefix="aevb-bench-"))
-    if n_train == 8000:
+    if n_train == 8000 and stream is None:
         data, labels = MNIST_IMAGES, MNIST_LABELS
     else:
         data, labels = _subset_files(tmp, n_train)
     recipe = {k: v for k, v in dict(lr=lr, batch_size=batch_size, precision=precision,
-                                    output_bias=output_bias).items() if v is not None}
+                                    output_bias=output_bias, stream=stream).items() if v is not None}
     config = make_config(data=str(data), labels=str(labels), test_split=N_TEST, arch=arch, latent_dim=LATENT,
                          likelihood="bernoulli", epochs=max_epochs, device=device, out=str(tmp / "run"), seed=seed,
                          **recipe)
@@ -154,9 +157,9 @@ def aevb_train(arch: str = "mlp", max_epochs: int = 10, min_epochs: int = 10, ta
     if save_model:
         state["model"].save(save_model)
     records = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return _summary("aevb", state["epochs"], n_train, target,
+    return _summary("aevb", state["epochs"], n_train, target, arch=arch,
                     images_per_s=_steady_images_per_s(records, batch_size),
-                    recipe={k: getattr(config, k) for k in ("lr", "batch_size", "precision", "output_bias")},
+                    recipe={k: getattr(config, k) for k in ("lr", "batch_size", "precision", "output_bias", "stream")},
                     logged_test_elbo=[r["test_elbo"] for r in records if "test_elbo" in r])
 
 

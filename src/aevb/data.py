@@ -1,7 +1,8 @@
 """Data sets: a registry of named loaders, and readers for data files and image folders.
 
 Whatever the source, :func:`load_data` returns a :class:`Dataset` of float32
-tensors held in memory:
+tensors held in memory (or, for a training set too large for that, a
+:class:`~aevb.streaming.StreamedImages` that converts batch by batch):
 
 * images: ``[N, C, H, W]``, channels first, pixel values in ``[0, 1]``;
 * tabular data: ``[N, D]``, each column standardised with the training split's
@@ -39,8 +40,13 @@ import torch
 
 from .errors import UserError
 from .registry import DATASETS
+from .streaming import StreamedImages, pixels_to_float
 
 BINARIZE_MODES = ("none", "threshold", "dynamic")
+STREAM_MODES = ("auto", "yes", "no")
+# stream="auto" streams a training set whose float32 copy would take more than this
+# fraction of the memory available when the data are loaded
+STREAM_MEMORY_FRACTION = 0.5
 DEFAULT_IMAGE_SIZE = 64  # side of the square images made from a folder
 CACHE_DIR = Path("~/.cache/aevb")  # default data_dir of the torchvision data sets: CACHE_DIR / name
 
@@ -65,7 +71,7 @@ class Dataset:
     """
 
     name: str
-    train: torch.Tensor  # [N_train, *data_shape] float32
+    train: torch.Tensor | StreamedImages  # [N_train, *data_shape] float32
     test: torch.Tensor  # [N_test, *data_shape] float32
     val: torch.Tensor | None = None  # [N_val, *data_shape] float32
     train_labels: torch.Tensor | None = None  # [N_train] int64
@@ -98,7 +104,7 @@ class SourceData:
     and ``test_y``; the train/validation split is then made from ``x`` alone.
     """
 
-    x: torch.Tensor  # [N, *data_shape] float32
+    x: torch.Tensor | StreamedImages  # [N, *data_shape] float32
     y: torch.Tensor | None  # [N] int64
     kind: str  # "image" or "tabular"
     levels: int | None
@@ -121,6 +127,7 @@ def load_data(
     seed: int = 0,
     image_size: int | None = None,
     download: bool = False,
+    stream: str = "auto",
 ) -> Dataset:
     """Load a registered data set, a data file or an image folder, and split it.
 
@@ -141,10 +148,15 @@ def load_data(
     image_size: side of the square images made from a folder (default 64);
         ignored for other sources.
     download: let torchvision fetch a registered data set that is missing.
-
-    Image folders are read into memory in full, like every other source.
+    stream: ``"yes"`` keeps the training images of a ``.npy`` file
+        (memory-mapped) or an image folder (8-bit pixels) as stored and
+        converts them to float32 batch by batch (:mod:`aevb.streaming`);
+        ``"no"`` converts everything up front; ``"auto"`` streams when the
+        float32 copy would take more than half of the memory available.
     """
     source = str(source)
+    if stream not in STREAM_MODES:
+        raise UserError(f"unknown stream mode {stream!r}; choose one of: {', '.join(STREAM_MODES)}")
     if image_size is not None and (
         isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1
     ):
@@ -154,11 +166,14 @@ def load_data(
             raise UserError(
                 f"labels files are for data files; the data set {source!r} has its own labels, drop --labels"
             )
+        if stream == "yes":
+            raise UserError(f"--stream yes reads a .npy file or an image folder batch by batch; the registered "
+                            f"data set {source!r} is loaded into memory: drop --stream")
         root = Path(data_dir).expanduser() if data_dir else CACHE_DIR.expanduser() / source
         loader: Callable[[Path, bool], SourceData] = DATASETS.get(source)
         data = loader(root, download)
     else:
-        data = _load_path(Path(source).expanduser(), labels, image_size or DEFAULT_IMAGE_SIZE)
+        data = _load_path(Path(source).expanduser(), labels, image_size or DEFAULT_IMAGE_SIZE, stream)
     return _split(source, data, test_split=test_split, val_split=val_split, shuffle=shuffle, seed=seed)
 
 
@@ -189,18 +204,26 @@ def _split(name: str, data: SourceData, *, test_split, val_split, shuffle: bool,
             f"test_split={test_split!r} and val_split={val_split!r} leave no training examples "
             f"out of {n}; use smaller splits"
         )
+    streamed = isinstance(x, StreamedImages)
+
+    def take(index, held_out: bool = False):
+        """x[index]; for streamed images lazily, except the held-out splits, which are loaded."""
+        if not streamed:
+            return x[index]
+        return x.subset(index).load() if held_out else x.subset(index)
+
     if shuffle:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # [N]
-        x = x[perm]
+        x = take(perm)
         y = None if y is None else y[perm]
 
     def part(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
         return None if t is None else t[start:stop]
 
-    train, train_y = x[:n_train], part(y, 0, n_train)
-    val, val_y = (x[n_train : n_train + n_val], part(y, n_train, n_train + n_val)) if n_val else (None, None)
+    train, train_y = take(slice(0, n_train)), part(y, 0, n_train)
+    val, val_y = (take(slice(n_train, n_train + n_val), True), part(y, n_train, n_train + n_val)) if n_val else (None, None)
     if data.test_x is None:
-        test, test_y = x[n_train + n_val :], part(y, n_train + n_val, n)
+        test, test_y = take(slice(n_train + n_val, n), True), part(y, n_train + n_val, n)
     else:
         test, test_y = data.test_x, data.test_y
 
@@ -348,7 +371,7 @@ def _targets(targets) -> torch.Tensor:
 # --------------------------------------------------------------------------- files
 
 
-def _load_path(path: Path, labels: str | None, image_size: int) -> SourceData:
+def _load_path(path: Path, labels: str | None, image_size: int, stream: str = "auto") -> SourceData:
     """SourceData of a data file (with an optional labels file) or an image folder."""
     if not path.exists():
         raise UserError(
@@ -358,14 +381,53 @@ def _load_path(path: Path, labels: str | None, image_size: int) -> SourceData:
     if path.is_dir():
         if labels is not None:
             raise UserError(f"the labels of an image folder come from its subfolder names; drop --labels for {path}")
-        return _load_folder(path, image_size)
-    x, y = _read_data_file(path)
+        return _load_folder(path, image_size, stream)
+    mappable = _format_suffix(path) == ".npy" and path.suffix.lower() != ".gz"
+    if stream == "yes" and not mappable:
+        raise UserError(f"--stream yes reads a .npy file or an image folder batch by batch, not {path}; "
+                        f"save the images with numpy.save, or drop --stream")
+    # a memory map reads nothing yet: whether to stream is decided from the shape
+    x, y = (_np_load(path, mmap=True), None) if mappable and stream != "no" else _read_data_file(path)
     where = str(path)
     if labels is not None:
         y, where = _read_labels(Path(labels).expanduser()), str(labels)
-    xt, kind, levels = _array_to_tensor(x, str(path))
+    view, levels, scale = _image_view(x, str(path))
+    if view is None:
+        if stream == "yes":
+            raise UserError(f"--stream yes is for images; {path} holds rows of a table [N, D]: drop --stream")
+        xt, kind = torch.from_numpy(np.asarray(x, dtype=np.float32)), "tabular"  # [N, D]
+    else:
+        xt, kind = _images(view, scale, stream), "image"
     yt = None if y is None else _labels_tensor(y, len(xt), where)
     return SourceData(xt, yt, kind, levels, classes=_class_names(yt))
+
+
+def _images(view: np.ndarray, scale: float | None, stream: str) -> torch.Tensor | StreamedImages:
+    """Images from pixels viewed as [N, C, H, W]: streamed, or converted to float32 now."""
+    if stream == "yes" or (stream == "auto" and _too_large_for_memory(4 * view.size)):
+        return StreamedImages(view, scale)
+    return pixels_to_float(view, scale)
+
+
+def _too_large_for_memory(n_bytes: int) -> bool:
+    """Whether n_bytes exceed STREAM_MEMORY_FRACTION of the memory available now (False where unknown)."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:  # Linux: MemAvailable counts reclaimable caches
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:
+        try:
+            import os
+
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return False
+    return n_bytes > STREAM_MEMORY_FRACTION * available
 
 
 def _read_data_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -499,11 +561,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(data, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def _np_load(path: Path) -> np.ndarray:
-    """An array from a .npy file (gzipped or not); no pickles."""
+def _np_load(path: Path, mmap: bool = False) -> np.ndarray:
+    """An array from a .npy file (gzipped or not; with mmap, a read-only memory map); no pickles."""
     try:
         source = io.BytesIO(_read_bytes(path)) if path.suffix.lower() == ".gz" else path
-        array = np.load(source, allow_pickle=False)
+        array = np.load(source, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as exc:
         raise UserError(f"cannot read {path} as a .npy array ({_one_line(exc)}); save it with numpy.save") from None
     if not isinstance(array, np.ndarray):
@@ -551,15 +613,16 @@ def _read_text(path: Path) -> np.ndarray:
     return array
 
 
-def _array_to_tensor(a: np.ndarray, where: str) -> tuple[torch.Tensor, str, int | None]:
-    """(x, kind, levels) from an array of examples.
+def _image_view(a: np.ndarray, where: str) -> tuple[np.ndarray | None, int | None, float | None]:
+    """(pixels viewed as [N, C, H, W], levels, scale) of an array of examples; (None, None, None) for a table.
 
-    uint8 (or integers 0..255 with ≥ 3 dims) → images / 255, 256 levels;
-    bool → images, 2 levels; floats with ≥ 3 dims must already lie in [0, 1].
-    Image layouts: [N, H, W] → [N, 1, H, W]; [N, H, W, C] with C in (1, 3, 4)
-    → [N, C, H, W]; [N, C, H, W] kept.  2-D arrays [N, D] are tabular, except
-    uint8 rows whose length is a square number (flattened images, e.g. 784 →
-    [N, 1, 28, 28]).
+    uint8 (or integers 0..255 with ≥ 3 dims) are images / 255 (``scale``),
+    256 levels; bool → images, 2 levels; floats with ≥ 3 dims must already lie
+    in [0, 1].  Image layouts: [N, H, W] → [N, 1, H, W]; [N, H, W, C] with C in
+    (1, 3, 4) → [N, C, H, W]; [N, C, H, W] kept.  2-D arrays [N, D] are
+    tabular, except uint8 rows whose length is a square number (flattened
+    images, e.g. 784 → [N, 1, 28, 28]).  Only views are taken, so a memory
+    map is read (in chunks) just for the range checks.
     """
     if a.dtype.kind not in "biuf":
         raise UserError(f"{where} holds {a.dtype} values; the data must be numbers")
@@ -568,12 +631,13 @@ def _array_to_tensor(a: np.ndarray, where: str) -> tuple[torch.Tensor, str, int 
             f"{where} holds an array of shape {list(a.shape)}; expected examples along the first "
             f"axis: [N, D] rows, or images [N, H, W], [N, H, W, C] or [N, C, H, W] (labels go in --labels)"
         )
-    if a.dtype.kind == "f" and not np.isfinite(a).all():
+    lo, hi, finite = _range(a)
+    if not finite:
         raise UserError(f"{where} contains NaN or infinite values; remove or fill them")
     if a.ndim == 2:
         side = math.isqrt(a.shape[1])
         if a.dtype != np.uint8 or side * side != a.shape[1]:
-            return torch.from_numpy(a.astype(np.float32)), "tabular", None  # [N, D]
+            return None, None, None
         a = a.reshape(len(a), side, side)
     if a.ndim == 3:
         a = a[:, None]  # [N, 1, H, W]
@@ -585,35 +649,46 @@ def _array_to_tensor(a: np.ndarray, where: str) -> tuple[torch.Tensor, str, int 
             f"first [N, C, H, W] or last [N, H, W, C]"
         )
     if a.dtype.kind == "b":
-        return torch.from_numpy(a.astype(np.float32, order="C")), "image", 2
-    lo, hi = a.min(), a.max()
+        return a, 2, None
     if a.dtype.kind in "iu":
         if lo < 0 or hi > 255:
             raise UserError(
                 f"{where}: integer pixel values must lie in 0..255, found {lo}..{hi}; rescale them to floats in [0, 1]"
             )
-        x = a.astype(np.float32, order="C")
-        x /= 255
-        return torch.from_numpy(x), "image", 256
+        return a, 256, 255.0
     if lo < 0 or hi > 1:
         raise UserError(
             f"{where}: float pixel values must lie in [0, 1], found {lo:g}..{hi:g}; "
             f"rescale them (8-bit values: divide by 255)"
         )
-    return torch.from_numpy(a.astype(np.float32, order="C")), "image", None
+    return a, None, None
+
+
+def _range(a: np.ndarray, rows: int = 4096) -> tuple:
+    """(min, max, all finite) of an array, a block of rows at a time (a memory map is never read whole)."""
+    lo, hi, finite = None, None, True
+    for start in range(0, len(a), rows):
+        block = np.asarray(a[start:start + rows])
+        if block.dtype.kind == "f" and not np.isfinite(block).all():
+            return None, None, False
+        b_lo, b_hi = block.min(), block.max()
+        lo = b_lo if lo is None else min(lo, b_lo)
+        hi = b_hi if hi is None else max(hi, b_hi)
+    return lo, hi, finite
 
 
 # --------------------------------------------------------------------------- image folders
 
 
-def _load_folder(root: Path, image_size: int) -> SourceData:
+def _load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceData:
     """Every readable image under root, sorted by path, as [N, C, S, S] in [0, 1] with S = image_size.
 
     Images are converted to RGB (to greyscale if all are greyscale), resized so
     the short side is S, and centre-cropped to S x S.  Unreadable files are
     named in a warning and skipped.  With two or more subfolders holding
     images, the top-level subfolder is the class (like torchvision's
-    ImageFolder).  Everything is held in memory.
+    ImageFolder).  The decoded 8-bit pixels are held in memory; with
+    ``stream`` they stay 8-bit and training converts them batch by batch.
     """
     from PIL import Image
 
@@ -663,9 +738,9 @@ def _load_folder(root: Path, image_size: int) -> SourceData:
     else:
         classes = None
 
-    x = torch.from_numpy(np.stack(pixels))  # [N, S, S] or [N, S, S, 3] uint8
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # [N, C, S, S]
-    return SourceData(x.to(torch.float32).div_(255).contiguous(), y, "image", levels=256, classes=classes)
+    stacked = np.stack(pixels)  # [N, S, S] or [N, S, S, 3] uint8
+    view = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)  # [N, C, S, S]
+    return SourceData(_images(view, 255.0, stream), y, "image", levels=256, classes=classes)
 
 
 def _resize_crop(im, size: int):
@@ -688,8 +763,11 @@ def binarize(x: torch.Tensor, mode: str, generator: torch.Generator | None = Non
     """Binarise pixels x in [0, 1] (any shape): "none" returns x, "threshold" (x > 0.5),
     "dynamic" a fresh Bernoulli(x) sample on every call (Salakhutdinov & Murray 2008).
 
-    The generator must live on x's device.
+    The generator must live on x's device.  Streamed images are binarised
+    batch by batch, as they are read.
     """
+    if isinstance(x, StreamedImages) and mode in BINARIZE_MODES:
+        return x if mode == "none" else x.binarized(mode, generator)
     if mode == "none":
         return x
     if mode == "threshold":

@@ -39,6 +39,7 @@ from .errors import NoLikelihoodError, UserError
 from .io import write_json, write_safetensors
 from .priors import build_prior, per_dimension_kl
 from .registry import LIKELIHOODS, MODELS, NETWORKS, POSTERIORS
+from .streaming import StreamedImages, mean_example
 
 FORMAT = "aevb-model"
 FORMAT_VERSION = 1
@@ -173,7 +174,7 @@ class Model(nn.Module):
         return self.likelihood(params, len(self.data_shape))
 
     @torch.no_grad()
-    def init_output_bias(self, x: torch.Tensor) -> bool:
+    def init_output_bias(self, x: torch.Tensor | StreamedImages) -> bool:
         """Start p(x|z) at the data's average: set the decoder's last bias from x [N, *data_shape].
 
         A fresh decoder outputs values near 0 whatever z is (grey images for a
@@ -183,7 +184,7 @@ class Model(nn.Module):
         Returns False, changing nothing, where the likelihood has no inverse of
         its mean or the decoder's last layer has no bias of a matching size.
         """
-        mean = x.float().mean(0)  # [*data_shape]
+        mean = mean_example(x)  # [*data_shape]
         params = self.likelihood.params_for_mean(mean)  # [k·C, *spatial] or None
         biased = [m for m in self.decoder.modules() if isinstance(getattr(m, "bias", None), torch.Tensor)]
         if params is None or not biased:

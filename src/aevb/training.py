@@ -78,7 +78,7 @@ def load_dataset(config: RunConfig) -> data_module.Dataset:
     return data_module.load_data(
         config.data, labels=config.labels, data_dir=config.data_dir, test_split=config.test_split,
         val_split=config.val_split, shuffle=config.shuffle, seed=config.seed,
-        image_size=config.image_size, download=config.download,
+        image_size=config.image_size, download=config.download, stream=config.stream,
     )
 
 

@@ -1,0 +1,142 @@
+"""Streamed training images (aevb.streaming): the same numbers as the in-memory path, read batch by batch.
+
+Every layout the loaders accept gives, streamed, exactly the float32 values
+of the in-memory tensors; a run trained streamed logs the same losses; auto
+streams only when the float32 copy would not fit; misuse is a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aevb import data
+from aevb.errors import UserError
+from aevb.streaming import StreamedImages
+
+from conftest import aevb_cli
+
+
+def _digits_uint8() -> np.ndarray:
+    """scikit-learn's digits as 8-bit pixels [1797, 8, 8] (0..16 scaled to 0..240)."""
+    from sklearn.datasets import load_digits
+
+    return (load_digits().images * 15).astype(np.uint8)
+
+
+LAYOUTS = {
+    "grey [N, H, W]": lambda d: d,
+    "colour [N, H, W, C]": lambda d: np.repeat(d[..., None], 3, axis=3),
+    "colour [N, C, H, W]": lambda d: np.repeat(d[:, None], 3, axis=1),
+    "flattened [N, H·W]": lambda d: d.reshape(len(d), -1),
+    "float [N, 1, H, W]": lambda d: (d[:, None] / 255.0).astype(np.float32),
+    "bool [N, H, W]": lambda d: d > 100,
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_streamed_images_are_the_in_memory_floats(tmp_path, layout):
+    path = tmp_path / "x.npy"
+    np.save(path, LAYOUTS[layout](_digits_uint8()))
+    options = dict(test_split=200, val_split=100, shuffle=True, seed=3)
+    memory = data.load_data(str(path), stream="no", **options)
+    streamed = data.load_data(str(path), stream="yes", **options)
+
+    train = streamed.train
+    assert isinstance(train, StreamedImages) and isinstance(train.pixels, np.memmap)  # nothing was read
+    assert isinstance(memory.train, torch.Tensor)
+    assert train.shape == memory.train.shape and len(train) == len(memory.train) == 1497
+    assert streamed.data_shape == memory.data_shape and streamed.levels == memory.levels
+    # the held-out splits are loaded: evaluation and the figures read them whole
+    assert torch.equal(streamed.test, memory.test) and torch.equal(streamed.val, memory.val)
+    # every way the training loop and evaluation index a training set
+    assert torch.equal(train.load(), memory.train)
+    index = torch.tensor([5, 0, 1496, 5, 700])
+    assert torch.equal(train[index], memory.train[index])
+    assert torch.equal(train[10:74], memory.train[10:74])
+    assert torch.equal(train[7], memory.train[7])
+    assert train[index].dtype == torch.float32 and train[index].is_contiguous()
+    torch.testing.assert_close(train.mean(0), memory.train.mean(0), rtol=0, atol=1e-6)
+    for mode in ("threshold", "none"):
+        assert torch.equal(data.binarize(train, mode)[index], data.binarize(memory.train, mode)[index])
+
+
+def test_streamed_image_folder_keeps_8_bit_pixels(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    memory = data.load_data(str(tmp_path), stream="no", image_size=8, test_split=2)
+    streamed = data.load_data(str(tmp_path), stream="yes", image_size=8, test_split=2)
+    assert isinstance(streamed.train, StreamedImages) and streamed.train.pixels.dtype == np.uint8
+    assert torch.equal(streamed.train.load(), memory.train) and torch.equal(streamed.test, memory.test)
+
+
+def _records(run: Path) -> list[dict]:
+    timing = {"images_per_s", "seconds", "time", "elapsed_s", "epoch_seconds"}
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_streamed_logs_the_same_losses_as_in_memory(tmp_path, one_thread):
+    from aevb.config import make_config
+    from aevb.training import train
+
+    path = tmp_path / "digits.npy"
+    np.save(path, np.repeat(_digits_uint8()[..., None], 3, axis=3))  # colour, channels last
+    records = {}
+    for stream in ("no", "yes"):
+        config = make_config(data=str(path), epochs=3, stream=stream, out=str(tmp_path / stream), latent_dim=4,
+                             shuffle=True, val_split=100, binarize="threshold")
+        model, run = train(config, progress=False)
+        records[stream] = _records(run)
+    assert len(records["yes"]) >= 4 and any("val_elbo" in r for r in records["yes"])
+    assert records["yes"] == records["no"]  # every loss, term and evaluation, to the last bit
+
+
+def test_auto_streams_only_when_the_float32_copy_does_not_fit(tmp_path, monkeypatch):
+    path = tmp_path / "x.npy"
+    np.save(path, _digits_uint8())
+    assert not data._too_large_for_memory(1)
+    assert data._too_large_for_memory(1 << 60)
+    sizes = []
+    monkeypatch.setattr(data, "_too_large_for_memory", lambda n_bytes: sizes.append(n_bytes) or True)
+    assert isinstance(data.load_data(str(path)).train, StreamedImages)
+    assert sizes == [1797 * 64 * 4]  # the float32 copy's size decides
+    monkeypatch.setattr(data, "_too_large_for_memory", lambda n_bytes: False)
+    assert isinstance(data.load_data(str(path)).train, torch.Tensor)
+
+
+def test_stream_misuse_is_a_clear_error(tmp_path):
+    np.save(tmp_path / "table.npy", np.random.default_rng(0).normal(size=(50, 3)))
+    np.savetxt(tmp_path / "images.csv", np.zeros((5, 4)), delimiter=",")
+    with pytest.raises(UserError, match="registered data set 'digits' is loaded into memory"):
+        data.load_data("digits", stream="yes")
+    with pytest.raises(UserError, match="is for images"):
+        data.load_data(str(tmp_path / "table.npy"), stream="yes")
+    with pytest.raises(UserError, match="reads a .npy file or an image folder"):
+        data.load_data(str(tmp_path / "images.csv"), stream="yes")
+    with pytest.raises(UserError, match="unknown stream mode"):
+        data.load_data("digits", stream="maybe")
+    # a table is never streamed by auto: it is standardised in memory
+    assert isinstance(data.load_data(str(tmp_path / "table.npy"), stream="auto").train, torch.Tensor)
+
+
+def test_cli_stream_option(tmp_path, capsys):
+    path = tmp_path / "x.npy"
+    np.save(path, _digits_uint8())
+    out = tmp_path / "run"
+    assert aevb_cli("train", "--data", path, "--stream", "yes", "--epochs", 1, "--latent-dim", 2, "-q",
+                    "--out", out) == 0
+    assert json.loads((out / "config.json").read_text())["stream"] == "yes"
+    shutil.rmtree(out)
+    capsys.readouterr()
+    assert aevb_cli("train", "--data", "digits", "--stream", "yes", "--out", out) != 0
+    err = capsys.readouterr().err
+    assert "drop --stream" in err and "Traceback" not in err
