@@ -15,7 +15,10 @@ available.  Only the training split streams: the test and validation
 splits are loaded as tensors, since evaluation and the figures read them
 whole.  It supports what the training loop and the evaluation do with a
 training set: ``len``, ``shape``, indexing by batch (slices, index tensors),
-``to(device)``, ``mean(0)``, and binarisation applied per batch.
+``to(device)``, ``mean(0)``, and binarisation applied per batch.  Loading
+still reads a file once, a block of rows at a time, to check its value range.
+Batches are converted in the training loop's thread; on a GPU they are
+copied to the device one at a time (no worker processes or pinned memory).
 """
 
 from __future__ import annotations
