@@ -28,6 +28,7 @@ import gzip
 import io
 import math
 import numbers
+import os
 import warnings
 import zipfile
 import zlib
@@ -221,9 +222,11 @@ def _split(name: str, data: SourceData, *, test_split, val_split, shuffle: bool,
         return None if t is None else t[start:stop]
 
     train, train_y = take(slice(0, n_train)), part(y, 0, n_train)
-    val, val_y = (take(slice(n_train, n_train + n_val), True), part(y, n_train, n_train + n_val)) if n_val else (None, None)
+    val, val_y = None, None
+    if n_val:
+        val, val_y = take(slice(n_train, n_train + n_val), held_out=True), part(y, n_train, n_train + n_val)
     if data.test_x is None:
-        test, test_y = take(slice(n_train + n_val, n), True), part(y, n_train + n_val, n)
+        test, test_y = take(slice(n_train + n_val, n), held_out=True), part(y, n_train + n_val, n)
     else:
         test, test_y = data.test_x, data.test_y
 
@@ -422,8 +425,6 @@ def _too_large_for_memory(n_bytes: int) -> bool:
         pass
     if available is None:
         try:
-            import os
-
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (AttributeError, ValueError, OSError):
             return False
