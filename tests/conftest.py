@@ -38,3 +38,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_user_cache(tmp_path_factory, monkeypatch):
+    """Keep what the loaders cache (decoded image folders) out of the user's ~/.cache."""
+    import aevb.data
+
+    monkeypatch.setattr(aevb.data, "CACHE_DIR", tmp_path_factory.getbasetemp() / "aevb-cache")

@@ -66,16 +66,69 @@ def test_streamed_images_are_the_in_memory_floats(tmp_path, layout):
         assert torch.equal(data.binarize(train, mode)[index], data.binarize(memory.train, mode)[index])
 
 
-def test_streamed_image_folder_keeps_8_bit_pixels(tmp_path):
+def _folder(root: Path) -> Path:
+    """Two class subfolders of random colour PNGs, one loose image and a truncated PNG (its header reads)."""
+    import io
+
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
-    memory = data.load_data(str(tmp_path), stream="no", image_size=8, test_split=2)
-    streamed = data.load_data(str(tmp_path), stream="yes", image_size=8, test_split=2)
-    assert isinstance(streamed.train, StreamedImages) and streamed.train.pixels.dtype == np.uint8
+    for i in range(14):
+        folder = root / ("cats" if i % 2 else "dogs")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(root / "loose.png")
+    png = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(png, format="PNG")
+    (root / "dogs" / "broken.png").write_bytes(png.getvalue()[:len(png.getvalue()) // 2])
+    return root
+
+
+@pytest.mark.filterwarnings("ignore:skipped 1 image.s. outside the class subfolders")
+def test_streamed_image_folder_is_decoded_once_into_a_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    root = _folder(tmp_path / "images")
+    with pytest.warns(UserWarning):
+        memory = data.load_data(str(root), stream="no", image_size=8, test_split=3)
+    with pytest.warns(UserWarning, match="broken.png"):
+        streamed = data.load_data(str(root), stream="yes", image_size=8, test_split=3)
+    assert isinstance(streamed.train, StreamedImages) and isinstance(streamed.train.pixels, np.memmap)
+    assert streamed.train.pixels.dtype == np.uint8
+    # the same images, labels and classes as in memory (the loose image and the broken file left out)
     assert torch.equal(streamed.train.load(), memory.train) and torch.equal(streamed.test, memory.test)
+    assert torch.equal(streamed.train_labels, memory.train_labels) and streamed.classes == memory.classes == ["cats", "dogs"]
+    caches = sorted((tmp_path / "cache" / "folders").glob("*.npy"))
+    assert len(caches) == 1 and np.load(caches[0]).shape == (15, 8, 8, 3)  # 14 + loose; the truncated one dropped
+
+    # a second load memory-maps the cache: nothing is decoded
+    def no_decoding(*args):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(data, "_decode", no_decoding)
+    with pytest.warns(UserWarning, match="broken.png"):  # still named, from the cache's index
+        again = data.load_data(str(root), stream="yes", image_size=8, test_split=3)
+    assert torch.equal(again.train.load(), memory.train)
+    # a changed folder (or another size) is decoded again, into its own cache file
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    from PIL import Image
+
+    Image.new("RGB", (10, 10), (255, 0, 0)).save(root / "cats" / "new.png")
+    with pytest.warns(UserWarning):
+        changed = data.load_data(str(root), stream="yes", image_size=8, test_split=3)
+    assert len(changed.train) + len(changed.test) == 15
+    assert len(sorted((tmp_path / "cache" / "folders").glob("*.npy"))) == 2
+
+
+def test_auto_decides_for_a_folder_before_decoding_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    root = _folder(tmp_path / "images")
+    sizes = []
+    monkeypatch.setattr(data, "_too_large_for_memory", lambda n_bytes: sizes.append(n_bytes) or True)
+    with pytest.warns(UserWarning):
+        streamed = data.load_data(str(root), image_size=8, test_split=3)
+    assert isinstance(streamed.train, StreamedImages)
+    assert sizes == [16 * 3 * 8 * 8 * 4]  # from the headers (the truncated file's reads): 16 files as float32
 
 
 def _records(run: Path) -> list[dict]:

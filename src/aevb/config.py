@@ -59,7 +59,7 @@ class RunConfig:
     shuffle: bool = _opt(False, "shuffle (seeded) before splitting instead of splitting in file order", group="data")
     image_size: int | None = _opt(None, "resize and centre-crop an image folder to this size (default 64)", group="data", metavar="PX")
     binarize: str = _opt("none", "binarise images for Bernoulli likelihoods: none, threshold (>0.5) or dynamic (resampled each epoch)", group="data", choices=BINARIZE_MODES)
-    stream: str = _opt("auto", "keep the training images of a .npy file (memory-mapped) or an image folder (8-bit) as stored and convert each batch to float32, instead of all of them up front: yes, no, or auto (when the float32 copy would take more than half of the available memory)", group="data", choices=STREAM_MODES)
+    stream: str = _opt("auto", "read the training images batch by batch from a memory-mapped .npy file (an image folder: from its 8-bit pixels, decoded once into ~/.cache/aevb/folders) instead of converting all of them to float32 up front: yes, no, or auto (when the float32 copy would take more than half of the available memory)", group="data", choices=STREAM_MODES)
     # -- model --------------------------------------------------------------
     model: str = _opt("vae", "model", group="model", choices=MODELS)
     likelihood: str = _opt("bernoulli", "likelihood p(x|z)", group="model", choices=LIKELIHOODS)

@@ -688,8 +688,10 @@ def _load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceDat
     the short side is S, and centre-cropped to S x S.  Unreadable files are
     named in a warning and skipped.  With two or more subfolders holding
     images, the top-level subfolder is the class (like torchvision's
-    ImageFolder).  The decoded 8-bit pixels are held in memory; with
-    ``stream`` they stay 8-bit and training converts them batch by batch.
+    ImageFolder).  In memory, the images are decoded and converted to float32.
+    Streamed (``stream``: yes, or auto for a folder too large for memory as
+    float32), they are decoded once into a cache file of 8-bit pixels
+    (:func:`_decoded_folder`) that later runs memory-map without decoding.
     """
     from PIL import Image
 
@@ -709,16 +711,23 @@ def _load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceDat
         except Exception:
             bad.append(p)
     mode = "L" if modes and all(m in ("1", "L", "LA") for m in modes.values()) else "RGB"
+    readable = list(modes)
+    shape = (image_size, image_size) if mode == "L" else (image_size, image_size, 3)  # of one image, uint8
 
-    pixels: list[np.ndarray] = []  # each [S, S] or [S, S, 3] uint8
-    kept: list[Path] = []
-    for p in modes:
-        try:
-            with Image.open(p) as im:
-                pixels.append(np.asarray(_resize_crop(im.convert(mode), image_size)))
-            kept.append(p)
-        except Exception:
-            bad.append(p)
+    streamed = stream == "yes" or (stream == "auto" and _too_large_for_memory(4 * len(readable) * math.prod(shape)))
+    if streamed:
+        stacked, kept, failed = _decoded_folder(root, readable, mode, image_size, shape)
+    else:
+        pixels: list[np.ndarray] = []  # each [S, S] or [S, S, 3] uint8
+        kept, failed = [], []
+        for p in readable:
+            try:
+                pixels.append(_decode(p, mode, image_size))
+                kept.append(p)
+            except Exception:
+                failed.append(p)
+        stacked = np.stack(pixels) if pixels else None  # [N, S, S] or [N, S, S, 3] uint8
+    bad += failed
     if bad:
         names = ", ".join(str(p.relative_to(root)) for p in sorted(bad)[:20])
         more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
@@ -728,20 +737,91 @@ def _load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceDat
 
     folders = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in kept]
     classes = sorted({f for f in folders if f is not None})
-    y = None
+    y, rows = None, None
     if len(classes) >= 2:
         loose = [p.name for p, f in zip(kept, folders) if f is None]
         if loose:
             names = ", ".join(loose[:20]) + (f" and {len(loose) - 20} more" if len(loose) > 20 else "")
             warnings.warn(f"skipped {len(loose)} image(s) outside the class subfolders of {root}: {names}", stacklevel=3)
-        pixels = [px for px, f in zip(pixels, folders) if f is not None]
+            rows = np.array([i for i, f in enumerate(folders) if f is not None])
         y = torch.tensor([classes.index(f) for f in folders if f is not None], dtype=torch.int64)  # [N]
     else:
         classes = None
 
-    stacked = np.stack(pixels)  # [N, S, S] or [N, S, S, 3] uint8
     view = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)  # [N, C, S, S]
-    return SourceData(_images(view, 255.0, stream), y, "image", levels=256, classes=classes)
+    if streamed:
+        x = StreamedImages(view, 255.0, rows=rows)
+    else:
+        x = pixels_to_float(view if rows is None else view[rows], 255.0)
+    return SourceData(x, y, "image", levels=256, classes=classes)
+
+
+def _decode(path: Path, mode: str, image_size: int) -> np.ndarray:
+    """One image file as uint8 pixels [S, S] (mode L) or [S, S, 3] (RGB)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(_resize_crop(im.convert(mode), image_size))
+
+
+def _decoded_folder(root: Path, files: list[Path], mode: str, image_size: int,
+                    shape: tuple[int, ...]) -> tuple[np.ndarray, list[Path], list[Path]]:
+    """(pixels [N, *shape] uint8 memory-mapped, files decoded, files that failed) of an image folder.
+
+    Decoded one image at a time into ``CACHE_DIR/folders/NAME-SIZEpx-KEY.npy``,
+    never all in memory, and written atomically; KEY hashes the folder's path,
+    the mode, the size and every file's name, size and modification time, so a
+    changed folder is decoded again and an unchanged one is not.  A sidecar
+    ``.json`` lists which files the rows are.
+    """
+    import hashlib
+    import json
+
+    from .io import atomic_write, write_json
+
+    listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = hashlib.sha256(json.dumps([str(root.resolve()), mode, image_size, listing]).encode()).hexdigest()[:20]
+    cache = CACHE_DIR.expanduser() / "folders" / f"{root.resolve().name or 'root'}-{image_size}px-{key}.npy"
+    index = cache.with_suffix(".json")
+    if cache.is_file() and index.is_file():
+        try:
+            kept = json.loads(index.read_text())["kept"]
+            pixels = _np_load(cache, mmap=True)
+            if pixels.shape == (len(kept), *shape) and pixels.dtype == np.uint8:
+                return pixels, *_kept_and_failed(files, kept)
+        except (UserError, ValueError, KeyError, IndexError, TypeError):
+            pass  # a damaged cache: decode again
+    kept: list[int] = []
+
+    def write(tmp: str) -> None:
+        pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), *shape))
+        for i, p in enumerate(files):
+            try:
+                pixels[len(kept)] = _decode(p, mode, image_size)
+                kept.append(i)
+            except Exception:
+                continue
+        pixels.flush()
+        if len(kept) < len(files):  # drop the unused rows at the end
+            rows = np.array(pixels[:len(kept)])
+            del pixels
+            with open(tmp, "wb") as f:
+                np.save(f, rows)
+        else:
+            del pixels
+
+    try:
+        atomic_write(cache, write)
+        write_json(index, {"folder": str(root.resolve()), "image_size": image_size, "mode": mode, "kept": kept})
+    except OSError as exc:
+        raise UserError(f"cannot write the decoded images of {root} to {cache} ({exc}); free space there, "
+                        f"or load the folder into memory with --stream no") from None
+    return _np_load(cache, mmap=True), *_kept_and_failed(files, kept)
+
+
+def _kept_and_failed(files: list[Path], kept: list[int]) -> tuple[list[Path], list[Path]]:
+    decoded = set(kept)
+    return [files[i] for i in kept], [p for i, p in enumerate(files) if i not in decoded]
 
 
 def _resize_crop(im, size: int):

@@ -4,10 +4,11 @@ The in-memory path converts a data set to float32 once, four bytes a value:
 a CelebA-sized folder (200,000 images of 64×64×3) becomes 9.8 GB.
 :class:`StreamedImages` keeps the pixels as stored instead — a memory-mapped
 ``.npy`` file, which the operating system's page cache reads from disk as
-batches ask for it, or a folder's decoded 8-bit pixels (a quarter of the
-float32 size) — and converts only the rows of each batch, with the
-arithmetic of the in-memory path, so training sees the same numbers
-(``tests/test_streaming.py`` trains both ways and compares every logged loss).
+batches ask for it; for an image folder, a cache file of its decoded 8-bit
+pixels, written once (``~/.cache/aevb/folders``) — and converts only the
+rows of each batch, with the arithmetic of the in-memory path, so training
+sees the same numbers (``tests/test_streaming.py`` trains both ways and
+compares every logged loss).
 
 :func:`aevb.data.load_data` chooses it (``stream="auto"``, ``aevb train
 --stream``) when the float32 copy would take more than half of the memory
