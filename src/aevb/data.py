@@ -720,7 +720,7 @@ def _load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceDat
     else:
         pixels: list[np.ndarray] = []  # each [S, S] or [S, S, 3] uint8
         kept, failed = [], []
-        for p in readable:
+        for p in _progress(readable, f"decoding {root.name or root}"):
             try:
                 pixels.append(_decode(p, mode, image_size))
                 kept.append(p)
@@ -754,6 +754,15 @@ def _load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceDat
     else:
         x = pixels_to_float(view if rows is None else view[rows], 255.0)
     return SourceData(x, y, "image", levels=256, classes=classes)
+
+
+def _progress(files: list[Path], description: str):
+    """files, with a progress bar on a terminal for folders large enough to take a while."""
+    if len(files) < 2000:
+        return files
+    from tqdm.auto import tqdm
+
+    return tqdm(files, desc=description, unit="image", leave=False, disable=None)
 
 
 def _decode(path: Path, mode: str, image_size: int) -> np.ndarray:
@@ -795,7 +804,7 @@ def _decoded_folder(root: Path, files: list[Path], mode: str, image_size: int,
 
     def write(tmp: str) -> None:
         pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), *shape))
-        for i, p in enumerate(files):
+        for i, p in enumerate(_progress(files, f"decoding {root.name or root} into {cache.parent}")):
             try:
                 pixels[len(kept)] = _decode(p, mode, image_size)
                 kept.append(i)
