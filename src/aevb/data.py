@@ -39,12 +39,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .config import BINARIZE_MODES, STREAM_MODES
 from .errors import UserError
 from .registry import DATASETS
 from .streaming import StreamedImages, pixels_to_float
 
-BINARIZE_MODES = ("none", "threshold", "dynamic")
-STREAM_MODES = ("auto", "yes", "no")
 # stream="auto" streams a training set whose float32 copy would take more than this
 # fraction of the memory available when the data are loaded
 STREAM_MEMORY_FRACTION = 0.5
@@ -407,9 +406,14 @@ def _load_path(path: Path, labels: str | None, image_size: int, stream: str = "a
 
 def _images(view: np.ndarray, scale: float | None, stream: str) -> torch.Tensor | StreamedImages:
     """Images from pixels viewed as [N, C, H, W]: streamed, or converted to float32 now."""
-    if stream == "yes" or (stream == "auto" and _too_large_for_memory(4 * view.size)):
+    if _streams(stream, view.size):
         return StreamedImages(view, scale)
     return pixels_to_float(view, scale)
+
+
+def _streams(stream: str, n_values: int) -> bool:
+    """Whether ``stream`` (yes, no, auto) streams a training set of n_values pixel values."""
+    return stream == "yes" or (stream == "auto" and _too_large_for_memory(4 * n_values))  # 4: bytes of a float32
 
 
 def _too_large_for_memory(n_bytes: int) -> bool:
@@ -667,15 +671,14 @@ def _image_view(a: np.ndarray, where: str) -> tuple[np.ndarray | None, int | Non
 
 def _range(a: np.ndarray, rows: int = 4096) -> tuple:
     """(min, max, all finite) of an array, a block of rows at a time (a memory map is never read whole)."""
-    lo, hi, finite = None, None, True
+    lo, hi = None, None
     for start in range(0, len(a), rows):
         block = np.asarray(a[start:start + rows])
         if block.dtype.kind == "f" and not np.isfinite(block).all():
             return None, None, False
-        b_lo, b_hi = block.min(), block.max()
-        lo = b_lo if lo is None else min(lo, b_lo)
-        hi = b_hi if hi is None else max(hi, b_hi)
-    return lo, hi, finite
+        lo = block.min() if lo is None else min(lo, block.min())
+        hi = block.max() if hi is None else max(hi, block.max())
+    return lo, hi, True
 
 
 # --------------------------------------------------------------------------- image folders
@@ -714,7 +717,7 @@ def _load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceDat
     readable = list(modes)
     shape = (image_size, image_size) if mode == "L" else (image_size, image_size, 3)  # of one image, uint8
 
-    streamed = stream == "yes" or (stream == "auto" and _too_large_for_memory(4 * len(readable) * math.prod(shape)))
+    streamed = _streams(stream, len(readable) * math.prod(shape))
     if streamed:
         stacked, kept, failed = _decoded_folder(root, readable, mode, image_size, shape)
     else:
@@ -788,7 +791,8 @@ def _decoded_folder(root: Path, files: list[Path], mode: str, image_size: int,
 
     from .io import atomic_write, write_json
 
-    listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stats = [p.stat() for p in files]  # one stat call a file: a folder can hold 200k of them
+    listing = [(str(p.relative_to(root)), st.st_size, st.st_mtime_ns) for p, st in zip(files, stats)]
     key = hashlib.sha256(json.dumps([str(root.resolve()), mode, image_size, listing]).encode()).hexdigest()[:20]
     cache = CACHE_DIR.expanduser() / "folders" / f"{root.resolve().name or 'root'}-{image_size}px-{key}.npy"
     index = cache.with_suffix(".json")

@@ -38,8 +38,6 @@ from .objectives import ElboTerms, at_least_float32
 from .registry import MODELS
 
 
-
-
 @MODELS.register("hvae")
 class HVAE(LatentVariableModel):
     """Hierarchical VAE; loss = −E_q[log p(x|z_1)] + β · Σ_l KL_l.

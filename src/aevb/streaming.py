@@ -16,7 +16,8 @@ available.  Only the training split streams: the test and validation
 splits are loaded as tensors, since evaluation and the figures read them
 whole.  It supports what the training loop and the evaluation do with a
 training set: ``len``, ``shape``, indexing by batch (slices, index tensors),
-``to(device)``, ``mean(0)``, and binarisation applied per batch.  Loading
+``to(device)``, ``mean(0)`` (:func:`mean_example`), and binarisation applied
+per batch.  Loading
 still reads a file once, a block of rows at a time, to check its value range.
 Batches are converted in the training loop's thread; on a GPU they are
 copied to the device one at a time (no worker processes or pinned memory).
@@ -42,9 +43,6 @@ class StreamedImages:
     rows: the examples of this set, as indices into pixels (None: all);
         :meth:`subset` composes them without reading any pixels.
     """
-
-    dtype = torch.float32
-    ndim = 4
 
     def __init__(self, pixels: np.ndarray, scale: float | None, *, rows: np.ndarray | None = None,
                  device: torch.device | str = "cpu", binarize: str = "none",
@@ -85,9 +83,6 @@ class StreamedImages:
     def to(self, device: torch.device | str) -> StreamedImages:
         return self._replace(device=torch.device(device))
 
-    def float(self) -> StreamedImages:
-        return self  # batches are float32 already
-
     def mean(self, dim: int = 0) -> torch.Tensor:
         """The mean image [C, H, W]: :func:`mean_example`."""
         if dim != 0:
@@ -126,8 +121,7 @@ def mean_example(x: torch.Tensor | StreamedImages) -> torch.Tensor:
     total = torch.zeros(tuple(x.shape[1:]), dtype=torch.float64)
     for start in range(0, len(x), _CHUNK_ROWS):
         total += x[start:start + _CHUNK_ROWS].cpu().double().sum(0)
-    device = x.device
-    return (total / max(len(x), 1)).float().to(device)
+    return (total / max(len(x), 1)).float().to(x.device)
 
 
 def pixels_to_float(pixels: np.ndarray, scale: float | None) -> torch.Tensor:
