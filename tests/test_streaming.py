@@ -193,3 +193,52 @@ def test_cli_stream_option(tmp_path, capsys):
     assert aevb_cli("train", "--data", "digits", "--stream", "yes", "--out", out) != 0
     err = capsys.readouterr().err
     assert "drop --stream" in err and "Traceback" not in err
+
+
+def test_large_folders_decode_on_threads_in_file_order(tmp_path, monkeypatch):
+    """The threaded decoder gives each file's pixels in order, None where one cannot be decoded, as one thread does."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    files = []
+    for i in range(300):  # above the threshold for threads
+        path = tmp_path / f"{i:03d}.png"
+        if i % 37 == 5:  # a truncated file here and there
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(png, format="PNG")
+            path.write_bytes(png.getvalue()[:len(png.getvalue()) // 2])
+        else:
+            Image.fromarray(rng.integers(0, 256, (int(rng.integers(6, 20)), 11, 3), dtype=np.uint8)).save(path)
+        files.append(path)
+    monkeypatch.setattr(data, "_usable_cores", lambda: 4)
+    threaded = list(data._decode_all(files, "RGB", 8, "test"))
+    monkeypatch.setattr(data, "_usable_cores", lambda: 1)
+    single = list(data._decode_all(files, "RGB", 8, "test"))
+    assert len(threaded) == len(single) == 300
+    assert [i for i, a in enumerate(threaded) if a is None] == [i for i in range(300) if i % 37 == 5]
+    for a, b in zip(threaded, single):
+        assert (a is None and b is None) or (a.shape == (8, 8, 3) and np.array_equal(a, b))
+
+
+def test_ordered_map_keeps_order_and_bounds_what_is_in_flight():
+    import threading
+    import time
+
+    lock, started = threading.Lock(), [0]
+
+    def square(i):
+        with lock:
+            started[0] += 1
+        time.sleep(0.002 * (i % 3))  # finish out of order
+        return i * i
+
+    out, ahead = [], []
+    for value in data._ordered_map(square, list(range(60)), workers=4, in_flight=8):
+        time.sleep(0.003)  # a slow consumer: unbounded, the threads would run far ahead
+        with lock:
+            ahead.append(started[0] - len(out))
+        out.append(value)
+    assert out == [i * i for i in range(60)]
+    assert max(ahead) <= 8 + 1  # in flight, and the one just submitted for the next

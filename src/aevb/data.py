@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import math
 import numbers
 import os
@@ -34,7 +35,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -723,12 +724,12 @@ def _load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceDat
     else:
         pixels: list[np.ndarray] = []  # each [S, S] or [S, S, 3] uint8
         kept, failed = [], []
-        for p in _progress(readable, f"decoding {root.name or root}"):
-            try:
-                pixels.append(_decode(p, mode, image_size))
-                kept.append(p)
-            except Exception:
+        for p, decoded in zip(readable, _decode_all(readable, mode, image_size, f"decoding {root.name or root}")):
+            if decoded is None:
                 failed.append(p)
+            else:
+                pixels.append(decoded)
+                kept.append(p)
         stacked = np.stack(pixels) if pixels else None  # [N, S, S] or [N, S, S, 3] uint8
     bad += failed
     if bad:
@@ -759,13 +760,58 @@ def _load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceDat
     return SourceData(x, y, "image", levels=256, classes=classes)
 
 
-def _progress(files: list[Path], description: str):
-    """files, with a progress bar on a terminal for folders large enough to take a while."""
+def _decode_all(files: list[Path], mode: str, image_size: int, description: str) -> Iterator[np.ndarray | None]:
+    """Each file's pixels (:func:`_decode`) in order, None for a file that cannot be decoded.
+
+    Large folders are decoded on a few threads: Pillow releases the GIL while
+    it decodes and resizes, so two cores decode a folder of JPEGs about 1.7×
+    as fast as one.  At most 16 images a thread are in flight, so a folder of
+    any size streams through in constant memory.  A progress bar shows on a
+    terminal from 2,000 images.
+    """
+    def decode(path: Path) -> np.ndarray | None:
+        try:
+            return _decode(path, mode, image_size)
+        except Exception:
+            return None
+
+    results: Iterable[np.ndarray | None]
+    workers = min(8, _usable_cores())
+    if workers == 1 or len(files) < 256:
+        results = map(decode, files)
+    else:
+        results = _ordered_map(decode, files, workers, in_flight=16 * workers)
     if len(files) < 2000:
-        return files
+        yield from results
+        return
     from tqdm.auto import tqdm
 
-    return tqdm(files, desc=description, unit="image", leave=False, disable=None)
+    yield from tqdm(results, total=len(files), desc=description, unit="image", leave=False, disable=None)
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (a container's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _ordered_map(fn, items: list, workers: int, in_flight: int) -> Iterator:
+    """fn(item) for each item, in order, computed on ``workers`` threads with at most ``in_flight`` pending."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="aevb-decode") as pool:
+        pending: deque = deque()
+        remaining = iter(items)
+        for item in itertools.islice(remaining, in_flight):
+            pending.append(pool.submit(fn, item))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(remaining, 1):
+                pending.append(pool.submit(fn, item))
+            yield result
 
 
 def _decode(path: Path, mode: str, image_size: int) -> np.ndarray:
@@ -808,12 +854,11 @@ def _decoded_folder(root: Path, files: list[Path], mode: str, image_size: int,
 
     def write(tmp: str) -> None:
         pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), *shape))
-        for i, p in enumerate(_progress(files, f"decoding {root.name or root} into {cache.parent}")):
-            try:
-                pixels[len(kept)] = _decode(p, mode, image_size)
+        for i, decoded in enumerate(_decode_all(files, mode, image_size,
+                                                f"decoding {root.name or root} into {cache.parent}")):
+            if decoded is not None:
+                pixels[len(kept)] = decoded
                 kept.append(i)
-            except Exception:
-                continue
         pixels.flush()
         if len(kept) < len(files):  # drop the unused rows at the end
             rows = np.array(pixels[:len(kept)])
