@@ -286,6 +286,64 @@ def test_continuous_bernoulli_limit_at_half():
         torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
 
 
+def _cb_reference(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Float64 closed forms of the continuous Bernoulli in its logit l (|l| ≥ 1e-3 here)."""
+    l = logits.double()
+    return {"log_norm": torch.log(l / torch.tanh(l / 2)),
+            "mean": 1 / (1 - torch.exp(-l)) - 1 / l,
+            "variance": 1 / l**2 - 1 / (4 * torch.sinh(l / 2) ** 2)}
+
+
+def test_continuous_bernoulli_at_large_logits_in_float32():
+    """A trained decoder puts many logits beyond ±16, where torch's clamped λ would freeze the normaliser."""
+    head = LIKELIHOODS.get("continuous-bernoulli")()
+    logits = torch.tensor([-200.0, -100.0, -30.0, -17.0, -3.0, -0.2, -0.02, 0.05, 0.7, 9.0, 16.5, 40.0, 150.0])
+    ref = _cb_reference(logits)
+    x = torch.tensor([0.0, 0.3, 1.0])
+    leaf = logits.clone().requires_grad_()
+    dist = head(leaf.view(-1, 1).expand(-1, 3).unsqueeze(-1), 1)  # batch [13, 3], event [1]
+    log_prob = dist.log_prob(x.view(1, 3, 1))
+    xl = x.double().view(1, 3) * logits.double().view(-1, 1)
+    expected = xl - torch.nn.functional.softplus(logits.double()).view(-1, 1) + ref["log_norm"].view(-1, 1)
+    torch.testing.assert_close(log_prob.double(), expected, atol=2e-5, rtol=1e-6)
+    # the gradient of Σ log p: x − σ(l) + d log C/dl, with d log C/dl = 1/l − 1/sinh(l)
+    log_prob.sum().backward()
+    l64 = logits.double()
+    d_log_norm = 1 / l64 - 1 / torch.sinh(l64)
+    expected_grad = (x.double().view(1, 3) - torch.sigmoid(l64).view(-1, 1) + d_log_norm.view(-1, 1)).sum(1)
+    torch.testing.assert_close(leaf.grad.double(), expected_grad, atol=2e-5, rtol=1e-5)
+    base = dist.base_dist
+    torch.testing.assert_close(base.mean[:, 0, 0].double(), ref["mean"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(base.variance[:, 0, 0].double(), ref["variance"], atol=1e-7, rtol=1e-5)
+    samples = base.sample((2000,))
+    assert ((samples >= 0) & (samples <= 1)).all()
+    # at l = −100 the mean is 1/100, not the 0.063 of a λ clamped at l ≈ −16
+    assert abs(samples[:, 1].mean().item() - 0.01) < 0.002
+
+
+def test_continuous_bernoulli_float64_normalised_with_matching_mean_cdf_and_quantiles():
+    logits = torch.tensor([-60.0, -8.0, -0.05, -1e-8, 0.0, 3e-7, 1e-3, 0.4, 25.0], dtype=torch.float64)
+    dist = LIKELIHOODS.get("continuous-bernoulli")()(logits.view(-1, 1), 0)  # batch [9, 1]
+    base = dist.base_dist if hasattr(dist, "base_dist") else dist
+    grid = torch.linspace(0, 1, 200001, dtype=torch.float64)
+    density = base.log_prob(grid.view(1, -1).expand(len(logits), -1)).exp()  # [9, G]
+    torch.testing.assert_close(torch.trapezoid(density, grid, dim=-1), torch.ones(len(logits), dtype=torch.float64),
+                               atol=1e-7, rtol=0)
+    torch.testing.assert_close(base.mean.view(-1), torch.trapezoid(density * grid, grid, dim=-1), atol=1e-7, rtol=0)
+    second = torch.trapezoid(density * grid**2, grid, dim=-1)
+    torch.testing.assert_close(base.variance.view(-1), second - base.mean.view(-1) ** 2, atol=1e-7, rtol=0)
+    entropy = -torch.trapezoid(density * density.clamp_min(1e-300).log(), grid, dim=-1)
+    torch.testing.assert_close(base.entropy().view(-1), entropy, atol=1e-6, rtol=0)
+    u = torch.tensor([0.05, 0.3, 0.5, 0.8, 0.95], dtype=torch.float64)
+    # cdf is the integral of the density, and icdf inverts it
+    cdf = torch.cumulative_trapezoid(density, grid, dim=-1)
+    at = (u * (len(grid) - 1)).round().long()
+    torch.testing.assert_close(base.cdf(grid[at].view(1, -1)), cdf[:, at - 1], atol=1e-6, rtol=0)
+    moderate = logits.abs() < 10  # beyond, the cdf is within rounding of 0 or 1 over much of [0, 1]
+    round_trip = base.icdf(base.cdf(u.view(1, -1)))
+    torch.testing.assert_close(round_trip[moderate], u.expand(len(logits), -1)[moderate], atol=1e-10, rtol=0)
+
+
 def test_gaussian_unit_scale_is_half_sse_plus_constant():
     gen = torch.Generator().manual_seed(4)
     head = make_head("gaussian")
@@ -343,6 +401,39 @@ def test_learned_scale_receives_gradient():
     x = torch.full((2, 5), 3.0)  # residuals ≫ σ = 1: the likelihood wants a larger σ
     (-head(loc, 1).log_prob(x).sum()).backward()
     assert head.log_scale.grad is not None and head.log_scale.grad.item() < 0
+
+
+@pytest.mark.parametrize("name", ["gaussian-learned", "laplace-learned"])
+def test_learned_scale_below_its_floor_climbs_back(name):
+    """Adam can carry a log-scale under the floor; the data must still be able to pull it back up."""
+    head = LIKELIHOODS.get(name)()
+    with torch.no_grad():
+        head.log_scale.fill_(math.log(SCALE_FLOOR) - 3)
+    loc, x = torch.zeros(4, 50), torch.randn(4, 50, generator=torch.Generator().manual_seed(1)) * 0.5
+    (-head(loc, 1).log_prob(x).sum()).backward()
+    assert head.log_scale.grad.item() < 0  # descending raises σ toward the residuals' 0.5
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.1)
+    for _ in range(100):
+        optimizer.zero_grad()
+        (-head(loc, 1).log_prob(x).sum()).backward()
+        optimizer.step()
+    assert head.scale().item() > 3 * SCALE_FLOOR  # a plain clamp leaves it at the floor for good
+    # where the data want a smaller σ, the floor holds and no gradient pushes further down
+    head.zero_grad()
+    with torch.no_grad():
+        head.log_scale.fill_(math.log(SCALE_FLOOR) - 3)
+    (-head(x, 1).log_prob(x).sum()).backward()
+    assert head.log_scale.grad.item() == 0.0
+    assert head.scale().item() == pytest.approx(SCALE_FLOOR)
+
+
+def test_gaussian_optimal_exact_fit_has_finite_gradient():
+    head = LIKELIHOODS.get("gaussian-optimal")()
+    loc = torch.zeros(2, 6, requires_grad=True)
+    x = torch.stack([torch.zeros(6), torch.linspace(-1, 1, 6)])  # example 0 is reconstructed exactly
+    (-head(loc, 1).log_prob(x).sum()).backward()
+    assert torch.isfinite(loc.grad).all()
+    torch.testing.assert_close(loc.grad[0], torch.zeros(6))
 
 
 def test_gaussian_optimal_is_the_profile_likelihood():

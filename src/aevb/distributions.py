@@ -141,13 +141,98 @@ class BernoulliLikelihood(Likelihood):
         return torch.logit(mean.clamp(1e-3, 1 - 1e-3))
 
 
+# |logit| below which the continuous Bernoulli's closed forms lose digits to
+# cancellation (two terms of size ~1/l, or 1/l², leave a result of size ~1) and
+# its series are used; each series is cut where its first omitted term is
+# below float32 rounding.
+_CB_SERIES = 1e-2
+_CB_MEAN_SERIES = 0.1
+_CB_VARIANCE_SERIES = 1.0
+_CB_QUANTILE_SERIES = 1e-6  # cdf and icdf have no cancellation, only 0/0 at l = 0
+
+
+class LogitContinuousBernoulli(ContinuousBernoulli):
+    """``torch.distributions.ContinuousBernoulli`` computed from its logits l, at any l.
+
+    torch's class evaluates the normaliser, mean, variance and quantiles from
+    λ = σ(l) clamped to [ε, 1 − ε]; in float32 that freezes every |l| beyond
+    about 16, where a trained decoder puts many pixels, and then log p(x|z)
+    is off by up to several nats a pixel with no gradient.  In l, with
+    a = |l| and q = 1 / (1 − e^(−a)):
+
+    * log C(l) = log(l / tanh(l/2)) = log a + log1p(e^(−a)) − log(−expm1(−a));
+      log 2 + l²/12 near 0;
+    * mean = 1/(1 − e^(−l)) − 1/l; ½ + l/12 − l³/720 near 0;
+    * variance = 1/l² − e^(−a)·q²; 1/12 − l²/240 + l⁴/6048 − l⁶/172800 near 0;
+    * icdf(u) = log1p(u·expm1(l)) / l (l < 0), 1 + log1p((1 − u)·expm1(−l)) / l
+      (l > 0); u + l·u(1 − u)/2 at l ≈ 0.
+
+    Both branches of each ``where`` are evaluated at safe arguments, so no NaN
+    gradient comes from the branch not taken.
+    """
+
+    def _split(self, series: float = _CB_SERIES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(l, whether |l| is in the series region, l with the series region moved to 1)."""
+        logits = self.logits
+        small = logits.abs() < series
+        return logits, small, torch.where(small, torch.ones_like(logits), logits)
+
+    def _cont_bern_log_norm(self) -> torch.Tensor:
+        logits, small, safe = self._split()
+        a = safe.abs()
+        closed = a.log() + torch.log1p(torch.exp(-a)) - torch.log(-torch.expm1(-a))
+        return torch.where(small, math.log(2.0) + logits.pow(2) / 12, closed)
+
+    def _first_term(self, safe: torch.Tensor) -> torch.Tensor:
+        """1 / (1 − e^(−l)) without overflow for either sign of l."""
+        a = safe.abs()
+        q = 1 / -torch.expm1(-a)
+        return torch.where(safe > 0, q, -torch.exp(-a) * q)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        logits, small, safe = self._split(_CB_MEAN_SERIES)
+        return torch.where(small, 0.5 + logits / 12 - logits.pow(3) / 720, self._first_term(safe) - 1 / safe)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        logits, small, safe = self._split(_CB_VARIANCE_SERIES)
+        a = safe.abs()
+        q = 1 / -torch.expm1(-a)
+        l2 = logits.pow(2)
+        series = 1 / 12 - l2 / 240 + l2.pow(2) / 6048 - l2.pow(3) / 172800
+        return torch.where(small, series, 1 / safe.pow(2) - torch.exp(-a) * q.pow(2))
+
+    def icdf(self, value: torch.Tensor) -> torch.Tensor:
+        logits, small, safe = self._split(_CB_QUANTILE_SERIES)
+        negative = torch.log1p(value * torch.expm1(safe.clamp(max=0))) / safe
+        positive = 1 + torch.log1p((1 - value) * torch.expm1(-safe.clamp(min=0))) / safe
+        closed = torch.where(safe > 0, positive, negative)
+        return torch.where(small, value + logits * value * (1 - value) / 2, closed).clamp(0, 1)
+
+    def cdf(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits, small, safe = self._split(_CB_QUANTILE_SERIES)
+        x = value.clamp(0, 1)
+        negative = torch.expm1(safe.clamp(max=0) * x) / torch.expm1(safe.clamp(max=0))
+        positive = torch.exp(safe.clamp(min=0) * (x - 1)) * torch.expm1(-safe.clamp(min=0) * x) \
+            / torch.expm1(-safe.clamp(min=0))
+        closed = torch.where(safe > 0, positive, negative)
+        return torch.where(small, x + logits * x * (x - 1) / 2, closed)
+
+    def entropy(self) -> torch.Tensor:
+        # −E[log p(x)] with log p(x) = x·l − softplus(l) + log C(l)
+        return F.softplus(self.logits) - self.mean * self.logits - self._cont_bern_log_norm()
+
+
 @LIKELIHOODS.register("continuous-bernoulli")
 class ContinuousBernoulliLikelihood(Likelihood):
     """Continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): the Bernoulli
     density renormalised over [0, 1], a proper density for grey values."""
 
     def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
-        return _independent(ContinuousBernoulli(logits=params, validate_args=False), event_dims)
+        return _independent(LogitContinuousBernoulli(logits=params, validate_args=False), event_dims)
 
 
 class _FixedScale(_LocationFamily):
@@ -168,6 +253,27 @@ class _FixedScale(_LocationFamily):
         return _independent(self.family(params, self.scale, validate_args=False), event_dims)
 
 
+class _FloorWithUpwardGradient(torch.autograd.Function):
+    """max(x, floor), whose gradient below the floor still reaches x when descending on it raises x.
+
+    A plain clamp has no gradient below the floor, so a learned log-scale that
+    Adam's momentum carries under it would stay there for good, whatever the
+    data say; this one climbs back once the loss wants a larger scale.  The
+    values are the clamp's.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, floor: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.floor = floor
+        return x.clamp(min=floor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return torch.where((x >= ctx.floor) | (grad < 0), grad, torch.zeros_like(grad)), None
+
+
 class _LearnedScale(_LocationFamily):
     """A location family with one learned log-scale shared by all dimensions, clamped to a floor."""
 
@@ -182,7 +288,7 @@ class _LearnedScale(_LocationFamily):
         return {"floor": self.floor}
 
     def scale(self) -> torch.Tensor:
-        return self.log_scale.clamp(min=math.log(self.floor)).exp()
+        return _FloorWithUpwardGradient.apply(self.log_scale, math.log(self.floor)).exp()
 
     def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
         scale = self.scale().to(params.dtype)
@@ -225,7 +331,7 @@ class OptimalScaleNormal(Normal):
     def optimal_scale(self, value: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(-self._event_dims, 0))
         mse = (value - self.loc).pow(2).mean(dim=dims, keepdim=True)
-        return mse.sqrt().clamp(min=self._floor)
+        return mse.clamp(min=self._floor**2).sqrt()  # clamped first: √ has no finite gradient at an exact fit
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         scale = self.optimal_scale(value)
