@@ -175,6 +175,12 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device):
         click.echo(diagnostics)
     if metrics.get("collapse_warning"):
         click.echo(f"warning: {metrics['collapse_warning']}", err=True)
+    if metrics.get("likelihood_note"):
+        click.echo(f"note: {metrics['likelihood_note']}")
+    elif metrics.get("bits_per_dim") is None and metrics.get("nll") is not None and metrics.get("levels") \
+            and not metrics.get("dequantized") and metrics.get("likelihood") != "bernoulli":
+        click.echo("note: no bits per dimension: a density at the 8-bit values themselves is no probability; "
+                   "train with --dequantize for them")
     click.echo(f"written: {Path(run) / 'eval.json'}")
 
 

@@ -59,6 +59,7 @@ class RunConfig:
     shuffle: bool = _opt(False, "shuffle (seeded) before splitting instead of splitting in file order", group="data")
     image_size: int | None = _opt(None, "resize and centre-crop an image folder to this size (default 64)", group="data", metavar="PX")
     binarize: str = _opt("none", "binarise images for Bernoulli likelihoods: none, threshold (>0.5) or dynamic (resampled each epoch)", group="data", choices=BINARIZE_MODES)
+    dequantize: bool = _opt(False, "add uniform noise within each 8-bit level, (k + u)/256, to train and evaluate a continuous likelihood (gaussian*, laplace*, continuous-bernoulli) as a density over [0, 1]: bits/dim are then an upper bound on those of the 8-bit data, and only then reported; the noise is drawn afresh for every batch, once (seeded) for evaluation", group="data")
     stream: str = _opt("auto", "read the training images batch by batch from a memory-mapped .npy file (an image folder: from its 8-bit pixels, decoded once into ~/.cache/aevb/folders) instead of converting all of them to float32 up front: yes, no, or auto (when the float32 copy would take more than half of the available memory)", group="data", choices=STREAM_MODES)
     # -- model --------------------------------------------------------------
     model: str = _opt("vae", "model", group="model", choices=MODELS)

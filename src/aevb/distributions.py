@@ -38,9 +38,12 @@ from .registry import LIKELIHOODS, POSTERIORS
 # Learned scales live in log space and are clamped from below: the Gaussian and
 # Laplace densities grow without bound as the scale goes to zero, so a model
 # that reconstructs some pixel exactly (the black border of MNIST) would
-# otherwise drive log p(x|z) to +inf instead of learning anything.  1e-3 is
-# below the quantisation step of 8-bit data (1/255 ≈ 4e-3), so the floor does
-# not bias real images.
+# otherwise drive log p(x|z) to +inf instead of learning anything.  The floor
+# bounds the density, not the probability of a quantised value: at σ = 1e-3 a
+# Gaussian puts up to 1.57× the bin width 1/255 of 8-bit data into a bin's
+# density times width, so a density's log p(x) on 8-bit data is no
+# log-probability; train and evaluate on dequantised data (--dequantize) for
+# that, and bits per dimension are only reported then.
 SCALE_FLOOR = 1e-3
 
 
@@ -58,6 +61,7 @@ class Likelihood(nn.Module):
 
     params_per_channel = 1
     discrete = False  # a probability mass function (bits/dim need no bin width)
+    normalized = True  # a normalised density or mass: log p(x) and bits/dim are defined
 
     def extra_config(self) -> dict:
         """Constructor arguments to store in ``config.json``."""
@@ -347,6 +351,8 @@ class OptimalGaussianLikelihood(_LocationFamily):
     There is nothing to learn; a running average of σ* is kept as a buffer so
     that samples from p(x|z) have a sensible noise level.
     """
+
+    normalized = False  # σ is fitted to each example: a profile likelihood, no density in x
 
     def __init__(self, floor: float = SCALE_FLOOR, momentum: float = 0.01):
         super().__init__()

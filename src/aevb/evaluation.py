@@ -2,8 +2,8 @@
 
 ``evaluate(model, x)`` returns one flat dictionary: the negative ELBO and its
 two terms, the importance-sampled negative log-likelihood with k samples
-(Burda et al. 2016), their gap, bits per dimension where the numbers are
-likelihoods of 8-bit or binary data, the reconstruction error, and the
+(Burda et al. 2016), their gap, bits per dimension where the numbers bound
+those of binary or (dequantised) 8-bit data, the reconstruction error, and the
 posterior diagnostics (KL per latent dimension, active units, a collapse
 warning).  Given the labels of x it adds the same numbers per class, and
 given a labelled training set the accuracy of a linear classifier and of
@@ -78,21 +78,26 @@ def collapse_warning(active: int, latent_dim: int) -> str | None:
     return None
 
 
-def bits_per_dim(nll: float, model: Model, x: torch.Tensor, levels: int | None) -> float | None:
-    """Bits per dimension, where the negative log-likelihood is one of discrete data.
+def bits_per_dim(nll: float, model: Model, x: torch.Tensor, levels: int | None, dequantized: bool = False) -> float | None:
+    """Bits per dimension, where the negative log-likelihood bounds that of discrete data.
 
-    Binary data under a Bernoulli likelihood: nll / (n·ln 2).  8-bit images
-    (scaled to [0, 1]) under a density: the density times the bin width
-    1/(levels − 1) gives the probability of each value, so
-    (nll + n·ln(levels − 1)) / (n·ln 2).  Otherwise (grey values under a
-    Bernoulli, real-valued data) there is no such number: None.
+    * Binary data under a Bernoulli likelihood: nll / (n·ln 2).
+    * Quantised data with ``levels`` levels, dequantised to (k + u)/levels
+      (:func:`aevb.data.dequantize`), under a density: each level's bin has
+      width 1/levels, so (nll + n·ln levels) / (n·ln 2), an upper bound.
+    * Otherwise None: a density at the quantised values themselves is no
+      probability (it can exceed the inverse bin width, and the bits then go
+      negative), grey values under a Bernoulli are no binary data, real-valued
+      data have no levels, and a profile likelihood has no log p(x).
     """
     n = math.prod(model.data_shape)
-    binary = bool(((x == 0) | (x == 1)).all())
+    if not getattr(model.likelihood, "normalized", True):
+        return None
     if getattr(model.likelihood, "discrete", False):
+        binary = bool(((x == 0) | (x == 1)).all())
         return nll / (n * math.log(2)) if binary else None
-    if levels and not binary:
-        return (nll + n * math.log(levels - 1)) / (n * math.log(2))
+    if levels and dequantized:
+        return (nll + n * math.log(levels)) / (n * math.log(2))
     return None
 
 
@@ -165,8 +170,14 @@ def _per_class(labels: torch.Tensor, columns: dict[str, torch.Tensor], classes: 
 def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_size: int = 500,
              levels: int | None = None, progress: bool = False, labels: torch.Tensor | None = None,
              train_x: torch.Tensor | None = None, train_labels: torch.Tensor | None = None,
-             classes: list[str] | None = None, precision: str = "auto") -> dict:
-    """Metrics of ``model`` on x [N, *data_shape] (already binarised if the model expects it).
+             classes: list[str] | None = None, precision: str = "auto", dequantized: bool = False) -> dict:
+    """Metrics of ``model`` on x [N, *data_shape] (already binarised or dequantised, as the model was trained).
+
+    ``dequantized`` says that x holds dequantised ``levels``-level pixels,
+    which makes the bits per dimension of a density a bound (:func:`bits_per_dim`).
+    A likelihood that is no normalised density (``gaussian-optimal``) gets no
+    importance-sampled log-likelihood: ``nll``, ``elbo_gap`` and
+    ``bits_per_dim`` are None and ``likelihood_note`` says why.
 
     ``precision`` is that of the importance sampler's multiplies, chosen as
     ``--precision`` of training (see :mod:`aevb.precision`): ``auto`` is bf16
@@ -187,6 +198,7 @@ def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_siz
     sampler_dtype = resolve_precision(precision, device)  # None: float32
     n = x.shape[0]
     has_density = model.posterior.has_density
+    normalized = getattr(model.likelihood, "normalized", True)
     batches = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -204,8 +216,9 @@ def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_siz
             terms = elbo_terms(model, xb)
             columns["reconstruction_nll"].append(terms.reconstruction.double())
             columns["kl"].append(terms.kl.double())
-            with matmul_dtype(sampler_dtype):
-                columns["log_px"].append(model.log_likelihood(xb, n_samples=iw_samples).double())
+            if normalized:
+                with matmul_dtype(sampler_dtype):
+                    columns["log_px"].append(model.log_likelihood(xb, n_samples=iw_samples).double())
         else:
             columns["reconstruction_nll"].append(-model.decode(model.encode(xb).mean).log_prob(xb).double())
     per_example = {name: torch.cat(values).cpu() for name, values in columns.items() if values}
@@ -226,16 +239,18 @@ def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_siz
     }
     active = active_units(stats["mean"])
     if has_density:
-        kl, log_px = means["kl"], means["log_px"]
-        nll = -log_px
+        kl = means["kl"]
+        nll = -means["log_px"] if normalized else None
         metrics.update({
             "neg_elbo": rec + kl,
             "kl": kl,
-            "iw_samples": iw_samples,
-            "iw_precision": "fp32" if sampler_dtype is None else "bf16",
+            "iw_samples": iw_samples if normalized else None,
+            "iw_precision": ("fp32" if sampler_dtype is None else "bf16") if normalized else None,
             "nll": nll,
-            "elbo_gap": (rec + kl) - nll,
-            "bits_per_dim": bits_per_dim(nll, model, x, levels),
+            "elbo_gap": (rec + kl) - nll if normalized else None,
+            "bits_per_dim": bits_per_dim(nll, model, x, levels, dequantized) if normalized else None,
+            "dequantized": dequantized,
+            "levels": levels,
             # a mixture prior does not factorise over dimensions: no per-dimension KL then
             "kl_per_dim": stats["kl"].mean(0).tolist() if stats["kl"] is not None else None,
             "prior": model.config.get("prior", "standard"),
@@ -244,6 +259,11 @@ def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_siz
         metrics["latent_dim"] = model.latent_dim
         metrics["collapsed"] = bool(active.sum() <= max(1, model.latent_dim // 10))
         metrics["collapse_warning"] = collapse_warning(int(active.sum()), model.latent_dim)
+        if not normalized:
+            metrics["likelihood_note"] = (
+                f"{model.config['likelihood']} fits σ to each example: a profile likelihood, not a normalised "
+                f"density in x, so there is no log-likelihood or bits/dim; its negative ELBO is the training "
+                f"objective, not a bound")
     else:
         metrics["active_units"] = int(active.sum())
         metrics["latent_dim"] = model.latent_dim
@@ -257,7 +277,8 @@ def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_siz
                      "mse_per_dim": per_example["squared"] / dims}
         if has_density:
             per_class["neg_elbo"] = per_example["reconstruction_nll"] + per_example["kl"]
-            per_class["nll"] = -per_example["log_px"]
+            if normalized:
+                per_class["nll"] = -per_example["log_px"]
         metrics["per_class"] = _per_class(labels, per_class, classes)
         if train_x is not None and train_labels is not None:
             accuracy = representation_accuracy(model, train_x, train_labels, x, labels)
@@ -294,7 +315,7 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int
     torch.manual_seed(seed)
     metrics = evaluate(model, x, iw_samples=iw_samples, batch_size=batch_size, levels=dataset.levels,
                        progress=progress, labels=y, train_x=train_x, train_labels=train_y,
-                       classes=dataset.classes, precision=precision)
+                       classes=dataset.classes, precision=precision, dequantized=config.dequantize)
     metrics["data"] = config.data
     write_json(run_dir / "eval.json", metrics)
     return metrics

@@ -307,6 +307,8 @@ def _eval_section(metrics: dict) -> str:
     warning = metrics.get("collapse_warning")
     if warning:
         parts.append(f'<div class="warning"><strong>Warning:</strong> {_e(warning)}</div>')
+    if metrics.get("likelihood_note"):
+        parts.append(f'<p class="meta">{_e(metrics["likelihood_note"])}.</p>')
     rows = []
     for key, label, unit, note in EVAL_ROWS:
         if metrics.get(key) is None:

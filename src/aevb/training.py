@@ -41,7 +41,7 @@ from .figures import reconstruction_grid, sample_grid
 from .io import write_json, write_safetensors
 from .models import Model, build_model, legacy_model_args, load
 from .precision import matmul_dtype, resolve_precision
-from .registry import MODELS
+from .registry import LIKELIHOODS, MODELS
 from .runtime import keep_freed_memory
 from .schedules import make_schedule
 
@@ -83,10 +83,11 @@ def load_dataset(config: RunConfig) -> data_module.Dataset:
 
 
 def held_out(dataset: data_module.Dataset, config: RunConfig, split: str = "test") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The evaluation split, binarised as in training.
+    """The evaluation split, binarised or dequantised as in training.
 
-    Dynamic binarisation samples the held-out set once with a fixed seed, so
-    every evaluation of every run on these data sees the same binary images.
+    Dynamic binarisation and dequantisation draw the held-out set once with a
+    fixed seed, so every evaluation of every run on these data sees the same
+    images.
     """
     x = getattr(dataset, split)
     y = getattr(dataset, f"{split}_labels")
@@ -97,7 +98,23 @@ def held_out(dataset: data_module.Dataset, config: RunConfig, split: str = "test
         x = data_module.binarize(x, "dynamic", generator)
     else:
         x = data_module.binarize(x, config.binarize)
+    if config.dequantize:
+        x = data_module.dequantize(x, check_dequantize(config, dataset), torch.Generator().manual_seed(1234))
     return x, y
+
+
+def check_dequantize(config: RunConfig, dataset: data_module.Dataset | None = None) -> int | None:
+    """Refuse --dequantize where it means nothing; the number of levels of the data where it applies."""
+    if not config.dequantize:
+        return None
+    if config.binarize != "none" or LIKELIHOODS.get(config.likelihood).discrete:
+        raise UserError(f"--dequantize makes 8-bit pixels continuous, for a continuous likelihood; "
+                        f"--likelihood {config.likelihood} with --binarize {config.binarize} models discrete "
+                        f"values: drop --dequantize, or choose a continuous likelihood without --binarize")
+    if dataset is not None and not dataset.levels:
+        raise UserError(f"--dequantize needs quantised pixels (8-bit images, digits), but {config.data} holds "
+                        f"real values; drop --dequantize")
+    return dataset.levels if dataset is not None else None
 
 
 def check_data_shape(model: Model, x: torch.Tensor, run: str | Path, data: str) -> None:
@@ -400,11 +417,13 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
             raise UserError(f"cannot resume {run_dir}: it has no checkpoint ({CHECKPOINT}); start a new run instead")
     else:
         check_model_options(config)
+        check_dequantize(config)
         run_dir = new_run_dir(config, force)
     torch.manual_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
 
     dataset = load_dataset(config)
+    levels = check_dequantize(config, dataset)
     x_train = dataset.train
     if config.binarize == "threshold":
         x_train = data_module.binarize(x_train, "threshold")
@@ -488,6 +507,8 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
                     x = x_train[index]  # [b, *data_shape]
                     if config.binarize == "dynamic":
                         x = torch.bernoulli(x)
+                    if levels:
+                        x = data_module.dequantize(x, levels)
                     with matmul_dtype(step_dtype):
                         out = model.loss(x, beta=beta_at(position.step))
                     optimizer.zero_grad(set_to_none=True)
