@@ -407,3 +407,128 @@ def test_every_train_flag_of_the_issue_exists():
                  "--hidden", "--beta", "--epochs", "--batch-size", "--lr", "--seed", "--device", "--out",
                  "--resume", "--config", "--force"):
         assert f"{flag} " in help_text, flag
+
+
+# ---------------------------------------------------------------------------
+# misuse found in review: refused up front, and never at the cost of earlier results
+
+
+@pytest.mark.parametrize("option,value", [("--grad-clip", "-1"), ("--beta-warmup", "-5"), ("--image-every", "-1"),
+                                          ("--lr", "nan"), ("--beta", "inf"), ("--free-bits", "nan"),
+                                          ("--likelihood-scale", "0"), ("--seed", "99999999999999999999")])
+def test_out_of_range_training_options_are_refused_before_anything_is_written(tmp_path, capsys, option, value):
+    extra = ("--likelihood", "gaussian") if option == "--likelihood-scale" else ()
+    assert aevb_cli("train", option, value, *extra, *SMALL, "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and option in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [("sample", "--temperature", "nan"), ("explore", "--grid-range", "inf")])
+def test_non_finite_figure_options_are_refused(run, capsys, command):
+    assert aevb_cli(command[0], run, *command[1:]) == 2
+    assert "not a finite number" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_to_start_leaves_no_folder_and_force_keeps_the_old_run(run_copy, tmp_path, capsys):
+    assert aevb_cli("train", "--data", tmp_path / "missing.npy", *SMALL, "--out", tmp_path / "new") == 2
+    assert not (tmp_path / "new").exists()  # the same --out works once the data are fixed
+    before = snapshot(run_copy)
+    assert aevb_cli("train", "--data", tmp_path / "missing.npy", *SMALL, "--out", run_copy, "--force") == 2
+    assert snapshot(run_copy) == before  # --force clears a folder only once the new run can start
+    (tmp_path / "file").write_text("not a folder")
+    assert aevb_cli("train", *SMALL, "--out", tmp_path / "file") == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_length_it_has_reached_and_records_a_new_one_before_training(run_copy, capsys):
+    before = snapshot(run_copy)
+    assert aevb_cli("train", "--resume", run_copy, "--epochs", 1) == 2  # the run has 2 epochs
+    assert "pass a larger --epochs" in capsys.readouterr().err
+    assert aevb_cli("train", "--resume", run_copy) == 2  # finished: nothing to continue
+    assert snapshot(run_copy) == before
+    # a length set with --steps is replaced by a later --epochs
+    config = json.loads((run_copy / "config.json").read_text())
+    config["steps"] = 5
+    (run_copy / "config.json").write_text(json.dumps(config))
+    assert aevb_cli("train", "--resume", run_copy, "--epochs", 3, "-q") == 0
+    config = json.loads((run_copy / "config.json").read_text())
+    assert config["epochs"] == 3 and config["steps"] is None
+    _, meta = read_checkpoint(run_copy / CHECKPOINT)
+    assert meta["epoch"] == 3
+
+
+def test_resume_skips_a_metrics_line_cut_short(run_copy):
+    with open(run_copy / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "lo')  # the process was killed mid-line
+    assert aevb_cli("train", "--resume", run_copy, "--epochs", 3, "-q") == 0
+    lines = (run_copy / "metrics.jsonl").read_text().splitlines()
+    assert all(isinstance(json.loads(line), dict) for line in lines)
+
+
+def test_a_checkpoint_missing_its_random_state_is_reported_as_corrupt(run_copy, capsys):
+    from safetensors.torch import save_file
+
+    path = run_copy / CHECKPOINT
+    tensors = load_file(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    del tensors["rng.shuffle"]
+    save_file(tensors, path, metadata=metadata)
+    assert aevb_cli("train", "--resume", run_copy, "--epochs", 3) == 2
+    err = capsys.readouterr().err
+    assert "is corrupt" in err and "rng.shuffle" in err and "Traceback" not in err
+
+
+def test_bernoulli_refuses_real_valued_data(table, tmp_path, capsys):
+    assert aevb_cli("train", "--data", table, *SMALL, "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "models values in [0, 1]" in err and "gaussian" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_folders_store_absolute_data_paths_and_reproduce_into_a_new_folder(table, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(table.parent)
+    assert aevb_cli("train", "--data", table.name, "--likelihood", "gaussian-diag", *SMALL, "--epochs", 1,
+                    "--out", tmp_path / "run") == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"] == str(table.resolve())
+    monkeypatch.chdir(tmp_path)  # elsewhere, the run still finds its data
+    assert aevb_cli("eval", tmp_path / "run", "-k", 2) == 0
+    # --config RUN/config.json alone trains a copy into a fresh folder, not over RUN
+    assert aevb_cli("train", "--config", tmp_path / "run" / "config.json", "-q") == 0
+    assert (tmp_path / "runs" / "vae-table" / "model").is_dir()
+
+
+def test_an_unwritable_output_is_one_error_naming_it(run_copy, monkeypatch, capsys):
+    import errno
+    import os
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(dst))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    assert aevb_cli("eval", run_copy, "-k", 2) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    last = err.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("error: cannot write") and "eval.json" in last and "Read-only file system" in last
+
+
+def test_commands_on_an_unfinished_run_say_which_checkpoint_they_use(run_copy, capsys):
+    shutil.rmtree(run_copy / "model")  # as while training: only the checkpoint
+    assert aevb_cli("eval", run_copy, "-k", 2) == 0
+    captured = capsys.readouterr()
+    assert "has not finished training" in captured.err and "step 26" in captured.err
+    assert json.loads((run_copy / "eval.json").read_text())["checkpoint_step"] == 26
+
+
+def test_resume_refuses_a_config_json_edited_since_the_checkpoint(run_copy, capsys):
+    config = json.loads((run_copy / "config.json").read_text())
+    config["lr"] = 0.5
+    (run_copy / "config.json").write_text(json.dumps(config))
+    assert aevb_cli("train", "--resume", run_copy, "--epochs", 3) == 2
+    err = capsys.readouterr().err
+    assert "was changed since the checkpoint" in err and "lr: 0.003 → 0.5" in err

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import aevb
 from aevb.config import make_config
-from aevb.errors import NonFiniteLossError
+from aevb.errors import NonFiniteLossError, UserError
 from aevb.io import atomic_write, write_json, write_safetensors
 from aevb.models import VAE
 from aevb.registry import LIKELIHOODS, MODELS, NETWORKS
@@ -286,7 +286,7 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash_on_second_checkpoint)
     config = make_config(latent_dim=2, hidden="32", device="cpu", epochs=2, out=str(tmp_path / "run"))
-    with pytest.raises(OSError, match="no space"):
+    with pytest.raises(UserError, match="no space"):  # one clear message, naming the file
         aevb.train(config, progress=False)
     _, meta = read_checkpoint(tmp_path / "run" / CHECKPOINT)
     assert (meta["step"], meta["epoch"]) == (STEPS_PER_EPOCH, 1)

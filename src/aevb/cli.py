@@ -81,7 +81,7 @@ def _train_options(function):
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of options (e.g. RUN/config.json); flags override it")
 @click.option("--resume", type=click.Path(file_okay=False), metavar="RUN", help="continue RUN from its last checkpoint (--epochs/--steps may be raised)")
 @click.option("--force", is_flag=True, help="overwrite an existing --out folder")
-@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar and no per-epoch lines (metrics.jsonl still has every record)")
 @_train_options
 def train(config_file, resume, force, quiet, **flags):
     """Train a model and write a run folder.
@@ -103,22 +103,25 @@ def train(config_file, resume, force, quiet, **flags):
         from .training import read_run_config
 
         config = read_run_config(resume)
-        resumable = ("epochs", "steps", "device")
+        from .training import RESUMABLE as resumable
         changed = sorted(k for k, v in given.items() if k not in resumable and coerce(k, v) != getattr(config, k))
         if changed or config_file:
             raise UserError(f"--resume continues a run as it was configured; only --epochs, --steps and --device "
                             f"may change (got {', '.join('--' + flag(k) for k in changed) or '--config'})")
-        config = make_config(dataclasses.asdict(config), **{k: v for k, v in given.items() if k in resumable})
+        updates = {k: v for k, v in given.items() if k in resumable}
+        if "epochs" in updates and "steps" not in updates:
+            updates["steps"] = None  # --steps overrides --epochs: a new --epochs alone must count
+        config = make_config(dataclasses.asdict(config), **updates)
     else:
         file_values = read_config_file(config_file) if config_file else {}
+        if file_values.get("out") and "out" not in given and \
+                Path(str(file_values["out"])).resolve() == Path(config_file).resolve().parent:
+            del file_values["out"]  # reproducing a run: into a new folder, never over the run itself
         config = make_config(file_values, **given)
 
     from .training import train as run_training
-    from .io import write_json
 
     model, run_dir = run_training(config, resume=resume, force=force, progress=not quiet)
-    if resume:
-        write_json(Path(run_dir) / "config.json", config.to_dict())
     click.echo(f"run folder: {run_dir}  (model in {run_dir}/model, pictures in {run_dir}/images)")
 
 
@@ -133,6 +136,15 @@ def _run_argument(function):
 def _device_option(function):
     return click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
                         show_default=True, help="where to compute")(function)
+
+
+def _finite(ctx, param, value):
+    """click's FloatRange lets nan and inf through."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+    return value
 
 
 def _load(run: str, device: str):
@@ -214,9 +226,9 @@ def format_metrics(metrics: dict) -> str:
 @cli.command(context_settings=CONTEXT)
 @_run_argument
 @click.option("-n", "n", type=click.IntRange(min=1), default=64, show_default=True, help="number of samples")
-@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, help="scale of z ~ N(0, T² I)")
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, callback=_finite, help="scale of z ~ N(0, T² I)")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="PNG to write [default: RUN/images/samples-T.png]")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="PNG to write [default: RUN/images/samples-T<temperature>.png]")
 @_device_option
 def sample(run, n, temperature, seed, out, device):
     """Draw samples from the prior and write a PNG grid of the decoder means.
@@ -324,7 +336,7 @@ def interpolate(run, pairs, steps, out, device):
 
 @cli.command(context_settings=CONTEXT)
 @_run_argument
-@click.option("--grid-range", type=click.FloatRange(min=0, min_open=True), metavar="R", help="half-width of the latent grid in latent units [default: 2 for coords, 2 standard deviations of the projected posterior means for pca]")
+@click.option("--grid-range", type=click.FloatRange(min=0, min_open=True), metavar="R", callback=_finite, help="half-width of the latent grid in latent units [default: 2 for coords, 2 standard deviations of the projected posterior means for pca]")
 @click.option("--directions", type=click.Choice(["auto", "coords", "pca"]), default="auto", show_default=True, help="plane of the latent grid and scatter plot: z1,z2 (coords), the first two principal components of the posterior means (pca), or coords for a 2-D latent space and pca otherwise (auto)")
 @click.option("-n", "grid_size", type=click.IntRange(min=2), default=15, show_default=True, help="latent grid points per side")
 @click.option("--pairs", type=click.IntRange(min=1), default=4, show_default=True, help="interpolated pairs of test images")
@@ -386,8 +398,21 @@ def report(run, iw_samples, out, device):
 # ---------------------------------------------------------------------------
 
 
+def _notice(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one 'note:' line on stderr, without the source line Python shows."""
+    click.echo(f"note: {message}", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
+    import warnings
+
     args = sys.argv[1:] if argv is None else argv
+    with warnings.catch_warnings():
+        warnings.showwarning = _notice
+        _run(args)
+
+
+def _run(args: list[str]) -> None:
     try:
         result = cli.main(args=args, prog_name="aevb", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:  # `aevb` alone: show the help
@@ -403,6 +428,11 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:  # a folder that cannot be made or read: files are written through io.atomic_write
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror or e}; check that the path is right, that you may write there, "
+                   f"and that the disk has space", err=True)
+        sys.exit(UserError.exit_code)
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         sys.exit(130)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,11 @@ class RunConfig:
             value = getattr(self, f.name)
             if choices is not None and value not in choices:
                 raise UserError(f"unknown --{flag(f.name)} {value!r}; choose one of: {', '.join(choices)}")
+        for f in dataclasses.fields(self):  # NaN passes every comparison below; ±inf is no setting either
+            value = getattr(self, f.name)
+            numbers = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise UserError(f"--{flag(f.name)} must be a finite number, got {value}")
         positive = ("latent_dim", "epochs", "batch_size", "mc_samples", "k", "log_every", "eval_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -135,6 +141,17 @@ class RunConfig:
             raise UserError(f"--steps must be at least 1, got {self.steps}")
         if self.lr <= 0 or self.beta < 0:
             raise UserError(f"need --lr > 0 and --beta ≥ 0, got lr={self.lr}, beta={self.beta}")
+        for name in ("beta_warmup", "image_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{flag(name)} must be ≥ 0 (0: {'off' if name == 'beta_warmup' else 'the default'}), "
+                                f"got {getattr(self, name)}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise UserError(f"--grad-clip is a gradient norm and must be > 0, got {self.grad_clip}; leave it out "
+                            f"for no clipping")
+        if self.likelihood_scale is not None and self.likelihood_scale <= 0:
+            raise UserError(f"--likelihood-scale must be > 0, got {self.likelihood_scale}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed must be in [0, 2^63), got {self.seed}")
         if self.hidden is not None and any(h < 1 for h in self.hidden):
             raise UserError(f"--hidden sizes must be positive, got {self.hidden}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):

@@ -871,9 +871,9 @@ def _decoded_folder(root: Path, files: list[Path], mode: str, image_size: int,
     try:
         atomic_write(cache, write)
         write_json(index, {"folder": str(root.resolve()), "image_size": image_size, "mode": mode, "kept": kept})
-    except OSError as exc:
-        raise UserError(f"cannot write the decoded images of {root} to {cache} ({exc}); free space there, "
-                        f"or load the folder into memory with --stream no") from None
+    except UserError as exc:  # atomic_write's, for an unwritable cache
+        raise UserError(f"{exc}: the decoded images of {root} go there; or load the folder into memory "
+                        f"with --stream no") from None
     return _np_load(cache, mmap=True), *_kept_and_failed(files, kept)
 
 

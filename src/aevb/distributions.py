@@ -62,6 +62,7 @@ class Likelihood(nn.Module):
     params_per_channel = 1
     discrete = False  # a probability mass function (bits/dim need no bin width)
     normalized = True  # a normalised density or mass: log p(x) and bits/dim are defined
+    unit_interval = False  # defined for data in [0, 1] only
 
     def extra_config(self) -> dict:
         """Constructor arguments to store in ``config.json``."""
@@ -136,6 +137,7 @@ class BernoulliLikelihood(Likelihood):
     """
 
     discrete = True
+    unit_interval = True
 
     def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
         return _independent(FastBernoulli(logits=params, validate_args=False), event_dims)
@@ -234,6 +236,8 @@ class LogitContinuousBernoulli(ContinuousBernoulli):
 class ContinuousBernoulliLikelihood(Likelihood):
     """Continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): the Bernoulli
     density renormalised over [0, 1], a proper density for grey values."""
+
+    unit_interval = True
 
     def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
         return _independent(LogitContinuousBernoulli(logits=params, validate_args=False), event_dims)

@@ -317,5 +317,6 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int
                        progress=progress, labels=y, train_x=train_x, train_labels=train_y,
                        classes=dataset.classes, precision=precision, dequantized=config.dequantize)
     metrics["data"] = config.data
+    metrics["checkpoint_step"] = getattr(model, "checkpoint_step", None)  # set for a run still training
     write_json(run_dir / "eval.json", metrics)
     return metrics

@@ -13,23 +13,39 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import UserError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then move the result to ``path``."""
+    """Call ``write(tmp_path)`` then move the result to ``path``.
+
+    A path that cannot be written (read-only, a file where a folder should be,
+    a full disk) is a :class:`~aevb.errors.UserError` naming ``path``, and
+    leaves whatever was there before.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise unwritable(path, exc) from None
         raise
+
+
+def unwritable(path: str | os.PathLike, exc: OSError) -> UserError:
+    """The error for a path that could not be written."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return UserError(f"cannot write {path} ({reason}); choose a writable location, or free space there")
 
 
 def _umask() -> int:

@@ -439,7 +439,10 @@ def write_report(run_dir: str | Path, *, iw_samples: int = 1000, device: str = "
     elif eval_path.is_file():
         try:
             metrics = json.loads(eval_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            metrics = None
+        if not isinstance(metrics, dict):
+            metrics = None
             echo(f"{eval_path} is unreadable; evaluating again")
     if metrics is None:
         echo(f"evaluating with k = {iw_samples} importance samples")

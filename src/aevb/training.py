@@ -38,10 +38,10 @@ from . import data as data_module
 from .config import RunConfig, make_config
 from .errors import NonFiniteLossError, UserError
 from .figures import reconstruction_grid, sample_grid
-from .io import write_json, write_safetensors
+from .io import write_json, write_safetensors, write_text
 from .models import Model, build_model, legacy_model_args, load
 from .precision import matmul_dtype, resolve_precision
-from .registry import LIKELIHOODS, MODELS
+from .registry import DATASETS, LIKELIHOODS, MODELS
 from .runtime import keep_freed_memory
 from .schedules import make_schedule
 
@@ -103,6 +103,17 @@ def held_out(dataset: data_module.Dataset, config: RunConfig, split: str = "test
     return x, y
 
 
+def check_data_range(config: RunConfig, dataset: data_module.Dataset) -> None:
+    """A likelihood over [0, 1] (Bernoulli, continuous Bernoulli) refuses data outside it: its loss would have no bound."""
+    if not LIKELIHOODS.get(config.likelihood).unit_interval or isinstance(dataset.train, data_module.StreamedImages):
+        return  # streamed data are 8-bit pixels, in [0, 1] by construction
+    low, high = dataset.train.min().item(), dataset.train.max().item()
+    if low < 0 or high > 1:
+        raise UserError(f"--likelihood {config.likelihood} models values in [0, 1], but {config.data} holds values "
+                        f"from {low:.4g} to {high:.4g}; use --likelihood gaussian-learned, gaussian-diag or laplace-learned "
+                        f"for real-valued data, or rescale it to [0, 1]")
+
+
 def check_dequantize(config: RunConfig, dataset: data_module.Dataset | None = None) -> int | None:
     """Refuse --dequantize where it means nothing; the number of levels of the data where it applies."""
     if not config.dequantize:
@@ -162,28 +173,51 @@ def check_model_options(config: RunConfig) -> None:
 
 
 def new_run_dir(config: RunConfig, force: bool = False) -> Path:
-    """The run folder: ``--out`` (refusing to overwrite without --force) or a fresh numbered one."""
+    """The run folder a new run will write: ``--out`` (refusing to overwrite without --force) or a fresh numbered one.
+
+    Nothing is created or cleared here: :func:`make_run_dir` does that once
+    the data and the model have loaded, so a run that fails to start leaves
+    no stub folder and ``--force`` deletes no earlier results for nothing.
+    """
     if config.out:
         run_dir = Path(config.out)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"--out {run_dir} is a file; pass a folder for the run")
         if run_dir.exists() and any(run_dir.iterdir()) and not force:
             raise UserError(f"run folder {run_dir} already exists; pass --force to overwrite it, "
                             f"--resume {run_dir} to continue it, or another --out")
-        if run_dir.exists() and force:
-            # only what a run writes; anything else the user keeps there stays
-            for stale in RUN_OUTPUTS:
-                path = run_dir / stale
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
-    else:
-        base = Path("runs") / f"{config.model}-{_data_name(config.data)}"
-        run_dir, n = base, 1
-        while run_dir.exists():
-            n += 1
-            run_dir = base.with_name(f"{base.name}-{n}")
-    (run_dir / "images").mkdir(parents=True, exist_ok=True)
+        return run_dir
+    base = Path("runs") / f"{config.model}-{_data_name(config.data)}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
     return run_dir
+
+
+def _with_absolute_paths(config: RunConfig) -> RunConfig:
+    """``config`` with its data, labels and data folder as absolute paths, so the run folder works from anywhere."""
+    import dataclasses
+
+    changes = {}
+    for name in ("data", "labels", "data_dir"):
+        value = getattr(config, name)
+        if value and value not in DATASETS.names() and Path(value).expanduser().exists():
+            changes[name] = str(Path(value).expanduser().resolve())
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def make_run_dir(run_dir: Path, force: bool = False) -> None:
+    """Create the run folder, first clearing what an earlier run wrote there under --force."""
+    if run_dir.exists() and force:
+        # only what a run writes; anything else the user keeps there stays
+        for stale in RUN_OUTPUTS:
+            path = run_dir / stale
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    (run_dir / "images").mkdir(parents=True, exist_ok=True)
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
@@ -212,7 +246,16 @@ def load_run_model(run_dir: str | Path, device: torch.device | None = None) -> M
     model = build_model(config.model, **legacy_model_args(config.model, meta["model_kwargs"]))
     _load_prefixed(model, state, "model.", checkpoint)
     model.eval()
+    import warnings
+
+    warnings.warn(f"{run_dir} has not finished training: using its last checkpoint, at step {meta.get('step')}",
+                  UnfinishedRunWarning, stacklevel=2)
+    model.checkpoint_step = meta.get("step")  # recorded in eval.json
     return model.to(device) if device is not None else model
+
+
+class UnfinishedRunWarning(UserWarning):
+    """A command used the last checkpoint of a run that has not finished training."""
 
 
 # ---------------------------------------------------------------------------
@@ -228,7 +271,8 @@ class Position:
 
 
 def write_checkpoint(path: Path, model: Model, optimizer: torch.optim.Optimizer, position: Position,
-                     shuffle: torch.Generator, model_kwargs: dict) -> None:
+                     shuffle: torch.Generator, model_kwargs: dict, settings: dict | None = None) -> None:
+    """The whole training state in one safetensors file; ``settings`` is the run's config, to check a resume against."""
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
     optim_state = optimizer.state_dict()
     for index, state in optim_state["state"].items():
@@ -243,7 +287,7 @@ def write_checkpoint(path: Path, model: Model, optimizer: torch.optim.Optimizer,
         tensors["position.perm"] = position.perm
     meta = {
         "step": position.step, "epoch": position.epoch, "batch": position.batch,
-        "param_groups": optim_state["param_groups"], "model_kwargs": model_kwargs,
+        "param_groups": optim_state["param_groups"], "model_kwargs": model_kwargs, "config": settings,
     }
     write_safetensors(path, tensors, metadata={"format": "aevb-checkpoint", "meta": json.dumps(meta)})
 
@@ -266,28 +310,74 @@ def _load_prefixed(module: torch.nn.Module, state: dict, prefix: str, path: Path
     try:
         module.load_state_dict(sub)
     except RuntimeError as e:
-        raise UserError(f"checkpoint {path} does not fit the run's model ({str(e).splitlines()[0]})") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else "different tensors"
+        raise UserError(f"checkpoint {path} does not fit the model that config.json describes ({detail}); "
+                        f"undo the change to the model options in config.json") from None
 
 
-def _restore(path: Path, model: Model, optimizer: torch.optim.Optimizer, shuffle: torch.Generator) -> Position:
+RESUMABLE = ("epochs", "steps", "device")  # what --resume may change
+
+
+def _check_unchanged(path: Path, meta: dict, config: RunConfig) -> None:
+    """The run's config.json must still say what the checkpoint was trained with (but for RESUMABLE)."""
+    saved = meta.get("config")
+    if not isinstance(saved, dict):  # checkpoints from before aevb recorded it
+        return
+    now = config.to_dict()
+    changed = [k for k in now if k not in RESUMABLE and k in saved and saved[k] != now[k]
+               and not (isinstance(saved[k], (list, tuple)) and list(saved[k]) == list(now[k] or []))]
+    if changed:
+        detail = ", ".join(f"{k}: {saved[k]!r} → {now[k]!r}" for k in changed)
+        raise UserError(f"{path.parent.parent / 'config.json'} was changed since the checkpoint ({detail}); "
+                        f"--resume continues a run as it was trained: undo the change, or start a new run with "
+                        f"--config")
+
+
+def _restore(path: Path, model: Model, optimizer: torch.optim.Optimizer, shuffle: torch.Generator,
+             config: RunConfig) -> Position:
     state, meta = read_checkpoint(path)
+    _check_unchanged(path, meta, config)
     _load_prefixed(model, state, "model.", path)
-    optim_state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
-    for key, value in state.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            optim_state["state"].setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(optim_state)
-    torch.set_rng_state(state["rng.torch"])
-    shuffle.set_state(state["rng.shuffle"])
+    try:
+        optim_state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
+        for key, value in state.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                optim_state["state"].setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict(optim_state)
+        torch.set_rng_state(state["rng.torch"])
+        shuffle.set_state(state["rng.shuffle"])
+        position = Position(int(meta["step"]), int(meta["epoch"]), int(meta["batch"]), state.get("position.perm"))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a hand-edited or foreign file
+        raise UserError(f"checkpoint {path} is corrupt: its optimiser, random or position state cannot be read "
+                        f"({type(e).__name__}: {e}); delete the run's checkpoints and train again") from None
     cuda_states = [state[k] for k in sorted(state) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
-    return Position(meta["step"], meta["epoch"], meta["batch"], state.get("position.perm"))
+    return position
 
 
 # ---------------------------------------------------------------------------
 # logging
+
+
+def check_loggers(config: RunConfig) -> None:
+    """The packages of --tensorboard and --wandb must be installed (checked before a run folder is made)."""
+    import importlib.util
+
+    for wanted, module, package in ((config.tensorboard, "tensorboard", "tensorboard"), (config.wandb, "wandb", "wandb")):
+        if wanted and importlib.util.find_spec(module) is None:
+            raise UserError(f"--{module} needs the {package} package: pip install {package}")
+
+
+def _record(line: str) -> dict | None:
+    """One line of metrics.jsonl as a dict; None for a blank, cut-off or foreign line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class MetricsLog:
@@ -296,23 +386,20 @@ class MetricsLog:
     def __init__(self, run_dir: Path, config: RunConfig, resume_step: int | None):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            # drop records written after the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # drop records written after the checkpoint we resume from, and a line a kill cut short
+            kept = [line for line in self.path.read_text(errors="replace").splitlines()
+                    if (record := _record(line)) is not None and record.get("step", 0) <= resume_step]
+            write_text(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", encoding="utf-8")
         self.mirrors = []
+        check_loggers(config)
         if config.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            from torch.utils.tensorboard import SummaryWriter
+
             self.mirrors.append(("tb", SummaryWriter(str(run_dir / "tensorboard"))))
         if config.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--wandb needs the wandb package: pip install wandb") from None
+            import wandb
+
             self.mirrors.append(("wandb", wandb.init(project="aevb", config=config.to_dict(), dir=str(run_dir))))
 
     def write(self, record: dict) -> None:
@@ -419,11 +506,13 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
         check_model_options(config)
         check_dequantize(config)
         run_dir = new_run_dir(config, force)
+    check_loggers(config)
     torch.manual_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
 
     dataset = load_dataset(config)
     levels = check_dequantize(config, dataset)
+    check_data_range(config, dataset)
     x_train = dataset.train
     if config.binarize == "threshold":
         x_train = data_module.binarize(x_train, "threshold")
@@ -441,14 +530,23 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
         model.init_output_bias(x_train)
     optimizer = _make_optimizer(model, config, device)
     if resume is not None:
-        position = _restore(run_dir / CHECKPOINT, model, optimizer, shuffle)
+        position = _restore(run_dir / CHECKPOINT, model, optimizer, shuffle, config)
     else:
         position = Position()
+        make_run_dir(run_dir, force)
+        config = _with_absolute_paths(config)
         write_json(run_dir / "config.json", config.to_dict())
 
     n = x_train.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = config.steps or config.epochs * steps_per_epoch
+    if resume is not None:
+        if total_steps <= position.step:
+            asked = f"--steps {config.steps}" if config.steps else f"--epochs {config.epochs}"
+            raise UserError(f"{run_dir} has already trained {position.step} steps ({position.step / steps_per_epoch:.4g} "
+                            f"epochs), as many as {asked} asks; pass a larger --epochs or --steps to train further")
+        # the new length, before training: a run interrupted from here resumes toward it
+        write_json(run_dir / "config.json", config.to_dict())
     log = MetricsLog(run_dir, config, position.step if resume is not None else None)
     buffer, names = None, ()  # [log_every, terms] on the device and the terms' names, from the first step
     filled, last_log_time, last_log_step = 0, time.perf_counter(), position.step
@@ -488,7 +586,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
         return "no checkpoint had been written yet"
 
     def save_checkpoint() -> None:
-        write_checkpoint(run_dir / CHECKPOINT, model, optimizer, position, shuffle, model_kwargs)
+        write_checkpoint(run_dir / CHECKPOINT, model, optimizer, position, shuffle, model_kwargs, config.to_dict())
 
     bar = None
     if progress:
