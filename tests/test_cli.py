@@ -532,3 +532,14 @@ def test_resume_refuses_a_config_json_edited_since_the_checkpoint(run_copy, caps
     assert aevb_cli("train", "--resume", run_copy, "--epochs", 3) == 2
     err = capsys.readouterr().err
     assert "was changed since the checkpoint" in err and "lr: 0.003 → 0.5" in err
+
+
+@pytest.mark.parametrize("options,cause", [(("--test-split", "1.5"), "must be whole"),
+                                           (("--image-size", "16"), "keeps its own size"),
+                                           (("--data-dir", "."), "for the registered data sets")])
+def test_options_that_would_be_ignored_are_refused(tmp_path, capsys, options, cause):
+    data = ("--data", str(tmp_path / "x.npy")) if options[0] == "--data-dir" else ()
+    if data:
+        np.save(tmp_path / "x.npy", np.zeros((20, 4, 4), dtype=np.uint8))
+    assert aevb_cli("train", *data, *options, *SMALL, "--out", tmp_path / "run") == 2
+    assert cause in capsys.readouterr().err

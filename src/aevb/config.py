@@ -205,7 +205,12 @@ def coerce(name: str, value: Any) -> Any:
             return int(value)
         if kind.startswith("float"):
             number = float(value)
-            return int(number) if name.endswith("_split") and number >= 1 else number
+            if name.endswith("_split") and number >= 1:  # a count of examples, else a fraction
+                if not number.is_integer():
+                    raise UserError(f"--{flag(name)} {value}: a count of examples must be whole, and a "
+                                    f"fraction below 1")
+                return int(number)
+            return number
         return str(value)
     except (TypeError, ValueError):
         raise UserError(f"--{flag(name)}: cannot read {value!r} as {kind.split(' ')[0]}") from None

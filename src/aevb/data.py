@@ -147,7 +147,7 @@ def load_data(
     shuffle, seed: permute the examples with a seeded ``torch.Generator``
         before splitting (the training set only, for official splits).
     image_size: side of the square images made from a folder (default 64);
-        ignored for other sources.
+        refused for other sources, which keep their size.
     download: let torchvision fetch a registered data set that is missing.
     stream: ``"yes"`` keeps the training images of a ``.npy`` file
         (memory-mapped) or an image folder (8-bit pixels) as stored and
@@ -170,11 +170,23 @@ def load_data(
         if stream == "yes":
             raise UserError(f"--stream yes reads a .npy file or an image folder batch by batch; the registered "
                             f"data set {source!r} is loaded into memory: drop --stream")
+        if image_size is not None:
+            raise UserError(f"--image-size resizes the images of a folder; the data set {source!r} keeps its own "
+                            f"size: drop --image-size")
         root = Path(data_dir).expanduser() if data_dir else CACHE_DIR.expanduser() / source
         loader: Callable[[Path, bool], SourceData] = DATASETS.get(source)
         data = loader(root, download)
     else:
-        data = _load_path(Path(source).expanduser(), labels, image_size or DEFAULT_IMAGE_SIZE, stream)
+        path = Path(source).expanduser()
+        given = [name for name, value in (("--data-dir", data_dir), ("--download", download)) if value]
+        if given:
+            raise UserError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for the registered data sets "
+                            f"({', '.join(DATASETS.names())}), not for the path {source}: drop "
+                            f"{'it' if len(given) == 1 else 'them'}")
+        if image_size is not None and not path.is_dir():
+            raise UserError(f"--image-size resizes the images of a folder; {source} is a file whose examples keep "
+                            f"their shape: drop --image-size")
+        data = _load_path(path, labels, image_size or DEFAULT_IMAGE_SIZE, stream)
     return _split(source, data, test_split=test_split, val_split=val_split, shuffle=shuffle, seed=seed)
 
 
