@@ -13,6 +13,7 @@ import torch
 
 import aevb
 from aevb import objectives
+from aevb.errors import UserError
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 MNIST_IMAGES = MNIST_DIR / "t10k-images-idx3-ubyte.gz"
@@ -177,7 +178,7 @@ def test_chunks_combine_to_one_log_sum_exp():
 
 def test_log_likelihood_rejects_zero_samples():
     model, x = exact_posterior_ppca(n=3)
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="n_samples must be a whole number ≥ 1"):
         model.log_likelihood(x, n_samples=0)
 
 

@@ -259,5 +259,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def make_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
     """Defaults, then a config file's values, then explicit overrides; validated."""
     values = dict(file_values or {})
+    unknown = sorted(set(values) - set(FIELDS) | set(overrides) - set(FIELDS))
+    if unknown:
+        raise UserError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; the options are "
+                        f"the fields of aevb.config.RunConfig ('aevb train --help' lists them)")
     values.update({k: coerce(k, v) for k, v in overrides.items()})
     return RunConfig(**values).validate()

@@ -289,6 +289,9 @@ class _LearnedScale(_LocationFamily):
 
     def __init__(self, scale: float = 1.0, floor: float = SCALE_FLOOR):
         super().__init__()
+        if not scale > 0 or not floor > 0:
+            raise ValueError(f"{type(self).__name__}: the initial scale and the floor must be positive, "
+                             f"got scale={scale}, floor={floor}")
         self.floor = float(floor)
         self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
 
@@ -367,11 +370,12 @@ class OptimalGaussianLikelihood(_LocationFamily):
     def extra_config(self) -> dict:
         return {"floor": self.floor}
 
-    @torch.no_grad()
     def _observe(self, scale: torch.Tensor) -> None:
-        if self.training:
-            mean = scale.detach().float().mean().to(self.running_scale.dtype)
-            self.running_scale.lerp_(mean, self.momentum)
+        # training steps only: not evaluations, which run without gradients (even in train mode)
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                mean = scale.detach().float().mean().to(self.running_scale.dtype)
+                self.running_scale.lerp_(mean, self.momentum)
 
     def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
         base = OptimalScaleNormal(

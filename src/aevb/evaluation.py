@@ -193,7 +193,20 @@ def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_siz
     labels) add ``representation_accuracy`` (logistic regression on posterior
     means), ``representation_knn_accuracy`` and ``chance_accuracy``.
     """
+    was_training = model.training
     model.eval()
+    try:
+        return _evaluate(model, x, iw_samples=iw_samples, batch_size=batch_size, levels=levels, progress=progress,
+                         labels=labels, train_x=train_x, train_labels=train_labels, classes=classes,
+                         precision=precision, dequantized=dequantized)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int, levels: int | None,
+              progress: bool, labels: torch.Tensor | None, train_x: torch.Tensor | None,
+              train_labels: torch.Tensor | None, classes: list[str] | None, precision: str,
+              dequantized: bool) -> dict:
     device = next(model.parameters()).device
     sampler_dtype = resolve_precision(precision, device)  # None: float32
     n = x.shape[0]

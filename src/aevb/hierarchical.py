@@ -95,7 +95,7 @@ class HVAE(LatentVariableModel):
         zs, qs, ps = [], [], []
         for level in range(self.layers - 1, -1, -1):  # L-1 … 0 (0-based)
             if level < self.layers - 1:
-                prior_params = self.down[level](zs[-1].to(self._dtype)).float()  # [S, B, 2D]
+                prior_params = at_least_float32(self.down[level](zs[-1].to(self._dtype)))  # [S, B, 2D]
                 p = self._normal(prior_params)
                 q = self._normal(prior_params + d[level])
             z = q.mean if n_samples is None else (q.rsample((n_samples,)) if not zs else q.rsample())
@@ -129,9 +129,9 @@ class HVAE(LatentVariableModel):
     def log_weights(self, x: torch.Tensor, n_samples: int) -> torch.Tensor:
         """log p(x|z_1) + Σ_l log p(z_l|z_{l+1}) − Σ_l log q(z_l|·) over all layers, [S, B]."""
         zs, qs, ps = self._top_down(self._bottom_up(x), n_samples)
-        log_w = self.decode(zs[-1]).log_prob(x.to(zs[-1].dtype)).float()
+        log_w = at_least_float32(self.decode(zs[-1]).log_prob(x.to(zs[-1].dtype)))
         for z, q, p in zip(zs, qs, ps):
-            log_w = log_w + p.log_prob(z).float() - q.log_prob(z).float()
+            log_w = log_w + at_least_float32(p.log_prob(z)) - at_least_float32(q.log_prob(z))
         return log_w
 
     def elbo(self, x: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
@@ -157,7 +157,7 @@ class HVAE(LatentVariableModel):
             if level + 1 in fixed:
                 z = fixed[level + 1]
             else:
-                p = self._normal(self.down[level](z.to(self._dtype)).float())
+                p = self._normal(at_least_float32(self.down[level](z.to(self._dtype))))
                 eps = torch.randn(p.mean.shape, generator=generator, device=device)
                 z = p.mean + temperature * p.stddev * eps
             zs.append(z)

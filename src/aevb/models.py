@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Distribution
@@ -107,17 +108,19 @@ class Model(nn.Module):
                  likelihood: str = "bernoulli", hidden: Sequence[int] | None = None,
                  likelihood_args: dict[str, Any] | None = None, posterior_args: dict[str, Any] | None = None):
         super().__init__()
+        latent_dim, hidden = _whole(latent_dim, "latent_dim"), _sizes(hidden)
+        likelihood_args, posterior_args = plain(likelihood_args or {}), plain(posterior_args or {})
         if latent_dim < 1:
             raise UserError(f"latent_dim must be at least 1, got {latent_dim}")
-        self.data_shape = tuple(int(n) for n in data_shape)
-        self.latent_dim = int(latent_dim)
+        self.data_shape = tuple(_whole(n, "data_shape") for n in data_shape)
+        self.latent_dim = latent_dim
         try:
-            self.likelihood = LIKELIHOODS.get(likelihood)(**(likelihood_args or {}))
-        except TypeError as e:
+            self.likelihood = LIKELIHOODS.get(likelihood)(**likelihood_args)
+        except (TypeError, ValueError) as e:
             raise UserError(f"bad likelihood_args for {likelihood!r}: {e}") from None
         try:
-            self.posterior = POSTERIORS.get(self.posterior_family)(**(posterior_args or {}))
-        except TypeError as e:
+            self.posterior = POSTERIORS.get(self.posterior_family)(**posterior_args)
+        except (TypeError, ValueError) as e:
             raise UserError(f"bad posterior_args for the {self.posterior_family!r} posterior: {e}") from None
         self.encoder, self.decoder = NETWORKS.get(arch)(
             self.data_shape,
@@ -131,16 +134,17 @@ class Model(nn.Module):
             "latent_dim": self.latent_dim,
             "arch": arch,
             "likelihood": likelihood,
-            "hidden": list(hidden) if hidden else None,
-            "likelihood_args": {**self.likelihood.extra_config(), **(likelihood_args or {})},
+            "hidden": hidden,
+            "likelihood_args": {**self.likelihood.extra_config(), **likelihood_args},
             "posterior_args": self.posterior.extra_config(),
         }
         self.prior_module = build_prior("standard", self.latent_dim, self.data_shape)
 
     def _set_prior(self, prior: str, prior_args: dict[str, Any] | None) -> None:
         """Use the registered prior ``prior`` and store it in the config (models with a KL)."""
+        prior_args = plain(prior_args or {})
         self.prior_module = build_prior(prior, self.latent_dim, self.data_shape, prior_args)
-        self.config.update(prior=prior, prior_args={**self.prior_module.extra_config(), **(prior_args or {})})
+        self.config.update(prior=prior, prior_args={**self.prior_module.extra_config(), **prior_args})
 
     # -- the three distributions -------------------------------------------
 
@@ -149,6 +153,9 @@ class Model(nn.Module):
         return next(self.decoder.parameters()).dtype
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if not x.is_floating_point():
+            raise UserError(f"input of dtype {x.dtype}: the model takes floating-point values (pixels scaled to "
+                            f"[0, 1]); convert with x.float() / 255 for 8-bit images")
         if tuple(x.shape[1:]) != self.data_shape:
             raise UserError(
                 f"input of shape {tuple(x.shape)} does not fit this model, which expects "
@@ -168,6 +175,9 @@ class Model(nn.Module):
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z) for z [*S, B, D]: batch shape [*S, B], event shape data_shape, at least float32."""
+        if z.ndim < 2 or z.shape[-1] != self.latent_dim:
+            raise UserError(f"z of shape {tuple(z.shape)} does not fit this model, which decodes "
+                            f"[*samples, batch, {self.latent_dim}]")
         batch_shape = z.shape[:-1]
         params = self.decoder(z.reshape(-1, self.latent_dim).to(self._dtype))  # [N, k·C, ...]
         params = objectives.at_least_float32(params.reshape(*batch_shape, *params.shape[1:]))
@@ -222,6 +232,10 @@ class Model(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """[n, *data_shape]: means of p(x|z) for z ~ p(z) (for N(0, I): z ~ N(0, temperature² I);
         for mixtures the temperature scales each component's noise)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UserError(f"sample(n): n is a number of samples ≥ 1, got {n!r}")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise UserError(f"sample(temperature=...) must be a finite number ≥ 0, got {temperature}")
         z = self.prior_module.sample(self, n, generator, temperature)  # [n, D]
         return self.decode(z).mean
 
@@ -237,10 +251,17 @@ class Model(nn.Module):
     def save(self, path: str | Path) -> None:
         """Write ``path/config.json`` and ``path/weights.safetensors`` (each atomically)."""
         path = Path(path)
+        config = {"format": FORMAT, "version": FORMAT_VERSION, "model": self.name, "args": self.config,
+                  "dtype": str(self._dtype).removeprefix("torch.")}
+        try:
+            json.dumps(config)  # before any file is written
+        except (TypeError, ValueError) as e:
+            raise UserError(f"cannot save: the model's arguments are not plain numbers, strings and lists ({e})") from None
+        if path.exists() and not path.is_dir():
+            raise UserError(f"cannot save to {path}: it is a file; pass a folder")
         path.mkdir(parents=True, exist_ok=True)
         write_safetensors(path / "weights.safetensors", self.state_dict(), metadata={"format": FORMAT})
-        write_json(path / "config.json", {"format": FORMAT, "version": FORMAT_VERSION,
-                                          "model": self.name, "args": self.config})
+        write_json(path / "config.json", config)
 
     def extra_repr(self) -> str:
         return f"data_shape={self.data_shape}, latent_dim={self.latent_dim}"
@@ -566,8 +587,39 @@ def legacy_model_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
-def load(path: str | Path, device: str | torch.device | None = None) -> Model:
-    """Load a model saved with :meth:`Model.save`.  Nothing is unpickled."""
+def _whole(value: Any, name: str) -> int:
+    """A whole number given as any int-like value (numpy included); a UserError for 2.5 or True."""
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise UserError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _sizes(hidden: Sequence[int] | None) -> list[int] | None:
+    """Hidden layer sizes as a list of ints (None or empty: the network's default)."""
+    if hidden is None:
+        return None
+    sizes = [_whole(h, "hidden") for h in list(hidden)]
+    return sizes or None
+
+
+def plain(value: Any) -> Any:
+    """``value`` with numpy and 0-d tensor numbers made Python numbers and tuples made lists (for JSON)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (np.generic, torch.Tensor)) and np.ndim(value) == 0:
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Model:
+    """Load a model saved with :meth:`Model.save`, in the dtype it was saved in (or ``dtype``).  Nothing is unpickled."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -575,6 +627,9 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Model:
     config_path, weights_path = path / "config.json", path / "weights.safetensors"
     if not path.is_dir():
         raise UserError(f"no saved model at {path}: expected a folder with config.json and weights.safetensors")
+    if (path / "model" / "config.json").is_file() and not config_path.is_file() or \
+            (path / "model").is_dir() and (path / "checkpoints").is_dir():
+        raise UserError(f"{path} is a run folder; load its model with aevb.load('{path / 'model'}')")
     for required in (config_path, weights_path):
         if not required.is_file():
             raise UserError(f"{path} is not a saved aevb model: {required.name} is missing")
@@ -585,7 +640,10 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Model:
         raise UserError(f"{config_path} is corrupt ({e}); re-export the model") from None
     if config.get("format") != FORMAT:
         raise UserError(f"{config_path} is not an aevb model config (format {config.get('format')!r})")
-    model = build_model(name, **legacy_model_args(name, args))
+    stored = _DTYPES.get(config.get("dtype", "float32"))
+    if stored is None:
+        raise UserError(f"{config_path} names an unknown dtype {config.get('dtype')!r}; re-export the model")
+    model = build_model(name, **legacy_model_args(name, args)).to(stored)
     try:
         state = load_file(weights_path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
@@ -603,4 +661,6 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Model:
         raise UserError(f"{weights_path} does not match {config_path} ({details}); the two files come from different models")
     model.load_state_dict(state)
     model.eval()
+    if dtype is not None:
+        model.to(dtype)
     return model.to(device) if device is not None else model

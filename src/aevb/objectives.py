@@ -71,12 +71,30 @@ def free_bits_kl(posterior: Distribution, prior: Distribution, free_bits: float)
     return at_least_float32(kl_per_dim).mean(0).clamp(min=free_bits).sum()
 
 
+def _check(model, x: torch.Tensor, what: str, likelihood: bool = False, **counts: int | None) -> None:
+    """One clear error for a model without the density ``what`` needs, an empty batch or a count below 1."""
+    from .errors import NoLikelihoodError, UserError
+
+    if not model.posterior.has_density:
+        raise NoLikelihoodError(f"model {model.name!r} has a point-mass code and defines no {what}; "
+                                f"train a VAE or IWAE (--model vae) for one")
+    if likelihood and not getattr(model.likelihood, "normalized", True):
+        raise NoLikelihoodError(f"likelihood {model.config.get('likelihood')!r} is not a normalised density of x "
+                                f"(σ is fitted to each example), so it has no {what}")
+    if x.shape[0] == 0:
+        raise UserError(f"{what} of an empty batch: pass at least one example")
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"{name} must be a whole number ≥ 1, got {value!r}")
+
+
 def elbo_terms(model, x: torch.Tensor, n_samples: int = 1) -> ElboTerms:
     """Reconstruction and KL terms with ``n_samples`` reparameterised samples (SGVB).
 
     x: [B, *data_shape].  Gradients flow to encoder and decoder through rsample.
     A model with more than one stochastic layer supplies its own ``elbo_terms``.
     """
+    _check(model, x, "ELBO", n_samples=n_samples)
     if hasattr(model, "elbo_terms"):
         return model.elbo_terms(x, n_samples)
     posterior = model.encode(x)  # q(z|x), batch [B]
@@ -115,6 +133,7 @@ def iwae_bound(model, x: torch.Tensor, k: int) -> torch.Tensor:
 
     Equals the ELBO for k = 1 and rises towards log p(x) as k grows.
     """
+    _check(model, x, "importance-weighted bound", k=k)
     return torch.logsumexp(log_weights(model, x, k), dim=0) - math.log(k)
 
 
@@ -135,8 +154,7 @@ def log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_size: in
     per-chunk log-sum-exps, so memory does not grow with S.  On average the
     estimate is a lower bound that rises towards log p(x) as S grows.
     """
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+    _check(model, x, "log-likelihood", likelihood=True, n_samples=n_samples, chunk_size=chunk_size)
     keep_freed_memory()
     posterior = model.encode(x)
     batch = x.shape[0]
