@@ -543,3 +543,23 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, capsys, options, ca
         np.save(tmp_path / "x.npy", np.zeros((20, 4, 4), dtype=np.uint8))
     assert aevb_cli("train", *data, *options, *SMALL, "--out", tmp_path / "run") == 2
     assert cause in capsys.readouterr().err
+
+
+def test_few_unlabelled_test_images_and_more_pictures_than_classes(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8))
+    run = tmp_path / "run"
+    assert aevb_cli("train", "--data", tmp_path / "x.npy", "--test-split", 5, *SMALL, "--epochs", 1,
+                    "--out", run) == 0  # reconstruction pictures of the 5 there are
+    assert aevb_cli("reconstruct", run, "-n", 20) == 0
+
+
+def test_an_autoencoder_has_no_prior_samples(tmp_path, capsys):
+    from aevb.report import plan_figures
+    from aevb.training import load_run_model
+
+    run = tmp_path / "ae"
+    assert aevb_cli("train", "--model", "ae", *SMALL, "--epochs", 1, "--out", run) == 0
+    assert aevb_cli("sample", run) == 2
+    assert "no prior to sample" in capsys.readouterr().err
+    plan = plan_figures(load_run_model(run), run)
+    assert "prior-samples.png" not in plan.figures and "no prior" in plan.skipped["prior-samples.png"]

@@ -372,10 +372,24 @@ def test_dynamic_binarization_is_unbiased_and_seeded():
 
 def test_holdout_indices():
     labels = torch.tensor([3, 1, 3, 0, 1, 2, 0])
-    assert holdout_indices(labels).tolist() == [3, 1, 5, 0]  # first 0, first 1, first 2, first 3
+    assert holdout_indices(labels, n=4).tolist() == [3, 1, 5, 0]  # first 0, first 1, first 2, first 3
     assert holdout_indices(labels, n=2).tolist() == [3, 1]
+    # more than there are classes: then the second of each class (class 2 has no second), all at most
+    assert holdout_indices(labels).tolist() == [3, 1, 5, 0, 6, 4, 2]
     assert holdout_indices(None, n=4).tolist() == [0, 1, 2, 3]
     assert holdout_indices(None, n=10, num_examples=3).tolist() == [0, 1, 2]
     data = load_data("digits")
     picked = holdout_indices(data.test_labels)
     assert data.test_labels[picked].tolist() == list(range(10))
+
+
+def test_a_folder_of_16_bit_grey_images_loads_as_grey(tmp_path):
+    """Pillow's convert('L') clips 16-bit values at 255: every image would be white (and RGB)."""
+    from PIL import Image
+
+    for i, value in enumerate((30000, 65535, 0, 257 * 40)):
+        Image.fromarray(np.full((10, 10), value, dtype=np.uint16)).save(tmp_path / f"{i}.png")
+    data = load_data(str(tmp_path), image_size=8, test_split=1, stream="no")
+    assert data.data_shape == (1, 8, 8)
+    means = [round(float(x.mean()) * 255) for x in data.train] + [round(float(data.test.mean()) * 255)]
+    assert means == [117, 255, 0, 40]  # value / 257

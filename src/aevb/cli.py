@@ -242,6 +242,9 @@ def sample(run, n, temperature, seed, out, device):
 
     model = _load(run, device)
     _require_images(model, "sample")
+    if not model.has_kl:
+        raise UserError(f"{run} holds a {model.name}, which has no prior to sample (its codes are not fitted to "
+                        f"N(0, I)); train a VAE (--model vae) to sample, or use 'aevb reconstruct' / 'aevb explore'")
     path = Path(out) if out else Path(run) / "images" / f"samples-T{temperature:g}.png"
     click.echo(f"written: {sample_grid(model, path, n=n, seed=seed, temperature=temperature)}")
 
@@ -267,7 +270,7 @@ def reconstruct(run, n, out, device):
     _require_images(model, "reconstruct")
     x, y = held_out(load_dataset(config), config, "test")
     check_data_shape(model, x, run, config.data)
-    x = x[holdout_indices(y, n)].to(next(model.parameters()).device)
+    x = x[holdout_indices(y, n, num_examples=len(x))].to(next(model.parameters()).device)
     path = Path(out) if out else Path(run) / "images" / "reconstructions.png"
     click.echo(f"written: {reconstruction_grid(model, x, path)}")
 

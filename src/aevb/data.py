@@ -726,7 +726,7 @@ def _load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceDat
                 modes[p] = im.mode
         except Exception:
             bad.append(p)
-    mode = "L" if modes and all(m in ("1", "L", "LA") for m in modes.values()) else "RGB"
+    mode = "L" if modes and all(m in GREY_MODES for m in modes.values()) else "RGB"
     readable = list(modes)
     shape = (image_size, image_size) if mode == "L" else (image_size, image_size, 3)  # of one image, uint8
 
@@ -826,12 +826,34 @@ def _ordered_map(fn, items: list, workers: int, in_flight: int) -> Iterator:
             yield result
 
 
+# Pillow modes of one-channel images: bilevel, 8-bit (with alpha), 16- and 32-bit integer, float
+GREY_MODES = ("1", "L", "LA", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
 def _decode(path: Path, mode: str, image_size: int) -> np.ndarray:
     """One image file as uint8 pixels [S, S] (mode L) or [S, S, 3] (RGB)."""
     from PIL import Image
 
     with Image.open(path) as im:
-        return np.asarray(_resize_crop(im.convert(mode), image_size))
+        return np.asarray(_resize_crop(_eight_bit(im).convert(mode), image_size))
+
+
+def _eight_bit(im):
+    """A 16-bit, 32-bit or float grey image as 8-bit grey (Pillow's convert would clip it at 255, all white).
+
+    16-bit (I;16*, or I holding values above 255): value / 257; float (F):
+    [0, 1] if it stays there, else clipped to [0, 255].  Other modes as they are.
+    """
+    from PIL import Image
+
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    values = np.asarray(im).astype(np.float64)
+    if im.mode.startswith("I;16") or (im.mode == "I" and values.max(initial=0) > 255):
+        values = values / 257
+    elif im.mode == "F" and values.max(initial=0) <= 1 and values.min(initial=0) >= 0:
+        values = values * 255
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
 
 
 def _decoded_folder(root: Path, files: list[Path], mode: str, image_size: int,
@@ -947,15 +969,19 @@ def dequantize(x: torch.Tensor, levels: int, generator: torch.Generator | None =
 def holdout_indices(labels: torch.Tensor | None, n: int = 10, *, num_examples: int | None = None) -> torch.Tensor:
     """Indices [≤ n] of a small fixed set of examples for reconstruction pictures.
 
-    With labels [N]: the first example of each class, classes in ascending
-    order, the first n classes at most.  Without: the first n examples (at
-    most num_examples, when given).
+    With labels [N]: the first example of each class (classes in ascending
+    order), then the second of each, and so on, until there are n; without:
+    the first n examples.  Never more than there are (``num_examples``, or
+    the number of labels).
     """
     if labels is None:
         return torch.arange(n if num_examples is None else min(n, num_examples))
     labels = labels.reshape(-1).cpu()
     order = torch.argsort(labels, stable=True)  # [N] grouped by class, file order within a class
     grouped = labels[order]
-    first = torch.ones_like(grouped, dtype=torch.bool)  # [N] True at the first example of a class
-    first[1:] = grouped[1:] != grouped[:-1]
-    return order[first][:n]
+    starts = torch.ones_like(grouped, dtype=torch.bool)  # [N] True at the first example of a class
+    starts[1:] = grouped[1:] != grouped[:-1]
+    group_start = torch.cummax(torch.where(starts, torch.arange(len(grouped)), 0), dim=0).values
+    rank = torch.arange(len(grouped)) - group_start  # [N] place of each example within its class
+    by_rank = torch.argsort(rank, stable=True)  # first of every class, then second of every class, …
+    return order[by_rank][:n]

@@ -348,9 +348,16 @@ def latent_grid(model, x: torch.Tensor, path: str | Path, n: int = 15, grid_rang
     du, dv = (2 * ru / (n - 1) if n > 1 else ru), (2 * rv / (n - 1) if n > 1 else rv)
     fig = _figure(7, 7)
     ax = fig.add_subplot()
-    grid = image_grid(images.reshape(n * n, *images.shape[2:]), nrow=n, padding=0)
-    ax.imshow(grid, interpolation="nearest", aspect="auto",
-              extent=(-ru - du / 2, ru + du / 2, -rv - dv / 2, rv + dv / 2))
+    # a 1-pixel white gap between tiles: without it, strokes that reach a tile's edge (8×8 digits) run
+    # into the next tile's; the extent puts each tile's centre at its grid point
+    pad, (h, w) = 1, images.shape[-2:]
+    grid = image_grid(images.reshape(n * n, *images.shape[2:]), nrow=n, padding=pad)
+    step_w, step_h = w + pad, h + pad  # pixels from one tile's centre to the next
+    left = -ru - (pad + w / 2) * du / step_w
+    right = -ru + (grid.shape[1] - pad - w / 2) * du / step_w
+    top = rv + (pad + h / 2) * dv / step_h
+    bottom = rv - (grid.shape[0] - pad - h / 2) * dv / step_h
+    ax.imshow(grid, interpolation="nearest", aspect="auto", extent=(left, right, bottom, top))
     name_u, name_v = _axis_names(directions)
     ax.set_xlabel(name_u)
     ax.set_ylabel(name_v)
@@ -403,8 +410,12 @@ def latent_scatter(model, x: torch.Tensor, path: str | Path, labels: torch.Tenso
     if labels is not None:
         labels = labels.reshape(-1).cpu()
         values = torch.unique(labels).tolist()
-        cmap = matplotlib.colormaps["tab10" if len(values) <= 10 else "tab20"]
-        colors = {value: cmap(k % cmap.N) for k, value in enumerate(values)}
+        if len(values) <= 20:
+            cmap = matplotlib.colormaps["tab10" if len(values) <= 10 else "tab20"]
+            colors = {value: cmap(k) for k, value in enumerate(values)}
+        else:  # more classes than a qualitative map has colours: spread them over a continuous one
+            cmap = matplotlib.colormaps["turbo"]
+            colors = {value: cmap(k / (len(values) - 1)) for k, value in enumerate(values)}
         for value in values:
             mask = labels == value
             name = classes[value] if classes is not None and 0 <= value < len(classes) else str(value)
@@ -426,13 +437,14 @@ def latent_scatter(model, x: torch.Tensor, path: str | Path, labels: torch.Tenso
             edge = colors[int(labels[i])] if colors is not None else "#555555"
             ax.add_artist(AnnotationBbox(box, (float(points[i, 0]), float(points[i, 1])), frameon=True,
                                          pad=0.1, bboxprops={"edgecolor": edge, "linewidth": 1.5}))
-    ax.add_patch(Rectangle((-ru, -rv), 2 * ru, 2 * rv, fill=False, linestyle="--", linewidth=0.8,
-                           edgecolor="#444444"))
+    if _is_image(model):  # the latent grid is drawn for images only
+        ax.add_patch(Rectangle((-ru, -rv), 2 * ru, 2 * rv, fill=False, linestyle="--", linewidth=0.8,
+                               edgecolor="#444444"))
     name_u, name_v = _axis_names(directions)
     ax.set_xlabel(name_u)
     ax.set_ylabel(name_v)
-    ax.set_title(f"posterior means of {points.shape[0]} test examples ({name_u}, {name_v}); "
-                 f"dashed: the latent grid's range", fontsize=9)
+    grid_note = "; dashed: the latent grid's range" if _is_image(model) else ""
+    ax.set_title(f"posterior means of {points.shape[0]} test examples ({name_u}, {name_v}){grid_note}", fontsize=9)
     _save_figure(fig, path)
     return {"points": points, "origin": origin.cpu(), "axes": axes.cpu(), "image_indices": image_indices}
 

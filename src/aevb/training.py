@@ -522,7 +522,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     holdout = None
     if dataset.kind == "image" and dataset.test is not None and len(dataset.test):
         x_test, y_test = held_out(dataset, config, "test")
-        holdout = x_test[data_module.holdout_indices(y_test, 10)].to(device)
+        holdout = x_test[data_module.holdout_indices(y_test, 10, num_examples=len(x_test))].to(device)
 
     model_kwargs = config.model_kwargs(dataset.data_shape)
     model = build_model(config.model, **model_kwargs).to(device)
