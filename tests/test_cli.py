@@ -563,3 +563,14 @@ def test_an_autoencoder_has_no_prior_samples(tmp_path, capsys):
     assert "no prior to sample" in capsys.readouterr().err
     plan = plan_figures(load_run_model(run), run)
     assert "prior-samples.png" not in plan.figures and "no prior" in plan.skipped["prior-samples.png"]
+
+
+def test_figures_must_be_named_png_and_configs_toml_or_json(run, tmp_path, capsys):
+    assert aevb_cli("sample", run, "-o", tmp_path / "x.jpg") == 2
+    assert "ending in .png" in capsys.readouterr().err and not (tmp_path / "x.jpg").exists()
+    (tmp_path / "c.yaml").write_text("epochs: 2\n")
+    assert aevb_cli("train", "--config", tmp_path / "c.yaml", *SMALL) == 2
+    assert "TOML (.toml) or JSON" in capsys.readouterr().err
+    (tmp_path / "c.toml").write_text("epochs = true\n")
+    assert aevb_cli("train", "--config", tmp_path / "c.toml", *SMALL) == 2
+    assert "--epochs: cannot read True" in capsys.readouterr().err

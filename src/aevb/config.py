@@ -200,7 +200,7 @@ def coerce(name: str, value: Any) -> Any:
                 raise ValueError(value)
             return bool(value)
         if kind.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
             return int(value)
         if kind.startswith("float"):
@@ -229,6 +229,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
+    if path.suffix not in (".toml", ".json"):
+        raise UserError(f"config file {path}: aevb reads TOML (.toml) or JSON (.json) config files, not "
+                        f"{path.suffix or 'files without a suffix'}")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".toml":

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
 from .io import atomic_write
 
 
@@ -52,8 +53,16 @@ def save_png(array: np.ndarray, path: str | Path, min_size: int = 0) -> Path:
     if min_size and max(image.size) < min_size:
         factor = math.ceil(min_size / max(image.size))
         image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
-    path = Path(path)
+    path = _png_path(path)
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return path
+
+
+def _png_path(path: str | Path) -> Path:
+    """``path``, which must name a PNG file: the figures are PNG whatever the suffix says."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise UserError(f"{path}: figures are written as PNG; give a file name ending in .png")
     return path
 
 
@@ -117,7 +126,7 @@ def _figure(width: float, height: float):
 
 
 def _save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    path = Path(path)
+    path = _png_path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.08))
     return path
 
