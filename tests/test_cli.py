@@ -415,7 +415,8 @@ def test_every_train_flag_of_the_issue_exists():
 
 @pytest.mark.parametrize("option,value", [("--grad-clip", "-1"), ("--beta-warmup", "-5"), ("--image-every", "-1"),
                                           ("--lr", "nan"), ("--beta", "inf"), ("--free-bits", "nan"),
-                                          ("--likelihood-scale", "0"), ("--seed", "99999999999999999999")])
+                                          ("--likelihood-scale", "0"), ("--seed", "99999999999999999999"),
+                                          ("--image-size", "100000")])
 def test_out_of_range_training_options_are_refused_before_anything_is_written(tmp_path, capsys, option, value):
     extra = ("--likelihood", "gaussian") if option == "--likelihood-scale" else ()
     assert aevb_cli("train", option, value, *extra, *SMALL, "--out", tmp_path / "run") == 2

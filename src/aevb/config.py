@@ -42,6 +42,11 @@ SPARSITY_PENALTIES = ("l1", "kl")
 JACOBIAN_MODES = ("auto", "exact", "projections")
 
 
+# side of the largest square images a folder is resized to: a float32 batch of 128 RGB images of 1024²
+# pixels is 1.6 GB already, and a resize to a size no data set has is a typing slip
+MAX_IMAGE_SIZE = 1024
+
+
 def _opt(default: Any, help: str, *, group: str, choices: Any = None, short: str | None = None,
          metavar: str | None = None):
     return field(default=default, metadata={"help": help, "group": group, "choices": choices,
@@ -145,6 +150,8 @@ class RunConfig:
             if getattr(self, name) < 0:
                 raise UserError(f"--{flag(name)} must be ≥ 0 (0: {'off' if name == 'beta_warmup' else 'the default'}), "
                                 f"got {getattr(self, name)}")
+        if self.image_size is not None and not 1 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise UserError(f"--image-size must be between 1 and {MAX_IMAGE_SIZE} pixels, got {self.image_size}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise UserError(f"--grad-clip is a gradient norm and must be > 0, got {self.grad_clip}; leave it out "
                             f"for no clipping")
