@@ -127,3 +127,11 @@ def test_evaluate_leaves_the_model_in_its_mode():
     model.eval()
     aevb.evaluate(model, torch.rand(4, *SHAPE), iw_samples=2)
     assert not model.training
+
+
+def test_numpy_counts_are_counts():
+    model = _vae()
+    x = torch.rand(2, *SHAPE)
+    assert model.sample(np.int64(3)).shape == (3, *SHAPE)
+    assert model.log_likelihood(x, n_samples=np.int64(4)).shape == (2,)
+    assert model.elbo(x, n_samples=np.int32(2)).shape == (2,)

@@ -532,7 +532,7 @@ def test_resume_refuses_a_config_json_edited_since_the_checkpoint(run_copy, caps
     (run_copy / "config.json").write_text(json.dumps(config))
     assert aevb_cli("train", "--resume", run_copy, "--epochs", 3) == 2
     err = capsys.readouterr().err
-    assert "was changed since the checkpoint" in err and "lr: 0.003 → 0.5" in err
+    assert "differs from the one its checkpoint was trained with" in err and "lr: 0.003 → 0.5" in err
 
 
 @pytest.mark.parametrize("options,cause", [(("--test-split", "1.5"), "must be whole"),
@@ -575,3 +575,50 @@ def test_figures_must_be_named_png_and_configs_toml_or_json(run, tmp_path, capsy
     (tmp_path / "c.toml").write_text("epochs = true\n")
     assert aevb_cli("train", "--config", tmp_path / "c.toml", *SMALL) == 2
     assert "--epochs: cannot read True" in capsys.readouterr().err
+
+
+def test_runs_written_by_earlier_versions_still_load(run_copy, capsys):
+    """Earlier versions stored --grad-clip 0 (no clipping) and --image-size for non-folders, now refused as flags."""
+    config = json.loads((run_copy / "config.json").read_text())
+    config.update(grad_clip=0, image_size=32, seed=-1)
+    (run_copy / "config.json").write_text(json.dumps(config))
+    assert aevb_cli("eval", run_copy, "-k", 2) == 0
+
+
+def test_runs_started_together_get_a_folder_each(tmp_path, monkeypatch):
+    from aevb.config import make_config
+    from aevb.training import make_run_dir, new_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    config = make_config(epochs=1)
+    planned = [new_run_dir(config), new_run_dir(config)]  # both load their data before claiming a folder
+    assert planned[0] == planned[1]
+    claimed = [make_run_dir(path, config) for path in planned]
+    assert claimed == [Path("runs/vae-digits"), Path("runs/vae-digits-2")]
+
+
+def test_resume_exports_a_run_that_finished_training_but_not_its_export(run_copy):
+    shutil.rmtree(run_copy / "model")
+    assert aevb_cli("train", "--resume", run_copy, "-q") == 0
+    assert (run_copy / "model" / "weights.safetensors").is_file()
+
+
+def test_resume_from_python_and_with_the_data_path_as_given(table, tmp_path, monkeypatch):
+    from aevb.training import read_run_config, train
+
+    monkeypatch.chdir(table.parent)
+    run = tmp_path / "run"
+    assert aevb_cli("train", "--data", table.name, "--likelihood", "gaussian-diag", *SMALL, "--epochs", 1,
+                    "--out", run) == 0
+    # the same --data, relative as first given, is no change
+    assert aevb_cli("train", "--resume", run, "--data", table.name, "--epochs", 2, "-q") == 0
+    import dataclasses
+
+    config = dataclasses.replace(read_run_config(run), epochs=3, out=None)
+    train(config, resume=run, progress=False)
+
+
+def test_threshold_binarisation_makes_any_data_bernoulli(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).uniform(-1, 1, (60, 6)))
+    assert aevb_cli("train", "--data", tmp_path / "x.npy", "--binarize", "threshold", *SMALL, "--epochs", 1,
+                    "--out", tmp_path / "run") == 0

@@ -157,8 +157,8 @@ class RunConfig:
                             f"for no clipping")
         if self.likelihood_scale is not None and self.likelihood_scale <= 0:
             raise UserError(f"--likelihood-scale must be > 0, got {self.likelihood_scale}")
-        if not 0 <= self.seed < 2**63:
-            raise UserError(f"--seed must be in [0, 2^63), got {self.seed}")
+        if not -2**63 <= self.seed < 2**64:  # what torch.manual_seed takes
+            raise UserError(f"--seed must be in [-2^63, 2^64), got {self.seed}")
         if self.hidden is not None and any(h < 1 for h in self.hidden):
             raise UserError(f"--hidden sizes must be positive, got {self.hidden}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):

@@ -169,7 +169,7 @@ class LogitContinuousBernoulli(ContinuousBernoulli):
     * log C(l) = log(l / tanh(l/2)) = log a + log1p(e^(−a)) − log(−expm1(−a));
       log 2 + l²/12 near 0;
     * mean = 1/(1 − e^(−l)) − 1/l; ½ + l/12 − l³/720 near 0;
-    * variance = 1/l² − e^(−a)·q²; 1/12 − l²/240 + l⁴/6048 − l⁶/172800 near 0;
+    * variance = 1/l² − e^(−a)·q²; 1/12 − l²/240 + l⁴/6048 − l⁶/172800 + l⁸/5322240 near 0;
     * icdf(u) = log1p(u·expm1(l)) / l (l < 0), 1 + log1p((1 − u)·expm1(−l)) / l
       (l > 0); u + l·u(1 − u)/2 at l ≈ 0.
 
@@ -206,7 +206,7 @@ class LogitContinuousBernoulli(ContinuousBernoulli):
         a = safe.abs()
         q = 1 / -torch.expm1(-a)
         l2 = logits.pow(2)
-        series = 1 / 12 - l2 / 240 + l2.pow(2) / 6048 - l2.pow(3) / 172800
+        series = 1 / 12 - l2 / 240 + l2.pow(2) / 6048 - l2.pow(3) / 172800 + l2.pow(4) / 5322240
         return torch.where(small, series, 1 / safe.pow(2) - torch.exp(-a) * q.pow(2))
 
     def icdf(self, value: torch.Tensor) -> torch.Tensor:

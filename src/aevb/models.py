@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -232,11 +233,11 @@ class Model(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """[n, *data_shape]: means of p(x|z) for z ~ p(z) (for N(0, I): z ~ N(0, temperature² I);
         for mixtures the temperature scales each component's noise)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise UserError(f"sample(n): n is a number of samples ≥ 1, got {n!r}")
         if not (math.isfinite(temperature) and temperature >= 0):
             raise UserError(f"sample(temperature=...) must be a finite number ≥ 0, got {temperature}")
-        z = self.prior_module.sample(self, n, generator, temperature)  # [n, D]
+        z = self.prior_module.sample(self, int(n), generator, temperature)  # [n, D]
         return self.decode(z).mean
 
     def code_statistics(self, codes: torch.Tensor) -> dict[str, float]:

@@ -18,6 +18,7 @@ float64).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +85,7 @@ def _check(model, x: torch.Tensor, what: str, likelihood: bool = False, **counts
     if x.shape[0] == 0:
         raise UserError(f"{what} of an empty batch: pass at least one example")
     for name, value in counts.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
             raise UserError(f"{name} must be a whole number ≥ 1, got {value!r}")
 
 

@@ -107,6 +107,8 @@ def check_data_range(config: RunConfig, dataset: data_module.Dataset) -> None:
     """A likelihood over [0, 1] (Bernoulli, continuous Bernoulli) refuses data outside it: its loss would have no bound."""
     if not LIKELIHOODS.get(config.likelihood).unit_interval or isinstance(dataset.train, data_module.StreamedImages):
         return  # streamed data are 8-bit pixels, in [0, 1] by construction
+    if config.binarize == "threshold":
+        return  # x > 0.5 is 0 or 1 whatever x was
     low, high = dataset.train.min().item(), dataset.train.max().item()
     if low < 0 or high > 1:
         raise UserError(f"--likelihood {config.likelihood} models values in [0, 1], but {config.data} holds values "
@@ -173,7 +175,8 @@ def check_model_options(config: RunConfig) -> None:
 
 
 def new_run_dir(config: RunConfig, force: bool = False) -> Path:
-    """The run folder a new run will write: ``--out`` (refusing to overwrite without --force) or a fresh numbered one.
+    """The run folder a new run will write: ``--out`` (refusing to overwrite without --force), or the base name
+    ``runs/MODEL-DATA`` that :func:`make_run_dir` numbers.
 
     Nothing is created or cleared here: :func:`make_run_dir` does that once
     the data and the model have loaded, so a run that fails to start leaves
@@ -187,29 +190,47 @@ def new_run_dir(config: RunConfig, force: bool = False) -> Path:
             raise UserError(f"run folder {run_dir} already exists; pass --force to overwrite it, "
                             f"--resume {run_dir} to continue it, or another --out")
         return run_dir
-    base = Path("runs") / f"{config.model}-{_data_name(config.data)}"
-    run_dir, n = base, 1
-    while run_dir.exists():
-        n += 1
-        run_dir = base.with_name(f"{base.name}-{n}")
-    return run_dir
+    return Path("runs") / f"{config.model}-{_data_name(config.data)}"  # numbered by make_run_dir
+
+
+PATH_OPTIONS = ("data", "labels", "data_dir")
+
+
+def _resolved(value: Any) -> Any:
+    """A data, labels or data-folder option as an absolute path where it names an existing file or folder."""
+    if isinstance(value, str) and value and value not in DATASETS.names() and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 def _with_absolute_paths(config: RunConfig) -> RunConfig:
     """``config`` with its data, labels and data folder as absolute paths, so the run folder works from anywhere."""
     import dataclasses
 
-    changes = {}
-    for name in ("data", "labels", "data_dir"):
-        value = getattr(config, name)
-        if value and value not in DATASETS.names() and Path(value).expanduser().exists():
-            changes[name] = str(Path(value).expanduser().resolve())
+    changes = {name: _resolved(getattr(config, name)) for name in PATH_OPTIONS}
+    changes = {name: value for name, value in changes.items() if value != getattr(config, name)}
     return dataclasses.replace(config, **changes) if changes else config
 
 
-def make_run_dir(run_dir: Path, force: bool = False) -> None:
-    """Create the run folder, first clearing what an earlier run wrote there under --force."""
-    if run_dir.exists() and force:
+def make_run_dir(run_dir: Path, config: RunConfig, force: bool = False) -> Path:
+    """Create the run folder and return it, first clearing what an earlier run wrote there under --force.
+
+    A numbered folder (no --out) is claimed with an exclusive ``mkdir``, so
+    runs started together get a folder each; an --out folder must still be
+    empty (or --force given) when the run claims it.
+    """
+    if config.out is None:  # runs/MODEL-DATA, else the first free runs/MODEL-DATA-N
+        base = run_dir
+        base.parent.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while True:
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                run_dir = base.with_name(f"{base.name}-{n}")
+    elif run_dir.exists() and force:
         # only what a run writes; anything else the user keeps there stays
         for stale in RUN_OUTPUTS:
             path = run_dir / stale
@@ -217,7 +238,10 @@ def make_run_dir(run_dir: Path, force: bool = False) -> None:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"run folder {run_dir} was filled while this run loaded its data; pass another --out")
     (run_dir / "images").mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
@@ -230,7 +254,22 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     path = run_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not an aevb run folder (no config.json); pass the folder that 'aevb train' wrote")
-    return make_config(read_config_file(path))
+    return make_config(_as_checked_now(read_config_file(path)))
+
+
+def _as_checked_now(values: dict) -> dict:
+    """A run's stored options, with the values earlier versions accepted and ignored put as they are read now.
+
+    Earlier versions took --grad-clip 0 for "no clipping" and ignored
+    --image-size for anything but a folder; both are refused when given today.
+    """
+    values = dict(values)
+    if values.get("grad_clip") == 0:
+        values["grad_clip"] = None
+    data = values.get("data")
+    if values.get("image_size") is not None and data is not None and not Path(str(data)).expanduser().is_dir():
+        values["image_size"] = None
+    return values
 
 
 def load_run_model(run_dir: str | Path, device: torch.device | None = None) -> Model:
@@ -324,14 +363,16 @@ def _check_unchanged(path: Path, meta: dict, config: RunConfig) -> None:
     saved = meta.get("config")
     if not isinstance(saved, dict):  # checkpoints from before aevb recorded it
         return
-    now = config.to_dict()
-    changed = [k for k in now if k not in RESUMABLE and k in saved and saved[k] != now[k]
+    now = _with_absolute_paths(config).to_dict()
+    saved = {k: _resolved(v) if k in PATH_OPTIONS else v for k, v in saved.items()}
+    changed = [k for k in now if k not in RESUMABLE and k != "out" and k in saved and saved[k] != now[k]
                and not (isinstance(saved[k], (list, tuple)) and list(saved[k]) == list(now[k] or []))]
     if changed:
         detail = ", ".join(f"{k}: {saved[k]!r} → {now[k]!r}" for k in changed)
-        raise UserError(f"{path.parent.parent / 'config.json'} was changed since the checkpoint ({detail}); "
-                        f"--resume continues a run as it was trained: undo the change, or start a new run with "
-                        f"--config")
+        raise UserError(f"the configuration to resume {path.parent.parent} with differs from the one its checkpoint "
+                        f"was trained with ({detail}); --resume continues a run as it was trained (only "
+                        f"{', '.join('--' + k for k in RESUMABLE)} may change): undo the change in its config.json, "
+                        f"or start a new run with --config")
 
 
 def _restore(path: Path, model: Model, optimizer: torch.optim.Optimizer, shuffle: torch.Generator,
@@ -490,9 +531,10 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
           progress: bool = True) -> tuple[Model, Path]:
     """Train a model as ``config`` says; return it and its run folder.
 
-    ``resume``: a run folder to continue from its last checkpoint (its own
-    config.json is used; pass a config whose ``epochs``/``steps`` differ to
-    train further).
+    ``resume``: a run folder to continue from its last checkpoint.  ``config``
+    must be the one the run was trained with (``read_run_config(resume)``)
+    but for ``epochs``, ``steps`` and ``device``: more epochs or steps train
+    further.  A run that finished training but not its export is exported.
     """
     keep_freed_memory()
     device = resolve_device(config.device)
@@ -533,7 +575,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
         position = _restore(run_dir / CHECKPOINT, model, optimizer, shuffle, config)
     else:
         position = Position()
-        make_run_dir(run_dir, force)
+        run_dir = make_run_dir(run_dir, config, force)
         config = _with_absolute_paths(config)
         write_json(run_dir / "config.json", config.to_dict())
 
@@ -541,7 +583,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = config.steps or config.epochs * steps_per_epoch
     if resume is not None:
-        if total_steps <= position.step:
+        if total_steps <= position.step and (run_dir / "model" / "config.json").is_file():
             asked = f"--steps {config.steps}" if config.steps else f"--epochs {config.epochs}"
             raise UserError(f"{run_dir} has already trained {position.step} steps ({position.step / steps_per_epoch:.4g} "
                             f"epochs), as many as {asked} asks; pass a larger --epochs or --steps to train further")
