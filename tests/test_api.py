@@ -10,6 +10,7 @@ import aevb
 from aevb import objectives
 from aevb.config import make_config
 from aevb.errors import NoLikelihoodError, UserError
+from aevb.registry import MODELS
 
 SHAPE = (1, 4, 4)
 
@@ -135,3 +136,17 @@ def test_numpy_counts_are_counts():
     assert model.sample(np.int64(3)).shape == (3, *SHAPE)
     assert model.log_likelihood(x, n_samples=np.int64(4)).shape == (2,)
     assert model.elbo(x, n_samples=np.int32(2)).shape == (2,)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", sorted(name for name, _ in MODELS.items()))
+def test_every_model_runs_in_bf16_and_float64(name, dtype):
+    model = aevb.build_model(name, data_shape=SHAPE, latent_dim=2, arch="mlp", hidden=[8]).to(dtype)
+    x = torch.rand(3, *SHAPE)
+    out = model.loss(x)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.reconstruct(x).shape == x.shape
+    if model.has_kl:
+        assert model.sample(2).shape == (2, *SHAPE)
+        assert torch.isfinite(model.log_likelihood(x, n_samples=4)).all()

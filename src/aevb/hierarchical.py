@@ -81,7 +81,7 @@ class HVAE(LatentVariableModel):
         self._check_input(x)
         d = [at_least_float32(self.encoder(x.to(self._dtype)))]
         for up in self.up:
-            d.append(at_least_float32(up(d[-1])))
+            d.append(at_least_float32(up(d[-1].to(self._dtype))))
         return d
 
     def _top_down(self, d: list[torch.Tensor], n_samples: int | None):
