@@ -111,3 +111,15 @@ def test_dequantize_of_real_valued_data_is_refused(tmp_path, capsys):
     assert aevb_cli("train", "--data", table, "--likelihood", "gaussian", "--dequantize", "--epochs", "1", *SMALL,
                     "--out", tmp_path / "run") == 2
     assert "real values" in capsys.readouterr().err
+
+
+def test_streamed_labelled_images_evaluate_dequantised(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (120, 8, 8), dtype=np.uint8))
+    np.save(tmp_path / "y.npy", np.arange(120) % 3)
+    run = tmp_path / "run"
+    assert aevb_cli("train", "--data", tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "--stream", "yes",
+                    "--dequantize", "--likelihood", "gaussian-learned", "--epochs", "1", *SMALL, "--out", run) == 0
+    assert aevb_cli("eval", run, "-k", "4") == 0  # the training split, streamed, is dequantised as it is read
+    assert json.loads((run / "eval.json").read_text())["bits_per_dim"] > 0

@@ -64,6 +64,9 @@ def test_streamed_images_are_the_in_memory_floats(tmp_path, layout):
     torch.testing.assert_close(train.mean(0), memory.train.mean(0), rtol=0, atol=1e-6)
     for mode in ("threshold", "none"):
         assert torch.equal(data.binarize(train, mode)[index], data.binarize(memory.train, mode)[index])
+    # dequantised as read, with the same draws as the tensor when read in one batch
+    streamed_noise = data.dequantize(train, 256, torch.Generator().manual_seed(3)).load()
+    assert torch.equal(streamed_noise, data.dequantize(memory.train, 256, torch.Generator().manual_seed(3)))
 
 
 def _folder(root: Path) -> Path:

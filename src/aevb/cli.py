@@ -104,11 +104,11 @@ def train(config_file, resume, force, quiet, **flags):
 
         config = read_run_config(resume)
         from .training import RESUMABLE as resumable
-        from .training import PATH_OPTIONS, _resolved
+        from .training import PATH_OPTIONS, resolved_path
 
         def same(name, value) -> bool:
             ours, theirs = coerce(name, value), getattr(config, name)
-            return _resolved(ours) == _resolved(theirs) if name in PATH_OPTIONS else ours == theirs
+            return resolved_path(ours) == resolved_path(theirs) if name in PATH_OPTIONS else ours == theirs
 
         changed = sorted(k for k, v in given.items() if k not in resumable and not same(k, v))
         if changed or config_file:
@@ -195,10 +195,6 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device):
         click.echo(f"warning: {metrics['collapse_warning']}", err=True)
     if metrics.get("likelihood_note"):
         click.echo(f"note: {metrics['likelihood_note']}")
-    elif metrics.get("bits_per_dim") is None and metrics.get("nll") is not None and metrics.get("levels") \
-            and not metrics.get("dequantized") and metrics.get("likelihood") != "bernoulli":
-        click.echo("note: no bits per dimension: a density at the quantised pixel values themselves is no "
-                   "probability; train with --dequantize for them")
     click.echo(f"written: {Path(run) / 'eval.json'}")
 
 

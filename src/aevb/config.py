@@ -259,11 +259,25 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             flat[key] = value
     normalised = {k.replace("-", "_"): v for k, v in flat.items()}
     if is_run_config:  # a run's config.json lists every option it had: reproduce runs written before these
-        normalised = {**OPTIONS_ADDED_LATER, **normalised}
+        normalised = _as_read_now({**OPTIONS_ADDED_LATER, **normalised})
     unknown = sorted(set(normalised) - set(FIELDS))
     if unknown:
         raise UserError(f"config file {path} has unknown options: {', '.join(unknown)}; see 'aevb train --help'")
     return {k: coerce(k, v) for k, v in normalised.items()}
+
+
+def _as_read_now(values: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored options, with values earlier versions accepted and ignored put as they are read now.
+
+    Earlier versions took --grad-clip 0 for "no clipping" and ignored
+    --image-size for anything but a folder; both are refused when given today.
+    """
+    if values.get("grad_clip") == 0:
+        values["grad_clip"] = None
+    data = values.get("data")
+    if values.get("image_size") is not None and data is not None and not Path(str(data)).expanduser().is_dir():
+        values["image_size"] = None
+    return values
 
 
 def make_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:

@@ -940,7 +940,7 @@ def binarize(x: torch.Tensor, mode: str, generator: torch.Generator | None = Non
     batch by batch, as they are read.
     """
     if isinstance(x, StreamedImages) and mode in BINARIZE_MODES:
-        return x if mode == "none" else x.binarized(mode, generator)
+        return x if mode == "none" else x.transformed(lambda batch: binarize(batch, mode, generator))
     if mode == "none":
         return x
     if mode == "threshold":
@@ -959,8 +959,11 @@ def dequantize(x: torch.Tensor, levels: int, generator: torch.Generator | None =
     E_u[−log p((k + u) / levels)] + log levels ≥ −log P_k: the bits per
     dimension of a continuous likelihood on dequantised data bound those of
     the discrete data from above (Theis et al. 2016).  The generator must
-    live on x's device; without one the global generator draws u.
+    live on x's device; without one the global generator draws u.  Streamed
+    images are dequantised batch by batch, as they are read.
     """
+    if isinstance(x, StreamedImages):
+        return x.transformed(lambda batch: dequantize(batch, levels, generator))
     k = (x * (levels - 1)).round_()
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return (k + u).div_(levels)

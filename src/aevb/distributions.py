@@ -189,10 +189,15 @@ class LogitContinuousBernoulli(ContinuousBernoulli):
         closed = a.log() + torch.log1p(torch.exp(-a)) - torch.log(-torch.expm1(-a))
         return torch.where(small, math.log(2.0) + logits.pow(2) / 12, closed)
 
+    @staticmethod
+    def _q(a: torch.Tensor) -> torch.Tensor:
+        """q = 1 / (1 − e^(−a)) for a = |l| > 0."""
+        return 1 / -torch.expm1(-a)
+
     def _first_term(self, safe: torch.Tensor) -> torch.Tensor:
         """1 / (1 − e^(−l)) without overflow for either sign of l."""
         a = safe.abs()
-        q = 1 / -torch.expm1(-a)
+        q = self._q(a)
         return torch.where(safe > 0, q, -torch.exp(-a) * q)
 
     @property
@@ -204,7 +209,7 @@ class LogitContinuousBernoulli(ContinuousBernoulli):
     def variance(self) -> torch.Tensor:
         logits, small, safe = self._split(_CB_VARIANCE_SERIES)
         a = safe.abs()
-        q = 1 / -torch.expm1(-a)
+        q = self._q(a)
         l2 = logits.pow(2)
         series = 1 / 12 - l2 / 240 + l2.pow(2) / 6048 - l2.pow(3) / 172800 + l2.pow(4) / 5322240
         return torch.where(small, series, 1 / safe.pow(2) - torch.exp(-a) * q.pow(2))

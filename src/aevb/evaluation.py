@@ -253,15 +253,16 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
     active = active_units(stats["mean"])
     if has_density:
         kl = means["kl"]
-        nll = -means["log_px"] if normalized else None
+        likelihood = dict.fromkeys(("iw_samples", "iw_precision", "nll", "elbo_gap", "bits_per_dim"))
+        if normalized:
+            nll = -means["log_px"]
+            likelihood = {"iw_samples": iw_samples, "iw_precision": "fp32" if sampler_dtype is None else "bf16",
+                          "nll": nll, "elbo_gap": (rec + kl) - nll,
+                          "bits_per_dim": bits_per_dim(nll, model, x, levels, dequantized)}
         metrics.update({
             "neg_elbo": rec + kl,
             "kl": kl,
-            "iw_samples": iw_samples if normalized else None,
-            "iw_precision": ("fp32" if sampler_dtype is None else "bf16") if normalized else None,
-            "nll": nll,
-            "elbo_gap": (rec + kl) - nll if normalized else None,
-            "bits_per_dim": bits_per_dim(nll, model, x, levels, dequantized) if normalized else None,
+            **likelihood,
             "dequantized": dequantized,
             "levels": levels,
             # a mixture prior does not factorise over dimensions: no per-dimension KL then
@@ -277,6 +278,9 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
                 f"{model.config['likelihood']} fits σ to each example: a profile likelihood, not a normalised "
                 f"density in x, so there is no log-likelihood or bits/dim; its negative ELBO is the training "
                 f"objective, not a bound")
+        elif levels and not dequantized and not getattr(model.likelihood, "discrete", False):
+            metrics["likelihood_note"] = ("no bits per dimension: a density at the quantised pixel values "
+                                          "themselves is no probability; train with --dequantize for them")
     else:
         metrics["active_units"] = int(active.sum())
         metrics["latent_dim"] = model.latent_dim

@@ -37,7 +37,7 @@ from torch.distributions import Distribution
 
 from . import objectives
 from .config import CORRUPTIONS, JACOBIAN_MODES, SPARSITY_PENALTIES
-from .errors import NoLikelihoodError, UserError
+from .errors import UserError
 from .io import write_json, write_safetensors
 from .priors import build_prior, per_dimension_kl
 from .registry import LIKELIHOODS, MODELS, NETWORKS, POSTERIORS
@@ -279,7 +279,7 @@ class AE(Model):
     With the Gaussian likelihood (σ = 1) this is the MSE autoencoder, with
     the Bernoulli likelihood the BCE autoencoder.  Having a point-mass
     posterior it defines no likelihood of x: ``elbo`` and ``log_likelihood``
-    raise :class:`NoLikelihoodError`.
+    raise :class:`~aevb.errors.NoLikelihoodError` (from :mod:`aevb.objectives`, like any model without a density).
     """
 
     name = "ae"
@@ -314,15 +314,6 @@ class AE(Model):
     def penalties(self, inputs: torch.Tensor, code: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
         """Regularisers of the code as {name: (weight, scalar value)}; none for the plain AE."""
         return {}
-
-    def _no_likelihood(self, *args, **kwargs):
-        raise NoLikelihoodError(
-            f"a deterministic autoencoder (model {self.name!r}) has a point-mass posterior and defines no "
-            "likelihood of x; train a VAE or IWAE (--model vae) for an ELBO or log-likelihood"
-        )
-
-    elbo = _no_likelihood
-    log_likelihood = _no_likelihood
 
 
 @MODELS.register("dae")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Distribution, kl_divergence
 
+from .errors import NoLikelihoodError, UserError
 from .runtime import keep_freed_memory
 
 
@@ -74,8 +75,6 @@ def free_bits_kl(posterior: Distribution, prior: Distribution, free_bits: float)
 
 def _check(model, x: torch.Tensor, what: str, likelihood: bool = False, **counts: int | None) -> None:
     """One clear error for a model without the density ``what`` needs, an empty batch or a count below 1."""
-    from .errors import NoLikelihoodError, UserError
-
     if not model.posterior.has_density:
         raise NoLikelihoodError(f"model {model.name!r} has a point-mass code and defines no {what}; "
                                 f"train a VAE or IWAE (--model vae) for one")

@@ -16,14 +16,16 @@ available.  Only the training split streams: the test and validation
 splits are loaded as tensors, since evaluation and the figures read them
 whole.  It supports what the training loop and the evaluation do with a
 training set: ``len``, ``shape``, indexing by batch (slices, index tensors),
-``to(device)``, ``mean(0)`` (:func:`mean_example`), and binarisation applied
-per batch.  Loading
+``to(device)``, ``mean(0)`` (:func:`mean_example`), and a transform applied
+per batch (binarisation, dequantisation: :meth:`StreamedImages.transformed`).  Loading
 still reads a file once, a block of rows at a time, to check its value range.
 Batches are converted in the training loop's thread; on a GPU they are
 copied to the device one at a time (no worker processes or pinned memory).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,22 +44,23 @@ class StreamedImages:
         None for float pixels already in [0, 1].
     rows: the examples of this set, as indices into pixels (None: all);
         :meth:`subset` composes them without reading any pixels.
+    transform: applied to each float32 batch as it is read, on the CPU
+        (:meth:`transformed`); None: the images as they are.
     """
 
     def __init__(self, pixels: np.ndarray, scale: float | None, *, rows: np.ndarray | None = None,
-                 device: torch.device | str = "cpu", binarize: str = "none",
-                 generator: torch.Generator | None = None):
+                 device: torch.device | str = "cpu",
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if pixels.ndim != 4:
             raise ValueError(f"StreamedImages needs pixels viewed as [N, C, H, W], got shape {pixels.shape}")
         self.pixels = pixels
         self.scale = scale
         self.rows = rows
         self.device = torch.device(device)
-        self.binarize = binarize
-        self.generator = generator
+        self.transform = transform
 
     def _replace(self, **changes) -> StreamedImages:
-        state = {"rows": self.rows, "device": self.device, "binarize": self.binarize, "generator": self.generator}
+        state = {"rows": self.rows, "device": self.device, "transform": self.transform}
         return StreamedImages(self.pixels, self.scale, **{**state, **changes})
 
     # -- the tensor-like surface ------------------------------------------------
@@ -74,10 +77,8 @@ class StreamedImages:
         index = _as_numpy_index(index)
         source = index if self.rows is None else self.rows[index]
         x = pixels_to_float(self.pixels[source], self.scale)  # only these rows are read
-        if self.binarize == "threshold":
-            x = (x > 0.5).to(x.dtype)
-        elif self.binarize == "dynamic":
-            x = torch.bernoulli(x, generator=self.generator)
+        if self.transform is not None:
+            x = self.transform(x)
         return x.to(self.device)
 
     def to(self, device: torch.device | str) -> StreamedImages:
@@ -97,9 +98,10 @@ class StreamedImages:
         base = np.arange(len(self.pixels)) if self.rows is None else self.rows
         return self._replace(rows=base[index])
 
-    def binarized(self, mode: str, generator: torch.Generator | None = None) -> StreamedImages:
-        """This set with each batch binarised as :func:`aevb.data.binarize` would (``mode``)."""
-        return self._replace(binarize=mode, generator=generator)
+    def transformed(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> StreamedImages:
+        """This set with ``fn`` applied to each batch as it is read, after any transform it already has."""
+        before = self.transform
+        return self._replace(transform=fn if before is None else lambda x: fn(before(x)))
 
     def load(self) -> torch.Tensor:
         """All examples as one float32 tensor [N, C, H, W] (for the small held-out splits)."""
@@ -108,7 +110,7 @@ class StreamedImages:
     def __repr__(self) -> str:
         kind = "memory-mapped" if isinstance(self.pixels, np.memmap) else "in memory"
         return (f"StreamedImages({len(self)} images {tuple(self.shape[1:])}, {self.pixels.dtype} pixels {kind}, "
-                f"device={self.device}, binarize={self.binarize!r})")
+                f"device={self.device}{', transformed per batch' if self.transform is not None else ''})")
 
 
 def mean_example(x: torch.Tensor | StreamedImages) -> torch.Tensor:

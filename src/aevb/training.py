@@ -196,7 +196,7 @@ def new_run_dir(config: RunConfig, force: bool = False) -> Path:
 PATH_OPTIONS = ("data", "labels", "data_dir")
 
 
-def _resolved(value: Any) -> Any:
+def resolved_path(value: Any) -> Any:
     """A data, labels or data-folder option as an absolute path where it names an existing file or folder."""
     if isinstance(value, str) and value and value not in DATASETS.names() and Path(value).expanduser().exists():
         return str(Path(value).expanduser().resolve())
@@ -207,7 +207,7 @@ def _with_absolute_paths(config: RunConfig) -> RunConfig:
     """``config`` with its data, labels and data folder as absolute paths, so the run folder works from anywhere."""
     import dataclasses
 
-    changes = {name: _resolved(getattr(config, name)) for name in PATH_OPTIONS}
+    changes = {name: resolved_path(getattr(config, name)) for name in PATH_OPTIONS}
     changes = {name: value for name, value in changes.items() if value != getattr(config, name)}
     return dataclasses.replace(config, **changes) if changes else config
 
@@ -254,22 +254,7 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     path = run_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not an aevb run folder (no config.json); pass the folder that 'aevb train' wrote")
-    return make_config(_as_checked_now(read_config_file(path)))
-
-
-def _as_checked_now(values: dict) -> dict:
-    """A run's stored options, with the values earlier versions accepted and ignored put as they are read now.
-
-    Earlier versions took --grad-clip 0 for "no clipping" and ignored
-    --image-size for anything but a folder; both are refused when given today.
-    """
-    values = dict(values)
-    if values.get("grad_clip") == 0:
-        values["grad_clip"] = None
-    data = values.get("data")
-    if values.get("image_size") is not None and data is not None and not Path(str(data)).expanduser().is_dir():
-        values["image_size"] = None
-    return values
+    return make_config(read_config_file(path))
 
 
 def load_run_model(run_dir: str | Path, device: torch.device | None = None) -> Model:
@@ -363,10 +348,9 @@ def _check_unchanged(path: Path, meta: dict, config: RunConfig) -> None:
     saved = meta.get("config")
     if not isinstance(saved, dict):  # checkpoints from before aevb recorded it
         return
-    now = _with_absolute_paths(config).to_dict()
-    saved = {k: _resolved(v) if k in PATH_OPTIONS else v for k, v in saved.items()}
-    changed = [k for k in now if k not in RESUMABLE and k != "out" and k in saved and saved[k] != now[k]
-               and not (isinstance(saved[k], (list, tuple)) and list(saved[k]) == list(now[k] or []))]
+    now = json.loads(json.dumps(_with_absolute_paths(config).to_dict()))  # tuples as lists, as stored
+    saved = {k: resolved_path(v) if k in PATH_OPTIONS else v for k, v in saved.items()}
+    changed = [k for k in now if k not in RESUMABLE and k != "out" and k in saved and saved[k] != now[k]]
     if changed:
         detail = ", ".join(f"{k}: {saved[k]!r} → {now[k]!r}" for k in changed)
         raise UserError(f"the configuration to resume {path.parent.parent} with differs from the one its checkpoint "
@@ -432,8 +416,7 @@ class MetricsLog:
                     if (record := _record(line)) is not None and record.get("step", 0) <= resume_step]
             write_text(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", encoding="utf-8")
-        self.mirrors = []
-        check_loggers(config)
+        self.mirrors = []  # their packages were checked by train() before the run folder was made
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
