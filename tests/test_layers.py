@@ -1,4 +1,4 @@
-"""aevb.layers: the sub-pixel transposed convolution computes torch's transposed convolution."""
+"""aevb.layers: the transposed convolution's own passes compute torch's, and the bf16 path keeps its layout."""
 
 from __future__ import annotations
 
@@ -7,16 +7,23 @@ import torch
 import torch.nn.functional as F
 
 import aevb
-from aevb.layers import ConvTranspose2d, _SubpixelConvTranspose2d, subpixel_weight
+from aevb.layers import (ConvTranspose2d, Conv2d, Linear, _ConvTranspose4x4Stride2, _channels_last, _pixel_shuffle,
+                         subpixel_weight)
+from aevb.precision import bf16_is_native, matmul_dtype
+
+BF16 = torch.bfloat16
+native_bf16 = pytest.mark.skipif(not bf16_is_native(torch.device("cpu")),
+                                 reason="this CPU has no native bf16 multiplies")
 
 
+@pytest.mark.parametrize("subpixel", [True, False])
 @pytest.mark.parametrize("c_in,c_out,size", [(16, 1, 14), (32, 3, 16), (8, 2, 5), (4, 1, 1)])
-def test_subpixel_transposed_convolution_equals_torchs(c_in, c_out, size):
+def test_own_transposed_convolution_equals_torchs(c_in, c_out, size, subpixel):
     gen = torch.Generator().manual_seed(c_in + c_out)
     x = torch.randn(3, c_in, size, size, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(c_in, c_out, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(c_out, generator=gen, dtype=torch.float64, requires_grad=True)
-    ours = _SubpixelConvTranspose2d.apply(x, weight, bias)
+    ours = _ConvTranspose4x4Stride2.apply(x, weight, bias, subpixel)
     torchs = F.conv_transpose2d(x, weight, bias, stride=2, padding=1)
     assert ours.shape == torchs.shape == (3, c_out, 2 * size, 2 * size)
     torch.testing.assert_close(ours, torchs, rtol=1e-12, atol=1e-12)
@@ -25,8 +32,33 @@ def test_subpixel_transposed_convolution_equals_torchs(c_in, c_out, size):
                     torch.autograd.grad(torchs, (x, weight, bias), grad)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     small = (x[:1, :, :2, :2].detach().requires_grad_(), weight.detach().requires_grad_(),
-             bias.detach().requires_grad_())
-    assert torch.autograd.gradcheck(_SubpixelConvTranspose2d.apply, small)
+             bias.detach().requires_grad_(), subpixel)
+    assert torch.autograd.gradcheck(_ConvTranspose4x4Stride2.apply, small)
+
+
+def test_own_transposed_convolution_in_channels_last_keeps_the_layout():
+    """Channels-last in, channels-last out, and the gradient of x in x's layout (a one-channel gradient too)."""
+    gen = torch.Generator().manual_seed(0)
+    for c_in, c_out, subpixel in ((16, 1, True), (32, 16, False)):
+        x = torch.randn(4, c_in, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+        weight = torch.randn(c_in, c_out, 4, 4, generator=gen, requires_grad=True)
+        bias = torch.randn(c_out, generator=gen, requires_grad=True)
+        y = _ConvTranspose4x4Stride2.apply(x, weight, bias, subpixel)
+        torch.testing.assert_close(y, F.conv_transpose2d(x, weight, bias, stride=2, padding=1), rtol=1e-5, atol=1e-5)
+        if c_out > 1:
+            assert y.is_contiguous(memory_format=torch.channels_last)
+        (grad_x,) = torch.autograd.grad(y, x, torch.randn(y.shape, generator=gen))
+        assert grad_x.is_contiguous(memory_format=torch.channels_last) and not grad_x.is_contiguous()
+
+
+def test_channels_last_helpers():
+    x = torch.randn(2, 8, 3, 5).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(_pixel_shuffle(x), F.pixel_shuffle(x, 2))
+    assert torch.equal(_pixel_shuffle(x.contiguous()), F.pixel_shuffle(x, 2))
+    one = torch.randn(2, 1, 3, 5)
+    view = _channels_last(one)
+    assert torch.equal(view, one) and view.data_ptr() == one.data_ptr() and view.stride() == (15, 1, 5, 1)
+    assert torch.equal(_channels_last(x.contiguous()), x)
 
 
 def test_subpixel_weight_places_every_tap_once():
@@ -43,8 +75,9 @@ def test_subpixel_weight_places_every_tap_once():
 def test_the_layer_takes_the_subpixel_path_only_where_it_applies():
     assert ConvTranspose2d(16, 1, 4, stride=2, padding=1)._subpixel()
     assert not ConvTranspose2d(32, 16, 4, stride=2, padding=1)._subpixel()  # direct form is faster here
-    assert not ConvTranspose2d(16, 1, 3, stride=2, padding=1)._subpixel()
-    assert not ConvTranspose2d(16, 1, 4, stride=2, padding=1, output_padding=1)._subpixel()
+    assert ConvTranspose2d(32, 16, 4, stride=2, padding=1)._stride2_4x4()
+    assert not ConvTranspose2d(16, 1, 3, stride=2, padding=1)._stride2_4x4()
+    assert not ConvTranspose2d(16, 1, 4, stride=2, padding=1, output_padding=1)._stride2_4x4()
     # the MNIST conv decoder ends in one, and the model's output equals torch's layer
     torch.manual_seed(0)
     model = aevb.VAE(data_shape=(1, 28, 28), latent_dim=4, arch="conv")
@@ -53,3 +86,31 @@ def test_the_layer_takes_the_subpixel_path_only_where_it_applies():
     h = torch.randn(5, 16, 14, 14)
     torch.testing.assert_close(last(h), F.conv_transpose2d(h, last.weight, last.bias, stride=2, padding=1),
                                rtol=1e-5, atol=1e-5)
+
+
+@native_bf16
+@pytest.mark.parametrize("layer", [Linear(24, 8), Conv2d(3, 16, 4, stride=2, padding=1),
+                                   ConvTranspose2d(32, 16, 4, stride=2, padding=1),
+                                   ConvTranspose2d(16, 1, 4, stride=2, padding=1),
+                                   ConvTranspose2d(6, 4, 3, stride=1, padding=1)])
+def test_in_bf16_a_layer_is_its_float32_self_rounded(layer):
+    """Output in bf16 (channels-last for a convolution on the CPU), values and gradients those of float32
+    to bf16's precision: the inputs, weights and outputs are rounded, the sums are not."""
+    torch.manual_seed(0)
+    shape = (5, 24) if isinstance(layer, Linear) else (5, layer.in_channels, 8, 8)
+    x = torch.randn(shape, requires_grad=True)
+    reference = layer(x)
+    grad = torch.randn(reference.shape)
+    ref_grads = torch.autograd.grad(reference, (x, layer.weight, layer.bias), grad)
+    with matmul_dtype(BF16):
+        y = layer(x)
+    assert y.dtype == BF16
+    if y.dim() == 4 and y.shape[1] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    scale = reference.detach().abs().max()
+    torch.testing.assert_close(y.float(), reference, rtol=2e-2, atol=2e-2 * float(scale))
+    grads = torch.autograd.grad(y.float(), (x, layer.weight, layer.bias), grad)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32 and g.shape == r.shape
+        cosine = F.cosine_similarity(g.flatten(), r.flatten(), dim=0)
+        assert cosine > 0.999, float(cosine)

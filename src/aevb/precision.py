@@ -1,4 +1,4 @@
-"""Mixed precision: matrix multiplies in bfloat16, everything else in float32.
+"""Mixed precision: matrix multiplies and convolutions in bfloat16, everything else in float32.
 
 On processors with native bfloat16 dot products (x86 with AVX512-BF16 or
 AMX, CUDA GPUs from Ampere on) a bf16 matrix multiply runs 2–4× faster than
@@ -6,15 +6,16 @@ an fp32 one; at batch 128 the multiplies are most of a VAE's training step,
 and they are most of an importance-sampled evaluation.
 Inside :func:`matmul_dtype`, the layers of :mod:`aevb.layers` cast their input,
 weight and bias to bf16 for the multiply (which accumulates in fp32) and
-return fp32 (convolutions only on GPUs: see :func:`compute_dtype`).  Only the
-layer outputs are rounded to bf16 (3 significant digits): weights, optimiser
-state, activations between layers, the likelihood, the KL and every sum stay
-fp32, and so does everything outside the context.  Training's step and the
-importance sampler of ``aevb eval`` use it (``--precision``); the test ELBO
-that training reports never does.
+return bf16; the model casts its networks' outputs back to fp32
+(``objectives.at_least_float32``).  Only the layer outputs are rounded to
+bf16 (3 significant digits), as they would be by casting each one to fp32
+and back: weights, optimiser state, the likelihood, the KL and every sum
+stay fp32, and so does everything outside the context.  Training's step and
+the importance sampler of ``aevb eval`` use it (``--precision``); the test
+ELBO that training reports never does.
 
-This is a different rule from ``torch.autocast``, which keeps the layer
-outputs, and so the activations and distribution parameters after them, in
+This is a different rule from ``torch.autocast``, which also keeps the
+distribution parameters, and so the log-densities computed from them, in
 bf16.  ``tests/test_precision.py`` checks that a bf16 step gives the fp32
 loss and gradients to bf16 rounding, that training reaches the same test
 ELBO, and that bf16 moves an importance-sampled log p(x) several times less
@@ -71,17 +72,23 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if native else None
 
 
-def compute_dtype(weight: torch.Tensor, convolution: bool = False) -> torch.dtype | None:
-    """The dtype a layer with this weight multiplies in: the context's, for float32 weights only.
-
-    Convolutions on the CPU stay float32: oneDNN's bf16 kernels for the small
-    channel counts of these networks are no faster than its fp32 ones, and
-    casting the feature maps to bf16 and back cost more than they save (conv
-    VAE step, interleaved A/B: 9.4 ms all-bf16, 8.3 ms with fp32 convolutions).
-    """
+def compute_dtype(weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype a layer with this weight multiplies in: the context's, for float32 weights only."""
     dtype = _matmul_dtype.get()
     if dtype is None or weight.dtype != torch.float32:  # a float64 model asked for float64 on purpose
         return None
-    if convolution and weight.device.type == "cpu":
-        return None
     return dtype
+
+
+def convolution_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout a convolution in the multiply dtype takes its input in: channels-last on the CPU.
+
+    oneDNN's bf16 convolutions compute in channels-last (NHWC).  Given NCHW
+    tensors they convert each input and output, and the elementwise kernels
+    between layers slow down tenfold where two operands differ in layout;
+    given channels-last ones, a layer's output is already the next one's
+    input.  Conv VAE step at batch 128, interleaved: 9.7 ms with float32
+    NCHW convolutions, 7.9 ms in bf16 channels-last.  GPUs keep the layout
+    they are given (not measured here).
+    """
+    return torch.channels_last if x.device.type == "cpu" else torch.preserve_format
