@@ -114,3 +114,4 @@ def test_in_bf16_a_layer_is_its_float32_self_rounded(layer):
         assert g.dtype == torch.float32 and g.shape == r.shape
         cosine = F.cosine_similarity(g.flatten(), r.flatten(), dim=0)
         assert cosine > 0.999, float(cosine)
+

@@ -380,6 +380,20 @@ def test_float64_and_bfloat16(likelihood):
     assert first_layer(bf16.encoder).weight.grad.abs().sum() > 0
 
 
+def test_the_model_follows_its_weights_dtype():
+    """The dtype encode/decode cast to is read once per conversion, not per call: every way of changing it counts."""
+    torch.manual_seed(0)
+    model = aevb.VAE(data_shape=(1, 8, 8), latent_dim=4, arch="mlp", hidden=[16])
+    x = torch.rand(3, 1, 8, 8)
+    assert model.encode(x).mean.dtype == torch.float32
+    assert model.double().encode(x).mean.dtype == torch.float64
+    assert model.to(torch.float32).decode(torch.zeros(3, 4)).mean.dtype == torch.float32
+    halves = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    model.load_state_dict(halves, assign=True)
+    assert model.encode(x).mean.dtype == torch.float32  # bf16 weights, float32 distributions
+    assert model.prior().mean.device == x.device
+
+
 def _converted(model, dtype):
     torch.manual_seed(0)
     copy = aevb.VAE(**model.config)

@@ -140,6 +140,18 @@ class Model(nn.Module):
             "posterior_args": self.posterior.extra_config(),
         }
         self.prior_module = build_prior("standard", self.latent_dim, self.data_shape)
+        self._refresh_placement()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_placement())
+
+    def _refresh_placement(self) -> None:
+        # read per step by encode/decode/prior: next(parameters()) walks every module (~10 µs)
+        weight = next(self.decoder.parameters())
+        self._weights_dtype, self._weights_device = weight.dtype, weight.device
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self._refresh_placement()
+        return module
 
     def _set_prior(self, prior: str, prior_args: dict[str, Any] | None) -> None:
         """Use the registered prior ``prior`` and store it in the config (models with a KL)."""
@@ -151,7 +163,7 @@ class Model(nn.Module):
 
     @property
     def _dtype(self) -> torch.dtype:
-        return next(self.decoder.parameters()).dtype
+        return self._weights_dtype
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not x.is_floating_point():

@@ -65,8 +65,15 @@ class StandardNormalPrior(Prior):
 
     factorises = True
 
+    def __init__(self, latent_dim: int, data_shape):
+        super().__init__(latent_dim, data_shape)
+        self._cached: tuple[torch.device, Distribution] | None = None
+
     def forward(self, model) -> Distribution:
-        return standard_normal(model.latent_dim, next(model.parameters()).new_zeros((), dtype=torch.float32))
+        device = model._weights_device
+        if self._cached is None or self._cached[0] != device:  # immutable, so built once per device
+            self._cached = (device, standard_normal(model.latent_dim, torch.zeros((), device=device)))
+        return self._cached[1]
 
     def sample(self, model, n, generator=None, temperature=1.0):
         device = next(model.parameters()).device
