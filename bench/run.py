@@ -172,6 +172,10 @@ def suite(quick: bool, device: str, skip_pythae: bool) -> dict:
                             for b in batches]
     res["scaling_width"] = [call("aevb_step", arch="mlp", hidden=h, device=device, seconds=1.0 if q else 2.0)
                             for h in (100, 400, 1600)]
+    # the convolutional networks aevb builds for colour images (CIFAR-10's 32×32, CelebA-style 64×64)
+    res["scaling_image"] = [call("aevb_step", arch="conv", image=[3, size, size], precision=precision, device=device,
+                                 seconds=1.0 if q else 3.0)
+                            for size in ((32,) if q else (32, 64)) for precision in ("auto", "fp32")]
     sizes = (1000, 4000) if q else (1000, 2000, 4000, 8000)
     res["scaling_data"] = [call("aevb_train", arch="mlp", device=device, n_train=n, min_epochs=2 if q else 4,
                                 max_epochs=2 if q else 4) for n in sizes]
@@ -345,6 +349,13 @@ def report(res: dict) -> str:
              _f(r["images_per_s"] * r["train_flops"] / 1e9 / peak * 100 if "images_per_s" in r else None, "{:.1f}%")]
             for r in res["scaling_width"]]
     out += ["", _table(["hidden (aevb step, batch 128)", "img/s", "MFU"], rows)]
+    if res.get("scaling_image"):
+        rows = [["×".join(map(str, r.get("image", []))), r.get("precision", "?").removeprefix("torch."),
+                 _f(r.get("images_per_s")),
+                 _f(r["images_per_s"] * r["train_flops"] / 1e9 / peak * 100 if "images_per_s" in r else None,
+                    "{:.1f}%")]
+                for r in res["scaling_image"]]
+        out += ["", _table(["image (aevb step, conv, batch 128)", "multiplies", "img/s", "MFU"], rows)]
     rows = []
     for r in res["scaling_data"]:
         if "error" in r:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (LATENT, MNIST_IMAGES, MNIST_LABELS, N_TEST, TARGET_NATS, copy_aevb_weights, load_mnist,
+from common import (LATENT, MNIST_IMAGES, MNIST_LABELS, N_TEST, N_TRAIN, TARGET_NATS, copy_aevb_weights, load_mnist,
                     macs_per_image, make_plain, mnist_uint8, peak_rss_mb, plain_log_likelihood, plain_loss,
                     plain_neg_elbo, sync)
 from prototypes import applied
@@ -35,19 +35,20 @@ class _Stop(Exception):
     pass
 
 
-def _aevb_model(arch: str, hidden: int | None = None, device: str = "cpu"):
+def _aevb_model(arch: str, hidden: int | None = None, device: str = "cpu", image: list | None = None):
+    """The benchmark's VAE; ``image`` [C, H, W] for another data shape than MNIST's (1, 28, 28)."""
     import aevb
 
-    kwargs = dict(data_shape=(1, 28, 28), latent_dim=LATENT, arch=arch, likelihood="bernoulli")
+    kwargs = dict(data_shape=tuple(image or (1, 28, 28)), latent_dim=LATENT, arch=arch, likelihood="bernoulli")
     if hidden:
         kwargs["hidden"] = [hidden]
     return aevb.VAE(**kwargs).to(device)
 
 
-def _train_flops(arch: str, hidden: int | None = None) -> dict:
+def _train_flops(arch: str, hidden: int | None = None, image: list | None = None) -> dict:
     """Forward MACs per image of the model (counted on aevb's), training FLOPs = 3 × 2 × MACs."""
-    model = _aevb_model(arch, hidden)
-    x = torch.rand(1, 1, 28, 28)
+    model = _aevb_model(arch, hidden, image=image)
+    x = torch.rand(1, *(image or (1, 28, 28)))
     macs = macs_per_image(model, lambda v: model.loss(v), x)
     dec = macs_per_image(model.decoder, lambda v: model.decoder(v), torch.zeros(1, LATENT))
     enc = macs_per_image(model.encoder, lambda v: model.encoder(v), x)
@@ -267,13 +268,14 @@ class _AevbStep:
     """
 
     def __init__(self, arch: str, batch_size: int, device: str, precision: str = "auto",
-                 hidden: int | None = None, fused: bool = True):
+                 hidden: int | None = None, fused: bool = True, image: list | None = None):
         from aevb.precision import resolve_precision
 
         self.dtype = resolve_precision(precision, torch.device(device))
         torch.manual_seed(0)
-        x_train, _ = load_mnist()
-        self.model = _aevb_model(arch, hidden, device)
+        # another image shape: uniform pixels, as many as MNIST's training images (speed only)
+        x_train = load_mnist()[0] if image is None else torch.rand(N_TRAIN, *image)
+        self.model = _aevb_model(arch, hidden, device, image)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=fused,
                                           foreach=None if fused else False)
         self.next_batch = _batches(x_train.to(device), batch_size)
@@ -293,13 +295,18 @@ class _AevbStep:
 
 @worker
 def aevb_step(arch: str = "mlp", batch_size: int = 128, hidden: int | None = None, device: str = "cpu",
-              seconds: float = 2.0, patches: list | None = None, fused: bool = True, precision: str = "auto") -> dict:
-    """aevb's model step alone: x = x_train[perm slice]; model.loss(x) (in ``precision``); backward; fused Adam."""
-    step = _AevbStep(arch, batch_size, device, precision, hidden, fused)
+              seconds: float = 2.0, patches: list | None = None, fused: bool = True, precision: str = "auto",
+              image: list | None = None) -> dict:
+    """aevb's model step alone: x = x_train[perm slice]; model.loss(x) (in ``precision``); backward; fused Adam.
+
+    ``image`` [C, H, W]: the network aevb builds for that shape, on uniform pixels.
+    """
+    step = _AevbStep(arch, batch_size, device, precision, hidden, fused, image)
     with applied(patches):
         per_step = _time_steps(step, seconds, device)
-    flops = _train_flops(arch, hidden)
+    flops = _train_flops(arch, hidden, image)
     return {"setup": "aevb-step", "arch": arch, "batch_size": batch_size, "hidden": hidden, "patches": patches or [],
+            "image": image or [1, 28, 28],
             "precision": str(step.dtype or torch.float32),
             "ms_per_step": per_step * 1e3, "images_per_s": batch_size / per_step, "train_flops": flops["train_flops"]}
 
