@@ -55,17 +55,19 @@ def _fast_loss(self, x: torch.Tensor, beta: float | None, reconstruction_sum):
                     + ½ Σ_d (σ² + μ² − 1 − 2 log σ) ]
     """
     from aevb.models import LossOutput, VAE
+    from aevb.objectives import at_least_float32
 
     if not _is_fast_case(self):
         return VAE._original_loss(self, x, beta)
     beta = self.beta if beta is None else beta
     self._check_input(x)
     batch, samples = x.shape[0], self.mc_samples
-    loc, log_scale = _loc_log_scale(self, self.encoder(x))  # each [B, D]
+    # float32 from the networks, as the library's encode/decode (their layers return bf16 under matmul_dtype)
+    loc, log_scale = _loc_log_scale(self, at_least_float32(self.encoder(x.to(self._dtype))))  # each [B, D]
     scale = log_scale.exp()
     eps = torch.randn((samples, *loc.shape), dtype=loc.dtype, device=loc.device)  # [L, B, D], as rsample draws
     z = loc + scale * eps  # [L, B, D]
-    logits = self.decoder(z.reshape(-1, self.latent_dim)).flatten(1)  # [L·B, P]
+    logits = at_least_float32(self.decoder(z.reshape(-1, self.latent_dim).to(self._dtype))).reshape(samples * batch, -1)  # [L·B, P]
     target = x.unsqueeze(0).expand(samples, *x.shape).reshape(logits.shape)
     reconstruction = reconstruction_sum(logits, target) / (samples * batch)
     kl = (0.5 * (scale.square() + loc.square() - 1) - log_scale).sum() / batch
@@ -132,6 +134,7 @@ def fast_log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_siz
     log p(z) − log q(z|x) = Σ_d [−½ z² + ½ ε² + log σ] (the 2π terms cancel).
     """
     from aevb import objectives
+    from aevb.objectives import at_least_float32
 
     last = model.decoder[-2] if isinstance(model.decoder[-1], nn.Unflatten) else None
     if not _is_fast_case(model) or not isinstance(last, nn.Linear):
@@ -152,7 +155,7 @@ def fast_log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_siz
         n = min(chunk, n_samples - start)
         eps = torch.randn(n, b, model.latent_dim, device=x.device)  # [n, B, D]
         z = loc + scale * eps
-        h = body(z.reshape(-1, model.latent_dim))  # [n·B, H]
+        h = at_least_float32(body(z.reshape(-1, model.latent_dim).to(model._dtype)))  # [n·B, H]
         logits = F.linear(h, last.weight, last.bias)  # [n·B, P]
         softplus_sum = (softplus_sum_fn or halving_softplus_sum)(logits).view(n, b)  # [n, B]
         x_dot_l = (h.view(n, b, -1) * xw).sum(-1) + xb  # [n, B]

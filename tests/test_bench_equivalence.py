@@ -72,22 +72,29 @@ def test_hand_written_terms_equal_aevb_terms_at_the_posterior_mean(arch, images)
     torch.testing.assert_close(plain_kl, kl, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("prototype", [fast_vae_loss, fast_bce_vae_loss], ids=["fast-loss", "fast-bce"])
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
-def test_fast_loss_prototypes_return_the_library_loss_and_gradients(arch, prototype, images):
+def test_fast_loss_prototypes_return_the_library_loss_and_gradients(arch, prototype, dtype, images):
+    """In float32 and with bf16 multiplies (the benchmark's A/B runs the step in its default precision)."""
+    from aevb.precision import matmul_dtype
+
     model, _ = pair(arch)
     torch.manual_seed(2)
-    ours = model.loss(images)
+    with matmul_dtype(dtype):
+        ours = model.loss(images)
     ours.loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     torch.manual_seed(2)
-    fast = prototype(model, images)
+    with matmul_dtype(dtype):
+        fast = prototype(model, images)
     fast.loss.backward()
     for field in ("loss", "reconstruction", "kl", "mu", "sigma"):
+        assert getattr(fast, field).dtype == torch.float32
         torch.testing.assert_close(getattr(fast, field), getattr(ours, field), rtol=1e-5, atol=1e-4)
     for g, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5 if dtype is None else 1e-4)
 
 
 def test_fast_loss_patch_is_scoped(images):
@@ -121,6 +128,8 @@ def test_plain_log_likelihood_agrees_with_batched_aevb_on_independent_draws(imag
 
 
 def test_fast_log_likelihood_prototype_equals_the_library(images):
+    from aevb.precision import matmul_dtype
+
     model, _ = pair("mlp")
     x = images[:6]
     with torch.no_grad():
@@ -128,7 +137,11 @@ def test_fast_log_likelihood_prototype_equals_the_library(images):
         ours = model.log_likelihood(x, n_samples=300, chunk_size=70)
         torch.manual_seed(5)
         fast = fast_log_likelihood(model, x, n_samples=300, rows=6 * 64)
+        with matmul_dtype(torch.bfloat16):  # runs (its last multiply stays float32)
+            torch.manual_seed(5)
+            fast_bf16 = fast_log_likelihood(model, x, n_samples=300, rows=6 * 64)
     torch.testing.assert_close(fast, ours, rtol=1e-5, atol=2e-3)
+    torch.testing.assert_close(fast_bf16, ours, rtol=1e-3, atol=0.1)
 
 
 def test_halving_softplus_sum_is_the_softplus_sum():

@@ -36,6 +36,19 @@ def test_own_transposed_convolution_equals_torchs(c_in, c_out, size, subpixel):
     assert torch.autograd.gradcheck(_ConvTranspose4x4Stride2.apply, small)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("subpixel", [True, False])
+def test_own_transposed_convolution_has_second_derivatives(subpixel, channels_last):
+    """Its backward is made of differentiable operations: a penalty on a gradient trains through it."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 3, 3, generator=gen, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    inputs = (x.requires_grad_(), torch.randn(8, 2, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True),
+              torch.randn(2, generator=gen, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradgradcheck(lambda *a: _ConvTranspose4x4Stride2.apply(*a, subpixel), inputs)
+
+
 def test_own_transposed_convolution_in_channels_last_keeps_the_layout():
     """Channels-last in, channels-last out, and the gradient of x in x's layout (a one-channel gradient too)."""
     gen = torch.Generator().manual_seed(0)
@@ -115,3 +128,24 @@ def test_in_bf16_a_layer_is_its_float32_self_rounded(layer):
         cosine = F.cosine_similarity(g.flatten(), r.flatten(), dim=0)
         assert cosine > 0.999, float(cosine)
 
+
+
+@native_bf16
+def test_in_bf16_unbatched_images_and_what_the_model_returns_keep_torchs_layouts():
+    """[C, H, W] input works as with torch's layers, and nothing channels-last leaves the model."""
+    torch.manual_seed(0)
+    for layer in (Conv2d(3, 8, 4, stride=2, padding=1), ConvTranspose2d(8, 4, 4, stride=2, padding=1),
+                  ConvTranspose2d(8, 4, 3, padding=1)):
+        x = torch.randn(layer.in_channels, 8, 8, requires_grad=True)
+        with matmul_dtype(BF16):
+            y = layer(x)
+        assert y.dim() == 3
+        torch.testing.assert_close(y.float(), layer(x.detach()), rtol=3e-2, atol=3e-2)
+        y.float().sum().backward()
+        assert x.grad.shape == x.shape
+    # 16 → 5 channels takes the direct transposed convolution, whose bf16 output is channels-last
+    model = aevb.VAE(data_shape=(5, 16, 16), latent_dim=4, arch="conv")
+    with matmul_dtype(BF16):
+        outputs = (model.sample(2), model.reconstruct(torch.rand(2, 5, 16, 16)), model.decode(torch.zeros(2, 4)).mean)
+    for out in outputs:
+        assert out.dtype == torch.float32 and out.is_contiguous()

@@ -392,6 +392,50 @@ def test_the_model_follows_its_weights_dtype():
     model.load_state_dict(halves, assign=True)
     assert model.encode(x).mean.dtype == torch.float32  # bf16 weights, float32 distributions
     assert model.prior().mean.device == x.device
+    # the networks converted or loaded on their own
+    model.encoder.double(), model.decoder.double()
+    assert model.elbo(x.double()).dtype == torch.float64
+    other = aevb.VAE(data_shape=(1, 8, 8), latent_dim=4, arch="mlp", hidden=[16])
+    for network in (other.encoder, other.decoder):
+        network.load_state_dict({k: v.double() for k, v in network.state_dict().items()}, assign=True)
+    assert other.elbo(x.double()).dtype == torch.float64
+
+    class Elbo(nn.Module):  # functional_call swaps the parameters in for one call
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model.elbo(x)
+
+    wrapper = Elbo(aevb.VAE(data_shape=(1, 8, 8), latent_dim=4, arch="mlp", hidden=[16]))
+    params = {k: v.double() for k, v in wrapper.named_parameters()}
+    assert torch.func.functional_call(wrapper, params, (x.double(),)).dtype == torch.float64
+
+
+def test_a_model_pickles_and_its_prior_survives_inference_mode():
+    """In-process copies (pickle, as multiprocessing does) work; a prior first built under
+    inference_mode still trains; the standard normal is float32 whatever torch's default dtype."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = aevb.VAE(data_shape=(1, 8, 8), latent_dim=4, arch="mlp", hidden=[16])
+    x = torch.rand(3, 1, 8, 8)
+    with torch.inference_mode():
+        model.elbo(x)
+    model.loss(x).loss.backward()
+    copy = pickle.loads(pickle.dumps(model))
+    torch.manual_seed(1)
+    a = model.elbo(x)
+    torch.manual_seed(1)
+    assert torch.equal(copy.elbo(x), a)
+    fresh = aevb.VAE(data_shape=(1, 8, 8), latent_dim=4, arch="mlp", hidden=[16])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert fresh.prior().mean.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
 
 
 def _converted(model, dtype):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from .precision import compute_dtype, convolution_memory_format
 
@@ -67,8 +66,7 @@ class _ConvTranspose4x4Stride2(torch.autograd.Function):
         return _pixel_shuffle(phases)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor):  # differentiable ops only: second derivatives work
         x, weight = ctx.saved_tensors
         grad = _channels_last(grad) if _is_channels_last(x) else grad.contiguous()  # grad_x in x's layout
         grad_x = F.conv2d(grad, weight, stride=2, padding=1) if ctx.needs_input_grad[0] else None
@@ -165,7 +163,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         dtype = compute_dtype(self.weight)
-        own = output_size is None and self._stride2_4x4()
+        own = output_size is None and x.dim() == 4 and self._stride2_4x4()
         subpixel = own and self._subpixel()
         if dtype is None and not subpixel:
             return super().forward(x, output_size)

@@ -140,18 +140,6 @@ class Model(nn.Module):
             "posterior_args": self.posterior.extra_config(),
         }
         self.prior_module = build_prior("standard", self.latent_dim, self.data_shape)
-        self._refresh_placement()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_placement())
-
-    def _refresh_placement(self) -> None:
-        # read per step by encode/decode/prior: next(parameters()) walks every module (~10 µs)
-        weight = next(self.decoder.parameters())
-        self._weights_dtype, self._weights_device = weight.dtype, weight.device
-
-    def _apply(self, fn, recurse=True):
-        module = super()._apply(fn, recurse)
-        self._refresh_placement()
-        return module
 
     def _set_prior(self, prior: str, prior_args: dict[str, Any] | None) -> None:
         """Use the registered prior ``prior`` and store it in the config (models with a KL)."""
@@ -161,9 +149,26 @@ class Model(nn.Module):
 
     # -- the three distributions -------------------------------------------
 
+    def _first_weight(self) -> torch.Tensor:
+        """The decoder's first parameter, looked up where it lives, so that every way of replacing it counts.
+
+        Read three times a step (encode, decode, the prior); next(parameters())
+        walks every module (about 10 µs), this one getattr per level.
+        """
+        location = self.__dict__.get("_first_weight_at")
+        if location is None:
+            name = next(name for name, _ in self.decoder.named_parameters())
+            location = self.__dict__["_first_weight_at"] = name.rpartition(".")  # ("0", ".", "weight")
+        owner, _, attr = location
+        return getattr(self.decoder.get_submodule(owner), attr)
+
     @property
     def _dtype(self) -> torch.dtype:
-        return self._weights_dtype
+        return self._first_weight().dtype
+
+    @property
+    def _weights_device(self) -> torch.device:
+        return self._first_weight().device
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not x.is_floating_point():
@@ -193,7 +198,8 @@ class Model(nn.Module):
                             f"[*samples, batch, {self.latent_dim}]")
         batch_shape = z.shape[:-1]
         params = self.decoder(z.reshape(-1, self.latent_dim).to(self._dtype))  # [N, k·C, ...]
-        params = objectives.at_least_float32(params.reshape(*batch_shape, *params.shape[1:]))
+        # contiguous: a bf16 convolution's channels-last output stays inside the model
+        params = objectives.at_least_float32(params.reshape(*batch_shape, *params.shape[1:])).contiguous()
         return self.likelihood(params, len(self.data_shape))
 
     @torch.no_grad()

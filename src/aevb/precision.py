@@ -92,4 +92,4 @@ def convolution_memory_format(x: torch.Tensor) -> torch.memory_format:
     (with the bf16 linear layers in both).  GPUs keep the layout they are
     given (not measured here).
     """
-    return torch.channels_last if x.device.type == "cpu" else torch.preserve_format
+    return torch.channels_last if x.device.type == "cpu" and x.dim() == 4 else torch.preserve_format

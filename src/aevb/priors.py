@@ -72,7 +72,9 @@ class StandardNormalPrior(Prior):
     def forward(self, model) -> Distribution:
         device = model._weights_device
         if self._cached is None or self._cached[0] != device:  # immutable, so built once per device
-            self._cached = (device, standard_normal(model.latent_dim, torch.zeros((), device=device)))
+            with torch.inference_mode(False):  # first asked under inference_mode: still usable in training
+                like = torch.zeros((), device=device, dtype=torch.float32)
+                self._cached = (device, standard_normal(model.latent_dim, like))
         return self._cached[1]
 
     def sample(self, model, n, generator=None, temperature=1.0):
