@@ -55,19 +55,17 @@ def _fast_loss(self, x: torch.Tensor, beta: float | None, reconstruction_sum):
                     + ½ Σ_d (σ² + μ² − 1 − 2 log σ) ]
     """
     from aevb.models import LossOutput, VAE
-    from aevb.objectives import at_least_float32
 
     if not _is_fast_case(self):
         return VAE._original_loss(self, x, beta)
     beta = self.beta if beta is None else beta
     self._check_input(x)
     batch, samples = x.shape[0], self.mc_samples
-    # float32 from the networks, as the library's encode/decode (their layers return bf16 under matmul_dtype)
-    loc, log_scale = _loc_log_scale(self, at_least_float32(self.encoder(x.to(self._dtype))))  # each [B, D]
+    loc, log_scale = _loc_log_scale(self, self._run(self.encoder, x))  # each [B, D], float32 as in encode
     scale = log_scale.exp()
     eps = torch.randn((samples, *loc.shape), dtype=loc.dtype, device=loc.device)  # [L, B, D], as rsample draws
     z = loc + scale * eps  # [L, B, D]
-    logits = at_least_float32(self.decoder(z.reshape(-1, self.latent_dim).to(self._dtype))).reshape(samples * batch, -1)  # [L·B, P]
+    logits = self._run(self.decoder, z.reshape(-1, self.latent_dim)).flatten(1)  # [L·B, P]
     target = x.unsqueeze(0).expand(samples, *x.shape).reshape(logits.shape)
     reconstruction = reconstruction_sum(logits, target) / (samples * batch)
     kl = (0.5 * (scale.square() + loc.square() - 1) - log_scale).sum() / batch
@@ -134,7 +132,6 @@ def fast_log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_siz
     log p(z) − log q(z|x) = Σ_d [−½ z² + ½ ε² + log σ] (the 2π terms cancel).
     """
     from aevb import objectives
-    from aevb.objectives import at_least_float32
 
     last = model.decoder[-2] if isinstance(model.decoder[-1], nn.Unflatten) else None
     if not _is_fast_case(model) or not isinstance(last, nn.Linear):
@@ -143,7 +140,7 @@ def fast_log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_siz
     body = model.decoder[:-2]  # z -> h [N, H]
     b = x.shape[0]
     xf = x.reshape(b, -1).to(model._dtype)  # [B, P]
-    loc, log_scale = _loc_log_scale(model, model.encoder(x.to(model._dtype)).float())  # [B, D]
+    loc, log_scale = _loc_log_scale(model, model._run(model.encoder, x))  # [B, D]
     scale = log_scale.exp()
     xw = xf @ last.weight  # [B, H]: Σ_i x_i W_ih
     xb = xf @ last.bias  # [B]
@@ -155,7 +152,7 @@ def fast_log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_siz
         n = min(chunk, n_samples - start)
         eps = torch.randn(n, b, model.latent_dim, device=x.device)  # [n, B, D]
         z = loc + scale * eps
-        h = at_least_float32(body(z.reshape(-1, model.latent_dim).to(model._dtype)))  # [n·B, H]
+        h = model._run(body, z.reshape(-1, model.latent_dim))  # [n·B, H]
         logits = F.linear(h, last.weight, last.bias)  # [n·B, P]
         softplus_sum = (softplus_sum_fn or halving_softplus_sum)(logits).view(n, b)  # [n, B]
         x_dot_l = (h.view(n, b, -1) * xw).sum(-1) + xb  # [n, B]

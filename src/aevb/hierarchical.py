@@ -79,9 +79,9 @@ class HVAE(LatentVariableModel):
     def _bottom_up(self, x: torch.Tensor) -> list[torch.Tensor]:
         """[d_1, …, d_L], each [B, 2D]."""
         self._check_input(x)
-        d = [at_least_float32(self.encoder(x.to(self._dtype)))]
+        d = [self._run(self.encoder, x)]
         for up in self.up:
-            d.append(at_least_float32(up(d[-1].to(self._dtype))))
+            d.append(self._run(up, d[-1]))
         return d
 
     def _top_down(self, d: list[torch.Tensor], n_samples: int | None):
@@ -95,7 +95,7 @@ class HVAE(LatentVariableModel):
         zs, qs, ps = [], [], []
         for level in range(self.layers - 1, -1, -1):  # L-1 … 0 (0-based)
             if level < self.layers - 1:
-                prior_params = at_least_float32(self.down[level](zs[-1].to(self._dtype)))  # [S, B, 2D]
+                prior_params = self._run(self.down[level], zs[-1])  # [S, B, 2D]
                 p = self._normal(prior_params)
                 q = self._normal(prior_params + d[level])
             z = q.mean if n_samples is None else (q.rsample((n_samples,)) if not zs else q.rsample())
@@ -157,7 +157,7 @@ class HVAE(LatentVariableModel):
             if level + 1 in fixed:
                 z = fixed[level + 1]
             else:
-                p = self._normal(at_least_float32(self.down[level](z.to(self._dtype))))
+                p = self._normal(self._run(self.down[level], z))
                 eps = torch.randn(p.mean.shape, generator=generator, device=device)
                 z = p.mean + temperature * p.stddev * eps
             zs.append(z)

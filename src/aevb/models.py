@@ -170,6 +170,15 @@ class Model(nn.Module):
     def _weights_device(self) -> torch.device:
         return self._first_weight().device
 
+    def _run(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """``network(inputs)`` in the weights' dtype, returned in at least float32 and contiguous.
+
+        The one boundary between the networks and the distributions: under
+        :func:`aevb.precision.matmul_dtype` the layers pass bf16 (and, for
+        convolutions on the CPU, channels-last) activations between themselves.
+        """
+        return objectives.at_least_float32(network(inputs.to(self._dtype))).contiguous()
+
     def _check_input(self, x: torch.Tensor) -> None:
         if not x.is_floating_point():
             raise UserError(f"input of dtype {x.dtype}: the model takes floating-point values (pixels scaled to "
@@ -188,8 +197,7 @@ class Model(nn.Module):
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z|x) for x [B, *data_shape]: batch shape [B], event shape [D], at least float32."""
         self._check_input(x)
-        params = self.encoder(x.to(self._dtype))  # [B, k·D]
-        return self.posterior(objectives.at_least_float32(params))
+        return self.posterior(self._run(self.encoder, x))  # from [B, k·D]
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z) for z [*S, B, D]: batch shape [*S, B], event shape data_shape, at least float32."""
@@ -197,10 +205,8 @@ class Model(nn.Module):
             raise UserError(f"z of shape {tuple(z.shape)} does not fit this model, which decodes "
                             f"[*samples, batch, {self.latent_dim}]")
         batch_shape = z.shape[:-1]
-        params = self.decoder(z.reshape(-1, self.latent_dim).to(self._dtype))  # [N, k·C, ...]
-        # contiguous: a bf16 convolution's channels-last output stays inside the model
-        params = objectives.at_least_float32(params.reshape(*batch_shape, *params.shape[1:])).contiguous()
-        return self.likelihood(params, len(self.data_shape))
+        params = self._run(self.decoder, z.reshape(-1, self.latent_dim))  # [N, k·C, ...]
+        return self.likelihood(params.reshape(*batch_shape, *params.shape[1:]), len(self.data_shape))
 
     @torch.no_grad()
     def init_output_bias(self, x: torch.Tensor | StreamedImages) -> bool:

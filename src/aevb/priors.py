@@ -78,7 +78,7 @@ class StandardNormalPrior(Prior):
         return self._cached[1]
 
     def sample(self, model, n, generator=None, temperature=1.0):
-        device = next(model.parameters()).device
+        device = model._weights_device
         return torch.randn(n, model.latent_dim, generator=generator, device=device) * temperature
 
 
