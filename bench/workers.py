@@ -99,7 +99,7 @@ def aevb_train(arch: str = "mlp", max_epochs: int = 10, min_epochs: int = 10, ta
                device: str = "cpu", n_train: int = 8000, lr: float | None = None, batch_size: int | None = None,
                precision: str | None = None, output_bias: str | None = None,
                patches: list | None = None, save_model: str | None = None, seed: int = 0,
-               stream: str | None = None) -> dict:
+               stream: str | None = None, options: dict | None = None) -> dict:
     """aevb.training.train on the reference data; epoch times and test −ELBO from its own evaluations.
 
     Trains up to ``max_epochs``; stops after ``min_epochs`` once the test
@@ -108,7 +108,8 @@ def aevb_train(arch: str = "mlp", max_epochs: int = 10, min_epochs: int = 10, ta
     ``lr``, ``batch_size``, ``precision``, ``output_bias``: None keeps the
     library's default (its recipe).  ``stream`` (``yes``/``no``) reads the
     images from a uint8 .npy file, memory-mapped and converted per batch or
-    converted up front (``aevb train --stream``).
+    converted up front (``aevb train --stream``).  ``options``: any other
+    config fields (``{"adam_betas": [0.9, 0.99]}``), for trying recipes.
     """
     import aevb.training as T
     from aevb.config import make_config
@@ -120,6 +121,7 @@ def aevb_train(arch: str = "mlp", max_epochs: int = 10, min_epochs: int = 10, ta
         data, labels = _subset_files(tmp, n_train)
     recipe = {k: v for k, v in dict(lr=lr, batch_size=batch_size, precision=precision,
                                     output_bias=output_bias, stream=stream).items() if v is not None}
+    recipe.update(options or {})
     config = make_config(data=str(data), labels=str(labels), test_split=N_TEST, arch=arch, latent_dim=LATENT,
                          likelihood="bernoulli", epochs=max_epochs, device=device, out=str(tmp / "run"), seed=seed,
                          **recipe)
@@ -269,6 +271,7 @@ class _AevbStep:
 
     def __init__(self, arch: str, batch_size: int, device: str, precision: str = "auto",
                  hidden: int | None = None, fused: bool = True, image: list | None = None):
+        from aevb import optim
         from aevb.precision import resolve_precision
 
         self.dtype = resolve_precision(precision, torch.device(device))
@@ -276,8 +279,9 @@ class _AevbStep:
         # another image shape: uniform pixels, as many as MNIST's training images (speed only)
         x_train = load_mnist()[0] if image is None else torch.rand(N_TRAIN, *image)
         self.model = _aevb_model(arch, hidden, device, image)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=fused,
-                                          foreach=None if fused else False)
+        # the library's optimiser (torch's fused Adam, aevb.optim's lean step), or torch's per-parameter loop
+        self.optimizer = (optim.Adam(self.model.parameters(), lr=1e-3) if fused
+                          else torch.optim.Adam(self.model.parameters(), lr=1e-3, foreach=False))
         self.next_batch = _batches(x_train.to(device), batch_size)
 
     def loss(self, x: torch.Tensor):

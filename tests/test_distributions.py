@@ -18,6 +18,7 @@ from aevb.distributions import (
     SCALE_FLOOR,
     GaussianPosterior,
     PointMassPosterior,
+    StandardNormal,
     standard_normal,
 )
 from aevb.errors import UserError
@@ -573,6 +574,32 @@ def test_standard_normal_prior():
     assert tuple(p.event_shape) == (4,) and tuple(p.batch_shape) == ()
     z = torch.randn(6, 4, dtype=torch.float64)
     torch.testing.assert_close(p.log_prob(z), (-0.5 * z**2 - 0.5 * LOG_2PI).sum(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_standard_normal_closed_forms_equal_torchs_normal_in_value_and_gradient(dtype):
+    """The prior's own KL and log-density are torch's Normal(0, 1) ones, gradients included."""
+    gen = torch.Generator().manual_seed(3)
+    params = torch.randn(5, 8, generator=gen, dtype=dtype) * 2
+    z = torch.randn(7, 5, 4, generator=gen, dtype=dtype) * 3
+
+    def terms(prior):
+        leaf, zz = params.clone().requires_grad_(True), z.clone().requires_grad_(True)
+        q = GaussianPosterior()(leaf)
+        kl = torch.distributions.kl_divergence(q, prior)  # [5]
+        log_pz = prior.log_prob(zz)  # [7, 5]
+        (kl.sum() + (log_pz * torch.arange(5, dtype=dtype)).sum()).backward()
+        return kl, log_pz, leaf.grad, zz.grad
+
+    zeros = torch.zeros(4, dtype=dtype)
+    general = torch.distributions.Independent(torch.distributions.Normal(zeros, torch.ones_like(zeros)), 1)
+    prior = standard_normal(4, zeros)
+    assert isinstance(prior.base_dist, StandardNormal)
+    for ours, torchs in zip(terms(prior), terms(general)):
+        torch.testing.assert_close(ours, torchs)
+    # a value narrower than the batch shape broadcasts as torch's does
+    wide = torch.distributions.Normal(torch.zeros(3, 4, dtype=dtype), torch.ones(3, 4, dtype=dtype))
+    torch.testing.assert_close(StandardNormal(torch.zeros(3, 4, dtype=dtype)).log_prob(z[0, 0]), wide.log_prob(z[0, 0]))
 
 
 def test_kl_analytic_and_monte_carlo():
