@@ -400,3 +400,41 @@ def test_a_run_config_from_before_precision_and_output_bias_reproduces_that_run(
     mine.write_text(json.dumps({"data": "digits"}))
     config = make_config(read_config_file(mine))
     assert (config.precision, config.output_bias, config.posterior_scale) == ("auto", "data-mean", "log-variance")
+
+
+def test_compile_trains_as_the_eager_loop_does(tmp_path, monkeypatch):
+    """--compile: the same losses as eager training (same random draws), β schedule and all, with no recompile.
+
+    The last batch of each epoch (81 images) runs eagerly, so one graph serves
+    the whole run; ``error_on_recompile`` turns a recompile (a float β
+    compiled in, a new batch shape) into a failure.
+    """
+    import torch._dynamo
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's RNG inside the graph
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    args = ("--steps", 16, "--beta-warmup", 10, "--log-every", 1, "--precision", "fp32")
+    eager = step_records(train(tmp_path / "eager", *args))
+    compiled = step_records(train(tmp_path / "compiled", "--compile", *args))
+    torch._dynamo.reset()
+    assert len(compiled) == len(eager) == 16
+    for a, b in zip(compiled, eager):
+        assert a["beta"] == b["beta"]
+        for key in ("loss", "reconstruction", "kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), (a["step"], key)
+
+
+def test_a_failed_compile_is_one_message(tmp_path, monkeypatch):
+    import torch._dynamo
+
+    def broken(fn, *args, **kwargs):
+        def call(*a, **k):
+            raise torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("no C++ compiler found"), None)
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(UserError, match=r"--compile: torch.compile failed \(RuntimeError: no C\+\+ compiler found\); train without --compile"):
+        aevb.training.train(make_config(latent_dim=2, hidden="32", device="cpu", steps=2, compile=True,
+                                        out=str(tmp_path / "run")), progress=False)

@@ -341,7 +341,7 @@ def _load_prefixed(module: torch.nn.Module, state: dict, prefix: str, path: Path
                         f"undo the change to the model options in config.json") from None
 
 
-RESUMABLE = ("epochs", "steps", "device")  # what --resume may change
+RESUMABLE = ("epochs", "steps", "device", "compile")  # what --resume may change
 
 
 def _check_unchanged(path: Path, meta: dict, config: RunConfig) -> None:
@@ -511,6 +511,38 @@ def _make_optimizer(model: Model, config: RunConfig, device: torch.device) -> to
         return torch.optim.Adam(model.parameters(), foreach=True, **kwargs)
 
 
+def _make_loss(model: Model, config: RunConfig):
+    """``loss_of(x, beta)``: ``model.loss(x, beta=beta)``, through ``torch.compile`` with ``--compile``.
+
+    The compiled function takes β as a tensor (a float would be compiled
+    into the graph, and a β schedule would recompile it every step) and
+    full batches only: the last, smaller batch of an epoch runs eagerly, which
+    costs less than compiling a second graph for its shape.  So does the
+    first step, which fills the model's caches (the prior's distribution);
+    traced, it would leave guards on them that the second step fails.  A
+    failure to compile is the user's to fix (a missing C++ compiler): one message.
+    """
+    if not config.compile:
+        return lambda x, beta: model.loss(x, beta=beta)
+    compiled = torch.compile(model.loss)
+    warm = False
+
+    def loss_of(x: torch.Tensor, beta: float):
+        nonlocal warm
+        if not warm or x.shape[0] != config.batch_size:
+            warm = True
+            return model.loss(x, beta=beta)
+        try:
+            return compiled(x, beta=torch.tensor(beta, dtype=torch.float32, device=x.device))
+        except torch._dynamo.exc.TorchDynamoException as e:
+            cause = getattr(e, "inner_exception", None) or e  # the backend's own error
+            lines = str(cause).strip().splitlines()
+            reason = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+            raise UserError(f"--compile: torch.compile failed ({reason}); train without --compile") from None
+
+    return loss_of
+
+
 def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = False,
           progress: bool = True) -> tuple[Model, Path]:
     """Train a model as ``config`` says; return it and its run folder.
@@ -555,6 +587,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     if resume is None and config.output_bias == "data-mean":
         model.init_output_bias(x_train)
     optimizer = _make_optimizer(model, config, device)
+    loss_of = _make_loss(model, config)
     if resume is not None:
         position = _restore(run_dir / CHECKPOINT, model, optimizer, shuffle, config)
     else:
@@ -635,7 +668,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
                     if levels:
                         x = data_module.dequantize(x, levels)
                     with matmul_dtype(step_dtype):
-                        out = model.loss(x, beta=beta_at(position.step))
+                        out = loss_of(x, beta_at(position.step))
                     optimizer.zero_grad(set_to_none=True)
                     out.loss.backward()
                     if config.grad_clip:
