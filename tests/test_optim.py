@@ -121,3 +121,25 @@ def test_training_uses_it():
 
     opt = _make_optimizer(_model(), make_config(), torch.device("cpu"))
     assert isinstance(opt, optim.Adam) and opt.param_groups[0]["fused"]
+
+
+def test_a_grad_scale_set_after_the_cache_is_applied_as_torch_applies_it():
+    """GradScaler sets grad_scale / found_inf on a fused optimiser around each step: read each step here too."""
+    ours, theirs = _model(), _model()
+    opt_ours = optim.Adam(ours.parameters(), lr=1e-2)
+    opt_theirs = torch.optim.Adam(theirs.parameters(), lr=1e-2, fused=True)
+    _train(ours, opt_ours, 3, X)
+    _train(theirs, opt_theirs, 3, X)
+    assert opt_ours._lean is not None
+    for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+        torch.manual_seed(2)
+        opt.zero_grad()
+        (model.loss(X).loss * 1024).backward()
+        opt.grad_scale = torch.tensor(1024.0)  # as GradScaler.step sets it for fused optimisers
+        opt.found_inf = torch.tensor(0.0)
+        opt.step()
+        del opt.grad_scale, opt.found_inf
+    _assert_same(ours, theirs, opt_ours, opt_theirs)
+    _train(ours, opt_ours, 2, X, seed=3)
+    _train(theirs, opt_theirs, 2, X, seed=3)
+    _assert_same(ours, theirs, opt_ours, opt_theirs)

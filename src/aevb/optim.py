@@ -46,18 +46,20 @@ class Adam(torch.optim.Adam):
 
     def _lean_lists(self) -> list[tuple[list, list, list, list]] | None:
         """The cached tensor lists per group, or None where torch's own step must run."""
-        if self._lean is not None:
-            return self._lean
+        # read every step: a GradScaler sets grad_scale / found_inf around each step, a user may change a group
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
             return None
+        for group in self.param_groups:
+            if (group["amsgrad"] or group["differentiable"] or group["capturable"] or not group["fused"]
+                    or group["decoupled_weight_decay"] or torch.is_tensor(group["lr"])):
+                return None
+        if self._lean is not None:
+            return self._lean
         params = [p for group in self.param_groups for p in group["params"]]
         if not params or len({(p.device, p.dtype) for p in params}) != 1 or params[0].is_complex():
             return None
         lean = []
         for group in self.param_groups:
-            if (group["amsgrad"] or group["differentiable"] or group["capturable"] or not group["fused"]
-                    or group["decoupled_weight_decay"] or torch.is_tensor(group["lr"])):
-                return None
             states = [self.state.get(p) for p in group["params"]]
             if any(not state or "exp_avg" not in state for state in states):
                 return None  # before the first step: torch creates the state
