@@ -21,6 +21,7 @@ epoch), so a resumed run continues bit for bit on CPU.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
@@ -524,6 +525,8 @@ def _make_loss(model: Model, config: RunConfig):
     """
     if not config.compile:
         return lambda x, beta: model.loss(x, beta=beta)
+    if model._weights_device.type == "cpu":  # inductor's C++ build warns that this CPU machine has no CUDA
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     compiled = torch.compile(model.loss)
     warm = False
 
