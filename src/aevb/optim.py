@@ -50,8 +50,8 @@ class Adam(torch.optim.Adam):
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
             return None
         for group in self.param_groups:
-            if (group["amsgrad"] or group["differentiable"] or group["capturable"] or not group["fused"]
-                    or group["decoupled_weight_decay"] or torch.is_tensor(group["lr"])):
+            if (group.get("amsgrad") or group.get("differentiable") or group.get("capturable")
+                    or not group.get("fused") or group.get("decoupled_weight_decay") or torch.is_tensor(group["lr"])):
                 return None
         if self._lean is not None:
             return self._lean
@@ -95,5 +95,6 @@ class Adam(torch.optim.Adam):
 
 
 # torch's Adam.step with its hook wrapper, for every step the lean one does not take
-_TORCH_STEP = torch.optim.Optimizer.profile_hook_step(getattr(torch.optim.Adam.step, "__wrapped__",
-                                                               torch.optim.Adam.step))
+_UNWRAPPED_STEP = getattr(torch.optim.Adam.step, "__wrapped__", torch.optim.Adam.step)
+_TORCH_STEP = (torch.optim.Optimizer.profile_hook_step(_UNWRAPPED_STEP)
+               if hasattr(torch.optim.Optimizer, "profile_hook_step") else _UNWRAPPED_STEP)
