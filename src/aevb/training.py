@@ -536,7 +536,8 @@ def _make_loss(model: Model, config: RunConfig):
             warm = True
             return model.loss(x, beta=beta)
         try:
-            return compiled(x, beta=torch.tensor(beta, dtype=torch.float32, device=x.device))
+            # a CPU scalar, which a CUDA graph reads as a number: one on the GPU would be a copy to it each step
+            return compiled(x, beta=torch.tensor(beta, dtype=torch.float32))
         except torch._dynamo.exc.TorchDynamoException as e:
             cause = getattr(e, "inner_exception", None) or e  # the backend's own error
             lines = str(cause).strip().splitlines()
