@@ -256,6 +256,13 @@ def _f(value, fmt="{:.0f}", missing="—") -> str:
     return missing if value is None else fmt.format(value)
 
 
+def _mfu(images_per_s: float | None, train_flops: float | None, peak_gflops: float) -> str:
+    """Model-FLOP utilisation against the fp32 peak, as a percentage string ("—" where unknown)."""
+    if not images_per_s or not train_flops:
+        return _f(None)
+    return _f(images_per_s * train_flops / 1e9 / peak_gflops * 100, "{:.1f}%")
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
     line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
@@ -282,7 +289,7 @@ def report(res: dict) -> str:
             ttq_s = (f"{ttq:.1f} s (ep {r['epochs_to_target']})" if ttq is not None
                      else ("not reached" if "epochs" in r else ""))
             rows.append([label, _f(ips), _f(r.get("seconds_per_epoch"), "{:.2f}", ""),
-                         _f(ips * train_flops / 1e9 / peak * 100 if ips else None, "{:.1f}%"),
+                         _mfu(ips, train_flops, peak),
                          _f(r.get("peak_rss_mb")),
                          _f(r.get("neg_elbo_at_10") if epochs == 10 else r.get("neg_elbo_last"), "{:.2f}", ""),
                          ttq_s])
@@ -374,18 +381,17 @@ def report(res: dict) -> str:
             for (impl, n), rs in groups.items()))
 
     rows = [[str(r.get("batch_size")), _f(r.get("images_per_s")),
-             _f(r["images_per_s"] * r["train_flops"] / 1e9 / peak * 100 if "images_per_s" in r else None, "{:.1f}%")]
+             _mfu(r.get("images_per_s"), r.get("train_flops"), peak)]
             for r in res["scaling_batch"]]
     out += ["", _table(["batch (aevb step, mlp)", "img/s", "MFU"], rows)]
     rows = [[str(r.get("hidden")), _f(r.get("images_per_s")),
-             _f(r["images_per_s"] * r["train_flops"] / 1e9 / peak * 100 if "images_per_s" in r else None, "{:.1f}%")]
+             _mfu(r.get("images_per_s"), r.get("train_flops"), peak)]
             for r in res["scaling_width"]]
     out += ["", _table(["hidden (aevb step, batch 128)", "img/s", "MFU"], rows)]
     if res.get("scaling_image"):
         rows = [["×".join(map(str, r.get("image", []))), r.get("precision", "?").removeprefix("torch."),
                  _f(r.get("images_per_s")),
-                 _f(r["images_per_s"] * r["train_flops"] / 1e9 / peak * 100 if "images_per_s" in r else None,
-                    "{:.1f}%")]
+                 _mfu(r.get("images_per_s"), r.get("train_flops"), peak)]
                 for r in res["scaling_image"]]
         out += ["", _table(["image (aevb step, conv, batch 128)", "multiplies", "img/s", "MFU"], rows)]
     rows = []

@@ -19,6 +19,7 @@ grad scaler, parameters on several devices or of several dtypes; a closure),
 from __future__ import annotations
 
 import torch
+from torch.optim import optimizer as torch_optimizer
 
 
 class Adam(torch.optim.Adam):
@@ -69,11 +70,9 @@ class Adam(torch.optim.Adam):
         return lean
 
     def _has_hooks(self) -> bool:
-        from torch.optim import optimizer
-
         return bool(getattr(self, "_optimizer_step_pre_hooks", None) or getattr(self, "_optimizer_step_post_hooks", None)
-                    or getattr(optimizer, "_global_optimizer_pre_hooks", None)
-                    or getattr(optimizer, "_global_optimizer_post_hooks", None))
+                    or getattr(torch_optimizer, "_global_optimizer_pre_hooks", None)
+                    or getattr(torch_optimizer, "_global_optimizer_post_hooks", None))
 
     def step(self, closure=None):
         lean = None if closure is not None or self._has_hooks() else self._lean_lists()

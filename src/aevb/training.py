@@ -512,7 +512,13 @@ def _make_optimizer(model: Model, config: RunConfig, device: torch.device) -> to
         return torch.optim.Adam(model.parameters(), foreach=True, **kwargs)
 
 
-def _make_loss(model: Model, config: RunConfig):
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type's name where it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _make_loss(model: Model, config: RunConfig, device: torch.device):
     """``loss_of(x, beta)``: ``model.loss(x, beta=beta)``, through ``torch.compile`` with ``--compile``.
 
     The compiled function takes β as a tensor (a float would be compiled
@@ -525,7 +531,7 @@ def _make_loss(model: Model, config: RunConfig):
     """
     if not config.compile:
         return lambda x, beta: model.loss(x, beta=beta)
-    if model._weights_device.type == "cpu":  # inductor's C++ build warns that this CPU machine has no CUDA
+    if device.type == "cpu":  # inductor's C++ build warns that this CPU machine has no CUDA
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     compiled = torch.compile(model.loss)
     warm = False
@@ -540,9 +546,8 @@ def _make_loss(model: Model, config: RunConfig):
             return compiled(x, beta=torch.tensor(beta, dtype=torch.float32))
         except torch._dynamo.exc.TorchDynamoException as e:
             cause = getattr(e, "inner_exception", None) or e  # the backend's own error
-            lines = str(cause).strip().splitlines()
-            reason = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
-            raise UserError(f"--compile: torch.compile failed ({reason}); train without --compile") from None
+            raise UserError(f"--compile: torch.compile failed ({type(cause).__name__}: {_first_line(cause)}); "
+                            f"train without --compile") from None
 
     return loss_of
 
@@ -591,7 +596,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     if resume is None and config.output_bias == "data-mean":
         model.init_output_bias(x_train)
     optimizer = _make_optimizer(model, config, device)
-    loss_of = _make_loss(model, config)
+    loss_of = _make_loss(model, config, device)
     if resume is not None:
         position = _restore(run_dir / CHECKPOINT, model, optimizer, shuffle, config)
     else:
@@ -601,6 +606,8 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
         write_json(run_dir / "config.json", config.to_dict())
 
     n = x_train.shape[0]
+    # index_select copies whole rows (2.5× faster than x_train[index] for 128 images); streamed images index
+    gather = (lambda index: x_train.index_select(0, index)) if torch.is_tensor(x_train) else x_train.__getitem__
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = config.steps or config.epochs * steps_per_epoch
     if resume is not None:
@@ -665,8 +672,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
                     position.perm = torch.randperm(n, generator=shuffle).to(device)
                 while position.batch < steps_per_epoch and position.step < total_steps:
                     index = position.perm[position.batch * config.batch_size:(position.batch + 1) * config.batch_size]
-                    # index_select copies whole rows (2.5× faster than x_train[index] for 128 images)
-                    x = x_train.index_select(0, index) if torch.is_tensor(x_train) else x_train[index]  # [b, *data_shape]
+                    x = gather(index)  # [b, *data_shape]
                     if config.binarize == "dynamic":
                         x = torch.bernoulli(x)
                     if levels:
@@ -733,8 +739,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
         # since the last record (flush_log raises), or else the weights.
         flush_log()
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise NonFiniteLossError(f"non-finite weights after step {position.step} ({reason}); stopped, "
+            raise NonFiniteLossError(f"non-finite weights after step {position.step} ({_first_line(error)}); stopped, "
                                      f"{kept_message()}. {NONFINITE_ADVICE}") from None
         raise
     finally:
