@@ -73,6 +73,27 @@ def test_outside_the_context_layers_are_the_torch_layers():
     assert torch.equal(y, torch.nn.functional.linear(x.double(), layer64.weight, layer64.bias))
 
 
+def test_linear_layers_too_small_to_gain_multiply_in_fp32():
+    torch.manual_seed(0)
+    small, large = layers.Linear(400, 40), layers.Linear(784, 400)
+    x = torch.rand(128, 400)
+    assert x.numel() * small.out_features < precision.MIN_LOWERED_MACS <= 128 * 784 * large.out_features
+    with matmul_dtype(BF16):
+        y_small = small(x)
+        y_small_from_bf16 = small(x.to(BF16))  # the output of a lowered layer before it
+        y_large = large(torch.rand(128, 784))
+        y_small_big_batch = small(torch.rand(4096, 400))  # an importance sampler's chunk: worth lowering
+    assert y_small.dtype == torch.float32
+    assert torch.equal(y_small, torch.nn.functional.linear(x, small.weight, small.bias))
+    assert y_small_from_bf16.dtype == torch.float32
+    assert y_large.dtype == BF16 and y_small_big_batch.dtype == BF16
+    # the gradient reaches a lowered input through the cast
+    h = x.to(BF16).requires_grad_()
+    with matmul_dtype(BF16):
+        small(h).sum().backward()
+    assert h.grad is not None and h.grad.dtype == BF16
+
+
 def test_resolve_precision(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None

@@ -118,13 +118,14 @@ def _lowered(dtype: torch.dtype, x: torch.Tensor, weight: torch.Tensor, bias: to
 class Linear(nn.Linear):
     """``nn.Linear`` that multiplies in the :func:`~aevb.precision.matmul_dtype` of its context.
 
-    [*, in] -> [*, out], in that dtype inside the context.
+    [*, in] -> [*, out], in that dtype inside the context (in float32 for a
+    call of fewer than ``precision.MIN_LOWERED_MACS`` multiply-accumulates).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype(self.weight)
-        if dtype is None:
-            return F.linear(x, self.weight, self.bias)
+        dtype = compute_dtype(self.weight, macs=x.numel() * self.out_features)
+        if dtype is None:  # input from a lowered layer comes in the multiply dtype
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
         return F.linear(*_lowered(dtype, x, self.weight, self.bias))
 
 
