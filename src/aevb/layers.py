@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import compute_dtype, convolution_memory_format
+from .precision import MIN_LOWERED_MACS, compute_dtype, convolution_memory_format
 
 # For output phase a (row 2i + a) and 3×3 offset u (input row i + u − 1), the row
 # of the 4×4 transposed-convolution kernel that connects them; 4 means none
@@ -123,8 +123,10 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype(self.weight, macs=x.numel() * self.out_features)
-        if dtype is None:  # input from a lowered layer comes in the multiply dtype
+        dtype = compute_dtype(self.weight)
+        if dtype is None:
+            return F.linear(x, self.weight, self.bias)
+        if x.numel() * self.out_features < MIN_LOWERED_MACS:  # too small to gain; the input may come lowered
             return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
         return F.linear(*_lowered(dtype, x, self.weight, self.bias))
 

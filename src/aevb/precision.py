@@ -73,7 +73,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if native else None
 
 
-# Multiply-accumulates in one call below which a layer stays in float32 inside
+# Multiply-accumulates in one call below which a linear layer stays in float32 inside
 # the context: its bf16 multiply saves less time than casting its weight,
 # input and gradients costs, which does not shrink with the batch.  MLP VAE
 # step at batch 128 on the 2-core AMX CPU: its 400 → 40 and 20 → 400 layers
@@ -83,16 +83,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 MIN_LOWERED_MACS = 1 << 22
 
 
-def compute_dtype(weight: torch.Tensor, macs: int | None = None) -> torch.dtype | None:
-    """The dtype a layer with this weight multiplies in: the context's, for float32 weights only.
-
-    None (the weight's own dtype) also for a call of fewer than
-    ``MIN_LOWERED_MACS`` multiply-accumulates, where ``macs`` is given.
-    """
+def compute_dtype(weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype a layer with this weight multiplies in: the context's, for float32 weights only."""
     dtype = _matmul_dtype.get()
     if dtype is None or weight.dtype != torch.float32:  # a float64 model asked for float64 on purpose
-        return None
-    if macs is not None and macs < MIN_LOWERED_MACS:
         return None
     return dtype
 
