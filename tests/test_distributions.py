@@ -554,6 +554,57 @@ def test_gaussian_posterior_from_mean_and_log_variance_or_log_scale():
     assert (params.grad[:, :3] == 2).all() and (params.grad[:, 3:] != 0).all()
 
 
+def test_log_scale_normal_is_torchs_normal_that_keeps_log_sigma():
+    """The posterior's Normal reads log σ where torch's takes log(σ): same values, gradients, samples and shapes."""
+    from torch.distributions import Normal, kl_divergence
+
+    from aevb.distributions import LogScaleNormal
+
+    gen = torch.Generator().manual_seed(21)
+    loc = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    log_scale = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    z = torch.randn(4, 5, 3, generator=gen, dtype=torch.float64) * 2
+    other = Normal(torch.randn(5, 3, dtype=torch.float64), torch.rand(5, 3, dtype=torch.float64) + 0.5)
+
+    def terms(make):
+        leaf_loc, leaf_log_scale = loc.clone().requires_grad_(True), log_scale.clone().requires_grad_(True)
+        q = make(leaf_loc, leaf_log_scale)
+        torch.manual_seed(5)
+        sample = q.rsample((2,))
+        values = (q.log_prob(z), q.entropy(), kl_divergence(q, other), sample)
+        sum(v.sum() for v in values).backward()
+        return (*values, leaf_loc.grad, leaf_log_scale.grad)
+
+    ours = terms(LogScaleNormal)
+    for a, b in zip(ours, terms(lambda m, s: Normal(m, s.exp()))):
+        torch.testing.assert_close(a, b)
+    q = LogScaleNormal(loc, log_scale)
+    assert q.batch_shape == (5, 3) and q.log_scale is log_scale
+    torch.testing.assert_close(q.scale, log_scale.exp())
+    wide = q.expand((2, 5, 3))  # a custom __init__ needs its own expand
+    assert isinstance(wide, LogScaleNormal) and wide.batch_shape == (2, 5, 3)
+    torch.testing.assert_close(wide.log_prob(z[:2]), q.log_prob(z[:2]))
+    # parameters that differ in shape broadcast as torch's do
+    row = LogScaleNormal(loc[0], log_scale)
+    assert row.batch_shape == (5, 3)
+    torch.testing.assert_close(row.log_prob(z), Normal(loc[0], log_scale.exp()).log_prob(z))
+
+
+def test_fast_bernoulli_is_a_bernoulli():
+    from torch.distributions import Bernoulli
+
+    from aevb.distributions import FastBernoulli
+
+    logits = torch.randn(2, 3, 4)
+    ours, torchs = FastBernoulli(logits=logits), Bernoulli(logits=logits)
+    assert ours.batch_shape == torchs.batch_shape == (2, 3, 4)
+    for name in ("probs", "mean", "variance", "logits"):
+        torch.testing.assert_close(getattr(ours, name), getattr(torchs, name))
+    assert ours.expand((5, 2, 3, 4)).batch_shape == (5, 2, 3, 4)
+    with pytest.raises(ValueError):
+        FastBernoulli(logits=torch.tensor([float("nan")]), validate_args=True)
+
+
 def test_point_mass_posterior():
     gen = torch.Generator().manual_seed(11)
     loc = torch.randn(4, 3, generator=gen)

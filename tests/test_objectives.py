@@ -255,6 +255,33 @@ def test_one_sample_estimate_has_the_elbo_as_mean(digits_vae):
     assert difference.std().item() > 0.1  # one sample is noisy, so the check above is not vacuous
 
 
+def test_one_sample_elbo_terms_equal_those_with_a_sample_dimension(digits_vae):
+    """n_samples = 1 draws z [B, D] with no sample dimension: the same z, terms and gradients as z [1, B, D]."""
+    model, x = digits_vae
+    x = x[:64]
+
+    def with_sample_dimension():
+        posterior = model.encode(x)
+        z = posterior.rsample((1,))
+        reconstruction = -model.decode(z).log_prob(x).mean(0)
+        return reconstruction, objectives.kl_term(posterior, model.prior(), z)
+
+    def one_sample():
+        terms = objectives.elbo_terms(model, x, 1)
+        return terms.reconstruction, terms.kl
+
+    results = []
+    for terms in (one_sample, with_sample_dimension):
+        model.zero_grad()
+        torch.manual_seed(4)
+        reconstruction, kl = terms()
+        (reconstruction + kl).mean().backward()
+        results.append((reconstruction, kl, *[p.grad.clone() for p in model.parameters()]))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    model.zero_grad()
+
+
 def test_iwae_bound_with_one_sample_is_the_log_weight(digits_vae):
     model, x = digits_vae
     x = x[:100]

@@ -121,6 +121,14 @@ class _BernoulliLogProb(torch.autograd.Function):
 class FastBernoulli(Bernoulli):
     """``torch.distributions.Bernoulli`` whose ``log_prob`` is :class:`_BernoulliLogProb`."""
 
+    def __init__(self, logits: torch.Tensor, validate_args: bool | None = False):
+        # Bernoulli.__init__ broadcasts its one tensor against nothing: an op a step
+        self.logits = self._param = logits
+        Distribution.__init__(self, logits.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        return Bernoulli.expand(self, batch_shape, self._get_checked_instance(FastBernoulli, _instance))
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
@@ -141,7 +149,7 @@ class BernoulliLikelihood(Likelihood):
     unit_interval = True
 
     def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
-        return _independent(FastBernoulli(logits=params, validate_args=False), event_dims)
+        return _independent(FastBernoulli(logits=params), event_dims)
 
     def params_for_mean(self, mean: torch.Tensor) -> torch.Tensor:
         # pixels that are always 0 (the MNIST border) start at p = 1e-3, not at logit −inf
@@ -496,13 +504,44 @@ def diagonal_normal(params: torch.Tensor, scale_param: str = "log-variance") -> 
     it (mean of 3 seeds).  ``log-scale`` reads models saved before the change.
     """
     loc, log_scale = loc_and_log_scale(params, scale_param)
-    return Independent(Normal(loc, log_scale.exp(), validate_args=False), 1)
+    return Independent(LogScaleNormal(loc, log_scale), 1)
 
 
 def loc_and_log_scale(params: torch.Tensor, scale_param: str = "log-variance") -> tuple[torch.Tensor, torch.Tensor]:
     """(μ, log σ), each [*, D], from params [*, 2·D] as :func:`diagonal_normal` reads them."""
     loc, raw = params.chunk(2, dim=-1)
     return loc, (raw * 0.5 if scale_param == "log-variance" else raw)
+
+
+class LogScaleNormal(Normal):
+    """``Normal(loc, exp(log_scale))`` that keeps ``log_scale``: log-densities and the KL read it.
+
+    The encoder outputs log σ (or log σ²); torch's ``Normal`` would take the
+    log of σ = exp(log σ) again in each ``log_prob`` and KL: an op and its
+    backward a step, and a rounding error, for a value already at hand.
+    """
+
+    def __init__(self, loc: torch.Tensor, log_scale: torch.Tensor):
+        if loc.shape != log_scale.shape:
+            loc, log_scale = torch.broadcast_tensors(loc, log_scale)
+        # Normal.__init__ would broadcast the two again (two more ops a step)
+        self.loc, self.log_scale, self.scale = loc, log_scale, log_scale.exp()
+        Distribution.__init__(self, loc.shape, validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        new = Normal.expand(self, batch_shape, self._get_checked_instance(LogScaleNormal, _instance))
+        new.log_scale = self.log_scale.expand(new.batch_shape)
+        return new
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return ((value - self.loc) / self.scale).square().mul(-0.5) - self.log_scale - _HALF_LOG_2PI
+
+    def entropy(self) -> torch.Tensor:
+        return self.log_scale + (0.5 + _HALF_LOG_2PI)
+
+
+def _log_scale(p: Normal) -> torch.Tensor:
+    return p.log_scale if isinstance(p, LogScaleNormal) else p.scale.log()
 
 
 @POSTERIORS.register("gaussian")
@@ -560,7 +599,7 @@ class StandardNormal(Normal):
 
 @register_kl(Normal, StandardNormal)
 def _kl_normal_standard_normal(p: Normal, q: StandardNormal) -> torch.Tensor:
-    return (p.loc.square() + p.scale.square() - 1).mul(0.5) - p.scale.log()
+    return (p.loc.square() + p.scale.square() - 1).mul(0.5) - _log_scale(p)
 
 
 def standard_normal(latent_dim: int, like: torch.Tensor) -> Distribution:

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Independent
 
 from . import objectives
 from .config import CORRUPTIONS, JACOBIAN_MODES, SPARSITY_PENALTIES
@@ -293,7 +293,9 @@ class Model(nn.Module):
 
 
 def _posterior_stats(posterior: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
-    return posterior.mean.detach().mean(), posterior.stddev.detach().mean()
+    # Independent's stddev is sqrt(variance), two passes; a Normal's is its scale
+    base = posterior.base_dist if isinstance(posterior, Independent) else posterior
+    return base.mean.detach().mean(), base.stddev.detach().mean()
 
 
 @MODELS.register("ae")

@@ -98,9 +98,16 @@ def elbo_terms(model, x: torch.Tensor, n_samples: int = 1) -> ElboTerms:
     if hasattr(model, "elbo_terms"):
         return model.elbo_terms(x, n_samples)
     posterior = model.encode(x)  # q(z|x), batch [B]
-    z = posterior.rsample((n_samples,))  # [L, B, D]
-    likelihood = model.decode(z)  # p(x|z), batch [L, B]
-    reconstruction = -likelihood.log_prob(x.to(z.dtype)).mean(0)  # [B], in z's (≥ float32) dtype
+    if n_samples == 1:
+        # the same z without a sample dimension, whose broadcast in rsample and mean over L
+        # would each add an op and a backward reduction to every training step
+        z = posterior.rsample()  # [B, D]
+        reconstruction = -model.decode(z).log_prob(x.to(z.dtype))  # [B], in z's (≥ float32) dtype
+        z = z.unsqueeze(0)  # [1, B, D] for a Monte Carlo KL
+    else:
+        z = posterior.rsample((n_samples,))  # [L, B, D]
+        likelihood = model.decode(z)  # p(x|z), batch [L, B]
+        reconstruction = -likelihood.log_prob(x.to(z.dtype)).mean(0)  # [B]
     kl = at_least_float32(kl_term(posterior, model.prior(), z))  # [B]
     return ElboTerms(reconstruction, kl, posterior)
 
