@@ -513,6 +513,9 @@ def loc_and_log_scale(params: torch.Tensor, scale_param: str = "log-variance") -
     return loc, (raw * 0.5 if scale_param == "log-variance" else raw)
 
 
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
 class LogScaleNormal(Normal):
     """``Normal(loc, exp(log_scale))`` that keeps ``log_scale``: log-densities and the KL read it.
 
@@ -573,9 +576,6 @@ class PointMassPosterior(Posterior):
 
     def forward(self, params: torch.Tensor) -> Distribution:
         return PointMass(params, event_dims=1)
-
-
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class StandardNormal(Normal):

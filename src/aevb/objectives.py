@@ -98,17 +98,12 @@ def elbo_terms(model, x: torch.Tensor, n_samples: int = 1) -> ElboTerms:
     if hasattr(model, "elbo_terms"):
         return model.elbo_terms(x, n_samples)
     posterior = model.encode(x)  # q(z|x), batch [B]
-    if n_samples == 1:
-        # the same z without a sample dimension, whose broadcast in rsample and mean over L
-        # would each add an op and a backward reduction to every training step
-        z = posterior.rsample()  # [B, D]
-        reconstruction = -model.decode(z).log_prob(x.to(z.dtype))  # [B], in z's (≥ float32) dtype
-        z = z.unsqueeze(0)  # [1, B, D] for a Monte Carlo KL
-    else:
-        z = posterior.rsample((n_samples,))  # [L, B, D]
-        likelihood = model.decode(z)  # p(x|z), batch [L, B]
-        reconstruction = -likelihood.log_prob(x.to(z.dtype)).mean(0)  # [B]
-    kl = at_least_float32(kl_term(posterior, model.prior(), z))  # [B]
+    # one sample has no sample dimension: its broadcast in rsample and the mean over L
+    # would each add an op and a backward reduction to every training step
+    z = posterior.rsample(() if n_samples == 1 else (n_samples,))  # [B, D] or [L, B, D]
+    log_px_z = model.decode(z).log_prob(x.to(z.dtype))  # [B] or [L, B], in z's (≥ float32) dtype
+    reconstruction = -(log_px_z if n_samples == 1 else log_px_z.mean(0))  # [B]
+    kl = at_least_float32(kl_term(posterior, model.prior(), z.view(n_samples, *z.shape[-2:])))  # [B]
     return ElboTerms(reconstruction, kl, posterior)
 
 

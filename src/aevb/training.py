@@ -530,7 +530,7 @@ def _make_loss(model: Model, config: RunConfig, device: torch.device):
     failure to compile is the user's to fix (a missing C++ compiler): one message.
     """
     if not config.compile:
-        return lambda x, beta: model.loss(x, beta=beta)
+        return model.loss
     if device.type == "cpu":  # inductor's C++ build warns that this CPU machine has no CUDA
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     compiled = torch.compile(model.loss)
