@@ -25,7 +25,7 @@ import torch
 from torch.distributions import Distribution, kl_divergence
 
 from .errors import NoLikelihoodError, UserError
-from .runtime import keep_freed_memory
+from .runtime import denormals_flushed, keep_freed_memory
 
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
@@ -158,16 +158,17 @@ def log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_size: in
     """
     _check(model, x, "log-likelihood", likelihood=True, n_samples=n_samples, chunk_size=chunk_size)
     keep_freed_memory()
-    posterior = model.encode(x)
-    batch = x.shape[0]
-    if chunk_size is None:
-        chunk_size = max(1, DEFAULT_ROWS // max(batch, 1))
-    chunk_size = min(chunk_size, n_samples)
-    total = None  # log Σ_s w_s over the chunks so far, [B], at least float32
-    for start in range(0, n_samples, chunk_size):
-        n = min(chunk_size, n_samples - start)
-        chunk = torch.logsumexp(log_weights(model, x, n, posterior), dim=0)
-        # a running sum, not a list of per-chunk results: small tensors that live across
-        # the loop sit between the chunks' large blocks and fragment the heap
-        total = chunk if total is None else torch.logaddexp(total, chunk)
+    with denormals_flushed():
+        posterior = model.encode(x)
+        batch = x.shape[0]
+        if chunk_size is None:
+            chunk_size = max(1, DEFAULT_ROWS // max(batch, 1))
+        chunk_size = min(chunk_size, n_samples)
+        total = None  # log Σ_s w_s over the chunks so far, [B], at least float32
+        for start in range(0, n_samples, chunk_size):
+            n = min(chunk_size, n_samples - start)
+            chunk = torch.logsumexp(log_weights(model, x, n, posterior), dim=0)
+            # a running sum, not a list of per-chunk results: small tensors that live across
+            # the loop sit between the chunks' large blocks and fragment the heap
+            total = chunk if total is None else torch.logaddexp(total, chunk)
     return total - math.log(n_samples)

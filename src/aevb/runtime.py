@@ -12,6 +12,8 @@ jemalloc or tcmalloc, which PyTorch recommends for CPU work.
 
 :func:`keep_freed_memory` is called by the command line and by the library's
 training and evaluation entry points; it does nothing on other C libraries.
+Training and importance sampling also run inside :func:`denormals_flushed`
+(below: subnormal floats slowed long MNIST runs by a quarter).
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -40,3 +47,108 @@ def keep_freed_memory() -> bool:
         return False
     _done = bool(mallopt(_M_TRIM_THRESHOLD, _THRESHOLD)) and bool(mallopt(_M_MMAP_THRESHOLD, _THRESHOLD))
     return _done
+
+
+# --------------------------------------------------------------------------- subnormal numbers
+#
+# Trained on MNIST, a Bernoulli decoder drives the logits of the always-black border
+# pixels towards −∞ (their maximum-likelihood value), and after about 700 steps σ(l),
+# the gradients of those pixels and Adam's moments of their weights fall below 2^−126
+# into float32's subnormal range.  x86 cores compute on subnormal operands and results
+# in microcode, a hundred times slower, and from then on every step of the MLP VAE
+# took 1.25× as long (3.5 → 4.4 ms on the 2-core CPU of bench/README.md; the
+# convolutional VAE 1.12×).  Flushing them to zero changes only values below 1e-38,
+# which no loss, gradient step or log-likelihood here can resolve: Adam's update
+# m / (√v + 1e-8) is the same for v = 1e-40 and v = 0.  The flag is per thread, so
+# it is set on PyTorch's OpenMP worker threads too: on the main thread alone, the
+# workers' share of every parallel kernel stayed slow.
+
+_openmp: list = []  # [the OpenMP runtime's GOMP_parallel that reaches PyTorch's workers, or None], once found
+_PROBE_SIZE = 1 << 17  # float32 values: split between the threads by PyTorch's elementwise kernels
+
+
+def _fe_functions():
+    """libm's ``fesetmode`` (as a pointer) and ``fegetmode``, or None.
+
+    glibc's ``fesetmode`` (2.25 on) loads the whole floating-point control
+    state but the exception flags, flush-to-zero and denormals-are-zero
+    included; ``fesetenv`` keeps only rounding and exception bits.
+    """
+    try:
+        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        return ctypes.cast(libm.fesetmode, ctypes.c_void_p), libm.fegetmode
+    except (OSError, AttributeError):
+        return None
+
+
+def _openmp_libraries() -> list[str]:
+    """Paths of the OpenMP runtimes in this process, PyTorch's own first (scikit-learn and others bring theirs)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    except OSError:  # no /proc: not Linux
+        return []
+    torch_dir = str(Path(torch.__file__).parent)
+    return sorted(paths, key=lambda path: (not path.startswith(torch_dir), path))
+
+
+def _broadcast(parallel, fe, threads: int) -> None:
+    """Every thread of an OpenMP team loads this thread's floating-point modes (C only: no Python in the workers).
+
+    With no Python and so no GIL in the workers: a worker cannot take it
+    while the interpreter shuts down, and the team would never finish.
+    """
+    fesetmode, fegetmode = fe
+    modes = ctypes.create_string_buffer(64)  # larger than any libc's femode_t
+    if fegetmode(modes) == 0:
+        parallel(fesetmode, modes, threads, 0)
+
+
+def _set_flush_denormal(flush: bool) -> bool:
+    """torch.set_flush_denormal on this thread and on every intra-op worker; False where unsupported."""
+    if not torch.set_flush_denormal(flush):
+        return False
+    threads = torch.get_num_threads()
+    fe = _fe_functions()
+    if threads == 1 or fe is None:
+        return True
+    if _openmp:
+        if _openmp[0] is not None:
+            _broadcast(_openmp[0], fe, threads)
+        return True
+    probe = torch.full((_PROBE_SIZE,), 1e-39) if flush else None  # made before any worker flushes
+    for path in _openmp_libraries():  # the first whose team is PyTorch's: its kernels then flush
+        try:
+            parallel = ctypes.CDLL(path).GOMP_parallel  # loaded already: the same instance
+        except (OSError, AttributeError):
+            continue
+        parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        parallel.restype = None
+        _broadcast(parallel, fe, threads)
+        if probe is None or not bool(probe.mul(3.0).count_nonzero()):
+            _openmp.append(parallel)
+            return True
+    if flush:
+        _openmp.append(None)  # no team reached the workers: this thread alone, and no search again
+    return True
+
+
+def flushing_denormals() -> bool:
+    """Whether this thread flushes subnormal floats to zero."""
+    return torch.tensor(1e-39, dtype=torch.float32).mul(1.0).item() == 0.0
+
+
+@contextmanager
+def denormals_flushed() -> Iterator[None]:
+    """Flush subnormal floats to zero inside, on this thread and PyTorch's CPU worker threads.
+
+    The training loop and the importance sampler run inside; on exit the
+    setting is what it was (left on where the caller had turned it on).
+    Does nothing where the processor has no such mode.
+    """
+    changed = not flushing_denormals() and _set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if changed:
+            _set_flush_denormal(False)

@@ -44,7 +44,7 @@ from .io import write_json, write_safetensors, write_text
 from .models import Model, build_model, legacy_model_args, load
 from .precision import matmul_dtype, resolve_precision
 from .registry import DATASETS, LIKELIHOODS, MODELS
-from .runtime import keep_freed_memory
+from .runtime import denormals_flushed, keep_freed_memory
 from .schedules import make_schedule
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
@@ -666,7 +666,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
                    desc=f"{config.model} {dataset.name}", file=sys.stderr)
     model.train()
     try:
-        with _stop_on_sigint() as sigint:
+        with _stop_on_sigint() as sigint, denormals_flushed():
             while position.step < total_steps:
                 if position.perm is None:
                     position.perm = torch.randperm(n, generator=shuffle).to(device)
