@@ -85,6 +85,17 @@ class _LocationFamily(Likelihood):
         return mean
 
 
+def bernoulli_log_prob(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """x·l − softplus(l) elementwise (no gradient: see :class:`_BernoulliLogProb`), logits and value one shape."""
+    log_prob = logits.abs().sigmoid_().log_()  # −log(1 + e^−|l|)
+    return log_prob.addcmul_(value, logits).sub_(logits.clamp_min(0))
+
+
+def bernoulli_log_prob_grad(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """∂/∂l of x·l − softplus(l): x − σ(l)."""
+    return value - torch.sigmoid(logits)
+
+
 class _BernoulliLogProb(torch.autograd.Function):
     """x·l − softplus(l) elementwise for logits l, with the gradient x − σ(l) in one step.
 
@@ -104,15 +115,14 @@ class _BernoulliLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(logits, value)
-        log_prob = logits.abs().sigmoid_().log_()  # −log(1 + e^−|l|)
-        return log_prob.addcmul_(value, logits).sub_(logits.clamp_min(0))
+        return bernoulli_log_prob(logits, value)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, value = ctx.saved_tensors
         grad_logits = grad_value = None
         if ctx.needs_input_grad[0]:
-            grad_logits = (grad * (value - torch.sigmoid(logits))).sum_to_size(logits.shape)
+            grad_logits = (grad * bernoulli_log_prob_grad(logits, value)).sum_to_size(logits.shape)
         if ctx.needs_input_grad[1]:
             grad_value = (grad * logits).sum_to_size(value.shape)
         return grad_logits, grad_value
@@ -597,9 +607,14 @@ class StandardNormal(Normal):
         return value.square().mul_(-0.5).sub_(_HALF_LOG_2PI)
 
 
+def standard_normal_kl(loc: torch.Tensor, scale: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(0, 1)) elementwise: ½(μ² + σ² − 1) − log σ."""
+    return (loc.square() + scale.square() - 1).mul(0.5) - log_scale
+
+
 @register_kl(Normal, StandardNormal)
 def _kl_normal_standard_normal(p: Normal, q: StandardNormal) -> torch.Tensor:
-    return (p.loc.square() + p.scale.square() - 1).mul(0.5) - _log_scale(p)
+    return standard_normal_kl(p.loc, p.scale, _log_scale(p))
 
 
 def standard_normal(latent_dim: int, like: torch.Tensor) -> Distribution:

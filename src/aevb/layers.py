@@ -108,9 +108,9 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def _lowered(dtype: torch.dtype, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def lowered(dtype: torch.dtype, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              memory_format: torch.memory_format = torch.preserve_format):
-    """x (in ``memory_format``), weight and bias in the multiply dtype of the context."""
+    """x (in ``memory_format``), weight and bias in the multiply dtype of the context (also :mod:`aevb.fused`'s)."""
     return (x.to(dtype, memory_format=memory_format), weight.to(dtype),
             None if bias is None else bias.to(dtype))
 
@@ -122,13 +122,20 @@ class Linear(nn.Linear):
     call of fewer than ``precision.MIN_LOWERED_MACS`` multiply-accumulates).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def multiply_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype :meth:`forward` multiplies ``x`` in; None outside the context (no cast at all)."""
         dtype = compute_dtype(self.weight)
         if dtype is None:
-            return F.linear(x, self.weight, self.bias)
+            return None
         if x.numel() * self.out_features < MIN_LOWERED_MACS:  # too small to gain; the input may come lowered
-            return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
-        return F.linear(*_lowered(dtype, x, self.weight, self.bias))
+            return self.weight.dtype
+        return dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.multiply_dtype(x)
+        if dtype is None:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(*lowered(dtype, x, self.weight, self.bias))
 
 
 class Conv2d(nn.Conv2d):
@@ -142,7 +149,7 @@ class Conv2d(nn.Conv2d):
         dtype = compute_dtype(self.weight)
         if dtype is None:
             return self._conv_forward(x, self.weight, self.bias)
-        return self._conv_forward(*_lowered(dtype, x, self.weight, self.bias, convolution_memory_format(x)))
+        return self._conv_forward(*lowered(dtype, x, self.weight, self.bias, convolution_memory_format(x)))
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
@@ -172,7 +179,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
             return super().forward(x, output_size)
         weight, bias = self.weight, self.bias
         if dtype is not None:
-            x, weight, bias = _lowered(dtype, x, weight, bias, convolution_memory_format(x))
+            x, weight, bias = lowered(dtype, x, weight, bias, convolution_memory_format(x))
         if own:
             return _ConvTranspose4x4Stride2.apply(x, weight, bias, subpixel)
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,

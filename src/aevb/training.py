@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from . import data as data_module
-from . import optim
+from . import fused, optim
 from .config import RunConfig, make_config
 from .errors import NonFiniteLossError, UserError
 from .figures import reconstruction_grid, sample_grid
@@ -538,8 +538,11 @@ def _make_loss(model: Model, config: RunConfig, device: torch.device):
 
     def loss_of(x: torch.Tensor, beta: float):
         nonlocal warm
-        if not warm or x.shape[0] != config.batch_size:
+        if not warm:  # the general path, the one compiled, fills the caches
             warm = True
+            with fused.disabled():
+                return model.loss(x, beta=beta)
+        if x.shape[0] != config.batch_size:
             return model.loss(x, beta=beta)
         try:
             # a CPU scalar, which a CUDA graph reads as a number: one on the GPU would be a copy to it each step
