@@ -145,6 +145,14 @@ def suite(quick: bool, device: str, skip_pythae: bool) -> dict:
 
     # (2) where the time of aevb's step goes, and the prototypes (interleaved A/B in one process)
     log("step breakdown and prototypes …")
+    # long runs: after about 700 steps on MNIST, subnormal floats slow every step they touch
+    # (aevb.runtime); the second half of each run is past that point
+    res["long"] = {}
+    if not q:
+        for arch, n_epochs in (("mlp", 30), ("conv", 20)):
+            log(f"train {arch}: {n_epochs} epochs, aevb and the hand-written loop …")
+            kw = dict(arch=arch, device=device, min_epochs=n_epochs, max_epochs=n_epochs)
+            res["long"][arch] = {"aevb": call("aevb_train", **kw, **LIKE_FOR_LIKE), "plain": call("plain_train", **kw)}
     res["breakdown"] = call("step_breakdown", arch="mlp", device=device, repeats=100 if q else 300)
     res["ab_step"] = {arch: call("ab_step", arch=arch, device=device, rounds=3 if q else 9) for arch in ("mlp", "conv")}
     res["ab_loop"] = call("ab_loop", device=device, epochs=2 if q else 3, rounds=1 if q else 3)
@@ -261,6 +269,20 @@ def _mfu(images_per_s: float | None, train_flops: float | None, peak_gflops: flo
     if not images_per_s or not train_flops:
         return _f(None)
     return _f(images_per_s * train_flops / 1e9 / peak_gflops * 100, "{:.1f}%")
+
+
+def _half_rates(row: dict, n_train: int = 8000) -> tuple[float | None, float | None]:
+    """Training images per second over the first half of a run's epochs (after the first) and over the second."""
+    epochs = row.get("epochs") or []
+    if len(epochs) < 4:
+        return None, None
+    walls = [e["wall_s"] for e in epochs]
+    k = len(walls) // 2
+    return n_train * (k - 1) / (walls[k - 1] - walls[0]), n_train * (len(walls) - k) / (walls[-1] - walls[k - 1])
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}×" if a and b else "—"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -394,6 +416,15 @@ def report(res: dict) -> str:
                  _mfu(r.get("images_per_s"), r.get("train_flops"), peak)]
                 for r in res["scaling_image"]]
         out += ["", _table(["image (aevb step, conv, batch 128)", "multiplies", "img/s", "MFU"], rows)]
+    if res.get("long"):
+        rows = []
+        for arch, setups in res["long"].items():
+            halves = {name: _half_rates(r) for name, r in setups.items()}
+            (a1, a2), (p1, p2) = halves["aevb"], halves["plain"]
+            n = len(setups["aevb"].get("epochs", []))
+            rows.append([f"{arch} ({n} epochs)", _f(a1), _f(p1), _ratio(a1, p1), _f(a2), _f(p2), _ratio(a2, p2)])
+        out += ["", _table(["long run (img/s from epoch times)", "aevb 1st half", "plain 1st half", "ratio",
+                            "aevb 2nd half", "plain 2nd half", "ratio"], rows)]
     rows = []
     for r in res["scaling_data"]:
         if "error" in r:

@@ -305,8 +305,10 @@ def aevb_step(arch: str = "mlp", batch_size: int = 128, hidden: int | None = Non
 
     ``image`` [C, H, W]: the network aevb builds for that shape, on uniform pixels.
     """
+    from aevb.runtime import denormals_flushed
+
     step = _AevbStep(arch, batch_size, device, precision, hidden, fused, image)
-    with applied(patches):
+    with applied(patches), denormals_flushed():  # as the library's loop runs
         per_step = _time_steps(step, seconds, device)
     flops = _train_flops(arch, hidden, image)
     return {"setup": "aevb-step", "arch": arch, "batch_size": batch_size, "hidden": hidden, "patches": patches or [],
