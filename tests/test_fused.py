@@ -152,6 +152,9 @@ def test_hooks_replaced_layers_and_traced_calls_take_the_general_path():
         assert not fused.applies(model, x, 1.0)
     model.decoder[0] = nn.Linear(3, 400)  # not aevb's Linear: its own forward
     assert not fused.applies(model, x, 1.0)
+    model = _vae()
+    del model.encoder[0]  # no Flatten: the layers would multiply the images' rows
+    assert not fused.applies(model, x, 1.0)
     seen = []
 
     def under_a_transform(w):

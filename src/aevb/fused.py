@@ -83,17 +83,19 @@ class _Plan(NamedTuple):
     modules: tuple[nn.Module, ...]
 
 
-def _layers(network: nn.Module, first: type | None, last: type | None) -> tuple[_Layer, ...] | None:
-    """(Linear, relu)… of ``first``?, (Linear, ReLU?)+, ``last``?, or None for any other body."""
+def _layers(network: nn.Module, data_shape: tuple[int, ...], flatten: bool) -> tuple[_Layer, ...] | None:
+    """The (Linear, relu) pairs of Flatten, (Linear, ReLU?)+ (``flatten``: the encoder) or of
+    (Linear, ReLU?)+, Unflatten to ``data_shape`` (the decoder); None for any other body."""
     if type(network) is not nn.Sequential or "forward" in network.__dict__:
         return None
     children = list(network)
-    if first is not None and children and type(children[0]) is first:
-        if children[0].start_dim != 1 or children[0].end_dim != -1:
+    if flatten:
+        if not children or type(children[0]) is not nn.Flatten or (children[0].start_dim, children[0].end_dim) != (1, -1):
             return None
         children = children[1:]
-    if last is not None and children and type(children[-1]) is last:
-        if children[-1].dim != 1:
+    else:
+        if (not children or type(children[-1]) is not nn.Unflatten or children[-1].dim != 1
+                or tuple(children[-1].unflattened_size) != tuple(data_shape)):
             return None
         children = children[:-1]
     layers: list[_Layer] = []
@@ -125,8 +127,8 @@ def _plan(model) -> _Plan | None:
     if (type(model).loss is VAE.loss and not hasattr(model, "elbo_terms")
             and type(model.likelihood) is BernoulliLikelihood and type(model.posterior) is GaussianPosterior
             and type(model.prior_module) is StandardNormalPrior):
-        encoder = _layers(model.encoder, nn.Flatten, None)
-        decoder = _layers(model.decoder, None, nn.Unflatten)
+        encoder = _layers(model.encoder, model.data_shape, flatten=True)
+        decoder = _layers(model.decoder, model.data_shape, flatten=False)
         if encoder is not None and decoder is not None:
             plan = _Plan(encoder, decoder, (*structure[1], *structure[2], *structure[3]))
     model.__dict__["_fused_plan"] = (structure, plan)
