@@ -143,8 +143,6 @@ def suite(quick: bool, device: str, skip_pythae: bool) -> dict:
             _median_time_to_target(row)
         res["train"][arch] = rows
 
-    # (2) where the time of aevb's step goes, and the prototypes (interleaved A/B in one process)
-    log("step breakdown and prototypes …")
     # long runs: after about 700 steps on MNIST, subnormal floats slow every step they touch
     # (aevb.runtime); the second half of each run is past that point
     res["long"] = {}
@@ -153,6 +151,9 @@ def suite(quick: bool, device: str, skip_pythae: bool) -> dict:
             log(f"train {arch}: {n_epochs} epochs, aevb and the hand-written loop …")
             kw = dict(arch=arch, device=device, min_epochs=n_epochs, max_epochs=n_epochs)
             res["long"][arch] = {"aevb": call("aevb_train", **kw, **LIKE_FOR_LIKE), "plain": call("plain_train", **kw)}
+
+    # (2) where the time of aevb's step goes, and the prototypes (interleaved A/B in one process)
+    log("step breakdown and prototypes …")
     res["breakdown"] = call("step_breakdown", arch="mlp", device=device, repeats=100 if q else 300)
     res["ab_step"] = {arch: call("ab_step", arch=arch, device=device, rounds=3 if q else 9) for arch in ("mlp", "conv")}
     res["ab_loop"] = call("ab_loop", device=device, epochs=2 if q else 3, rounds=1 if q else 3)
