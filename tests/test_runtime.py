@@ -40,15 +40,27 @@ def test_flushed_on_every_thread_inside_and_restored_after(two_threads):
 
 
 @needs_flushing
-def test_a_callers_own_setting_is_left_on(two_threads):
-    torch.set_flush_denormal(True)
+def test_a_callers_own_setting_is_left_on_and_reaches_the_workers(two_threads):
+    tiny = torch.full((1 << 20,), 1e-39)
+    torch.set_flush_denormal(True)  # torch's own: the calling thread only
     try:
+        assert 0 < _subnormal_results(tiny) < tiny.numel()
         with runtime.denormals_flushed():
-            assert runtime.flushing_denormals()
+            assert _subnormal_results(tiny) == 0
         assert runtime.flushing_denormals()
     finally:
         runtime._set_flush_denormal(False)
     assert not runtime.flushing_denormals()
+    assert _subnormal_results(tiny) == tiny.numel()
+
+
+@needs_flushing
+def test_fewer_threads_inside_still_restores_every_worker(two_threads):
+    tiny = torch.full((1 << 20,), 1e-39)
+    with runtime.denormals_flushed():
+        torch.set_num_threads(1)  # the pool keeps its second thread, flushed
+    torch.set_num_threads(2)
+    assert _subnormal_results(tiny) == tiny.numel()
 
 
 @needs_flushing

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,10 +64,11 @@ def keep_freed_memory() -> bool:
 # it is set on PyTorch's OpenMP worker threads too: on the main thread alone, the
 # workers' share of every parallel kernel stayed slow.
 
-_openmp: list = []  # [the OpenMP runtime's GOMP_parallel that reaches PyTorch's workers, or None], once found
 _PROBE_SIZE = 1 << 17  # float32 values: split between the threads by PyTorch's elementwise kernels
+_team: dict = {}  # "parallel": the GOMP_parallel whose team is PyTorch's (None: none found); "size": the largest team set
 
 
+@functools.lru_cache(maxsize=None)
 def _fe_functions():
     """libm's ``fesetmode`` (as a pointer) and ``fegetmode``, or None.
 
@@ -82,14 +84,27 @@ def _fe_functions():
 
 
 def _openmp_libraries() -> list[str]:
-    """Paths of the OpenMP runtimes in this process, PyTorch's own first (scikit-learn and others bring theirs)."""
+    """Paths of the OpenMP runtimes in this process (GNU, Intel, LLVM), PyTorch's own first.
+
+    scikit-learn and others load their own copy; its team is not PyTorch's.
+    """
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+            paths = {line.split()[-1] for line in maps if any(name in line for name in ("libgomp", "libiomp", "libomp"))}
     except OSError:  # no /proc: not Linux
         return []
     torch_dir = str(Path(torch.__file__).parent)
     return sorted(paths, key=lambda path: (not path.startswith(torch_dir), path))
+
+
+def _gomp_parallel(path: str):
+    try:
+        parallel = ctypes.CDLL(path).GOMP_parallel  # loaded already: the same instance
+    except (OSError, AttributeError):
+        return None
+    parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    parallel.restype = None
+    return parallel
 
 
 def _broadcast(parallel, fe, threads: int) -> None:
@@ -104,32 +119,44 @@ def _broadcast(parallel, fe, threads: int) -> None:
         parallel(fesetmode, modes, threads, 0)
 
 
+def _to_workers() -> None:
+    """Load this thread's floating-point modes on every thread of PyTorch's OpenMP team.
+
+    The team is the largest thread count set so far (a pool keeps the
+    threads of a larger team after ``torch.set_num_threads`` lowers it).
+    PyTorch's library is found once, by a probe: subnormals made before this
+    thread flushes, multiplied on all threads after the broadcast.
+    """
+    fe = _fe_functions()
+    threads = _team["size"] = max(torch.get_num_threads(), _team.get("size", 1))
+    if fe is None or threads == 1:
+        return
+    if "parallel" in _team:
+        if _team["parallel"] is not None:
+            _broadcast(_team["parallel"], fe, threads)
+        return
+    flushing = flushing_denormals()
+    torch.set_flush_denormal(False)
+    probe = torch.full((_PROBE_SIZE,), 1e-39)  # subnormal: made while this thread does not flush
+    torch.set_flush_denormal(flushing)
+    for path in _openmp_libraries():
+        parallel = _gomp_parallel(path)
+        if parallel is None:
+            continue
+        _broadcast(parallel, fe, threads)
+        if not flushing or not bool(probe.mul(3.0).count_nonzero()):
+            if flushing:  # a probed team: PyTorch's, kept for every later call
+                _team["parallel"] = parallel
+            return
+    if flushing:
+        _team["parallel"] = None  # no team reached the workers: this thread alone, and no search again
+
+
 def _set_flush_denormal(flush: bool) -> bool:
     """torch.set_flush_denormal on this thread and on every intra-op worker; False where unsupported."""
     if not torch.set_flush_denormal(flush):
         return False
-    threads = torch.get_num_threads()
-    fe = _fe_functions()
-    if threads == 1 or fe is None:
-        return True
-    if _openmp:
-        if _openmp[0] is not None:
-            _broadcast(_openmp[0], fe, threads)
-        return True
-    probe = torch.full((_PROBE_SIZE,), 1e-39) if flush else None  # made before any worker flushes
-    for path in _openmp_libraries():  # the first whose team is PyTorch's: its kernels then flush
-        try:
-            parallel = ctypes.CDLL(path).GOMP_parallel  # loaded already: the same instance
-        except (OSError, AttributeError):
-            continue
-        parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-        parallel.restype = None
-        _broadcast(parallel, fe, threads)
-        if probe is None or not bool(probe.mul(3.0).count_nonzero()):
-            _openmp.append(parallel)
-            return True
-    if flush:
-        _openmp.append(None)  # no team reached the workers: this thread alone, and no search again
+    _to_workers()
     return True
 
 
@@ -143,12 +170,17 @@ def denormals_flushed() -> Iterator[None]:
     """Flush subnormal floats to zero inside, on this thread and PyTorch's CPU worker threads.
 
     The training loop and the importance sampler run inside; on exit the
-    setting is what it was (left on where the caller had turned it on).
-    Does nothing where the processor has no such mode.
+    setting is what it was.  A caller who turned flushing on with
+    ``torch.set_flush_denormal(True)`` (which sets it on the calling thread
+    only) keeps it, and PyTorch's workers get it too.  Does nothing where the
+    processor has no such mode.
     """
-    changed = not flushing_denormals() and _set_flush_denormal(True)
+    if flushing_denormals():
+        _to_workers()
+        yield
+        return
     try:
+        _set_flush_denormal(True)
         yield
     finally:
-        if changed:
-            _set_flush_denormal(False)
+        _set_flush_denormal(False)
