@@ -184,3 +184,50 @@ def test_second_derivatives_need_the_general_path():
         loss = model.loss(x).loss
         (grad,) = torch.autograd.grad(loss, model.decoder[0].weight, create_graph=True)
         grad.square().sum().backward()  # a penalty on the gradient trains
+
+
+def test_a_bf16_model_reads_the_targets_unrounded():
+    """The encoder's input is cast to the model's dtype; the likelihood's x is the batch's own (as on the general path)."""
+    model = _vae().to(BF16)
+    x = _batch((1, 8, 8))  # grey values k/255-like, not bf16-representable
+    values, grads = _loss_and_grads(model, x)
+    general_values, general_grads = _loss_and_grads(model, x, general=True)
+    torch.testing.assert_close(values, general_values, rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, general_grads[name], rtol=2e-2, atol=2e-2 * general_grads[name].abs().max().item())
+
+
+def test_a_frozen_encoder_gets_no_gradient_and_the_decoder_the_same():
+    model, x = _vae(), _batch((1, 8, 8))
+    model.encoder.requires_grad_(False)
+    values, grads = _loss_and_grads(model, x)
+    general_values, general_grads = _loss_and_grads(model, x, general=True)
+    torch.testing.assert_close(values, general_values)
+    for name, grad in grads.items():
+        if name.startswith("encoder"):
+            assert grad is None and general_grads[name] is None
+        else:
+            torch.testing.assert_close(grad, general_grads[name])
+
+
+class _ZeroCodeVAE(aevb.VAE):
+    def decode(self, z):
+        return super().decode(z * 0)
+
+
+def test_overrides_of_the_data_path_take_the_general_path():
+    x = _batch((1, 8, 8))
+    torch.manual_seed(0)
+    subclass = _ZeroCodeVAE(data_shape=(1, 8, 8), latent_dim=3, arch="mlp")
+    assert not fused.applies(subclass, x, 1.0)
+    for change in (lambda m: setattr(m, "decode", lambda z: aevb.VAE.decode(m, z * 0)),
+                   lambda m: setattr(m, "elbo_terms", lambda x, n: None),
+                   lambda m: setattr(m.decoder[0], "forward", lambda z: nn.Linear.forward(m.decoder[0], z))):
+        model = _vae()
+        model.loss(x)  # the plan is cached by now
+        change(model)
+        assert not fused.applies(model, x, 1.0)
+    model = _vae()
+    model.loss(x)
+    nn.utils.parametrizations.weight_norm(model.decoder[2])  # a parametrisation swaps the layer's class
+    assert not fused.applies(model, x, 1.0)

@@ -14,11 +14,11 @@ rows, ḡ the gradient of the loss and each row's own x:
     (μ, log σ) = encoder(x), σ = e^(log σ)
     z = μ + σ·ε,  ε ~ N(0, I) as rsample draws
     l = decoder(z)                              ∂/∂l = ḡ·(σ(l) − x) / N
-    recon = −(1/N) Σ_n Σ_p x·l − softplus(l)
-    kl = (1/B) Σ_b Σ_d ½(μ² + σ² − 1) − log σ    ∂/∂μ = Σ_L ∂z + ḡβ·μ / B
+    recon = −(1/N) Σ_n Σ_p (x·l − softplus(l))
+    kl = (1/B) Σ_b Σ_d (½(μ² + σ² − 1) − log σ)  ∂/∂μ = Σ_L ∂z + ḡβ·μ / B
     loss = recon + β·kl                         ∂/∂log σ = Σ_L ∂z·ε·σ + ḡβ·(σ² − 1) / B
 
-and each Linear layer h' = relu(h Wᵀ + b) passes back ∂h = (∂h'·[h' > 0]) W,
+(½ of the last for an encoder that outputs log σ²), and each Linear layer h' = relu(h Wᵀ + b) passes back ∂h = (∂h'·[h' > 0]) W,
 ∂W = (∂h'·[h' > 0])ᵀ h, ∂b = Σ_n ∂h'·[h' > 0].  The log-density and the KL
 are the library's own functions (:func:`~aevb.distributions.bernoulli_log_prob`,
 :func:`~aevb.distributions.standard_normal_kl`), and every layer multiplies
@@ -28,7 +28,8 @@ gradients are those of the general path to rounding (``tests/test_fused.py``).
 
 Everything else takes the general path of :mod:`aevb.objectives`
 (:func:`applies`): other networks, likelihoods, posteriors or priors, free
-bits, a hook on a network or a layer, an input that needs its own gradient,
+bits, a hook on a network or a layer, a subclass or an instance that
+overrides a method of the data path, an input that needs its own gradient,
 autocast, and tracing by ``torch.compile``, ``torch.func`` or the JIT.  The
 node is differentiable once (a gradient with ``create_graph`` is an error):
 for second derivatives of the loss (a penalty on its gradient), compute it
@@ -109,10 +110,16 @@ def _layers(network: nn.Module, data_shape: tuple[int, ...], flatten: bool) -> t
     return tuple(layers) or None
 
 
+# the methods of the general path that the fused loss stands in for: a subclass or an
+# instance that overrides one takes the general path
+_DATA_PATH = ("loss", "encode", "decode", "prior", "_run", "_check_input")
+
+
 def _structure(model) -> tuple:
-    """What the plan depends on: the model's class and every module of it and of its networks."""
-    return (type(model), tuple(model._modules.values()), tuple(model.encoder._modules.values()),
-            tuple(model.decoder._modules.values()))
+    """What the plan depends on: the model's class, and every module of it and of its networks with its class
+    (a parametrisation changes a module's class in place)."""
+    modules = (*model._modules.values(), *model.encoder._modules.values(), *model.decoder._modules.values())
+    return (type(model), modules, tuple(map(type, modules)))
 
 
 def _plan(model) -> _Plan | None:
@@ -124,23 +131,30 @@ def _plan(model) -> _Plan | None:
     if cached is not None and cached[0] == structure:  # modules compare by identity
         return cached[1]
     plan = None
-    if (type(model).loss is VAE.loss and not hasattr(model, "elbo_terms")
+    if (all(getattr(type(model), name) is getattr(VAE, name) for name in _DATA_PATH)
+            and not hasattr(type(model), "elbo_terms")
             and type(model.likelihood) is BernoulliLikelihood and type(model.posterior) is GaussianPosterior
             and type(model.prior_module) is StandardNormalPrior):
         encoder = _layers(model.encoder, model.data_shape, flatten=True)
         decoder = _layers(model.decoder, model.data_shape, flatten=False)
         if encoder is not None and decoder is not None:
-            plan = _Plan(encoder, decoder, (*structure[1], *structure[2], *structure[3]))
+            plan = _Plan(encoder, decoder, (model.encoder, model.decoder, *structure[1]))
     model.__dict__["_fused_plan"] = (structure, plan)
     return plan
 
 
-def _hooked(modules: tuple[nn.Module, ...]) -> bool:
+def _changed(model, modules: tuple[nn.Module, ...]) -> bool:
+    """Whether a hook, or a method set on the model or a module itself, would change what the general path does.
+
+    Read every call: these change without replacing a module.
+    """
     if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
             or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks):
         return True
+    if any(name in model.__dict__ for name in (*_DATA_PATH, "elbo_terms")):
+        return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in modules)
+               or "forward" in m.__dict__ for m in modules)
 
 
 def applies(model, x: torch.Tensor, beta) -> bool:
@@ -153,7 +167,7 @@ def applies(model, x: torch.Tensor, beta) -> bool:
             or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
         return False
     plan = _plan(model)
-    return plan is not None and not _hooked(plan.modules)
+    return plan is not None and not _changed(model, plan.modules)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -181,22 +195,31 @@ def _forward(layers: tuple[_Layer, ...], h: torch.Tensor, params: tuple[torch.Te
     return h, saved
 
 
-def _backward(saved, dtypes: tuple[torch.dtype | None, ...], grad: torch.Tensor, grads: list,
+def _backward(saved, grad: torch.Tensor, grads: list, first: int, dtypes: tuple, needs: tuple,
               input_grad: bool) -> torch.Tensor | None:
-    """Gradients of the layers' weights and biases into ``grads`` from ``grad`` [N, out] of their output.
+    """The layers' gradients from ``grad`` [N, out] of their output, into ``grads[first:]`` (weight, bias, …).
 
-    Each in the dtype autograd computes it in (the multiply's), then cast to
-    the parameter's (``dtypes``: weight, bias, … with None for no bias);
-    returns the gradient of the first layer's input (None unless ``input_grad``).
+    Each is computed in the dtype autograd computes it in (the multiply's)
+    and cast to its parameter's (``dtypes``; None: no bias), and only where
+    ``needs`` says so; returns the gradient of the first layer's input, or
+    None unless ``input_grad`` (then the pass stops at the lowest layer that
+    needs a gradient).
     """
+    wanted = [i for i in range(len(saved)) if needs[first + 2 * i] or needs[first + 2 * i + 1]]
+    if not wanted and not input_grad:
+        return None
     for i in reversed(range(len(saved))):
         h_in, weight, h_out = saved[i]
+        w, b = first + 2 * i, first + 2 * i + 1
         grad = _cast(grad, weight.dtype)
         if h_out is not None:
             grad = _threshold_backward(grad, h_out, 0)
-        grads[2 * i] = _cast(grad.t() @ h_in, dtypes[2 * i])
-        if dtypes[2 * i + 1] is not None:
-            grads[2 * i + 1] = _cast(grad.sum(0), dtypes[2 * i + 1])
+        if needs[w]:
+            grads[w] = _cast(grad.t() @ h_in, dtypes[w])
+        if needs[b] and dtypes[b] is not None:
+            grads[b] = _cast(grad.sum(0), dtypes[b])
+        if not input_grad and i == wanted[0]:
+            return None
         grad = grad @ weight if i or input_grad else None
     return grad
 
@@ -205,34 +228,39 @@ def _parameters(layers: tuple[_Layer, ...]) -> list[torch.Tensor | None]:
     return [t for layer in layers for t in (layer.linear.weight, layer.linear.bias)]
 
 
+_N_ARGS = 6  # the inputs of _FusedVAELoss before its parameters
+
+
 class _FusedVAELoss(torch.autograd.Function):
     """(loss, reconstruction, kl, mean μ, mean σ) of a batch; only the loss has a gradient."""
 
     @staticmethod
-    def forward(ctx, x, beta: float, n_samples: int, log_variance: bool, plan: _Plan, n_encoder: int, *params):
+    def forward(ctx, x, beta: float, n_samples: int, log_variance: bool, plan: _Plan, n_encoder_params: int,
+                *params):
+        batch = x.shape[0]
         x = x.flatten(1)  # [B, P]
-        encoder_params, decoder_params = params[:n_encoder], params[n_encoder:]
-        out, encoder_saved = _forward(plan.encoder, x, encoder_params)
+        encoder_params, decoder_params = params[:n_encoder_params], params[n_encoder_params:]
+        model_dtype = decoder_params[0].dtype  # Model._dtype: what Model._run casts each network's input to
+        out, encoder_saved = _forward(plan.encoder, _cast(x, model_dtype), encoder_params)
         loc, raw = at_least_float32(out).chunk(2, dim=-1)  # each [B, D]
         log_scale = raw * 0.5 if log_variance else raw
         scale = log_scale.exp()
         shape = loc.shape if n_samples == 1 else (n_samples, *loc.shape)
         eps = torch.randn(shape, dtype=loc.dtype, device=loc.device)  # the draw of Normal.rsample
         z = loc + eps * scale  # [B, D] or [L, B, D]
-        logits, decoder_saved = _forward(plan.decoder, _cast(z.reshape(-1, loc.shape[-1]), x.dtype), decoder_params)
-        logits = at_least_float32(logits)  # [N, P]
-        target = _cast(x, logits.dtype)
-        if n_samples > 1:
-            target = target.expand(n_samples, *target.shape).reshape(logits.shape)
+        logits, decoder_saved = _forward(plan.decoder, _cast(z.reshape(-1, loc.shape[-1]), model_dtype),
+                                         decoder_params)
+        logits = at_least_float32(logits).view(*shape[:-1], -1)  # [B, P] or [L, B, P]
+        target = _cast(x, logits.dtype)  # [B, P], broadcast over the L samples: x itself, not rounded to the model's dtype
         # means over the batch (and the samples) of the sums over pixels and latent dimensions
-        reconstruction = bernoulli_log_prob(logits, target).sum().mul_(-1 / logits.shape[0])
-        kl = standard_normal_kl(loc, scale, log_scale).sum().mul_(1 / loc.shape[0])
+        reconstruction = bernoulli_log_prob(logits, target).sum().mul_(-1 / (n_samples * batch))
+        kl = standard_normal_kl(loc, scale, log_scale).sum().mul_(1 / batch)
         loss = torch.add(reconstruction, kl, alpha=beta)
         # saved as autograd saves: an in-place change before backward (an optimiser step) is an error
         ctx.save_for_backward(logits, target, loc, scale, eps,
                               *(t for layer in (*encoder_saved, *decoder_saved) for t in layer))
-        ctx.n_layers = len(encoder_saved)
-        ctx.beta, ctx.log_variance, ctx.n_encoder = beta, log_variance, n_encoder
+        ctx.n_encoder_layers, ctx.n_encoder_params = len(encoder_saved), n_encoder_params
+        ctx.beta, ctx.log_variance = beta, log_variance
         ctx.param_dtypes = tuple(None if p is None else p.dtype for p in params)
         diagnostics = (reconstruction, kl, loc.mean(), scale.mean())
         ctx.mark_non_differentiable(*diagnostics)
@@ -246,34 +274,33 @@ class _FusedVAELoss(torch.autograd.Function):
                                "aevb.fused.disabled() for a gradient of its gradient")
         logits, target, loc, scale, eps, *layers = ctx.saved_tensors
         layers = [tuple(layers[i:i + 3]) for i in range(0, len(layers), 3)]  # (input, weight, output)
-        encoder_saved, decoder_saved = layers[:ctx.n_layers], layers[ctx.n_layers:]
-        dtypes, n_encoder = ctx.param_dtypes, ctx.n_encoder
+        encoder_saved, decoder_saved = layers[:ctx.n_encoder_layers], layers[ctx.n_encoder_layers:]
+        dtypes, first_decoder = ctx.param_dtypes, ctx.n_encoder_params
+        needs = ctx.needs_input_grad[_N_ARGS:]
         grads: list[torch.Tensor | None] = [None] * len(dtypes)
         if grad_loss is None:
-            return (None,) * 6 + tuple(grads)
+            return (None,) * _N_ARGS + tuple(grads)
         # on the CPU the loss's gradient as a number: ops with a Python scalar allocate no tensor for it
         grad = grad_loss.item() if grad_loss.device.type == "cpu" else grad_loss
         batch, latent = loc.shape
-        grad_logits = bernoulli_log_prob_grad(logits, target).mul_(-grad / logits.shape[0])  # [N, P]
-        decoder_grads = grads[n_encoder:]
-        grad_z = _cast(_backward(decoder_saved, dtypes[n_encoder:], grad_logits, decoder_grads, True), loc.dtype)
-        grads[n_encoder:] = decoder_grads
-        grad_z = grad_z.view(eps.shape)  # [B, D] or [L, B, D]
-        grad_scale = grad_z * eps
-        if grad_z.dim() == 3:  # Σ over the L samples
-            grad_z, grad_scale = grad_z.sum(0), grad_scale.sum(0)
-        grad_kl = grad * (ctx.beta / batch)
-        grad_params = loc.new_empty(batch, 2 * latent)  # [B, 2·D]: ∂/∂μ, then ∂/∂(log σ or log σ²)
-        torch.add(grad_z, grad_kl * loc, out=grad_params[:, :latent])
-        kl_part = scale.square().sub_(1).mul_(grad_kl)
-        grad_log_scale = torch.addcmul(kl_part, grad_scale, scale, out=grad_params[:, latent:])
-        if ctx.log_variance:
-            grad_log_scale.mul_(0.5)
-        encoder_grads = grads[:n_encoder]
-        _backward(encoder_saved, dtypes[:n_encoder], grad_params, encoder_grads, False)
-        grads[:n_encoder] = encoder_grads
-        needs = ctx.needs_input_grad[6:]
-        return (None,) * 6 + tuple(g if need else None for g, need in zip(grads, needs))
+        rows = logits.numel() // logits.shape[-1]  # N = L·B
+        grad_logits = bernoulli_log_prob_grad(logits, target).mul_(-grad / rows).view(rows, -1)  # [N, P]
+        encoder_needs = any(needs[:first_decoder])
+        grad_z = _backward(decoder_saved, grad_logits, grads, first_decoder, dtypes, needs, encoder_needs)
+        if encoder_needs:
+            grad_z = _cast(grad_z, loc.dtype).view(eps.shape)  # [B, D] or [L, B, D]
+            grad_scale = grad_z * eps
+            if grad_z.dim() == 3:  # Σ over the L samples
+                grad_z, grad_scale = grad_z.sum(0), grad_scale.sum(0)
+            grad_kl = grad * (ctx.beta / batch)
+            grad_params = loc.new_empty(batch, 2 * latent)  # [B, 2·D]: ∂/∂μ, then ∂/∂(log σ or log σ²)
+            torch.add(grad_z, grad_kl * loc, out=grad_params[:, :latent])
+            kl_part = scale.square().sub_(1).mul_(grad_kl)
+            grad_log_scale = torch.addcmul(kl_part, grad_scale, scale, out=grad_params[:, latent:])
+            if ctx.log_variance:  # log σ = ½ log σ²
+                grad_log_scale.mul_(0.5)
+            _backward(encoder_saved, grad_params, grads, 0, dtypes, needs, False)
+        return (None,) * _N_ARGS + tuple(grads)
 
 
 def vae_loss(model, x: torch.Tensor, beta: float):
@@ -285,7 +312,6 @@ def vae_loss(model, x: torch.Tensor, beta: float):
     plan = _plan(model)
     encoder_params = _parameters(plan.encoder)
     params = (*encoder_params, *_parameters(plan.decoder))
-    x = _cast(x, plan.decoder[0].linear.weight.dtype)  # the model's dtype, as Model._run casts to
     loss, reconstruction, kl, mu, sigma = _FusedVAELoss.apply(
         x, float(beta), model.mc_samples, model.posterior.scale_param == "log-variance", plan,
         len(encoder_params), *params)
