@@ -7,7 +7,7 @@ arithmetic: some 150 ops and 50 graph nodes a step, each dispatched, each
 saving its tensors and allocating its outputs.  :func:`vae_loss` computes the
 same loss, diagnostics and gradients in one :class:`torch.autograd.Function`
 with about 90 ops, its backward pass written out: the MLP VAE step at batch
-128 on the 2-core CPU of ``bench/`` runs 1.12× as fast (``bench/README.md``).  For L samples per example, N = L·B
+128 on the 2-core CPU of ``bench/`` runs 1.1× as fast (``bench/README.md``).  For L samples per example, N = L·B
 rows, ḡ the gradient of the loss and each row's own x:
 
     forward                                     backward
