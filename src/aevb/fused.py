@@ -27,7 +27,7 @@ in the dtype its own ``forward`` would (bf16 under
 gradients are those of the general path to rounding (``tests/test_fused.py``).
 
 Everything else takes the general path of :mod:`aevb.objectives`
-(:func:`applies`): other networks, likelihoods, posteriors or priors, free
+(:func:`plan_for`): other networks, likelihoods, posteriors or priors, free
 bits, a hook on a network or a layer, a subclass or an instance that
 overrides a method of the data path, an input that needs its own gradient,
 autocast, and tracing by ``torch.compile``, ``torch.func`` or the JIT.  The
@@ -54,7 +54,7 @@ from .distributions import (
     bernoulli_log_prob_grad,
     standard_normal_kl,
 )
-from .layers import Linear, lowered
+from .layers import Linear, cast, lowered
 from .objectives import at_least_float32
 from .priors import StandardNormalPrior
 
@@ -157,22 +157,22 @@ def _changed(model, modules: tuple[nn.Module, ...]) -> bool:
                or "forward" in m.__dict__ for m in modules)
 
 
-def applies(model, x: torch.Tensor, beta) -> bool:
-    """Whether :func:`vae_loss` computes ``model.loss(x, beta)`` (else the general path does)."""
+def plan_for(model, x: torch.Tensor, beta) -> _Plan | None:
+    """The plan with which :func:`vae_loss` computes ``model.loss(x, beta)``; None: the general path does."""
     if torch.compiler.is_compiling():  # first: torch.compile traces the general path, which it fuses itself
-        return False
+        return None
     if not _enabled.get() or type(x) is not torch.Tensor or x.requires_grad or torch.is_tensor(beta):
-        return False
+        return None
     if (getattr(model, "free_bits", 0) or torch.is_autocast_enabled(x.device.type)
             or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
-        return False
+        return None
     plan = _plan(model)
-    return plan is not None and not _changed(model, plan.modules)
+    return None if plan is None or _changed(model, plan.modules) else plan
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)`` without dispatching a no-op (about 5 µs a call inside a step on the CPU)."""
-    return t if t.dtype == dtype else t.to(dtype)
+def applies(model, x: torch.Tensor, beta) -> bool:
+    """Whether :func:`vae_loss` computes ``model.loss(x, beta)`` (else the general path does)."""
+    return plan_for(model, x, beta) is not None
 
 
 _threshold_backward = torch.ops.aten.threshold_backward.default  # ReLU's backward: grad where output > 0
@@ -183,10 +183,8 @@ def _forward(layers: tuple[_Layer, ...], h: torch.Tensor, params: tuple[torch.Te
     saved = []
     for (linear, relu), weight, bias in zip(layers, params[0::2], params[1::2]):
         dtype = linear.multiply_dtype(h)
-        if dtype is not None and dtype != weight.dtype:  # what Linear.forward multiplies
+        if dtype is not None:  # what Linear.forward multiplies
             h, weight, bias = lowered(dtype, h, weight, bias)
-        elif dtype is not None:
-            h = _cast(h, dtype)
         h_in = h
         h = torch.addmm(bias, h_in, weight.t()) if bias is not None else h_in @ weight.t()
         if relu:
@@ -211,13 +209,13 @@ def _backward(saved, grad: torch.Tensor, grads: list, first: int, dtypes: tuple,
     for i in reversed(range(len(saved))):
         h_in, weight, h_out = saved[i]
         w, b = first + 2 * i, first + 2 * i + 1
-        grad = _cast(grad, weight.dtype)
+        grad = cast(grad, weight.dtype)
         if h_out is not None:
             grad = _threshold_backward(grad, h_out, 0)
         if needs[w]:
-            grads[w] = _cast(grad.t() @ h_in, dtypes[w])
+            grads[w] = cast(grad.t() @ h_in, dtypes[w])
         if needs[b] and dtypes[b] is not None:
-            grads[b] = _cast(grad.sum(0), dtypes[b])
+            grads[b] = cast(grad.sum(0), dtypes[b])
         if not input_grad and i == wanted[0]:
             return None
         grad = grad @ weight if i or input_grad else None
@@ -241,17 +239,17 @@ class _FusedVAELoss(torch.autograd.Function):
         x = x.flatten(1)  # [B, P]
         encoder_params, decoder_params = params[:n_encoder_params], params[n_encoder_params:]
         model_dtype = decoder_params[0].dtype  # Model._dtype: what Model._run casts each network's input to
-        out, encoder_saved = _forward(plan.encoder, _cast(x, model_dtype), encoder_params)
+        out, encoder_saved = _forward(plan.encoder, cast(x, model_dtype), encoder_params)
         loc, raw = at_least_float32(out).chunk(2, dim=-1)  # each [B, D]
         log_scale = raw * 0.5 if log_variance else raw
         scale = log_scale.exp()
         shape = loc.shape if n_samples == 1 else (n_samples, *loc.shape)
         eps = torch.randn(shape, dtype=loc.dtype, device=loc.device)  # the draw of Normal.rsample
         z = loc + eps * scale  # [B, D] or [L, B, D]
-        logits, decoder_saved = _forward(plan.decoder, _cast(z.reshape(-1, loc.shape[-1]), model_dtype),
+        logits, decoder_saved = _forward(plan.decoder, cast(z.reshape(-1, loc.shape[-1]), model_dtype),
                                          decoder_params)
         logits = at_least_float32(logits).view(*shape[:-1], -1)  # [B, P] or [L, B, P]
-        target = _cast(x, logits.dtype)  # [B, P], broadcast over the L samples: x itself, not rounded to the model's dtype
+        target = cast(x, logits.dtype)  # [B, P], broadcast over the L samples: x itself, not rounded to the model's dtype
         # means over the batch (and the samples) of the sums over pixels and latent dimensions
         reconstruction = bernoulli_log_prob(logits, target).sum().mul_(-1 / (n_samples * batch))
         kl = standard_normal_kl(loc, scale, log_scale).sum().mul_(1 / batch)
@@ -288,7 +286,7 @@ class _FusedVAELoss(torch.autograd.Function):
         encoder_needs = any(needs[:first_decoder])
         grad_z = _backward(decoder_saved, grad_logits, grads, first_decoder, dtypes, needs, encoder_needs)
         if encoder_needs:
-            grad_z = _cast(grad_z, loc.dtype).view(eps.shape)  # [B, D] or [L, B, D]
+            grad_z = cast(grad_z, loc.dtype).view(eps.shape)  # [B, D] or [L, B, D]
             grad_scale = grad_z * eps
             if grad_z.dim() == 3:  # Σ over the L samples
                 grad_z, grad_scale = grad_z.sum(0), grad_scale.sum(0)
@@ -303,13 +301,12 @@ class _FusedVAELoss(torch.autograd.Function):
         return (None,) * _N_ARGS + tuple(grads)
 
 
-def vae_loss(model, x: torch.Tensor, beta: float):
-    """``model.loss(x, beta)`` for a model :func:`applies` to: a :class:`~aevb.models.LossOutput`."""
+def vae_loss(model, x: torch.Tensor, beta: float, plan: _Plan):
+    """``model.loss(x, beta)`` with the model's :func:`plan_for`: a :class:`~aevb.models.LossOutput`."""
     from .models import LossOutput
 
     objectives._check(model, x, "ELBO", n_samples=model.mc_samples)
     model._check_input(x)
-    plan = _plan(model)
     encoder_params = _parameters(plan.encoder)
     params = (*encoder_params, *_parameters(plan.decoder))
     loss, reconstruction, kl, mu, sigma = _FusedVAELoss.apply(

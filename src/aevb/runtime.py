@@ -23,6 +23,7 @@ import ctypes.util
 import functools
 import sys
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Iterator
 
@@ -64,6 +65,7 @@ def keep_freed_memory() -> bool:
 # it is set on PyTorch's OpenMP worker threads too: on the main thread alone, the
 # workers' share of every parallel kernel stayed slow.
 
+_inside: ContextVar[bool] = ContextVar("aevb_denormals_flushed", default=False)
 _PROBE_SIZE = 1 << 17  # float32 values: split between the threads by PyTorch's elementwise kernels
 _team: dict = {}  # "parallel": the GOMP_parallel whose team is PyTorch's (None: none found); "size": the largest team set
 
@@ -175,12 +177,19 @@ def denormals_flushed() -> Iterator[None]:
     only) keeps it, and PyTorch's workers get it too.  Does nothing where the
     processor has no such mode.
     """
-    if flushing_denormals():
-        _to_workers()
+    if _inside.get():  # an enclosing denormals_flushed has set every thread: the sampler inside training
         yield
         return
+    token = _inside.set(True)
     try:
-        _set_flush_denormal(True)
-        yield
+        if flushing_denormals():
+            _to_workers()
+            yield
+            return
+        try:
+            _set_flush_denormal(True)
+            yield
+        finally:
+            _set_flush_denormal(False)
     finally:
-        _set_flush_denormal(False)
+        _inside.reset(token)
