@@ -96,17 +96,22 @@ def test_a_frozen_layer_gets_no_gradient():
     torch.testing.assert_close(grads["decoder.0.weight"], general_grads["decoder.0.weight"])
 
 
-def test_training_steps_follow_the_general_path():
-    """Twenty Adam steps: the same random draws and updates, so the same weights."""
-    x = _batch((1, 8, 8), n=4).round().repeat(16, 1, 1, 1)  # four binary images, 16 times each
+@pytest.mark.parametrize("arch,shape,steps,atol", [("mlp", (1, 8, 8), 20, 1e-5), ("conv", (1, 28, 28), 10, 1e-4)])
+def test_training_steps_follow_the_general_path(arch, shape, steps, atol):
+    """Adam steps: the same random draws and updates, so the same weights.
+
+    (Adam's first steps move a weight whose gradient is rounding noise by up
+    to lr: the conv's 422k weights have a few, hence 1% of lr.)
+    """
+    x = _batch(shape, n=4).round().repeat(16 if arch == "mlp" else 4, 1, 1, 1)  # four binary images, repeated
     weights = []
     for general in (False, True):
         torch.manual_seed(0)
-        model = aevb.VAE(data_shape=(1, 8, 8), latent_dim=4, arch="mlp", hidden=[32])
+        model = aevb.VAE(data_shape=shape, latent_dim=4, arch=arch, hidden=[32] if arch == "mlp" else None)
         optimizer = optim.Adam(model.parameters(), lr=1e-2)
         losses = []
         with fused.disabled() if general else matmul_dtype(None):
-            for _ in range(20):
+            for _ in range(steps):
                 out = model.loss(x)
                 optimizer.zero_grad()
                 out.loss.backward()
@@ -114,7 +119,7 @@ def test_training_steps_follow_the_general_path():
                 losses.append(out.loss.item())
         assert losses[-1] < losses[0] - 1  # it trains
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=atol)
 
 
 def _vae(**kwargs):
@@ -122,39 +127,50 @@ def _vae(**kwargs):
     return aevb.VAE(data_shape=(1, 8, 8), latent_dim=3, **{"arch": "mlp", **kwargs})
 
 
+def _conv(**kwargs):
+    torch.manual_seed(0)
+    return aevb.VAE(data_shape=(1, 28, 28), latent_dim=5, arch="conv", **kwargs)
+
+
 @pytest.mark.parametrize("make", [
-    lambda: _vae(arch="conv"),
     lambda: _vae(likelihood="gaussian"),
     lambda: _vae(likelihood="continuous-bernoulli"),
     lambda: _vae(free_bits=0.5),
     lambda: _vae(prior="mog"),
     lambda: aevb.IWAE(data_shape=(1, 8, 8), latent_dim=3, arch="mlp"),
-], ids=["conv", "gaussian", "continuous-bernoulli", "free-bits", "mog-prior", "iwae"])
+], ids=["gaussian", "continuous-bernoulli", "free-bits", "mog-prior", "iwae"])
 def test_other_models_take_the_general_path(make):
     assert not fused.applies(make(), _batch((1, 8, 8)), 1.0)
 
 
-def test_hooks_replaced_layers_and_traced_calls_take_the_general_path():
+def test_hooks_replaced_layers_and_traced_calls_take_another_path():
+    """A hook on a layer: the networks run as modules (the distributions' path); elsewhere: the general path."""
     model, x = _vae(), _batch((1, 8, 8))
-    assert fused.applies(model, x, 1.0)
-    handle = model.decoder[0].register_forward_hook(lambda *args: None)
-    assert not fused.applies(model, x, 1.0)  # the hook would not run
+    assert isinstance(fused.plan_for(model, x, 1.0), tuple)  # the whole loss in one node
+    calls = []
+    handle = model.decoder[0].register_forward_hook(lambda *args: calls.append(1))
+    assert fused.plan_for(model, x, 1.0) is fused.DISTRIBUTIONS
+    model.loss(x)
+    assert calls == [1]  # the hook ran
+    handle.remove()
+    handle = model.likelihood.register_forward_hook(lambda *args: None)  # no fused path calls the likelihood
+    assert not fused.applies(model, x, 1.0)
     handle.remove()
     handle = nn.modules.module.register_module_forward_pre_hook(lambda *args: None)
     assert not fused.applies(model, x, 1.0)
     handle.remove()
-    assert fused.applies(model, x, 1.0)
+    assert isinstance(fused.plan_for(model, x, 1.0), tuple)
     assert not fused.applies(model, x.clone().requires_grad_(), 1.0)  # the gradient of x is asked for
     assert not fused.applies(model, x, torch.tensor(1.0))
     with fused.disabled():
         assert not fused.applies(model, x, 1.0)
     with torch.autocast("cpu", dtype=BF16):
         assert not fused.applies(model, x, 1.0)
-    model.decoder[0] = nn.Linear(3, 400)  # not aevb's Linear: its own forward
-    assert not fused.applies(model, x, 1.0)
+    model.decoder[0] = nn.Linear(3, 400)  # not aevb's Linear: its own forward, run as a module
+    assert fused.plan_for(model, x, 1.0) is fused.DISTRIBUTIONS
     model = _vae()
     del model.encoder[0]  # no Flatten: the layers would multiply the images' rows
-    assert not fused.applies(model, x, 1.0)
+    assert fused.plan_for(model, x, 1.0) is fused.DISTRIBUTIONS
     seen = []
 
     def under_a_transform(w):
@@ -197,14 +213,16 @@ def test_a_bf16_model_reads_the_targets_unrounded():
         torch.testing.assert_close(grad, general_grads[name], rtol=2e-2, atol=2e-2 * general_grads[name].abs().max().item())
 
 
-def test_a_frozen_encoder_gets_no_gradient_and_the_decoder_the_same():
-    model, x = _vae(), _batch((1, 8, 8))
-    model.encoder.requires_grad_(False)
+@pytest.mark.parametrize("frozen", ["encoder", "decoder"])
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_a_frozen_network_gets_no_gradient_and_the_other_the_same(arch, frozen):
+    model, x = (_vae(), _batch((1, 8, 8))) if arch == "mlp" else (_conv(), _batch((1, 28, 28), n=8))
+    getattr(model, frozen).requires_grad_(False)
     values, grads = _loss_and_grads(model, x)
     general_values, general_grads = _loss_and_grads(model, x, general=True)
     torch.testing.assert_close(values, general_values)
     for name, grad in grads.items():
-        if name.startswith("encoder"):
+        if name.startswith(frozen):
             assert grad is None and general_grads[name] is None
         else:
             torch.testing.assert_close(grad, general_grads[name])
@@ -222,12 +240,55 @@ def test_overrides_of_the_data_path_take_the_general_path():
     assert not fused.applies(subclass, x, 1.0)
     for change in (lambda m: setattr(m, "decode", lambda z: aevb.VAE.decode(m, z * 0)),
                    lambda m: setattr(m, "elbo_terms", lambda x, n: None),
-                   lambda m: setattr(m.decoder[0], "forward", lambda z: nn.Linear.forward(m.decoder[0], z))):
+                   lambda m: setattr(m.posterior, "forward", lambda params: None)):
         model = _vae()
         model.loss(x)  # the plan is cached by now
         change(model)
         assert not fused.applies(model, x, 1.0)
     model = _vae()
     model.loss(x)
+    model.decoder[0].forward = lambda z: nn.Linear.forward(model.decoder[0], z)
+    assert fused.plan_for(model, x, 1.0) is fused.DISTRIBUTIONS
+    model = _vae()
+    model.loss(x)
     nn.utils.parametrizations.weight_norm(model.decoder[2])  # a parametrisation swaps the layer's class
-    assert not fused.applies(model, x, 1.0)
+    assert fused.plan_for(model, x, 1.0) is fused.DISTRIBUTIONS  # which runs it as a module
+    _assert_same(model, x)
+
+
+# the distributions' path: any networks, run under autograd as modules; the posterior's draw
+# and KL, and the Bernoulli log-density, each one node
+
+
+@pytest.mark.parametrize("mc_samples", [1, 3])
+@pytest.mark.parametrize("scale_param", ["log-variance", "log-scale"])
+def test_conv_fp32_loss_and_gradients_are_the_general_paths(mc_samples, scale_param):
+    model = _conv(mc_samples=mc_samples, posterior_args={"scale_param": scale_param})
+    x = _batch((1, 28, 28), n=16)
+    model.init_output_bias(x)
+    assert fused.plan_for(model, x, 1.0) is fused.DISTRIBUTIONS
+    _assert_same(model, x)
+    _assert_same(model, x, beta=0.25)
+
+
+def test_conv_float64_is_the_general_path_to_float64_rounding():
+    _assert_same(_conv().double(), _batch((1, 28, 28), n=8, dtype=torch.float64), rtol=1e-12)
+
+
+@needs_bf16
+def test_conv_bf16_loss_and_gradients_are_the_general_paths_to_bf16_rounding():
+    """The conv VAE of bench/ at batch 64 in bf16 channels-last convolutions."""
+    model = _conv(mc_samples=2)
+    x = _batch((1, 28, 28), n=64)
+    model.init_output_bias(x)
+    _assert_same(model, x, dtype=BF16, rtol=1e-2)
+
+
+def test_the_distributions_path_has_no_second_derivatives_and_checks_the_decoders_output():
+    model, x = _conv(), _batch((1, 28, 28), n=4)
+    loss = model.loss(x).loss
+    with pytest.raises(RuntimeError, match="fused.disabled"):
+        torch.autograd.grad(loss, model.decoder[0].weight, create_graph=True)
+    model.decoder = nn.Sequential(nn.Linear(5, 10))  # 10 logits for 784 pixels
+    with pytest.raises(UserError, match="one logit per value"):
+        model.loss(x)
