@@ -277,7 +277,7 @@ def _reconstruction(logits: torch.Tensor, target: torch.Tensor, n_samples: int) 
 
 def _reconstruction_grad(logits: torch.Tensor, target: torch.Tensor, grad) -> torch.Tensor:
     """∂/∂logits of ``grad`` × :func:`_reconstruction`, in the logits' shape."""
-    rows = logits.numel() // target[0].numel()  # N = L·B
+    rows = logits.numel() * target.shape[0] // target.numel()  # N = L·B
     return bernoulli_log_prob_grad(logits, target).mul_(-grad / rows)
 
 
