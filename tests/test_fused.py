@@ -292,3 +292,23 @@ def test_the_distributions_path_has_no_second_derivatives_and_checks_the_decoder
     model.decoder = nn.Sequential(nn.Linear(5, 10))  # 10 logits for 784 pixels
     with pytest.raises(UserError, match="one logit per value"):
         model.loss(x)
+
+
+class _ConstantDecoder(nn.Module):
+    """Logits that ignore z: the encoder's only gradient is the KL's."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, z):
+        return self.logits.expand(z.shape[0], *self.logits.shape)
+
+
+def test_a_decoder_that_ignores_z_leaves_the_encoder_the_kls_gradient():
+    model = _conv()
+    model.decoder = _ConstantDecoder((1, 28, 28))
+    x = _batch((1, 28, 28), n=8)
+    assert fused.plan_for(model, x, 1.0) is fused.DISTRIBUTIONS
+    _assert_same(model, x)
+    _assert_same(model, x, beta=0.25)
