@@ -60,6 +60,7 @@ from .distributions import (
     GaussianPosterior,
     bernoulli_log_prob,
     bernoulli_log_prob_grad,
+    loc_and_log_scale,
     standard_normal_kl,
 )
 from .errors import UserError
@@ -86,7 +87,7 @@ class _Layer(NamedTuple):
 
 
 class _Plan(NamedTuple):
-    """The encoder's and decoder's linear layers, and every module whose hooks would be skipped."""
+    """The encoder's and decoder's linear layers, and the networks' modules, whose hooks one node would skip."""
 
     encoder: tuple[_Layer, ...]
     decoder: tuple[_Layer, ...]
@@ -154,7 +155,7 @@ def _plan(model) -> _Plan | str | None:
         decoder = _layers(model.decoder, model.data_shape, flatten=False)
         plan = DISTRIBUTIONS
         if encoder is not None and decoder is not None:
-            plan = _Plan(encoder, decoder, (model.encoder, model.decoder, *structure[1]))
+            plan = _Plan(encoder, decoder, (model.encoder, model.decoder, *model.encoder, *model.decoder))
     model.__dict__["_fused_plan"] = (structure, plan)
     return plan
 
@@ -255,14 +256,18 @@ def _parameters(layers: tuple[_Layer, ...]) -> list[torch.Tensor | None]:
     return [t for layer in layers for t in (layer.linear.weight, layer.linear.bias)]
 
 
-def _sample(params: torch.Tensor, n_samples: int, log_variance: bool):
+def _sample(params: torch.Tensor, n_samples: int, scale_param: str):
     """(μ, σ, log σ, ε, z) from the encoder's output params [B, 2·D]: z = μ + σ·ε [B, D] or [L, B, D], ε as rsample draws it."""
-    loc, raw = params.chunk(2, dim=-1)  # each [B, D]
-    log_scale = raw * 0.5 if log_variance else raw
+    loc, log_scale = loc_and_log_scale(params, scale_param)  # each [B, D], as the posterior reads them
     scale = log_scale.exp()
     shape = loc.shape if n_samples == 1 else (n_samples, *loc.shape)
     eps = torch.randn(shape, dtype=loc.dtype, device=loc.device)  # the draw of Normal.rsample
     return loc, scale, log_scale, eps, loc + eps * scale
+
+
+def _rows(z: torch.Tensor) -> torch.Tensor:
+    """z [B, D] or [L, B, D] as the decoder's rows [N, D] (one sample: z itself, no op)."""
+    return z if z.dim() == 2 else z.reshape(-1, z.shape[-1])
 
 
 def _kl(loc: torch.Tensor, scale: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -282,7 +287,7 @@ def _reconstruction_grad(logits: torch.Tensor, target: torch.Tensor, grad) -> to
 
 
 def _posterior_grad(grad_z: torch.Tensor | None, grad_kl, loc: torch.Tensor, scale: torch.Tensor,
-                    eps: torch.Tensor, log_variance: bool) -> torch.Tensor:
+                    eps: torch.Tensor, scale_param: str) -> torch.Tensor:
     """∂/∂params [B, 2·D] (μ, then log σ or log σ²) from ∂/∂z ([B, D] or [L, B, D]; None: 0) and ∂/∂kl."""
     batch, latent = loc.shape
     grad_kl = grad_kl / batch
@@ -297,7 +302,7 @@ def _posterior_grad(grad_z: torch.Tensor | None, grad_kl, loc: torch.Tensor, sca
             grad_z, grad_scale = grad_z.sum(0), grad_scale.sum(0)
         torch.add(grad_z, grad_kl * loc, out=grad_params[:, :latent])
         torch.addcmul(kl_part, grad_scale, scale, out=grad_params[:, latent:])
-    if log_variance:  # log σ = ½ log σ²
+    if scale_param == "log-variance":  # log σ = ½ log σ²
         grad_params[:, latent:].mul_(0.5)
     return grad_params
 
@@ -320,15 +325,14 @@ class _FusedVAELoss(torch.autograd.Function):
     """(loss, reconstruction, kl, mean μ, mean σ) of a batch; only the loss has a gradient."""
 
     @staticmethod
-    def forward(ctx, x, beta: float, n_samples: int, log_variance: bool, plan: _Plan, n_encoder_params: int,
+    def forward(ctx, x, beta: float, n_samples: int, scale_param: str, plan: _Plan, n_encoder_params: int,
                 *params):
         x = x.flatten(1)  # [B, P]
         encoder_params, decoder_params = params[:n_encoder_params], params[n_encoder_params:]
         model_dtype = decoder_params[0].dtype  # Model._dtype: what Model._run casts each network's input to
         out, encoder_saved = _forward(plan.encoder, cast(x, model_dtype), encoder_params)
-        loc, scale, log_scale, eps, z = _sample(at_least_float32(out), n_samples, log_variance)
-        logits, decoder_saved = _forward(plan.decoder, cast(z.reshape(-1, loc.shape[-1]), model_dtype),
-                                         decoder_params)
+        loc, scale, log_scale, eps, z = _sample(at_least_float32(out), n_samples, scale_param)
+        logits, decoder_saved = _forward(plan.decoder, cast(_rows(z), model_dtype), decoder_params)
         logits = at_least_float32(logits).view(*eps.shape[:-1], -1)  # [B, P] or [L, B, P]
         target = cast(x, logits.dtype)  # [B, P], broadcast over the L samples: x itself, not rounded to the model's dtype
         reconstruction = _reconstruction(logits, target, n_samples)
@@ -338,7 +342,7 @@ class _FusedVAELoss(torch.autograd.Function):
         ctx.save_for_backward(logits, target, loc, scale, eps,
                               *(t for layer in (*encoder_saved, *decoder_saved) for t in layer))
         ctx.n_encoder_layers, ctx.n_encoder_params = len(encoder_saved), n_encoder_params
-        ctx.beta, ctx.log_variance = beta, log_variance
+        ctx.beta, ctx.scale_param = beta, scale_param
         ctx.param_dtypes = tuple(None if p is None else p.dtype for p in params)
         diagnostics = (reconstruction, kl, loc.mean(), scale.mean())
         ctx.mark_non_differentiable(*diagnostics)
@@ -357,13 +361,12 @@ class _FusedVAELoss(torch.autograd.Function):
         if grad_loss is None:
             return (None,) * _N_ARGS + tuple(grads)
         grad = _number(grad_loss)
-        rows = logits.numel() // logits.shape[-1]  # N = L·B
-        grad_logits = _reconstruction_grad(logits, target, grad).view(rows, -1)  # [N, P]
+        grad_logits = _reconstruction_grad(logits, target, grad).view(-1, logits.shape[-1])  # [N, P]
         encoder_needs = any(needs[:first_decoder])
         grad_z = _backward(decoder_saved, grad_logits, grads, first_decoder, dtypes, needs, encoder_needs)
         if encoder_needs:
             grad_z = cast(grad_z, loc.dtype).view(eps.shape)  # [B, D] or [L, B, D]
-            grad_params = _posterior_grad(grad_z, grad * ctx.beta, loc, scale, eps, ctx.log_variance)
+            grad_params = _posterior_grad(grad_z, grad * ctx.beta, loc, scale, eps, ctx.scale_param)
             _backward(encoder_saved, grad_params, grads, 0, dtypes, needs, False)
         return (None,) * _N_ARGS + tuple(grads)
 
@@ -376,11 +379,11 @@ class _GaussianSample(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, params, n_samples: int, log_variance: bool):
-        loc, scale, log_scale, eps, z = _sample(params, n_samples, log_variance)
+    def forward(ctx, params, n_samples: int, scale_param: str):
+        loc, scale, log_scale, eps, z = _sample(params, n_samples, scale_param)
         kl = _kl(loc, scale, log_scale)
         ctx.save_for_backward(loc, scale, eps)
-        ctx.log_variance = log_variance
+        ctx.scale_param = scale_param
         diagnostics = (loc.mean(), scale.mean())
         ctx.mark_non_differentiable(*diagnostics)
         ctx.set_materialize_grads(False)
@@ -393,7 +396,7 @@ class _GaussianSample(torch.autograd.Function):
             return None, None, None
         loc, scale, eps = ctx.saved_tensors
         grad_kl = 0.0 if grad_kl is None else _number(grad_kl)
-        return _posterior_grad(grad_z, grad_kl, loc, scale, eps, ctx.log_variance), None, None
+        return _posterior_grad(grad_z, grad_kl, loc, scale, eps, ctx.scale_param), None, None
 
 
 class _BernoulliLoss(torch.autograd.Function):
@@ -429,8 +432,8 @@ def _distributions_loss(model, x: torch.Tensor, beta: float):
 
     n_samples = model.mc_samples
     params = model._run(model.encoder, x)  # [B, 2·D], as encode
-    z, kl, mu, sigma = _GaussianSample.apply(params, n_samples, model.posterior.scale_param == "log-variance")
-    logits = model._run(model.decoder, z if n_samples == 1 else z.reshape(-1, model.latent_dim))  # [N, *data_shape]
+    z, kl, mu, sigma = _GaussianSample.apply(params, n_samples, model.posterior.scale_param)
+    logits = model._run(model.decoder, _rows(z))  # [N, *data_shape]
     if logits.shape[1:] != x.shape[1:]:
         raise UserError(f"the decoder returned logits of shape {tuple(logits.shape)} for data of shape "
                         f"{tuple(x.shape)}; a Bernoulli likelihood needs one logit per value")
@@ -451,6 +454,6 @@ def vae_loss(model, x: torch.Tensor, beta: float, plan: _Plan | str):
     encoder_params = _parameters(plan.encoder)
     params = (*encoder_params, *_parameters(plan.decoder))
     loss, reconstruction, kl, mu, sigma = _FusedVAELoss.apply(
-        x, float(beta), model.mc_samples, model.posterior.scale_param == "log-variance", plan,
+        x, float(beta), model.mc_samples, model.posterior.scale_param, plan,
         len(encoder_params), *params)
     return LossOutput(loss, reconstruction, kl, mu, sigma)

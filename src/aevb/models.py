@@ -39,6 +39,7 @@ from . import fused, objectives
 from .config import CORRUPTIONS, JACOBIAN_MODES, SPARSITY_PENALTIES
 from .errors import UserError
 from .io import write_json, write_safetensors
+from .layers import cast
 from .priors import build_prior, per_dimension_kl
 from .registry import LIKELIHOODS, MODELS, NETWORKS, POSTERIORS
 from .streaming import StreamedImages, mean_example
@@ -73,8 +74,7 @@ class LossOutput:
     def as_tensor(self) -> torch.Tensor:
         """[5 + extras] float32: loss, reconstruction, kl, mu, sigma, *extras (one copy, no host sync)."""
         values = (self.loss.detach(), self.reconstruction, self.kl, self.mu, self.sigma, *self.extras.values())
-        # a dispatched no-op .float() costs as much as an op in a small model's step: cast what is not float32
-        return torch.stack([v if v.dtype == torch.float32 else v.float() for v in values])
+        return torch.stack([cast(v, torch.float32) for v in values])  # no dispatched no-op casts
 
     def names(self) -> tuple[str, ...]:
         """The names of :meth:`as_tensor`'s entries."""

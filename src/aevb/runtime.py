@@ -154,12 +154,10 @@ def _to_workers() -> None:
         _team["parallel"] = None  # no team reached the workers: this thread alone, and no search again
 
 
-def _set_flush_denormal(flush: bool) -> bool:
-    """torch.set_flush_denormal on this thread and on every intra-op worker; False where unsupported."""
-    if not torch.set_flush_denormal(flush):
-        return False
-    _to_workers()
-    return True
+def _set_flush_denormal(flush: bool) -> None:
+    """torch.set_flush_denormal on this thread and on every intra-op worker (nothing where unsupported)."""
+    if torch.set_flush_denormal(flush):
+        _to_workers()
 
 
 def flushing_denormals() -> bool:
