@@ -32,7 +32,8 @@ networks under autograd as modules, as the general path does, and only the
 distributions' part is fused (:data:`DISTRIBUTIONS`): the draw of z and the
 KL are one node (:class:`_GaussianSample`), the Bernoulli log-density and the
 loss another (:class:`_BernoulliLoss`), with the same functions and
-gradients as above.  The conv VAE step at batch 128 runs 1.06× as fast.
+gradients as above.  The conv VAE step at batch 128 runs about 1.02× as fast:
+30 ops fewer, 201 a step against 231 (the networks keep the rest).
 
 Everything else takes the general path of :mod:`aevb.objectives`
 (:func:`plan_for`): other likelihoods, posteriors or priors, free bits, a
