@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import aevb
-from aevb.layers import (ConvTranspose2d, Conv2d, Linear, _ConvTranspose4x4Stride2, _channels_last, _pixel_shuffle,
-                         subpixel_weight)
+from aevb.layers import (ConvTranspose2d, Conv2d, Linear, _Conv4x4Stride2, _ConvTranspose4x4Stride2, _channels_last,
+                         _pixel_shuffle, conv_weight_grad, subpixel_weight, weight_grad_by_matmul)
 from aevb.precision import bf16_is_native, matmul_dtype
 
 BF16 = torch.bfloat16
@@ -64,6 +64,66 @@ def test_own_transposed_convolution_in_channels_last_keeps_the_layout():
         assert grad_x.is_contiguous(memory_format=torch.channels_last) and not grad_x.is_contiguous()
 
 
+@pytest.mark.parametrize("c,o,height,width", [(16, 32, 14, 14), (3, 5, 7, 6), (2, 1, 2, 3)])
+def test_weight_gradient_by_matrix_multiply_is_torchs(c, o, height, width):
+    """One multiply of the output gradient with the input's 4×4 patches gives torch's weight gradient of a
+    stride-2 convolution (odd sizes too), and with the roles swapped that of a transposed convolution."""
+    gen = torch.Generator().manual_seed(c + o)
+    x = torch.randn(3, c, height, width, generator=gen, dtype=torch.float64)
+    weight = torch.randn(o, c, 4, 4, generator=gen, dtype=torch.float64)
+    grad = torch.randn(F.conv2d(x, weight, stride=2, padding=1).shape, generator=gen, dtype=torch.float64)
+    _, torchs, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, [2, 2], [1, 1], [1, 1], False,
+                                                       [0, 0], 1, [False, True, False])
+    torch.testing.assert_close(conv_weight_grad(x, grad), torchs, rtol=1e-12, atol=1e-12)
+    small = torch.randn(3, o, 3, 2, generator=gen, dtype=torch.float64)  # a transposed convolution's input
+    transposed = torch.randn(o, c, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = F.conv_transpose2d(small, transposed, stride=2, padding=1)
+    out_grad = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    (torchs,) = torch.autograd.grad(y, transposed, out_grad)
+    torch.testing.assert_close(conv_weight_grad(out_grad, small), torchs, rtol=1e-12, atol=1e-12)
+
+
+def test_layers_with_the_weight_gradient_by_multiply_have_first_and_second_derivatives():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 3, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    inputs = (x, torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True),
+              torch.randn(2, generator=gen, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(_Conv4x4Stride2.apply, inputs)
+    assert torch.autograd.gradgradcheck(_Conv4x4Stride2.apply, inputs)
+    torch.testing.assert_close(_Conv4x4Stride2.apply(*inputs), F.conv2d(*inputs, stride=2, padding=1))
+    inputs = (torch.randn(1, 3, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True),
+              torch.randn(3, 2, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True), inputs[2])
+    for subpixel in (False, True):
+        transposed = lambda *a: _ConvTranspose4x4Stride2.apply(*a, subpixel, True)  # noqa: E731
+        assert torch.autograd.gradcheck(transposed, inputs)
+        assert torch.autograd.gradgradcheck(transposed, inputs)
+
+
+def test_the_weight_gradient_is_a_multiply_only_where_it_was_measured_faster():
+    """bf16 on the CPU, 16 channels or more each side, patches of at most 2M elements: the MNIST conv VAE's
+    16 → 32 and 32 → 16 layers at batch 128, not its one-channel layers nor float32 nor larger maps."""
+    x = torch.empty(128, 16, 14, 14, dtype=BF16)
+    assert weight_grad_by_matmul(x, (16, 14, 14), 32)  # the encoder's second convolution
+    assert weight_grad_by_matmul(torch.empty(128, 32, 7, 7, dtype=BF16), (16, 14, 14), 32)  # its mirror image
+    assert not weight_grad_by_matmul(torch.empty(128, 1, 28, 28, dtype=BF16), (1, 28, 28), 16)
+    assert not weight_grad_by_matmul(x, (1, 28, 28), 16)  # the last layer: patches of its one-channel output
+    assert not weight_grad_by_matmul(x.float(), (16, 14, 14), 32)
+    assert not weight_grad_by_matmul(torch.empty(128, 32, 16, 16, dtype=BF16), (32, 16, 16), 32)  # 4.2M
+    assert weight_grad_by_matmul(torch.empty(32, 32, 16, 16, dtype=BF16), (32, 16, 16), 32)  # 1.0M
+    torch.manual_seed(0)
+    model = aevb.VAE(data_shape=(1, 28, 28), latent_dim=4, arch="conv")
+    calls = []
+    original = conv_weight_grad
+    try:
+        aevb.layers.conv_weight_grad = lambda *a: calls.append(a[0].shape) or original(*a)
+        with matmul_dtype(BF16):
+            out = model.loss(torch.rand(128, 1, 28, 28))
+        out.loss.backward()
+    finally:
+        aevb.layers.conv_weight_grad = original
+    assert sorted(tuple(s) for s in calls) == [(128, 16, 14, 14), (128, 16, 14, 14)]
+
+
 def test_channels_last_helpers():
     x = torch.randn(2, 8, 3, 5).contiguous(memory_format=torch.channels_last)
     assert torch.equal(_pixel_shuffle(x), F.pixel_shuffle(x, 2))
@@ -103,6 +163,7 @@ def test_the_layer_takes_the_subpixel_path_only_where_it_applies():
 
 @native_bf16
 @pytest.mark.parametrize("layer", [Linear(256, 256), Conv2d(3, 16, 4, stride=2, padding=1),
+                                   Conv2d(16, 32, 4, stride=2, padding=1),
                                    ConvTranspose2d(32, 16, 4, stride=2, padding=1),
                                    ConvTranspose2d(16, 1, 4, stride=2, padding=1),
                                    ConvTranspose2d(6, 4, 3, stride=1, padding=1)])

@@ -16,6 +16,11 @@
   0.4 ms this way on the 2-core CPU), and it sums a bf16 transposed
   convolution's bias gradient in a reference loop; the sums are the same, in
   another order.
+* In bf16 on the CPU, a 4×4, stride-2 layer (either kind) between 16 channels
+  or more takes its weight gradient as one matrix multiply of the output
+  gradient with the input's patches, where the patches stay small
+  (:func:`weight_grad_by_matmul`): oneDNN's bf16 weight-gradient kernels run
+  these layers at a third of the speed of their forward pass.
 """
 
 from __future__ import annotations
@@ -45,20 +50,99 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     return kernel.permute(0, 2, 4, 1, 3, 5).reshape(4 * c_out, c_in, 3, 3)
 
 
+# When a 4×4, stride-2 layer's weight gradient is one matrix multiply
+# (:func:`conv_weight_grad`) instead of oneDNN's kernel: in bf16 on the CPU,
+# with 16 channels or more on each side, and a patch matrix small enough to
+# stay in cache.  oneDNN's bf16 backward kernels for 16-64 channels run at a
+# third of the speed of its forward convolution; a bf16 matrix multiply runs
+# at full speed, but the patches are a copy 16·C wide.  At batch 128 on the
+# 2-core CPU, oneDNN's time over the multiply's, by the patches' size:
+#   C 16 → 32 on 14×14 (1.6M elements) 1.59×; 32 → 64 on 8×8 (1.0M) 1.65×;
+#   64 → 32 on 8×8 (2.1M) 1.56×; 32 → 64 on 14×14 (3.2M) 1.01×;
+#   32 → 32 on 16×16 (4.2M) 0.79×; 16 → 32 on 28×28 (6.4M) 0.86×;
+#   64 → 64 on 16×16 (8.4M) 0.61×; one input channel 0.25×; float32 slower.
+# The MNIST conv VAE's step (two such layers) was 1.05× faster, interleaved.
+# The input gradient and the transposed convolution as multiplies (2×2
+# windows of the padded input times a [4·C_in, 4·C_out] matrix) were 1.4×
+# faster on their own but 0.95× in the step: gathering the phases of the
+# output is a strided copy.
+MIN_MATMUL_CHANNELS = 16
+MAX_PATCH_ELEMENTS = 1 << 21
+
+
+def weight_grad_by_matmul(x: torch.Tensor, patch_shape: tuple[int, int, int], other_channels: int) -> bool:
+    """Whether a 4×4, stride-2 layer on ``x`` takes its weight gradient by :func:`conv_weight_grad`.
+
+    ``patch_shape`` (C, H, W) is the tensor whose patches the multiply takes
+    (a convolution's input, a transposed convolution's output),
+    ``other_channels`` the other side's.
+    """
+    c, h, w = patch_shape
+    patches = x.shape[0] * (h // 2) * (w // 2) * 16 * c
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and min(c, other_channels) >= MIN_MATMUL_CHANNELS
+            and patches <= MAX_PATCH_ELEMENTS)
+
+
+def conv_weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of conv2d(x, W, stride=2, padding=1) for a 4×4 W, as one matrix multiply.
+
+    x [B, C, H, W], grad [B, O, ⌊H/2⌋, ⌊W/2⌋] -> [O, C, 4, 4]: the output
+    gradient [B·⌊H/2⌋·⌊W/2⌋, O], transposed, times the input's 4×4 patches
+    [B·⌊H/2⌋·⌊W/2⌋, 16·C].  It is also the weight gradient [C_in, C_out, 4, 4]
+    of a transposed convolution, with its output gradient as x and its input
+    as grad.
+    """
+    o, c = grad.shape[1], x.shape[1]
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # [B, H+2, W+2, C]
+    patches = padded.unfold(1, 4, 2).unfold(2, 4, 2)  # [B, ⌊H/2⌋, ⌊W/2⌋, C, 4, 4], a view
+    patches = patches.permute(0, 1, 2, 4, 5, 3).reshape(-1, 16 * c)  # (ky, kx, c): contiguous runs of C
+    rows = grad.permute(0, 2, 3, 1).reshape(-1, o)  # a view for channels-last grad
+    return (rows.t() @ patches).view(o, 4, 4, c).permute(0, 3, 1, 2)
+
+
+class _Conv4x4Stride2(torch.autograd.Function):
+    """conv2d(x, W, b, stride=2, padding=1) for a 4×4 kernel: x [B, C_in, H, W] -> [B, C_out, ⌊H/2⌋, ⌊W/2⌋].
+
+    Torch's convolution forward and input gradient; the weight gradient by
+    :func:`conv_weight_grad`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, stride=2, padding=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # differentiable ops only: second derivatives work
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # torch's own kernel, as its convolution's backward
+            grad_x, _, _ = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])
+        if ctx.needs_input_grad[1]:
+            grad_w = conv_weight_grad(x, grad)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b
+
+
 class _ConvTranspose4x4Stride2(torch.autograd.Function):
     """conv_transpose2d(x, W, b, stride=2, padding=1) for a 4×4 kernel: x [B, C_in, H, W] -> [B, C_out, 2H, 2W].
 
     Forward directly, or by the sub-pixel convolution (``subpixel``).  Backward
     by fast kernels whatever the forward: a stride-2 convolution for x,
-    torch's weight gradient of the transposed convolution for W, and the bias
-    gradient as the sum of the output gradient over (B, H, W).
+    torch's weight gradient of the transposed convolution for W, or
+    :func:`conv_weight_grad` (``matmul_weight_grad``), and the bias gradient
+    as the sum of the output gradient over (B, H, W).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                subpixel: bool) -> torch.Tensor:
+                subpixel: bool, matmul_weight_grad: bool = False) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        ctx.matmul_weight_grad = matmul_weight_grad
         if not subpixel:
             return F.conv_transpose2d(x, weight, bias, stride=2, padding=1)
         phases = F.conv2d(x, subpixel_weight(weight), None if bias is None else bias.repeat_interleave(4),
@@ -72,11 +156,14 @@ class _ConvTranspose4x4Stride2(torch.autograd.Function):
         grad_x = F.conv2d(grad, weight, stride=2, padding=1) if ctx.needs_input_grad[0] else None
         grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
-            _, grad_w, _ = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, [2, 2], [1, 1], [1, 1], True, [0, 0], 1, [False, True, False])
+            if ctx.matmul_weight_grad:
+                grad_w = conv_weight_grad(grad, x)
+            else:
+                _, grad_w, _ = torch.ops.aten.convolution_backward(
+                    grad, x, weight, None, [2, 2], [1, 1], [1, 1], True, [0, 0], 1, [False, True, False])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))  # accumulated in float32 for any dtype, as every layer's
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _pixel_shuffle(phases: torch.Tensor) -> torch.Tensor:
@@ -146,18 +233,30 @@ class Linear(nn.Linear):
         return F.linear(*lowered(dtype, x, self.weight, self.bias))
 
 
+def _is_4x4_stride2(layer: nn.Conv2d | nn.ConvTranspose2d) -> bool:
+    """Whether ``layer`` is a plain 4×4 convolution (or transposed one) of stride 2 and padding 1."""
+    return (layer.kernel_size == (4, 4) and layer.stride == (2, 2) and layer.padding == (1, 1)
+            and layer.output_padding == (0, 0) and layer.dilation == (1, 1) and layer.groups == 1
+            and layer.padding_mode == "zeros")
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` that convolves in the :func:`~aevb.precision.matmul_dtype` of its context.
 
     [B, C, H, W] -> [B, C', H', W'], in that dtype (and channels-last on the
-    CPU) inside the context.
+    CPU) inside the context, where a 4×4, stride-2 layer between enough
+    channels takes its weight gradient by a matrix multiply
+    (:func:`weight_grad_by_matmul`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(self.weight)
         if dtype is None:
             return self._conv_forward(x, self.weight, self.bias)
-        return self._conv_forward(*lowered(dtype, x, self.weight, self.bias, convolution_memory_format(x)))
+        x, weight, bias = lowered(dtype, x, self.weight, self.bias, convolution_memory_format(x))
+        if x.dim() == 4 and _is_4x4_stride2(self) and weight_grad_by_matmul(x, x.shape[1:], self.out_channels):
+            return _Conv4x4Stride2.apply(x, weight, bias)
+        return self._conv_forward(x, weight, bias)
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
@@ -168,13 +267,13 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     4·C_out ≤ C_in (it does 9/4 of the multiplies, into 4·C_out channels,
     which only pays where the direct form is at its slowest: few output
     channels); in float32 only there, since torch's float32 backward is as
-    fast as :class:`_ConvTranspose4x4Stride2`'s.
+    fast as :class:`_ConvTranspose4x4Stride2`'s.  Between enough channels in
+    bf16 on the CPU, the weight gradient is a matrix multiply
+    (:func:`weight_grad_by_matmul`).
     """
 
     def _stride2_4x4(self) -> bool:
-        return (self.kernel_size == (4, 4) and self.stride == (2, 2) and self.padding == (1, 1)
-                and self.output_padding == (0, 0) and self.dilation == (1, 1) and self.groups == 1
-                and self.padding_mode == "zeros")
+        return _is_4x4_stride2(self)
 
     def _subpixel(self) -> bool:
         return self._stride2_4x4() and 4 * self.out_channels <= self.in_channels
@@ -189,7 +288,9 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         if dtype is not None:
             x, weight, bias = lowered(dtype, x, weight, bias, convolution_memory_format(x))
         if own:
-            return _ConvTranspose4x4Stride2.apply(x, weight, bias, subpixel)
+            output = (self.out_channels, 2 * x.shape[2], 2 * x.shape[3])
+            return _ConvTranspose4x4Stride2.apply(x, weight, bias, subpixel,
+                                                  weight_grad_by_matmul(x, output, self.in_channels))
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
                                               2, self.dilation)
         return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, output_padding, self.groups,
