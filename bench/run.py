@@ -311,8 +311,12 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    """Columns right-aligned after the first; a row of [label, message] (a skipped setup) spans the others."""
+    full = [r for r in rows if len(r) == len(headers)]
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *full)]
+    line = lambda cells: ("  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+                                    for i, (c, w) in enumerate(zip(cells, widths))) if len(cells) == len(widths)
+                          else f"{str(cells[0]).ljust(widths[0])}  {cells[1]}")
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -329,7 +333,7 @@ def report(res: dict) -> str:
         for name, r in setups.items():
             label = f"{arch} {name}"
             if "error" in r:
-                rows.append([label, r["error"], "", "", "", "", ""])
+                rows.append([label, r["error"]])
                 continue
             ips = r.get("images_per_s")
             ttq = r.get("time_to_target_s")
@@ -375,7 +379,7 @@ def report(res: dict) -> str:
     rows = []
     for arch, r in res["ab_step"].items():
         if "error" in r:
-            rows.append([f"{arch} step", r["error"], "", ""])
+            rows.append([f"{arch} step", r["error"]])
             continue
         ms = r["ms_per_step"]
         for name in [n for n in ms if n != "library"]:
@@ -383,7 +387,7 @@ def report(res: dict) -> str:
                          f"{ms['library'] / ms[name]:.2f}×"])
     loop = res["ab_loop"]
     if "error" in loop:
-        rows.append(["mlp loop", loop["error"], "", ""])
+        rows.append(["mlp loop", loop["error"]])
     else:
         sec = loop["seconds_per_epoch"]
         for name in ("no-epoch-io", "fast-loss", "fast-loss+no-epoch-io"):
@@ -394,7 +398,7 @@ def report(res: dict) -> str:
     rows = []
     for name, r in res["eval"].items():
         if "error" in r:
-            rows.append([name, r["error"], "", "", "", ""])
+            rows.append([name, r["error"]])
             continue
         gflops = r.get("gflops")
         rows.append([name, str(r["n_images"]), f"{r['seconds']:.2f}", f"{r['ms_per_image']:.2f}",
@@ -455,7 +459,7 @@ def report(res: dict) -> str:
     rows = []
     for r in res["scaling_data"]:
         if "error" in r:
-            rows.append(["?", r["error"], ""])
+            rows.append(["?", r["error"]])
             continue
         n = round(r["epoch_images_per_s"] * r["seconds_per_epoch"])
         rows.append([str(n), f"{r['seconds_per_epoch']:.3f}", f"{r['seconds_per_epoch'] / n * 1e6:.1f}"])
@@ -465,7 +469,7 @@ def report(res: dict) -> str:
         for stream, runs in res["streaming"].items():
             for r in runs:
                 if "error" in r:
-                    rows.append([stream, r["error"], "", "", ""])
+                    rows.append([stream, r["error"]])
                     continue
                 rows.append([f"{r.get('arch', '?')} stream={stream}", _f(r.get("images_per_s")),
                              _f(r.get("seconds_per_epoch"), "{:.3f}", ""), _f(r.get("peak_rss_mb")),
