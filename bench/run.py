@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -233,8 +234,6 @@ def suite(quick: bool, device: str, skip_pythae: bool) -> dict:
 
 def _median_throughput(row: dict) -> None:
     """images_per_s (and seconds_per_epoch) of a setup: the median over its long run and its rounds."""
-    import statistics
-
     if "error" in row:
         return
     runs = [r for r in [row, *row.get("rounds", [])] if r.get("images_per_s") and "error" not in r]
@@ -277,8 +276,6 @@ def _median_time_to_target(row: dict) -> None:
 
 def _seed_difference(aevb: list[float], plain: list[float]) -> str:
     """The difference of the mean test −ELBOs over seeds, ± its standard error."""
-    import statistics
-
     se = (statistics.variance(aevb) / len(aevb) + statistics.variance(plain) / len(plain)) ** 0.5
     return (f"over {len(aevb)} seeds {statistics.mean(aevb) - statistics.mean(plain):+.2f} ± {se:.2f} "
             f"(aevb {statistics.mean(aevb):.2f}, sd {statistics.stdev(aevb):.2f}; "
@@ -312,11 +309,13 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     """Columns right-aligned after the first; a row of [label, message] (a skipped setup) spans the others."""
-    full = [r for r in rows if len(r) == len(headers)]
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *full)]
-    line = lambda cells: ("  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
-                                    for i, (c, w) in enumerate(zip(cells, widths))) if len(cells) == len(widths)
-                          else f"{str(cells[0]).ljust(widths[0])}  {cells[1]}")
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *(r for r in rows if len(r) == len(headers)))]
+
+    def line(cells: list[str]) -> str:
+        if len(cells) < len(widths):
+            return f"{str(cells[0]).ljust(widths[0])}  {cells[1]}"
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
