@@ -13,7 +13,7 @@ import torch
 import aevb
 from aevb import layers, precision
 from aevb.errors import UserError
-from aevb.precision import bf16_is_native, matmul_dtype, resolve_precision
+from aevb.precision import bf16_is_faster, bf16_is_native, matmul_dtype, resolve_precision
 
 BF16 = torch.bfloat16
 
@@ -97,15 +97,34 @@ def test_linear_layers_too_small_to_gain_multiply_in_fp32():
 def test_resolve_precision(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None
-    expected = BF16 if bf16_is_native(cpu) else None
-    assert resolve_precision("auto", cpu) is expected
+    assert resolve_precision("auto", cpu) is (BF16 if bf16_is_faster(cpu) else None)
+    with pytest.raises(UserError, match="unknown --precision 'fp16'"):
+        resolve_precision("fp16", cpu)
+    # no bf16 at all: auto is fp32, bf16 is refused (it would be emulated)
     monkeypatch.setattr(precision, "bf16_is_native", lambda device: False)
+    monkeypatch.setattr(precision, "_amx_usable", lambda: True)
     assert resolve_precision("auto", cpu) is None
     with pytest.raises(UserError, match="no native bfloat16"):
         resolve_precision("bf16", cpu)
+    # native bf16 dot products without matrix units (AVX512-BF16 alone): slower than fp32, so only on request
     monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
+    monkeypatch.setattr(precision, "_amx_usable", lambda: False)
+    assert resolve_precision("auto", cpu) is None
     assert resolve_precision("bf16", cpu) is BF16
-    assert resolve_precision("auto", torch.device("cpu")) is BF16
+    # AMX: bf16 is the default
+    monkeypatch.setattr(precision, "_amx_usable", lambda: True)
+    assert resolve_precision("auto", cpu) is BF16
+    assert resolve_precision("bf16", cpu) is BF16
+
+
+def test_amx_detection_agrees_with_torch():
+    """AMX is usable only where the CPU reports its tiles; where usable, bf16 is native too."""
+    from aevb.precision import _amx_usable
+
+    if not torch.cpu._is_amx_tile_supported():
+        assert not _amx_usable()
+    if _amx_usable():
+        assert bf16_is_native(torch.device("cpu"))
 
 
 @pytest.mark.skipif(not bf16_is_native(torch.device("cpu")), reason="this CPU has no native bf16 multiplies")

@@ -165,9 +165,10 @@ def _load(run: str, device: str):
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True, help="test examples per batch")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the Monte Carlo estimates")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="multiplies of the importance sampler: bf16 decodes the k samples about 2× faster and moves "
-                   "log p(x) by a few thousandths of a nat, several times less than other samples would; auto: "
-                   "bf16 where the device has native bf16, else fp32. The ELBO and all other metrics are float32")
+              help="multiplies of the importance sampler: bf16 decodes the k samples about 2× faster where the "
+                   "device has bf16 matrix units and moves log p(x) by a few thousandths of a nat, several times "
+                   "less than other samples would; auto: bf16 where it is faster (AMX CPUs, Ampere+ GPUs), else "
+                   "fp32; bf16: wherever bf16 is native. The ELBO and all other metrics are float32")
 @_device_option
 def eval_command(run, iw_samples, batch_size, seed, precision, device):
     """Evaluate a run on its test split; print a table and write RUN/eval.json.

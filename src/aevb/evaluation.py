@@ -181,8 +181,8 @@ def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_siz
 
     ``precision`` is that of the importance sampler's multiplies, chosen as
     ``--precision`` of training (see :mod:`aevb.precision`): ``auto`` is bf16
-    where the device multiplies bf16 natively, ``fp32`` turns it off.  bf16
-    decodes the k samples about twice as fast and moves each example's
+    where it is faster than fp32 (bf16 matrix units), ``fp32`` turns it off.
+    bf16 then decodes the k samples about twice as fast and moves each example's
     log p(x) by a few thousandths of a nat, several times less than drawing
     other samples does (``tests/test_precision.py``); ``iw_precision`` in the
     result says which ran.  Everything else, the ELBO included, is float32.

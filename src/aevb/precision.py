@@ -1,9 +1,14 @@
 """Mixed precision: matrix multiplies and convolutions in bfloat16, everything else in float32.
 
-On processors with native bfloat16 dot products (x86 with AVX512-BF16 or
-AMX, CUDA GPUs from Ampere on) a bf16 matrix multiply runs 2–4× faster than
-an fp32 one; at batch 128 the multiplies are most of a VAE's training step,
-and they are most of an importance-sampled evaluation.
+On processors with bfloat16 matrix units (x86 with AMX, CUDA GPUs from
+Ampere on) a bf16 matrix multiply runs 2–4× faster than an fp32 one; at
+batch 128 the multiplies are most of a VAE's training step, and they are
+most of an importance-sampled evaluation.  AVX512-BF16 alone (bf16 dot
+products in the vector units) is native but not faster: on a 2-core Xeon
+with it and no AMX, a 2048² bf16 multiply ran at 147 GFLOP/s against 260 in
+fp32, and the MNIST training steps were 1.3× (conv) and 1.5× (MLP) slower
+in bf16.  So ``--precision auto`` takes bf16 only where it is faster
+(:func:`bf16_is_faster`), and ``--precision bf16`` wherever it is native.
 Inside :func:`matmul_dtype`, the layers of :mod:`aevb.layers` cast their input,
 weight and bias to bf16 for the multiply (which accumulates in fp32) and
 return bf16 (linear layers too small to gain stay fp32: ``MIN_LOWERED_MACS``);
@@ -25,6 +30,7 @@ than drawing other samples does; ``bench/`` measures the speed.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator
@@ -56,21 +62,39 @@ def bf16_is_native(device: torch.device) -> bool:
     return False
 
 
+@functools.cache
+def _amx_usable() -> bool:
+    """Whether this CPU has AMX tiles and the kernel lets this process use them (what oneDNN's bf16 kernels need)."""
+    cpu = getattr(torch, "cpu", None)
+    is_supported = getattr(cpu, "_is_amx_tile_supported", None)
+    request = getattr(cpu, "_init_amx", None)  # asks the kernel for the tile state; False where refused
+    return bool(is_supported and request and is_supported() and request())
+
+
+def bf16_is_faster(device: torch.device) -> bool:
+    """Whether bf16 multiplies are faster than fp32 ones on ``device``: matrix units (AMX, Ampere+ tensor cores)."""
+    if device.type == "cpu":
+        return bf16_is_native(device) and _amx_usable()
+    return bf16_is_native(device)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The multiply dtype for ``--precision``: None (fp32) or torch.bfloat16.
 
-    ``auto`` is bf16 where the device has native bf16 multiplies, else fp32;
-    ``bf16`` on a device without them is refused rather than silently slow.
+    ``auto`` is bf16 where it is faster than fp32 (:func:`bf16_is_faster`),
+    else fp32; ``bf16`` is taken wherever the device multiplies bf16 natively
+    and refused where it would be emulated (slower still).
     """
-    if precision == "fp32":
-        return None
-    native = bf16_is_native(device)
-    if precision == "bf16" and not native:
-        raise UserError(f"--precision bf16: this {device.type} device has no native bfloat16 matrix multiply "
-                        f"(it would be emulated, slower than fp32); use --precision fp32 or auto")
     if precision not in PRECISIONS:
         raise UserError(f"unknown --precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    return torch.bfloat16 if native else None
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if bf16_is_faster(device) else None
+    if not bf16_is_native(device):
+        raise UserError(f"--precision bf16: this {device.type} device has no native bfloat16 matrix multiply "
+                        f"(it would be emulated, slower than fp32); use --precision fp32 or auto")
+    return torch.bfloat16
 
 
 # Multiply-accumulates in one call below which a linear layer stays in float32 inside
