@@ -210,3 +210,27 @@ def test_in_bf16_unbatched_images_and_what_the_model_returns_keep_torchs_layouts
         outputs = (model.sample(2), model.reconstruct(torch.rand(2, 5, 16, 16)), model.decode(torch.zeros(2, 4)).mean)
     for out in outputs:
         assert out.dtype == torch.float32 and out.is_contiguous()
+
+
+@pytest.mark.parametrize("layer", [Conv2d(1, 16, 4, stride=2, padding=1), Conv2d(16, 32, 4, stride=2, padding=1),
+                                   ConvTranspose2d(32, 16, 4, stride=2, padding=1),
+                                   ConvTranspose2d(16, 1, 4, stride=2, padding=1),
+                                   ConvTranspose2d(6, 4, 3, stride=1, padding=1)])
+def test_in_float32_on_the_cpu_a_layer_computes_torchs_in_channels_last(layer):
+    """Outside any bf16 context the convolutions take channels-last input on the CPU (faster in oneDNN's
+    float32 kernels too): the values and gradients are torch's NCHW layer's, in float32 and float64."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        layer = layer.to(dtype)
+        torch.manual_seed(0)
+        x = torch.randn(5, layer.in_channels, 8, 8, dtype=dtype, requires_grad=True)
+        torchs = type(layer).__mro__[1].forward(layer, x)  # nn.Conv2d / nn.ConvTranspose2d on NCHW
+        ours = layer(x)
+        assert ours.dtype == dtype and ours.shape == torchs.shape
+        if ours.shape[1] > 1 and layer.kernel_size == (4, 4):
+            assert ours.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(ours, torchs, rtol=tol, atol=tol)
+        grad = torch.randn(torchs.shape, dtype=dtype)
+        for a, b in zip(torch.autograd.grad(ours, (x, layer.weight, layer.bias), grad),
+                        torch.autograd.grad(torchs, (x, layer.weight, layer.bias), grad)):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()))
