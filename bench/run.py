@@ -64,6 +64,20 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------- the suite
 
 
+def _auto_precision(device: str) -> str:
+    """What ``--precision auto`` resolves to here, and why: the machines differ in their bf16 hardware."""
+    import torch
+
+    from aevb.precision import _amx_usable, bf16_is_native, resolve_precision
+
+    chosen = "bf16" if resolve_precision("auto", torch.device(device)) else "fp32"
+    if device != "cpu":
+        return chosen
+    native = bf16_is_native(torch.device("cpu"))
+    hardware = "AMX" if _amx_usable() else "AVX512-BF16, no AMX" if native else "no native bf16"
+    return f"{chosen} ({hardware})"
+
+
 def suite(quick: bool, device: str, skip_pythae: bool) -> dict:
     q = quick
     epochs = 2 if q else 10
@@ -74,6 +88,7 @@ def suite(quick: bool, device: str, skip_pythae: bool) -> dict:
     import torch
 
     res["machine"]["torch"] = torch.__version__
+    res["machine"]["auto_precision"] = _auto_precision(device)
     if device == "cuda":
         res["machine"]["gpu"] = torch.cuda.get_device_name(0)
 
@@ -324,7 +339,8 @@ def report(res: dict) -> str:
     out = [f"aevb benchmark — {'quick' if res['quick'] else 'full'} run on {res['device']}, {res['started']}; "
            f"fp32 matmul peak {peak:.0f} GFLOP/s ({res['matmul'][0].get('threads')} threads; "
            f"start {res['matmul'][0].get('gflops', 0):.0f}, end {res['matmul'][-1].get('gflops', 0):.0f}); "
-           f"load average {res['machine']['load_at_start']:.1f} → {res['machine']['load_at_end']:.1f}", ""]
+           f"load average {res['machine']['load_at_start']:.1f} → {res['machine']['load_at_end']:.1f}; "
+           f"--precision auto: {res['machine'].get('auto_precision', '?')}", ""]
     epochs = 2 if res["quick"] else 10
     rows = []
     for arch, setups in res["train"].items():
