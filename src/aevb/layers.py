@@ -203,7 +203,7 @@ def in_convolution_layout(x: torch.Tensor) -> torch.Tensor:
     On the CPU oneDNN's float32 kernels are faster channels-last too: on a
     2-core AVX512 Xeon the 32 → 16 transposed convolution's forward took 0.96
     against 1.97 ms NCHW at batch 128, and the MNIST conv VAE's float32 step
-    was 1.08× faster (24 rounds, interleaved).
+    was 1.05–1.08× faster (two runs of 24 rounds, interleaved).
     """
     if convolution_memory_format(x) is torch.channels_last:
         return _channels_last(x)
@@ -282,8 +282,9 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     inside the context.  The sub-pixel forward is used when
     4·C_out ≤ C_in (it does 9/4 of the multiplies, into 4·C_out channels,
     which only pays where the direct form is at its slowest: few output
-    channels); in float32 only there, since torch's float32 backward is as
-    fast as :class:`_ConvTranspose4x4Stride2`'s.  Between enough channels in
+    channels).  Off the CPU a float32 layer takes its own passes only in the
+    sub-pixel form, since torch's float32 backward there is as fast as
+    :class:`_ConvTranspose4x4Stride2`'s.  Between enough channels in
     bf16 on the CPU, the weight gradient is a matrix multiply
     (:func:`weight_grad_by_matmul`).
     """
@@ -298,7 +299,9 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         dtype = compute_dtype(self.weight)
         own = output_size is None and x.dim() == 4 and self._stride2_4x4()
         subpixel = own and self._subpixel()
-        if dtype is None and not (subpixel or own and x.device.type == "cpu"):
+        # float32: torch's layer, except where the own passes are faster: the sub-pixel form, and
+        # any 4×4 stride-2 layer where convolutions run channels-last (the CPU)
+        if dtype is None and not (subpixel or own and convolution_memory_format(x) is torch.channels_last):
             return super().forward(x, output_size)
         weight, bias = self.weight, self.bias
         if dtype is None:

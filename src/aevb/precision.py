@@ -65,10 +65,10 @@ def bf16_is_native(device: torch.device) -> bool:
 @functools.cache
 def _amx_usable() -> bool:
     """Whether this CPU has AMX tiles and the kernel lets this process use them (what oneDNN's bf16 kernels need)."""
-    cpu = getattr(torch, "cpu", None)
-    is_supported = getattr(cpu, "_is_amx_tile_supported", None)
-    request = getattr(cpu, "_init_amx", None)  # asks the kernel for the tile state; False where refused
-    return bool(is_supported and request and is_supported() and request())
+    try:  # _init_amx asks the kernel for the tile state: False where it is refused
+        return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx())
+    except AttributeError:  # private API of torch.cpu, absent from other builds
+        return False
 
 
 def bf16_is_faster(device: torch.device) -> bool:
