@@ -68,13 +68,13 @@ def _auto_precision(device: str) -> str:
     """What ``--precision auto`` resolves to here, and why: the machines differ in their bf16 hardware."""
     import torch
 
-    from aevb.precision import _amx_usable, bf16_is_native, resolve_precision
+    from aevb.precision import amx_usable, bf16_is_native, resolve_precision
 
     chosen = "bf16" if resolve_precision("auto", torch.device(device)) else "fp32"
     if device != "cpu":
         return chosen
     native = bf16_is_native(torch.device("cpu"))
-    hardware = "AMX" if _amx_usable() else "AVX512-BF16, no AMX" if native else "no native bf16"
+    hardware = "AMX" if amx_usable() else "AVX512-BF16, no AMX" if native else "no native bf16"
     return f"{chosen} ({hardware})"
 
 

@@ -99,10 +99,14 @@ def test_layers_with_the_weight_gradient_by_multiply_have_first_and_second_deriv
         assert torch.autograd.gradgradcheck(transposed, inputs)
 
 
-def test_the_weight_gradient_is_a_multiply_only_where_it_was_measured_faster():
-    """bf16 on the CPU, 16 channels or more each side, patches of at most 2M elements: the MNIST conv VAE's
-    16 → 32 and 32 → 16 layers at batch 128, not its one-channel layers nor float32 nor larger maps."""
+def test_the_weight_gradient_is_a_multiply_only_where_it_was_measured_faster(monkeypatch):
+    """bf16 on the CPU only.  Without AMX: 16 channels or more each side, patches of at most 2M elements
+    (the MNIST conv VAE's 16 → 32 and 32 → 16 layers at batch 128, not its one-channel layers nor larger
+    maps).  With AMX: 32+ channels on the other side and at most 1M patch elements (small maps only)."""
+    from aevb import precision
+
     x = torch.empty(128, 16, 14, 14, dtype=BF16)
+    monkeypatch.setattr(precision, "amx_usable", lambda: False)
     assert weight_grad_by_matmul(x, (16, 14, 14), 32)  # the encoder's second convolution
     assert weight_grad_by_matmul(torch.empty(128, 32, 7, 7, dtype=BF16), (16, 14, 14), 32)  # its mirror image
     assert not weight_grad_by_matmul(torch.empty(128, 1, 28, 28, dtype=BF16), (1, 28, 28), 16)
@@ -110,6 +114,13 @@ def test_the_weight_gradient_is_a_multiply_only_where_it_was_measured_faster():
     assert not weight_grad_by_matmul(x.float(), (16, 14, 14), 32)
     assert not weight_grad_by_matmul(torch.empty(128, 32, 16, 16, dtype=BF16), (32, 16, 16), 32)  # 4.2M
     assert weight_grad_by_matmul(torch.empty(32, 32, 16, 16, dtype=BF16), (32, 16, 16), 32)  # 1.0M
+    monkeypatch.setattr(precision, "amx_usable", lambda: True)
+    assert not weight_grad_by_matmul(x, (16, 14, 14), 32)  # 1.6M: oneDNN's AMX kernel is faster
+    assert not weight_grad_by_matmul(x.float(), (32, 8, 8), 64)
+    assert weight_grad_by_matmul(torch.empty(128, 32, 8, 8, dtype=BF16), (32, 8, 8), 64)  # 1.0M
+    assert not weight_grad_by_matmul(torch.empty(128, 32, 8, 8, dtype=BF16), (32, 8, 8), 16)  # 16 outputs
+    assert not weight_grad_by_matmul(torch.empty(128, 64, 8, 8, dtype=BF16), (64, 8, 8), 64)  # 2.1M
+    monkeypatch.setattr(precision, "amx_usable", lambda: False)
     torch.manual_seed(0)
     model = aevb.VAE(data_shape=(1, 28, 28), latent_dim=4, arch="conv")
     calls = []

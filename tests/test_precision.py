@@ -102,28 +102,28 @@ def test_resolve_precision(monkeypatch):
         resolve_precision("fp16", cpu)
     # no bf16 at all: auto is fp32, bf16 is refused (it would be emulated)
     monkeypatch.setattr(precision, "bf16_is_native", lambda device: False)
-    monkeypatch.setattr(precision, "_amx_usable", lambda: True)
+    monkeypatch.setattr(precision, "amx_usable", lambda: True)
     assert resolve_precision("auto", cpu) is None
     with pytest.raises(UserError, match="no native bfloat16"):
         resolve_precision("bf16", cpu)
     # native bf16 dot products without matrix units (AVX512-BF16 alone): slower than fp32, so only on request
     monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
-    monkeypatch.setattr(precision, "_amx_usable", lambda: False)
+    monkeypatch.setattr(precision, "amx_usable", lambda: False)
     assert resolve_precision("auto", cpu) is None
     assert resolve_precision("bf16", cpu) is BF16
     # AMX: bf16 is the default
-    monkeypatch.setattr(precision, "_amx_usable", lambda: True)
+    monkeypatch.setattr(precision, "amx_usable", lambda: True)
     assert resolve_precision("auto", cpu) is BF16
     assert resolve_precision("bf16", cpu) is BF16
 
 
 def test_amx_detection_agrees_with_torch():
     """AMX is usable only where the CPU reports its tiles; where usable, bf16 is native too."""
-    from aevb.precision import _amx_usable
+    from aevb.precision import amx_usable
 
     if not torch.cpu._is_amx_tile_supported():
-        assert not _amx_usable()
-    if _amx_usable():
+        assert not amx_usable()
+    if amx_usable():
         assert bf16_is_native(torch.device("cpu"))
 
 

@@ -21,8 +21,9 @@
 * In bf16 on the CPU, a 4×4, stride-2 layer (either kind) between 16 channels
   or more takes its weight gradient as one matrix multiply of the output
   gradient with the input's patches, where the patches stay small
-  (:func:`weight_grad_by_matmul`): oneDNN's bf16 weight-gradient kernels run
-  these layers at a third of the speed of their forward pass.
+  (:func:`weight_grad_by_matmul`): without AMX, oneDNN's bf16
+  weight-gradient kernels run these layers at a third of the speed of their
+  forward pass; with AMX, only on small maps.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import precision
 from .precision import MIN_LOWERED_MACS, compute_dtype, convolution_memory_format
 
 # For output phase a (row 2i + a) and 3×3 offset u (input row i + u − 1), the row
@@ -54,22 +56,33 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
 
 # When a 4×4, stride-2 layer's weight gradient is one matrix multiply
 # (:func:`conv_weight_grad`) instead of oneDNN's kernel: in bf16 on the CPU,
-# with 16 channels or more on each side, and a patch matrix small enough to
-# stay in cache.  oneDNN's bf16 backward kernels for 16-64 channels run at a
-# third of the speed of its forward convolution; a bf16 matrix multiply runs
-# at full speed, but the patches are a copy 16·C wide.  At batch 128 on the
-# 2-core CPU, oneDNN's time over the multiply's, by the patches' size:
-#   C 16 → 32 on 14×14 (1.6M elements) 1.59×; 32 → 64 on 8×8 (1.0M) 1.65×;
+# between enough channels, where the patch matrix (a copy 16·C wide) stays
+# small.  Which kernel is faster depends on the CPU's bf16 hardware, so the
+# rule has two rows, each measured at batch 128 on a 2-core CPU (oneDNN's time
+# over the multiply's, cold cache; patch elements in brackets):
+# * AVX512-BF16 without AMX tiles, where oneDNN's bf16 weight-gradient kernels
+#   run these layers at a third of the speed of its forward convolution:
+#   C 16 → 32 on 14×14 (1.6M) 1.59×; 32 → 64 on 8×8 (1.0M) 1.65×;
 #   64 → 32 on 8×8 (2.1M) 1.56×; 32 → 64 on 14×14 (3.2M) 1.01×;
-#   32 → 32 on 16×16 (4.2M) 0.79×; 16 → 32 on 28×28 (6.4M) 0.86×;
-#   64 → 64 on 16×16 (8.4M) 0.61×; one input channel 0.25×; float32 slower.
-# The MNIST conv VAE's step (two such layers) was 1.05× faster, interleaved.
+#   32 → 32 on 16×16 (4.2M) 0.79×; 64 → 64 on 16×16 (8.4M) 0.61×.
+#   Rule: 16+ channels each side, at most 2M patch elements.  The MNIST conv
+#   VAE's step (two such layers) was 1.05× faster, interleaved.
+# * AMX, whose oneDNN kernels are fast on larger maps: 16 → 32 on 14×14
+#   (1.6M) 0.56–0.68×; 32 → 32 on 8×8 (1.0M) 1.22×; 32 → 64 on 8×8 (1.0M)
+#   1.58–1.68×; 16 → 32 on 8×8 (0.5M) 0.96×; 32 → 16 on 8×8 (1.0M) 0.86×;
+#   16 → 16 on 8×8 (0.5M) 0.87×; 64 → 32 on 4×4 (0.5M) 2.39×; 32 → 64 on
+#   14×14 (3.2M) 0.88×.  Rule: 16+ channels in the patches, 32+ on the other
+#   side, at most 1M patch elements.  The MNIST conv VAE's step (no layer by
+#   the multiply under this rule) was 1.11× faster than with the other rule
+#   (20 rounds, interleaved).
 # The input gradient and the transposed convolution as multiplies (2×2
 # windows of the padded input times a [4·C_in, 4·C_out] matrix) were 1.4×
 # faster on their own but 0.95× in the step: gathering the phases of the
 # output is a strided copy.
 MIN_MATMUL_CHANNELS = 16
 MAX_PATCH_ELEMENTS = 1 << 21
+MIN_MATMUL_CHANNELS_AMX = (16, 32)  # (patches' channels, the other side's)
+MAX_PATCH_ELEMENTS_AMX = 1 << 20
 
 
 def weight_grad_by_matmul(x: torch.Tensor, patch_shape: tuple[int, int, int], other_channels: int) -> bool:
@@ -77,12 +90,17 @@ def weight_grad_by_matmul(x: torch.Tensor, patch_shape: tuple[int, int, int], ot
 
     ``patch_shape`` (C, H, W) is the tensor whose patches the multiply takes
     (a convolution's input, a transposed convolution's output),
-    ``other_channels`` the other side's.
+    ``other_channels`` the other side's.  The rule depends on whether the CPU
+    has AMX (:func:`aevb.precision.amx_usable`), as measured above.
     """
+    if not (x.device.type == "cpu" and x.dtype == torch.bfloat16):
+        return False
     c, h, w = patch_shape
     patches = x.shape[0] * (h // 2) * (w // 2) * 16 * c
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and min(c, other_channels) >= MIN_MATMUL_CHANNELS
-            and patches <= MAX_PATCH_ELEMENTS)
+    if precision.amx_usable():
+        min_patch_channels, min_other = MIN_MATMUL_CHANNELS_AMX
+        return c >= min_patch_channels and other_channels >= min_other and patches <= MAX_PATCH_ELEMENTS_AMX
+    return min(c, other_channels) >= MIN_MATMUL_CHANNELS and patches <= MAX_PATCH_ELEMENTS
 
 
 def conv_weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

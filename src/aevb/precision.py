@@ -63,7 +63,7 @@ def bf16_is_native(device: torch.device) -> bool:
 
 
 @functools.cache
-def _amx_usable() -> bool:
+def amx_usable() -> bool:
     """Whether this CPU has AMX tiles and the kernel lets this process use them (what oneDNN's bf16 kernels need)."""
     try:  # _init_amx asks the kernel for the tile state: False where it is refused
         return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx())
@@ -74,7 +74,7 @@ def _amx_usable() -> bool:
 def bf16_is_faster(device: torch.device) -> bool:
     """Whether bf16 multiplies are faster than fp32 ones on ``device``: matrix units (AMX, Ampere+ tensor cores)."""
     if device.type == "cpu":
-        return bf16_is_native(device) and _amx_usable()
+        return bf16_is_native(device) and amx_usable()
     return bf16_is_native(device)
 
 
