@@ -104,7 +104,7 @@ class RunConfig:
     grad_clip: float | None = _opt(None, "clip the gradient norm to this value", group="training", metavar="NORM")
     seed: int = _opt(0, "random seed: the same seed and config give the same weights on CPU", group="training")
     device: str = _opt("auto", "where to train: auto picks cuda, then mps, then cpu", group="training", choices=DEVICES)
-    precision: str = _opt("auto", "multiplies of the training step: bf16 (bfloat16 matrix multiplies, and convolutions on GPUs; all else float32; see aevb.precision), fp32, or auto (bf16 where it is faster than fp32: CPUs with AMX, GPUs from Ampere on; else fp32); the test ELBO is always float32", group="training", choices=PRECISIONS)
+    precision: str = _opt("auto", "multiplies of the training step: bf16 (bfloat16 matrix multiplies, and convolutions on GPUs; all else float32; see aevb.precision), fp32, or auto (bf16 where it is faster than fp32: CPUs with AMX or a bf16 multiply measured 1.5× faster, GPUs from Ampere on; else fp32); the test ELBO is always float32", group="training", choices=PRECISIONS)
     compile: bool = _opt(False, "compile the training loss with torch.compile (on the CPU it needs a C++ compiler): faster steps after a compile of several seconds, so it pays on long runs only; measured in bench/README.md", group="training")
     log_every: int = _opt(50, "steps between metric records (values are read from the device only then)", group="training", metavar="STEPS")
     image_every: int = _opt(0, "steps between reconstruction pictures (0: at about ten epoch ends over the run)", group="training", metavar="STEPS")

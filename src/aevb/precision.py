@@ -4,11 +4,13 @@ On processors with bfloat16 matrix units (x86 with AMX, CUDA GPUs from
 Ampere on) a bf16 matrix multiply runs 2–4× faster than an fp32 one; at
 batch 128 the multiplies are most of a VAE's training step, and they are
 most of an importance-sampled evaluation.  AVX512-BF16 alone (bf16 dot
-products in the vector units) is native but not faster: on a 2-core Xeon
-with it and no AMX, a 2048² bf16 multiply ran at 147 GFLOP/s against 260 in
-fp32, and the MNIST training steps were 1.3× (conv) and 1.5× (MLP) slower
-in bf16.  So ``--precision auto`` takes bf16 only where it is faster
-(:func:`bf16_is_faster`), and ``--precision bf16`` wherever it is native.
+products in the vector units) is native, and faster or slower by CPU: on
+one 2-core Xeon with it and no AMX a 2048² bf16 multiply ran at 417 GFLOP/s
+against 195 in fp32, on another at 147 against 260 (and there the MNIST
+training steps were 1.3× (conv) and 1.5× (MLP) slower in bf16).  So
+``--precision auto`` takes bf16 only where it is faster
+(:func:`bf16_is_faster`: AMX, or a measured multiply), and ``--precision
+bf16`` wherever it is native.
 Inside :func:`matmul_dtype`, the layers of :mod:`aevb.layers` cast their input,
 weight and bias to bf16 for the multiply (which accumulates in fp32) and
 return bf16 (linear layers too small to gain stay fp32: ``MIN_LOWERED_MACS``);
@@ -31,6 +33,7 @@ than drawing other samples does; ``bench/`` measures the speed.
 from __future__ import annotations
 
 import functools
+import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator
@@ -71,10 +74,46 @@ def amx_usable() -> bool:
         return False
 
 
+# How much faster than fp32 a bf16 multiply must be, on a CPU without AMX, for
+# ``--precision auto`` to take it: its speed-up in the steps is smaller than
+# in a large multiply (casts, small layers).  The two such CPUs measured sat
+# far either side of it (2.1× and 0.5×), so the choice does not flip between runs.
+MIN_BF16_SPEEDUP = 1.5
+
+
+@functools.cache
+def bf16_matmul_speedup() -> float:
+    """fp32 time over bf16 time of a 512² matrix multiply on this CPU (best of 5 each, after a warm-up).
+
+    Measured once per process, in about 20 ms, with torch's threads; it
+    draws from a generator of its own, not torch's global one, so a seeded
+    run draws the same numbers whether or not this ran.
+    """
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 512, 512, generator=generator)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - start)
+        best[dtype] = min(times)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
 def bf16_is_faster(device: torch.device) -> bool:
-    """Whether bf16 multiplies are faster than fp32 ones on ``device``: matrix units (AMX, Ampere+ tensor cores)."""
+    """Whether bf16 multiplies are faster than fp32 ones on ``device``.
+
+    CUDA: native bf16 (tensor cores from Ampere on).  CPU: native bf16 and
+    either AMX tiles (:func:`amx_usable`) or, without them, a measured
+    multiply at least ``MIN_BF16_SPEEDUP`` times faster than fp32
+    (:func:`bf16_matmul_speedup`).
+    """
     if device.type == "cpu":
-        return bf16_is_native(device) and amx_usable()
+        return bf16_is_native(device) and (amx_usable() or bf16_matmul_speedup() >= MIN_BF16_SPEEDUP)
     return bf16_is_native(device)
 
 
