@@ -102,7 +102,7 @@ def test_layers_with_the_weight_gradient_by_multiply_have_first_and_second_deriv
 def test_the_weight_gradient_is_a_multiply_only_where_it_was_measured_faster(monkeypatch):
     """bf16 on the CPU only.  Without AMX: 16 channels or more each side, patches of at most 2M elements
     (the MNIST conv VAE's 16 → 32 and 32 → 16 layers at batch 128, not its one-channel layers nor larger
-    maps).  With AMX: 32+ channels on the other side and at most 1M patch elements (small maps only)."""
+    maps).  With AMX: 32+ channels each side and output maps of at most 4×4, whatever the batch."""
     from aevb import precision
 
     x = torch.empty(128, 16, 14, 14, dtype=BF16)
@@ -115,11 +115,15 @@ def test_the_weight_gradient_is_a_multiply_only_where_it_was_measured_faster(mon
     assert not weight_grad_by_matmul(torch.empty(128, 32, 16, 16, dtype=BF16), (32, 16, 16), 32)  # 4.2M
     assert weight_grad_by_matmul(torch.empty(32, 32, 16, 16, dtype=BF16), (32, 16, 16), 32)  # 1.0M
     monkeypatch.setattr(precision, "amx_usable", lambda: True)
-    assert not weight_grad_by_matmul(x, (16, 14, 14), 32)  # 1.6M: oneDNN's AMX kernel is faster
-    assert not weight_grad_by_matmul(x.float(), (32, 8, 8), 64)
-    assert weight_grad_by_matmul(torch.empty(128, 32, 8, 8, dtype=BF16), (32, 8, 8), 64)  # 1.0M
-    assert not weight_grad_by_matmul(torch.empty(128, 32, 8, 8, dtype=BF16), (32, 8, 8), 16)  # 16 outputs
-    assert not weight_grad_by_matmul(torch.empty(128, 64, 8, 8, dtype=BF16), (64, 8, 8), 64)  # 2.1M
+    assert not weight_grad_by_matmul(x, (16, 14, 14), 32)  # a 7×7 output map: oneDNN's AMX kernel is faster
+    assert not weight_grad_by_matmul(torch.empty(32, 32, 14, 14, dtype=BF16), (32, 14, 14), 32)
+    y = torch.empty(128, 32, 8, 8, dtype=BF16)
+    assert weight_grad_by_matmul(y, (32, 8, 8), 64)  # a 4×4 output map, 32+ channels each side
+    assert weight_grad_by_matmul(torch.empty(512, 64, 8, 8, dtype=BF16), (64, 8, 8), 64)  # 8.4M, at the limit
+    assert not weight_grad_by_matmul(torch.empty(1024, 64, 8, 8, dtype=BF16), (64, 8, 8), 64)
+    assert not weight_grad_by_matmul(y, (32, 8, 8), 16)
+    assert not weight_grad_by_matmul(torch.empty(128, 16, 8, 8, dtype=BF16), (16, 8, 8), 32)
+    assert not weight_grad_by_matmul(y.float(), (32, 8, 8), 64)
     monkeypatch.setattr(precision, "amx_usable", lambda: False)
     torch.manual_seed(0)
     model = aevb.VAE(data_shape=(1, 28, 28), latent_dim=4, arch="conv")

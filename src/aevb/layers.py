@@ -67,22 +67,27 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
 #   32 → 32 on 16×16 (4.2M) 0.79×; 64 → 64 on 16×16 (8.4M) 0.61×.
 #   Rule: 16+ channels each side, at most 2M patch elements.  The MNIST conv
 #   VAE's step (two such layers) was 1.05× faster, interleaved.
-# * AMX, whose oneDNN kernels are fast on larger maps: 16 → 32 on 14×14
-#   (1.6M) 0.56–0.68×; 32 → 32 on 8×8 (1.0M) 1.22×; 32 → 64 on 8×8 (1.0M)
-#   1.58–1.68×; 16 → 32 on 8×8 (0.5M) 0.96×; 32 → 16 on 8×8 (1.0M) 0.86×;
-#   16 → 16 on 8×8 (0.5M) 0.87×; 64 → 32 on 4×4 (0.5M) 2.39×; 32 → 64 on
-#   14×14 (3.2M) 0.88×.  Rule: 16+ channels in the patches, 32+ on the other
-#   side, at most 1M patch elements.  The MNIST conv VAE's step (no layer by
-#   the multiply under this rule) was 1.11× faster than with the other rule
-#   (20 rounds, interleaved).
+# * AMX, whose oneDNN kernels are fast on larger maps, so the map decides,
+#   whatever the batch: on 4×4 output maps with 32+ channels each side the
+#   multiply wins (32 → 32 1.22×, 32 → 64 1.58–1.68×, 64 → 32 1.46×,
+#   64 → 64 2.26×, 64 → 128 2.55×, 128 → 128 2.48×; at batch 512 32 → 64
+#   1.43×, 64 → 64 2.02× with 8.4M patch elements; on 2×2 maps 1.57–3.90×),
+#   with 16 channels it loses or ties (16 → 16 0.87×, 16 → 32 0.96×,
+#   32 → 16 0.86×), and on 7×7 maps and larger it loses (16 → 32 on 14×14
+#   0.56–0.68× at batch 128, 0.87× at 32, 0.56× at 512; 32 → 64 0.88×).
+#   Rule: 32+ channels each side, an output map of at most 16 positions, at
+#   most 8M patch elements (the largest measured).  The MNIST conv VAE's step
+#   (no layer by the multiply under this rule) was 1.11× faster than with the
+#   rule above (20 rounds, interleaved).
 # The input gradient and the transposed convolution as multiplies (2×2
 # windows of the padded input times a [4·C_in, 4·C_out] matrix) were 1.4×
 # faster on their own but 0.95× in the step: gathering the phases of the
 # output is a strided copy.
 MIN_MATMUL_CHANNELS = 16
 MAX_PATCH_ELEMENTS = 1 << 21
-MIN_MATMUL_CHANNELS_AMX = (16, 32)  # (patches' channels, the other side's)
-MAX_PATCH_ELEMENTS_AMX = 1 << 20
+MIN_MATMUL_CHANNELS_AMX = 32
+MAX_OUTPUT_POSITIONS_AMX = 16
+MAX_PATCH_ELEMENTS_AMX = 1 << 23
 
 
 def weight_grad_by_matmul(x: torch.Tensor, patch_shape: tuple[int, int, int], other_channels: int) -> bool:
@@ -98,8 +103,8 @@ def weight_grad_by_matmul(x: torch.Tensor, patch_shape: tuple[int, int, int], ot
     c, h, w = patch_shape
     patches = x.shape[0] * (h // 2) * (w // 2) * 16 * c
     if precision.amx_usable():
-        min_patch_channels, min_other = MIN_MATMUL_CHANNELS_AMX
-        return c >= min_patch_channels and other_channels >= min_other and patches <= MAX_PATCH_ELEMENTS_AMX
+        return (min(c, other_channels) >= MIN_MATMUL_CHANNELS_AMX and (h // 2) * (w // 2) <= MAX_OUTPUT_POSITIONS_AMX
+                and patches <= MAX_PATCH_ELEMENTS_AMX)
     return min(c, other_channels) >= MIN_MATMUL_CHANNELS and patches <= MAX_PATCH_ELEMENTS
 
 
