@@ -4,10 +4,11 @@ On processors with bfloat16 matrix units (x86 with AMX, CUDA GPUs from
 Ampere on) a bf16 matrix multiply runs 2–4× faster than an fp32 one; at
 batch 128 the multiplies are most of a VAE's training step, and they are
 most of an importance-sampled evaluation.  AVX512-BF16 alone (bf16 dot
-products in the vector units) is native, and faster or slower by CPU: on
-one 2-core Xeon with it and no AMX a 2048² bf16 multiply ran at 417 GFLOP/s
-against 195 in fp32, on another at 147 against 260 (and there the MNIST
-training steps were 1.3× (conv) and 1.5× (MLP) slower in bf16).  So
+products in the vector units) is native, and faster or slower by CPU: the
+benchmark's matrix-multiply peak was 417 GFLOP/s in bf16 against 195 in fp32
+on one 2-core Xeon (a bf16 peak far below any AMX CPU's), and a 2048² multiply ran at 147
+against 260 on another without AMX (where the MNIST training steps were 1.3×
+(conv) and 1.5× (MLP) slower in bf16).  So
 ``--precision auto`` takes bf16 only where it is faster
 (:func:`bf16_is_faster`: AMX, or a measured multiply), and ``--precision
 bf16`` wherever it is native.
@@ -83,20 +84,22 @@ MIN_BF16_SPEEDUP = 1.5
 
 @functools.cache
 def bf16_matmul_speedup() -> float:
-    """fp32 time over bf16 time of a 512² matrix multiply on this CPU (best of 5 each, after a warm-up).
+    """fp32 time over bf16 time of a 1024² matrix multiply on this CPU (best of 3 each, after a warm-up).
 
-    Measured once per process, in about 20 ms, with torch's threads; it
-    draws from a generator of its own, not torch's global one, so a seeded
-    run draws the same numbers whether or not this ran.
+    Large enough that both run near their peaks (at 512² fp32 reached only
+    60% of its peak on the 2-core AMX CPU).  Measured once per process, with
+    torch's threads, in about 50 ms (on that CPU; it runs only where bf16 is
+    native without AMX).  It draws from a generator of its own, not torch's
+    global one, so a seeded run draws the same numbers whether or not this ran.
     """
     generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(2, 512, 512, generator=generator)
+    a, b = torch.randn(2, 1024, 1024, generator=generator)
     best = {}
     for dtype in (torch.float32, torch.bfloat16):
         x, y = a.to(dtype), b.to(dtype)
         x @ y
         times = []
-        for _ in range(5):
+        for _ in range(3):
             start = time.perf_counter()
             x @ y
             times.append(time.perf_counter() - start)
