@@ -117,7 +117,6 @@ def test_resolve_precision(monkeypatch):
     assert resolve_precision("bf16", cpu) is BF16
     monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: 2.1)
     assert resolve_precision("auto", cpu) is BF16
-    monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: 0.5)
     # AMX: bf16 is the default
     monkeypatch.setattr(precision, "amx_usable", lambda: True)
     assert resolve_precision("auto", cpu) is BF16

@@ -101,11 +101,12 @@ def weight_grad_by_matmul(x: torch.Tensor, patch_shape: tuple[int, int, int], ot
     if not (x.device.type == "cpu" and x.dtype == torch.bfloat16):
         return False
     c, h, w = patch_shape
-    patches = x.shape[0] * (h // 2) * (w // 2) * 16 * c
+    channels, positions = min(c, other_channels), (h // 2) * (w // 2)  # positions: of one image's output map
+    patches = x.shape[0] * positions * 16 * c
     if precision.amx_usable():
-        return (min(c, other_channels) >= MIN_MATMUL_CHANNELS_AMX and (h // 2) * (w // 2) <= MAX_OUTPUT_POSITIONS_AMX
+        return (channels >= MIN_MATMUL_CHANNELS_AMX and positions <= MAX_OUTPUT_POSITIONS_AMX
                 and patches <= MAX_PATCH_ELEMENTS_AMX)
-    return min(c, other_channels) >= MIN_MATMUL_CHANNELS and patches <= MAX_PATCH_ELEMENTS
+    return channels >= MIN_MATMUL_CHANNELS and patches <= MAX_PATCH_ELEMENTS
 
 
 def conv_weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

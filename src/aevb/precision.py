@@ -6,9 +6,9 @@ batch 128 the multiplies are most of a VAE's training step, and they are
 most of an importance-sampled evaluation.  AVX512-BF16 alone (bf16 dot
 products in the vector units) is native, and faster or slower by CPU: the
 benchmark's matrix-multiply peak was 417 GFLOP/s in bf16 against 195 in fp32
-on one 2-core Xeon (a bf16 peak far below any AMX CPU's), and a 2048² multiply ran at 147
-against 260 on another without AMX (where the MNIST training steps were 1.3×
-(conv) and 1.5× (MLP) slower in bf16).  So
+on one 2-core Xeon (a bf16 peak far below any AMX CPU's), and a 2048²
+multiply ran at 147 against 260 on another without AMX (where the MNIST
+training steps were 1.3× (conv) and 1.5× (MLP) slower in bf16).  So
 ``--precision auto`` takes bf16 only where it is faster
 (:func:`bf16_is_faster`: AMX, or a measured multiply), and ``--precision
 bf16`` wherever it is native.
