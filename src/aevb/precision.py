@@ -34,7 +34,7 @@ than drawing other samples does; ``bench/`` measures the speed.
 from __future__ import annotations
 
 import functools
-import time
+import timeit
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator
@@ -100,12 +100,7 @@ def bf16_matmul_speedup() -> float:
     for dtype in (torch.float32, torch.bfloat16):
         x, y = a.to(dtype), b.to(dtype)
         x @ y
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - start)
-        best[dtype] = min(times)
+        best[dtype] = min(timeit.repeat(lambda: x @ y, number=1, repeat=3))
     return best[torch.float32] / best[torch.bfloat16]
 
 
