@@ -396,6 +396,30 @@ def test_learned_scale_value_and_floor(name):
     torch.testing.assert_close(floored.scale(), torch.tensor(0.05, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("name", ["gaussian-learned", "laplace-learned", "gaussian-diag", "gaussian-optimal"])
+@pytest.mark.parametrize("floor", [0.0, -0.5, float("nan")])
+def test_a_scale_floor_must_be_positive(name, floor):
+    # at σ → 0 the density is unbounded: a floor ≤ 0 would give NaN or +∞ log-densities
+    with pytest.raises(ValueError, match="floor must be positive"):
+        LIKELIHOODS.get(name)(floor=floor)
+
+
+@pytest.mark.parametrize("name", ["gaussian-learned", "laplace-learned"])
+def test_learned_scale_of_a_bf16_head_is_exp_in_float32(name):
+    """bf16 holds log σ; σ = exp(log σ) is taken in float32, so 784 pixels' n·log σ stays exact."""
+    gen = torch.Generator().manual_seed(9)
+    head = LIKELIHOODS.get(name)()
+    with torch.no_grad():
+        head.log_scale.fill_(-2.3)
+    head = head.to(torch.bfloat16)
+    log_scale = head.log_scale.detach().double()  # the value the bf16 head holds
+    assert head.scale().dtype == torch.float32
+    loc = torch.rand(4, 784, generator=gen)
+    x = loc + 0.1 * torch.randn(4, 784, generator=gen)
+    exact = head.family(loc.double(), log_scale.exp()).log_prob(x.double()).sum(-1)
+    torch.testing.assert_close(head(loc, 1).log_prob(x).double(), exact, rtol=0, atol=2e-3)
+
+
 def test_learned_scale_receives_gradient():
     head = LIKELIHOODS.get("gaussian-learned")()
     loc = torch.zeros(2, 5)

@@ -271,6 +271,24 @@ def test_hvae_loss_is_its_definition_and_its_elbo_is_below_its_log_likelihood():
     metrics = aevb.evaluate(model, x, iw_samples=20)
     assert len(metrics["kl_per_layer"]) == 2 and len(metrics["active_units_per_layer"]) == 2
     assert metrics["kl_per_dim"] is None
+    assert aevb.evaluate(model, x[:1], iw_samples=4)["active_units_per_layer"] is None  # no variance over one
+
+
+def test_hvae_checks_its_arguments_as_every_model_does():
+    model = aevb.HVAE(data_shape=SHAPE, latent_dim=3, hidden=[16], stochastic_layers=2)
+    for call, match in ((lambda: model.elbo(batch(2), n_samples=0), "n_samples"),
+                        (lambda: model.elbo(batch(2)[:0]), "empty batch"),
+                        (lambda: model.sample(0), "number of samples"),
+                        (lambda: model.sample(2, temperature=float("nan")), "finite")):
+        with pytest.raises(UserError, match=match):
+            call()
+    # a fixed top layer draws nothing: the generator's next draw is the one below's
+    fixed = torch.zeros(2, 3)
+    held = model.sample_layers(2, torch.Generator().manual_seed(0), fixed={2: fixed})
+    assert torch.equal(held[1], fixed)
+    below = model._normal(model._run(model.down[0], fixed))
+    eps = torch.randn(below.mean.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(held[0], below.mean + below.stddev * eps)
 
 
 def test_three_layer_hvae_trains_from_the_command_line(tmp_path):

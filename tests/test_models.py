@@ -309,6 +309,12 @@ def test_bad_constructor_arguments():
         aevb.VAE(data_shape=(4,), latent_dim=2, beta=-1)
     with pytest.raises(UserError):
         aevb.IWAE(data_shape=(4,), latent_dim=2, k=0)
+    # counts are whole numbers and β a finite one: none is truncated or let through as NaN
+    for model, args in (("vae", {"mc_samples": 2.5}), ("iwae", {"k": 2.7}), ("hvae", {"stochastic_layers": 2.9}),
+                        ("vae", {"beta": float("nan")}), ("vae", {"free_bits": float("inf")}),
+                        ("hvae", {"beta": float("nan")})):
+        with pytest.raises(UserError, match="whole number|finite"):
+            MODELS.get(model)(data_shape=(4,), latent_dim=2, **args)
     with pytest.raises(UserError, match="conv"):
         aevb.VAE(data_shape=(6,), latent_dim=2, arch="conv")
     with pytest.raises(UserError, match="multiples of 4"):

@@ -94,8 +94,21 @@ def test_collapse_is_warned_about(digits):
     metrics = evaluate(model, digits.test, iw_samples=4)
     assert metrics["active_units"] == 0 and metrics["collapsed"]
     assert "posterior collapse" in metrics["collapse_warning"] and "none of the 4" in metrics["collapse_warning"]
-    assert "only 1 of 20" in collapse_warning(1, 20)
-    assert collapse_warning(5, 20) is None
+    assert "only 1 of 20" in collapse_warning(1, 20) and "only 2 of 20" in collapse_warning(2, 20)
+    assert collapse_warning(3, 20) is None and collapse_warning(5, 20) is None
+    # a small latent space fully or half used is no collapse
+    assert collapse_warning(1, 1) is None and collapse_warning(1, 2) is None and collapse_warning(9, 9) is None
+    assert "none of the 2" in collapse_warning(0, 2)
+
+
+def test_one_example_has_no_active_units_and_its_metrics_are_strict_json(digits):
+    """The variance of posterior means over one example is undefined: no count, no collapse, no NaN."""
+    model, _, _ = _linear_vae(4, set())
+    metrics = evaluate(model, digits.test[:1], iw_samples=4)
+    assert metrics["examples"] == 1 and math.isfinite(metrics["nll"])
+    assert metrics["active_units"] is None and metrics["collapsed"] is None and metrics["collapse_warning"] is None
+    assert metrics["posterior_mean_variance_per_dim"] is None
+    json.dumps(metrics, allow_nan=False)
 
 
 def test_classifier_accuracy_is_high_for_codes_of_the_label_and_chance_for_noise():

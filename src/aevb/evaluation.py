@@ -56,23 +56,31 @@ def posterior_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000) 
     }
 
 
-def active_units(posterior_means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> torch.Tensor:
-    """Boolean [D]: Var_x(E_q[z_d | x]) > threshold (Burda et al. 2016)."""
+def active_units(posterior_means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> torch.Tensor | None:
+    """Boolean [D]: Var_x(E_q[z_d | x]) > threshold (Burda et al. 2016); None for fewer than two examples,
+    whose variance is undefined."""
+    if posterior_means.shape[0] < 2:
+        return None
     return posterior_means.var(dim=0, unbiased=True) > threshold
 
 
-def collapse_warning(active: int, latent_dim: int) -> str | None:
-    """A one-line warning when few or no latent dimensions are active, else None.
+def collapsed(active: int, latent_dim: int) -> bool:
+    """Whether so few latent dimensions carry information about x that the posterior has collapsed.
 
-    Collapsed means at most one dimension in ten (and at most one) carries
-    information about x: the decoder then ignores z and the model is close to
-    a density model of x alone.
+    None active, or at most one dimension in ten: the decoder then ignores
+    (nearly all of) z and the model is close to a density model of x alone.
+    A small latent space fully or half used (1 of 1, 1 of 2) is not collapse.
     """
+    return active == 0 or active <= latent_dim // 10
+
+
+def collapse_warning(active: int, latent_dim: int) -> str | None:
+    """A one-line warning when :func:`collapsed`, else None."""
     if active == 0:
         return (f"posterior collapse: none of the {latent_dim} latent dimensions is active (the posterior "
                 f"mean does not vary with x; variance ≤ {ACTIVE_UNIT_THRESHOLD}). The decoder ignores z; "
                 f"try --beta-warmup, a smaller --beta, or a less flexible decoder")
-    if active <= max(1, latent_dim // 10):
+    if collapsed(active, latent_dim):
         return (f"posterior collapse: only {active} of {latent_dim} latent dimensions are active "
                 f"(variance of the posterior mean > {ACTIVE_UNIT_THRESHOLD})")
     return None
@@ -251,6 +259,7 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
         "posterior_sigma": stats["std"].mean().item(),
     }
     active = active_units(stats["mean"])
+    n_active = None if active is None else int(active.sum())
     if has_density:
         kl = means["kl"]
         likelihood = dict.fromkeys(("iw_samples", "iw_precision", "nll", "elbo_gap", "bits_per_dim"))
@@ -269,10 +278,11 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
             "kl_per_dim": stats["kl"].mean(0).tolist() if stats["kl"] is not None else None,
             "prior": model.config.get("prior", "standard"),
         })
-        metrics["active_units"] = int(active.sum())
+        metrics["active_units"] = n_active
         metrics["latent_dim"] = model.latent_dim
-        metrics["collapsed"] = bool(active.sum() <= max(1, model.latent_dim // 10))
-        metrics["collapse_warning"] = collapse_warning(int(active.sum()), model.latent_dim)
+        # one example: no variance over x, so neither active units nor collapse can be told
+        metrics["collapsed"] = None if active is None else collapsed(n_active, model.latent_dim)
+        metrics["collapse_warning"] = None if active is None else collapse_warning(n_active, model.latent_dim)
         if not normalized:
             metrics["likelihood_note"] = (
                 f"{model.config['likelihood']} fits σ to each example: a profile likelihood, not a normalised "
@@ -282,9 +292,9 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
             metrics["likelihood_note"] = ("no bits per dimension: a density at the quantised pixel values "
                                           "themselves is no probability; train with --dequantize for them")
     else:
-        metrics["active_units"] = int(active.sum())
+        metrics["active_units"] = n_active
         metrics["latent_dim"] = model.latent_dim
-    metrics["posterior_mean_variance_per_dim"] = stats["mean"].var(0, unbiased=True).tolist()
+    metrics["posterior_mean_variance_per_dim"] = stats["mean"].var(0, unbiased=True).tolist() if n > 1 else None
     metrics.update(model.code_statistics(stats["mean"]))
     if hasattr(model, "layer_statistics"):  # hierarchical models: KL and active units of every layer
         metrics.update(model.layer_statistics(x))

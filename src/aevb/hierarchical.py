@@ -32,7 +32,8 @@ from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from .distributions import diagonal_normal
 from .errors import UserError
-from .models import LatentVariableModel, LossOutput, _posterior_stats
+from .evaluation import active_units
+from .models import LatentVariableModel, LossOutput, _finite_at_least, _posterior_stats, _sample_count, _whole
 from .networks import _mlp
 from .objectives import ElboTerms, at_least_float32
 from .registry import MODELS
@@ -56,8 +57,9 @@ class HVAE(LatentVariableModel):
         if prior != "standard":
             raise UserError("the hierarchical VAE's top layer has the standard normal prior; drop --prior")
         super().__init__(*args, **kwargs)
-        if stochastic_layers < 2 or beta < 0:
-            raise UserError(f"the hierarchical VAE needs at least two stochastic layers and beta ≥ 0, "
+        stochastic_layers = _whole(stochastic_layers, "stochastic_layers")
+        if stochastic_layers < 2 or not _finite_at_least(beta, 0):
+            raise UserError(f"the hierarchical VAE needs at least two stochastic layers and a finite beta ≥ 0, "
                             f"got {stochastic_layers} and {beta}")
         self.layers, self.beta = int(stochastic_layers), float(beta)
         width = int(ladder_hidden or max(64, 2 * self.latent_dim))
@@ -134,9 +136,6 @@ class HVAE(LatentVariableModel):
             log_w = log_w + at_least_float32(p.log_prob(z)) - at_least_float32(q.log_prob(z))
         return log_w
 
-    def elbo(self, x: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
-        return self.elbo_terms(x, n_samples).elbo
-
     def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
         beta = self.beta if beta is None else beta
         terms = self.elbo_terms(x)
@@ -149,9 +148,12 @@ class HVAE(LatentVariableModel):
     def sample_layers(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0,
                       fixed: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Ancestral samples [z_1, …, z_L], each [n, D]; ``fixed`` {layer (1-based): z [n, D]} holds layers."""
+        n = _sample_count(n, temperature)
         device = next(self.parameters()).device
         fixed = fixed or {}
-        z = fixed.get(self.layers, torch.randn(n, self.latent_dim, generator=generator, device=device) * temperature)
+        # a fixed layer draws nothing: the generator's state then depends only on the layers drawn
+        z = (fixed[self.layers] if self.layers in fixed
+             else torch.randn(n, self.latent_dim, generator=generator, device=device) * temperature)
         zs = [z]
         for level in range(self.layers - 2, -1, -1):
             if level + 1 in fixed:
@@ -169,7 +171,7 @@ class HVAE(LatentVariableModel):
         return self.decode(self.sample_layers(n, generator, temperature)[0]).mean
 
     def layer_statistics(self, x: torch.Tensor, batch_size: int = 1000) -> dict[str, Any]:
-        """Per-layer KL and active units (variance of the posterior mean > 0.01) over x."""
+        """Per-layer KL and active units (variance of the posterior mean > 0.01; None for one example) over x."""
         kls = torch.zeros(self.layers, dtype=torch.float64)
         means = [[] for _ in range(self.layers)]
         device = next(self.parameters()).device
@@ -180,6 +182,7 @@ class HVAE(LatentVariableModel):
                 kls += torch.stack([k.sum() for k in terms.kl_layers]).double().cpu()
                 for l, q in enumerate(self.layer_posteriors(xb)):
                     means[l].append(q.mean.float().cpu())
-        variances = [torch.cat(m).var(0, unbiased=True) for m in means]
+        # one example has no variance over x: no active-unit counts then (as evaluate's)
+        active = [active_units(torch.cat(m)) for m in means]
         return {"kl_per_layer": (kls / x.shape[0]).tolist(),
-                "active_units_per_layer": [int((v > 0.01).sum()) for v in variances]}
+                "active_units_per_layer": None if active[0] is None else [int(a.sum()) for a in active]}

@@ -40,7 +40,7 @@ from .config import CORRUPTIONS, JACOBIAN_MODES, SPARSITY_PENALTIES
 from .errors import UserError
 from .io import write_json, write_safetensors
 from .layers import cast
-from .priors import build_prior, per_dimension_kl
+from .priors import build_prior
 from .registry import LIKELIHOODS, MODELS, NETWORKS, POSTERIORS
 from .streaming import StreamedImages, mean_example
 
@@ -258,11 +258,7 @@ class Model(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """[n, *data_shape]: means of p(x|z) for z ~ p(z) (for N(0, I): z ~ N(0, temperature² I);
         for mixtures the temperature scales each component's noise)."""
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise UserError(f"sample(n): n is a number of samples ≥ 1, got {n!r}")
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise UserError(f"sample(temperature=...) must be a finite number ≥ 0, got {temperature}")
-        z = self.prior_module.sample(self, int(n), generator, temperature)  # [n, D]
+        z = self.prior_module.sample(self, _sample_count(n, temperature), generator, temperature)  # [n, D]
         return self.decode(z).mean
 
     def code_statistics(self, codes: torch.Tensor) -> dict[str, float]:
@@ -524,8 +520,9 @@ class VAE(LatentVariableModel):
 
     def __init__(self, *args, beta: float = 1.0, mc_samples: int = 1, free_bits: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        if beta < 0 or mc_samples < 1 or free_bits < 0:
-            raise UserError(f"need beta ≥ 0, mc_samples ≥ 1 and free_bits ≥ 0, got beta={beta}, "
+        mc_samples = _whole(mc_samples, "mc_samples")
+        if not (_finite_at_least(beta, 0) and mc_samples >= 1 and _finite_at_least(free_bits, 0)):
+            raise UserError(f"need finite beta ≥ 0, mc_samples ≥ 1 and finite free_bits ≥ 0, got beta={beta}, "
                             f"mc_samples={mc_samples}, free_bits={free_bits}")
         if free_bits and not self.prior_module.factorises:
             raise UserError(f"free bits are a KL floor per latent dimension, which the {self.config['prior']!r} "
@@ -568,6 +565,7 @@ class IWAE(LatentVariableModel):
 
     def __init__(self, *args, k: int = 5, **kwargs):
         super().__init__(*args, **kwargs)
+        k = _whole(k, "k")
         if k < 1:
             raise UserError(f"IWAE needs k ≥ 1 importance samples, got {k}")
         self.k = int(k)
@@ -614,6 +612,20 @@ def _whole(value: Any, name: str) -> int:
     if isinstance(value, bool) or not float(value).is_integer():
         raise UserError(f"{name} must be a whole number, got {value!r}")
     return int(value)
+
+
+def _sample_count(n: Any, temperature: float) -> int:
+    """``n`` as an int, after the checks every model's ``sample`` makes of its arguments."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise UserError(f"sample(n): n is a number of samples ≥ 1, got {n!r}")
+    if not _finite_at_least(temperature, 0):
+        raise UserError(f"sample(temperature=...) must be a finite number ≥ 0, got {temperature}")
+    return int(n)
+
+
+def _finite_at_least(value: Any, low: float) -> bool:
+    """Whether ``value`` is a finite number ≥ ``low`` (NaN is not: every comparison with it is false)."""
+    return math.isfinite(value) and value >= low
 
 
 def _sizes(hidden: Sequence[int] | None) -> list[int] | None:

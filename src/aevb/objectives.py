@@ -25,12 +25,8 @@ import torch
 from torch.distributions import Distribution, kl_divergence
 
 from .errors import NoLikelihoodError, UserError
+from .precision import at_least_float32  # noqa: F401  (imported from here by fused, hierarchical)
 from .runtime import denormals_flushed, keep_freed_memory
-
-
-def at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as float32 if its dtype is narrower (bf16, fp16), else unchanged (float32, float64)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 @dataclass

@@ -47,6 +47,11 @@ from .errors import UserError
 _matmul_dtype: ContextVar[torch.dtype | None] = ContextVar("aevb_matmul_dtype", default=None)
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32 if its dtype is narrower (bf16, fp16), else unchanged (float32, float64)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 @contextmanager
 def matmul_dtype(dtype: torch.dtype | None) -> Iterator[None]:
     """Run the multiplies of aevb's layers in ``dtype`` (None: the weights' own dtype)."""

@@ -25,11 +25,8 @@ from torch import nn
 from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
 
 from .distributions import standard_normal
+from .precision import at_least_float32
 from .registry import PRIORS
-
-
-def _float(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 class Prior(nn.Module):
@@ -104,13 +101,13 @@ class MixtureOfGaussiansPrior(Prior):
         return {"components": self.components}
 
     def forward(self, model) -> Distribution:
-        loc, scale = _float(self.loc), _float(self.log_scale).exp()
+        loc, scale = at_least_float32(self.loc), at_least_float32(self.log_scale).exp()
         components = Independent(Normal(loc, scale, validate_args=False), 1)  # batch [K], event [D]
-        return MixtureSameFamily(Categorical(logits=_float(self.logits), validate_args=False), components,
+        return MixtureSameFamily(Categorical(logits=at_least_float32(self.logits), validate_args=False), components,
                                  validate_args=False)
 
     def sample(self, model, n, generator=None, temperature=1.0):
-        return _mixture_sample(_float(self.logits), _float(self.loc), _float(self.log_scale).exp(), n,
+        return _mixture_sample(at_least_float32(self.logits), at_least_float32(self.loc), at_least_float32(self.log_scale).exp(), n,
                                generator, temperature)
 
 

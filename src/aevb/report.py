@@ -337,10 +337,11 @@ def _eval_section(metrics: dict) -> str:
         rows = []
         for d, value in enumerate(kl):
             var = variance[d] if variance and d < len(variance) else None
-            active = var is None or var > 0.01
+            active = var is None or var > 0.01  # no variance (one example): not shown as inactive
             bar = (f'<span class="bar{"" if active else " inactive"}" '
                    f'style="width:{max(0.5, 100 * value / top):.1f}%"></span>')
-            rows.append([f"z{d + 1}", _e(_format(value)), _e(_format(var)), "yes" if active else "no", bar])
+            rows.append([f"z{d + 1}", _e(_format(value)), _e(_format(var)),
+                         "—" if var is None else "yes" if active else "no", bar])
         parts.append("<h3>KL and activity per latent dimension</h3>")
         parts.append(_table(rows, ["dimension", "KL (nats)", "Var<sub>x</sub> E[z|x]", "active", "KL"],
                             classes={1: "num", 2: "num", 4: "barcell"}))
