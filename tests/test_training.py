@@ -9,6 +9,7 @@ codes, Ctrl-C, no traceback, --help) are in test_cli.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -197,6 +198,70 @@ def test_resume_mid_epoch_equals_training_straight(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 20
 
 
+def test_resume_to_fewer_steps_than_trained_is_refused(tmp_path):
+    run = train(tmp_path / "run", "--steps", 5)
+    shutil.rmtree(run / "model")  # as if interrupted after step 5, before the export
+    before = (run / "config.json").read_text()
+    with pytest.raises(UserError, match=r"already trained 5 steps .*more than --steps 3"):
+        aevb.train(dataclasses.replace(aevb.training.read_run_config(run), steps=3), resume=run, progress=False)
+    assert (run / "config.json").read_text() == before and not (run / "model").exists()
+    assert aevb_cli("train", "--resume", run, "--steps", 5, "-q") == 0  # as many: the export it missed
+    assert (run / "model" / "weights.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def mid_epoch(runs) -> Path:
+    """Five steps into the first epoch: a checkpoint with a shuffle order (copy it before changing it)."""
+    return train(runs / "mid-epoch", "--steps", 5)
+
+
+def _first_weight(state: dict) -> str:
+    return next(k for k in state if k.startswith("model.") and state[k].is_floating_point())
+
+
+def _nan_weight(state, meta):
+    state[_first_weight(state)].view(-1)[0] = float("nan")
+
+
+def _drop_optimizer_state(state, meta):
+    for key in [k for k in state if k.startswith("optim.")]:
+        del state[key]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda state, meta: state["position.perm"].view(-1).__setitem__(0, 10**6), "shuffle order"),
+    (lambda state, meta: state.__setitem__("position.perm", state["position.perm"].double()), "shuffle order"),
+    (lambda state, meta: state.__setitem__("position.perm", state["position.perm"][:-1]), "shuffle order"),
+    (lambda state, meta: meta["param_groups"][0].__setitem__("lr", "fast"), "lr='fast'"),
+    (_drop_optimizer_state, "no optimiser state"),
+    (_nan_weight, "NaN or infinite"),
+], ids=["perm-out-of-range", "perm-float", "perm-short", "lr-string", "no-optimiser-state", "nan-weight"])
+def test_a_damaged_checkpoint_is_one_clear_error_and_is_kept(mid_epoch, tmp_path, damage, message):
+    """What load_state_dict takes without a word, and which would fail later or train on from a wrong state."""
+    run = Path(shutil.copytree(mid_epoch, tmp_path / "run"))
+    state, meta = read_checkpoint(run / CHECKPOINT)
+    damage(state, meta)
+    write_safetensors(run / CHECKPOINT, state, {"format": "aevb-checkpoint", "meta": json.dumps(meta)})
+    damaged = (run / CHECKPOINT).read_bytes()
+    with pytest.raises(UserError, match=message):
+        aevb.train(dataclasses.replace(aevb.training.read_run_config(run), steps=8), resume=run, progress=False)
+    assert (run / CHECKPOINT).read_bytes() == damaged
+
+
+@pytest.mark.parametrize("changed", ["rows", "columns"])
+def test_resume_on_changed_data_names_the_data(tmp_path, changed):
+    data = tmp_path / "table.npy"
+    rng = torch.Generator().manual_seed(0)
+    import numpy as np
+
+    np.save(data, torch.rand(200, 16, generator=rng).numpy())
+    run = train(tmp_path / "run", "--data", data, "--likelihood", "gaussian-learned", "--steps", 3)
+    shutil.rmtree(run / "model")
+    np.save(data, torch.rand(*((300, 16) if changed == "rows" else (200, 20)), generator=rng).numpy())
+    with pytest.raises(UserError, match=r"training data .* are not the ones its checkpoint was trained on"):
+        aevb.train(dataclasses.replace(aevb.training.read_run_config(run), steps=6), resume=run, progress=False)
+
+
 # ---------------------------------------------------------------------------
 # 5. a non-finite loss stops the run and keeps the last good checkpoint
 
@@ -269,8 +334,14 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path, fail
     assert os.listdir(tmp_path) == ["config.json"]
 
 
-def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", ["OSError", "SafetensorError"])
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, error):
     import safetensors.torch
+    from safetensors import SafetensorError
+
+    # safetensors reports a full disk as its own error, not an OSError
+    failure = (OSError("No space left on device") if error == "OSError" else
+               SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
 
     real_save = safetensors.torch.save_file
     saves = {"n": 0}
@@ -281,12 +352,12 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
             if saves["n"] == 2:
                 with open(filename, "wb") as f:
                     f.write(b"\x00" * 100)  # half a file, then the machine goes down
-                raise OSError("no space left on device")
+                raise failure
         real_save(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash_on_second_checkpoint)
     config = make_config(latent_dim=2, hidden="32", device="cpu", epochs=2, out=str(tmp_path / "run"))
-    with pytest.raises(UserError, match="no space"):  # one clear message, naming the file
+    with pytest.raises(UserError, match="cannot write .*last.safetensors.*No space left"):  # naming the file
         aevb.train(config, progress=False)
     _, meta = read_checkpoint(tmp_path / "run" / CHECKPOINT)
     assert (meta["step"], meta["epoch"]) == (STEPS_PER_EPOCH, 1)
@@ -296,6 +367,9 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
 def test_write_safetensors_replaces_the_file_whole(tmp_path):
     path = tmp_path / "w.safetensors"
     write_safetensors(path, {"a": torch.zeros(3)})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # readable by others as any file, not mkstemp's 0600
     write_safetensors(path, {"a": torch.ones(3), "b": torch.arange(2)})
     loaded = load_file(path)
     assert torch.equal(loaded["a"], torch.ones(3)) and torch.equal(loaded["b"], torch.arange(2))

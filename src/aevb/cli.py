@@ -80,7 +80,7 @@ def _train_options(function):
 @cli.command(context_settings=CONTEXT)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of options (e.g. RUN/config.json); flags override it")
 @click.option("--resume", type=click.Path(file_okay=False), metavar="RUN", help="continue RUN from its last checkpoint (--epochs/--steps may be raised)")
-@click.option("--force", is_flag=True, help="overwrite an existing --out folder")
+@click.option("--force", is_flag=True, help="reuse an existing --out folder: first deletes the run there (its config, metrics, checkpoints, model and pictures; files of yours stay)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar and no per-epoch lines (metrics.jsonl still has every record)")
 @_train_options
 def train(config_file, resume, force, quiet, **flags):

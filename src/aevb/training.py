@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import re
-import shutil
 import signal
 import sys
 import time
@@ -49,6 +48,7 @@ from .schedules import make_schedule
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
 RUN_OUTPUTS = ("config.json", "metrics.jsonl", "eval.json", "report.html", "checkpoints", "model", "images", "tensorboard")
+RUN_FILE_SUFFIXES = (".png", ".json", ".jsonl", ".safetensors", ".html", ".tmp")  # what a run writes in those folders
 NONFINITE_ADVICE = "Try a lower --lr, --grad-clip, or a likelihood with a floor"
 
 
@@ -233,17 +233,34 @@ def make_run_dir(run_dir: Path, config: RunConfig, force: bool = False) -> Path:
                 n += 1
                 run_dir = base.with_name(f"{base.name}-{n}")
     elif run_dir.exists() and force:
-        # only what a run writes; anything else the user keeps there stays
-        for stale in RUN_OUTPUTS:
-            path = run_dir / stale
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        _clear_run_outputs(run_dir)
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"run folder {run_dir} was filled while this run loaded its data; pass another --out")
     (run_dir / "images").mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _clear_run_outputs(run_dir: Path) -> None:
+    """Delete what an earlier run wrote in ``run_dir`` (for --force), and nothing else.
+
+    The files of :data:`RUN_OUTPUTS`, and in its folders only the kinds of file
+    a run writes there (pictures, JSON, weights, TensorBoard events, temporary
+    files): a photo or notes the user keeps in ``images/`` or ``model/`` stay,
+    and so do those folders then.
+    """
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if not path.is_dir():
+            path.unlink(missing_ok=True)
+            continue
+        for entry in sorted(path.rglob("*"), reverse=True):  # a folder's files before the folder
+            if entry.is_dir() and not entry.is_symlink():
+                if not any(entry.iterdir()):
+                    entry.rmdir()
+            elif entry.suffix in RUN_FILE_SUFFIXES or entry.name.startswith("events.out.tfevents."):
+                entry.unlink()
+        if not any(path.iterdir()):
+            path.rmdir()
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
@@ -297,8 +314,13 @@ class Position:
 
 
 def write_checkpoint(path: Path, model: Model, optimizer: torch.optim.Optimizer, position: Position,
-                     shuffle: torch.Generator, model_kwargs: dict, settings: dict | None = None) -> None:
-    """The whole training state in one safetensors file; ``settings`` is the run's config, to check a resume against."""
+                     shuffle: torch.Generator, model_kwargs: dict, settings: dict | None = None,
+                     examples: int | None = None) -> None:
+    """The whole training state in one safetensors file.
+
+    ``settings`` (the run's config) and ``examples`` (the number of training
+    examples) are what a resume is checked against.
+    """
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
     optim_state = optimizer.state_dict()
     for index, state in optim_state["state"].items():
@@ -314,6 +336,7 @@ def write_checkpoint(path: Path, model: Model, optimizer: torch.optim.Optimizer,
     meta = {
         "step": position.step, "epoch": position.epoch, "batch": position.batch,
         "param_groups": optim_state["param_groups"], "model_kwargs": model_kwargs, "config": settings,
+        "examples": examples,
     }
     write_safetensors(path, tensors, metadata={"format": "aevb-checkpoint", "meta": json.dumps(meta)})
 
@@ -362,27 +385,88 @@ def _check_unchanged(path: Path, meta: dict, config: RunConfig) -> None:
 
 
 def _restore(path: Path, model: Model, optimizer: torch.optim.Optimizer, shuffle: torch.Generator,
-             config: RunConfig) -> Position:
+             config: RunConfig, examples: int) -> Position:
+    """Load the training state of ``path`` into ``model``, ``optimizer`` and ``shuffle``; the position to go on from.
+
+    Everything that would otherwise fail later, or silently train on from a
+    state that is not the run's, is a UserError here: a config or training
+    data other than the run's (``examples``: the number of training examples
+    now), non-finite weights, missing or malformed optimiser state, a shuffle
+    order that is not one of the data.
+    """
+    run_dir = path.parent.parent
     state, meta = read_checkpoint(path)
     _check_unchanged(path, meta, config)
+    saved_shape = (meta.get("model_kwargs") or {}).get("data_shape")
+    trained_on = meta.get("examples")
+    perm = state.get("position.perm")
+    if trained_on is None and perm is not None and perm.dim() == 1:  # checkpoints from before "examples"
+        trained_on = perm.numel()
+    if (saved_shape is not None and tuple(saved_shape) != tuple(model.data_shape)) or (
+            trained_on is not None and trained_on != examples):
+        was = f"{trained_on} examples of shape {tuple(saved_shape or ())}"
+        raise UserError(f"the training data of {run_dir} ({config.data}) are not the ones its checkpoint was trained on "
+                        f"({was}; now {examples} of shape {tuple(model.data_shape)}); restore those data to resume, "
+                        f"or start a new run on these")
+
+    def corrupt(what: str) -> UserError:
+        return UserError(f"checkpoint {path} is corrupt: {what}; delete the run's checkpoints and train again")
+
     _load_prefixed(model, state, "model.", path)
+    if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
+        raise corrupt("its weights hold NaN or infinite values")
+    step = meta.get("step")
+    if perm is not None and (perm.dtype != torch.int64 or perm.shape != (examples,)
+                             or not torch.equal(perm.sort().values, torch.arange(examples))):
+        raise corrupt("its shuffle order (position.perm) is no order of the training examples")
     try:
         optim_state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
         for key, value in state.items():
             if key.startswith("optim."):
                 _, index, name = key.split(".", 2)
                 optim_state["state"].setdefault(int(index), {})[name] = value
+        _check_optimizer_state(optimizer, optim_state, int(step))
         optimizer.load_state_dict(optim_state)
         torch.set_rng_state(state["rng.torch"])
         shuffle.set_state(state["rng.shuffle"])
-        position = Position(int(meta["step"]), int(meta["epoch"]), int(meta["batch"]), state.get("position.perm"))
+        position = Position(int(step), int(meta["epoch"]), int(meta["batch"]), perm)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a hand-edited or foreign file
-        raise UserError(f"checkpoint {path} is corrupt: its optimiser, random or position state cannot be read "
-                        f"({type(e).__name__}: {e}); delete the run's checkpoints and train again") from None
+        raise corrupt(f"its optimiser, random or position state cannot be read ({type(e).__name__}: {e})") from None
     cuda_states = [state[k] for k in sorted(state) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
     return position
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, step: int) -> None:
+    """A ValueError unless ``saved`` is state this optimiser could have written after ``step`` steps.
+
+    ``load_state_dict`` takes any values: a string learning rate fails only in
+    the next step, and an empty state would silently restart Adam's moments.
+    """
+    if step > 0 and not saved["state"]:
+        raise ValueError(f"no optimiser state after {step} steps")
+    kinds = {frozenset(entry) for entry in saved["state"].values()}
+    if len(kinds) > 1:
+        raise ValueError("the parameters' optimiser states hold different entries")
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"{len(saved['param_groups'])} parameter groups for {len(optimizer.param_groups)}")
+    for group, ours in zip(saved["param_groups"], optimizer.param_groups):
+        for key, value in ours.items():
+            if key != "params" and key in group and not _same_kind(group[key], value):
+                raise ValueError(f"parameter group setting {key}={group[key]!r}")
+
+
+def _same_kind(saved: Any, ours: Any) -> bool:
+    """Whether a saved optimiser setting has the type of ours (numbers for numbers, pairs for pairs)."""
+    if isinstance(ours, bool) or ours is None:
+        return isinstance(saved, bool) or saved is None
+    if isinstance(ours, (int, float)) or torch.is_tensor(ours):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+    if isinstance(ours, (tuple, list)):
+        return isinstance(saved, (tuple, list)) and len(saved) == len(ours) and all(
+            _same_kind(s, o) for s, o in zip(saved, ours))
+    return type(saved) is type(ours)
 
 
 # ---------------------------------------------------------------------------
@@ -601,7 +685,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     optimizer = _make_optimizer(model, config, device)
     loss_of = _make_loss(model, config, device)
     if resume is not None:
-        position = _restore(run_dir / CHECKPOINT, model, optimizer, shuffle, config)
+        position = _restore(run_dir / CHECKPOINT, model, optimizer, shuffle, config, x_train.shape[0])
     else:
         position = Position()
         run_dir = make_run_dir(run_dir, config, force)
@@ -614,10 +698,14 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = config.steps or config.epochs * steps_per_epoch
     if resume is not None:
-        if total_steps <= position.step and (run_dir / "model" / "config.json").is_file():
+        # fewer steps than done would export a model its config.json does not describe; as many, a run
+        # whose export was interrupted exports now (and one already exported has nothing left to do)
+        exported = (run_dir / "model" / "config.json").is_file()
+        if total_steps < position.step or (total_steps == position.step and exported):
             asked = f"--steps {config.steps}" if config.steps else f"--epochs {config.epochs}"
             raise UserError(f"{run_dir} has already trained {position.step} steps ({position.step / steps_per_epoch:.4g} "
-                            f"epochs), as many as {asked} asks; pass a larger --epochs or --steps to train further")
+                            f"epochs), {'more than' if total_steps < position.step else 'as many as'} {asked} asks; "
+                            f"pass a larger --epochs or --steps to train further")
         # the new length, before training: a run interrupted from here resumes toward it
         write_json(run_dir / "config.json", config.to_dict())
     log = MetricsLog(run_dir, config, position.step if resume is not None else None)
@@ -659,7 +747,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
         return "no checkpoint had been written yet"
 
     def save_checkpoint() -> None:
-        write_checkpoint(run_dir / CHECKPOINT, model, optimizer, position, shuffle, model_kwargs, config.to_dict())
+        write_checkpoint(run_dir / CHECKPOINT, model, optimizer, position, shuffle, model_kwargs, config.to_dict(), n)
 
     bar = None
     if progress:
