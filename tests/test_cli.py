@@ -519,10 +519,59 @@ def test_an_unwritable_output_is_one_error_naming_it(run_copy, monkeypatch, caps
 
     monkeypatch.setattr(os, "replace", read_only)
     assert aevb_cli("eval", run_copy, "-k", 2) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "negative ELBO" in out  # the figures were shown before eval.json could not be written
     assert "Traceback" not in err and err.count("error:") == 1
     last = err.strip().splitlines()[-1]  # after the progress bar
     assert last.startswith("error: cannot write") and "eval.json" in last and "Read-only file system" in last
+
+
+def _one_error_line(capsys, *names: str) -> None:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "frame #" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    for name in names:
+        assert name in lines[0], f"{name!r} not in {lines[0]!r}"
+
+
+@pytest.mark.parametrize("command", ["eval", "sample", "explore"])
+def test_a_seed_torch_cannot_take_is_one_line(run, capsys, command):
+    assert aevb_cli(command, run, "--seed", 10**23) == 2
+    _one_error_line(capsys, "--seed", "range")
+
+
+def test_the_model_folder_for_the_run_folder_is_one_line_naming_the_run(run, capsys):
+    assert aevb_cli("eval", run / "model", "-k", 2) == 2
+    _one_error_line(capsys, "exported model", f"({run})")
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    (tmp_path / "c.toml").write_bytes(b"\xff\xfe")
+    assert aevb_cli("train", "--config", tmp_path / "c.toml") == 2
+    _one_error_line(capsys, "c.toml", "UTF-8")
+
+
+def test_a_hand_edited_model_config_is_one_line(run_copy, capsys):
+    path = run_copy / "model" / "config.json"
+    config = json.loads(path.read_text())
+    config["args"]["latent_dim"] = "x"
+    path.write_text(json.dumps(config))
+    assert aevb_cli("sample", run_copy, "-n", 4) == 2
+    _one_error_line(capsys, "model/config.json", "corrupt")
+
+
+def test_running_out_of_memory_is_one_line(run, monkeypatch, capsys, tmp_path):
+    def too_big(*args, **kwargs):  # what torch's CPU allocator raises for an allocation it cannot make
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 160000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(aevb.models.Model, "sample", too_big)
+    assert aevb_cli("sample", run, "-n", 10**8, "--out", tmp_path / "s.png") == 2
+    _one_error_line(capsys, "not enough memory", "160000000000 bytes", "-n")
+    # and torch's C++ stack is no part of a message on bad model sizes
+    assert aevb_cli("train", "--latent-dim", 10**20, "--out", tmp_path / "huge", "-q") == 2
+    _one_error_line(capsys, "latent")
 
 
 def test_commands_on_an_unfinished_run_say_which_checkpoint_they_use(run_copy, capsys):

@@ -21,6 +21,7 @@ from .errors import UserError
 from .registry import DATASETS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+SEED = click.IntRange(-2**63, 2**64 - 1)  # what torch.manual_seed takes (train checks the same in RunConfig)
 
 
 class Group(click.Group):
@@ -112,8 +113,9 @@ def train(config_file, resume, force, quiet, **flags):
 
         changed = sorted(k for k, v in given.items() if k not in resumable and not same(k, v))
         if changed or config_file:
-            raise UserError(f"--resume continues a run as it was configured; only --epochs, --steps and --device "
-                            f"may change (got {', '.join('--' + flag(k) for k in changed) or '--config'})")
+            raise UserError(f"--resume continues a run as it was configured; only "
+                            f"{', '.join('--' + flag(k) for k in resumable)} may change "
+                            f"(got {', '.join('--' + flag(k) for k in changed) or '--config'})")
         updates = {k: v for k, v in given.items() if k in resumable}
         if "epochs" in updates and "steps" not in updates:
             updates["steps"] = None  # --steps overrides --epochs: a new --epochs alone must count
@@ -163,7 +165,7 @@ def _load(run: str, device: str):
 @_run_argument
 @click.option("--iw-samples", "-k", type=click.IntRange(min=1), default=5000, show_default=True, help="importance samples per test example for log p(x)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True, help="test examples per batch")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of the Monte Carlo estimates")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the Monte Carlo estimates")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="multiplies of the importance sampler: bf16 decodes the k samples about 2× faster where the "
                    "device has bf16 matrix units and moves log p(x) by a few thousandths of a nat, several times "
@@ -186,9 +188,11 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device):
       aevb eval runs/mnist --precision fp32     # float32 importance sampler
     """
     from .evaluation import evaluate_run
+    from .io import write_json
 
+    # eval.json is written after the table is shown: a run folder one may not write to still gets the figures
     metrics = evaluate_run(run, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
-                           progress=True, precision=precision)
+                           progress=True, precision=precision, write=False)
     click.echo(format_metrics(metrics))
     diagnostics = format_diagnostics(metrics)
     if diagnostics:
@@ -197,6 +201,7 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device):
         click.echo(f"warning: {metrics['collapse_warning']}", err=True)
     if metrics.get("likelihood_note"):
         click.echo(f"note: {metrics['likelihood_note']}")
+    write_json(Path(run) / "eval.json", metrics)
     click.echo(f"written: {Path(run) / 'eval.json'}")
 
 
@@ -231,7 +236,7 @@ def format_metrics(metrics: dict) -> str:
 @_run_argument
 @click.option("-n", "n", type=click.IntRange(min=1), default=64, show_default=True, help="number of samples")
 @click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, callback=_finite, help="scale of z ~ N(0, T² I)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="PNG to write [default: RUN/images/samples-T<temperature>.png]")
 @_device_option
 def sample(run, n, temperature, seed, out, device):
@@ -348,7 +353,7 @@ def interpolate(run, pairs, steps, out, device):
 @click.option("-n", "grid_size", type=click.IntRange(min=2), default=15, show_default=True, help="latent grid points per side")
 @click.option("--pairs", type=click.IntRange(min=1), default=4, show_default=True, help="interpolated pairs of test images")
 @click.option("--top-dims", type=click.IntRange(min=1), default=10, show_default=True, help="latent dimensions traversed (largest KL first)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @_device_option
 def explore(run, grid_range, directions, grid_size, pairs, top_dims, seed, device):
     """Write every figure of a run into RUN/images/ and print their paths.
@@ -405,6 +410,14 @@ def report(run, iw_samples, out, device):
 # ---------------------------------------------------------------------------
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is torch's report of an allocation that failed (CPU or GPU)."""
+    torch = sys.modules.get("torch")  # loaded by whatever ran out of memory; --help does not load it
+    if torch is not None and isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in str(error) or "out of memory" in str(error))
+
+
 def _notice(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one 'note:' line on stderr, without the source line Python shows."""
     click.echo(f"note: {message}", err=True)
@@ -426,7 +439,7 @@ def _run(args: list[str]) -> None:
         click.echo(e.ctx.get_help() if e.ctx else "")
         sys.exit(0)
     except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
+        click.echo("error: interrupted (Ctrl-C); nothing was finished", err=True)
         sys.exit(130)
     except click.ClickException as e:
         command = " ".join(["aevb", *(e.ctx.command_path.split()[1:] if getattr(e, "ctx", None) else [])])
@@ -443,6 +456,13 @@ def _run(args: list[str]) -> None:
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
+    except (RuntimeError, MemoryError) as e:
+        if not (isinstance(e, MemoryError) or _out_of_memory(e)):
+            raise
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        click.echo(f"error: not enough memory ({detail.split('DefaultCPUAllocator: ')[-1]}); ask for less: a smaller "
+                   f"-n, --batch-size, --hidden or --latent-dim", err=True)
+        sys.exit(UserError.exit_code)
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -162,6 +162,10 @@ class RunConfig:
             raise UserError(f"--seed must be in [-2^63, 2^64), got {self.seed}")
         if self.hidden is not None and any(h < 1 for h in self.hidden):
             raise UserError(f"--hidden sizes must be positive, got {self.hidden}")
+        # a layer's size is a 64-bit count to torch: beyond that its error names no option
+        for name, sizes in (("latent_dim", [self.latent_dim]), ("hidden", self.hidden or [])):
+            if any(size >= 2**31 for size in sizes):
+                raise UserError(f"--{flag(name)} must be below 2^31, got {sizes[0] if name == 'latent_dim' else sizes}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise UserError(f"--adam-betas takes two numbers in [0, 1), got {self.adam_betas}")
         if self.beta_schedule == "constant" and self.beta_warmup:
@@ -240,7 +244,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if path.suffix not in (".toml", ".json"):
         raise UserError(f"config file {path}: aevb reads TOML (.toml) or JSON (.json) config files, not "
                         f"{path.suffix or 'files without a suffix'}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     try:
         if path.suffix == ".toml":
             raw = tomllib.loads(text)

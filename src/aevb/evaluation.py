@@ -319,8 +319,8 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
 
 
 def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int = 500, seed: int = 0,
-                 device: str = "auto", progress: bool = False, precision: str = "auto") -> dict:
-    """Evaluate a run folder's model on its test split and write ``RUN/eval.json``.
+                 device: str = "auto", progress: bool = False, precision: str = "auto", write: bool = True) -> dict:
+    """Evaluate a run folder's model on its test split and write ``RUN/eval.json`` (unless ``write`` is False).
 
     The test split is binarised as in training; where the data have labels
     the per-class rows and the representation accuracy (classifiers trained
@@ -345,5 +345,6 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int
                        classes=dataset.classes, precision=precision, dequantized=config.dequantize)
     metrics["data"] = config.data
     metrics["checkpoint_step"] = getattr(model, "checkpoint_step", None)  # set for a run still training
-    write_json(run_dir / "eval.json", metrics)
+    if write:
+        write_json(run_dir / "eval.json", metrics)
     return metrics

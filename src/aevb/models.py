@@ -592,8 +592,8 @@ def build_model(name: str, **kwargs: Any) -> Model:
     cls = MODELS.get(name)
     try:
         return cls(**kwargs)
-    except TypeError as e:
-        raise UserError(f"bad arguments for model {name!r}: {e}") from None
+    except TypeError as e:  # torch's own messages can hold its C++ stack after the first line
+        raise UserError(f"bad arguments for model {name!r}: {str(e).strip().splitlines()[0]}") from None
 
 
 def legacy_model_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -677,7 +677,12 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     stored = _DTYPES.get(config.get("dtype", "float32"))
     if stored is None:
         raise UserError(f"{config_path} names an unknown dtype {config.get('dtype')!r}; re-export the model")
-    model = build_model(name, **legacy_model_args(name, args)).to(stored)
+    try:
+        model = build_model(name, **legacy_model_args(name, args)).to(stored)
+    except UserError as e:
+        raise UserError(f"{config_path} describes no model aevb can build ({e}); re-export the model") from None
+    except (ValueError, TypeError, AttributeError) as e:  # a hand-edited value: "latent_dim": "x"
+        raise UserError(f"{config_path} is corrupt ({type(e).__name__}: {e}); re-export the model") from None
     try:
         state = load_file(weights_path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:

@@ -273,6 +273,9 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     path = run_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not an aevb run folder (no config.json); pass the folder that 'aevb train' wrote")
+    if (run_dir / "weights.safetensors").is_file():  # RUN/model, or any model that Model.save wrote
+        raise UserError(f"{run_dir} is an exported model, not a run folder; pass the run folder it is in "
+                        f"({run_dir.parent}), or load it with aevb.load('{run_dir}')")
     return make_config(read_config_file(path))
 
 
