@@ -230,6 +230,17 @@ def test_csv_tabular_is_standardised_with_train_statistics(tmp_path):
     np.testing.assert_allclose(data.test.numpy(), (rows[40:] - mean) / std, rtol=1e-5, atol=1e-5)
 
 
+def test_a_column_constant_in_training_keeps_its_scale(tmp_path):
+    """MNIST's border pixels as table columns: constant in the training rows, not in the test rows."""
+    rows = np.random.default_rng(6).normal(size=(50, 3))
+    rows[:40, 1] = 7.0
+    np.save(tmp_path / "t.npy", rows)
+    data = load_data(str(tmp_path / "t.npy"), test_split=10)
+    assert data.standardization["std"][1] == 1.0
+    np.testing.assert_allclose(data.test[:, 1].numpy(), rows[40:, 1] - 7.0, rtol=1e-5, atol=1e-6)
+    assert torch.equal(data.train[:, 1], torch.zeros(40))
+
+
 def test_labels_from_csv_file(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((4, 3, 3), dtype=np.uint8))
     (tmp_path / "y.csv").write_text("label\n2\n0\n1\n2\n")
@@ -286,13 +297,61 @@ def test_image_folder_subfolders_are_classes(tmp_path):
         _png(tmp_path / "cats" / f"{i}.png", "RGB", (8, 8), (0, 255, 0))
     data = load_data(str(tmp_path), image_size=4, test_split=1)
     assert data.classes == ["cats", "dogs"]
-    assert data.train_labels.tolist() == [0, 0, 1] and data.test_labels.tolist() == [1]
-    assert data.train[0, 1].min() == 1 and data.test[0, 2].min() == 1  # cats green, dogs blue
+    assert sorted(data.train_labels.tolist() + data.test_labels.tolist()) == [0, 0, 1, 1]
+    for images, labels in ((data.train, data.train_labels), (data.test, data.test_labels)):
+        for image, label in zip(images, labels):  # each image keeps its own label: cats green, dogs blue
+            assert image[1 + int(label)].min() == 1
+
+
+def test_a_folder_of_classes_is_split_in_a_seeded_random_order(tmp_path):
+    """Its files are sorted by class: a split from the end would test on the last class alone."""
+    for c in range(5):
+        for i in range(20):
+            _png(tmp_path / f"class{c}" / f"{i:02d}.png", "L", (4, 4), 50 * c)
+    data = load_data(str(tmp_path), image_size=4, test_split=0.2, val_split=0.2)
+    for labels in (data.test_labels, data.val_labels, data.train_labels):
+        assert len(set(labels.tolist())) >= 3
+    assert torch.equal(data.test_labels, load_data(str(tmp_path), image_size=4, test_split=0.2, val_split=0.2).test_labels)
+    assert not torch.equal(data.test_labels, load_data(str(tmp_path), image_size=4, test_split=0.2, val_split=0.2,
+                                                       seed=1).test_labels)
+    # the label of every image is its folder's: grey level 50·c
+    torch.testing.assert_close(data.test[:, 0, 0, 0], data.test_labels.float() * 50 / 255)
+
+
+def test_exif_orientation_is_applied_as_viewers_show_the_image(tmp_path):
+    stored = np.zeros((8, 8), dtype=np.uint8)
+    stored[:, 0] = 255  # the first column bright, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display": a camera held upright
+    Image.fromarray(stored).save(tmp_path / "a.png", exif=exif)
+    Image.fromarray(stored).save(tmp_path / "b.png")
+    data = load_data(str(tmp_path), image_size=8, test_split=1)
+    upright, plain = data.train[0, 0], data.test[0, 0]
+    assert torch.equal(upright[0], torch.ones(8)) and upright[1:].max() == 0  # the first row, as viewers show it
+    assert torch.equal(plain[:, 0], torch.ones(8))
+
+
+def test_uint8_rows_of_three_planes_are_colour_images_in_cifars_layout(tmp_path):
+    rng = np.random.default_rng(5)
+    rows = rng.integers(0, 256, size=(6, 3 * 32 * 32), dtype=np.uint8)  # CIFAR-10's python batches
+    np.savez(tmp_path / "cifar.npz", data=rows, labels=np.arange(6) % 3)
+    data = load_data(str(tmp_path / "cifar.npz"), test_split=2)
+    assert data.kind == "image" and data.data_shape == (3, 32, 32) and data.levels == 256
+    expected = torch.from_numpy(rows.reshape(6, 3, 32, 32).astype(np.float32) / 255)
+    torch.testing.assert_close(torch.cat([data.train, data.test]), expected)
+    assert data.train[0, 1, 0, 0] == rows[0, 1024] / 255  # the green plane follows the red one
+    # a small uint8 table of 3·s² columns (s < 4) stays a table
+    np.save(tmp_path / "small.npy", rng.integers(0, 256, size=(20, 12), dtype=np.uint8))
+    assert load_data(str(tmp_path / "small.npy"), test_split=2).kind == "tabular"
 
 
 def test_folder_without_readable_images(tmp_path):
     (tmp_path / "x.png").write_bytes(b"garbage")
     with pytest.raises(UserError, match="no readable images"), pytest.warns(UserWarning, match="x.png"):
+        load_data(str(tmp_path))
+    # a folder of data files (the published MNIST files) names them and the option that reads them
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((2, 4, 4), dtype=np.uint8), compress=True)
+    with pytest.raises(UserError, match=r"t10k-images-idx3-ubyte.gz.*--data FILE"), pytest.warns(UserWarning):
         load_data(str(tmp_path))
 
 

@@ -134,6 +134,27 @@ def test_the_bf16_speedup_is_measured_once_without_touching_the_seeded_generator
     assert precision.bf16_matmul_speedup() == speedup  # cached: one measurement per process
 
 
+def test_an_x86_cpu_without_avx512_bf16_or_amx_has_no_native_bf16(monkeypatch):
+    """oneDNN says bf16 for any AVX512BW CPU (Skylake), where bf16 dot products are emulated."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(precision, "amx_usable", lambda: False)
+    assert not bf16_is_native(cpu)
+    with pytest.raises(UserError, match="no native bfloat16"):
+        resolve_precision("bf16", cpu)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert bf16_is_native(cpu)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(precision, "amx_usable", lambda: True)
+    assert bf16_is_native(cpu)
+    monkeypatch.setattr(precision.platform, "machine", lambda: "aarch64")  # oneDNN's answer stands there
+    monkeypatch.setattr(precision, "amx_usable", lambda: False)
+    assert bf16_is_native(cpu)
+
+
 def test_amx_detection_agrees_with_torch():
     """AMX is usable only where the CPU reports its tiles; where usable, bf16 is native too."""
     from aevb.precision import amx_usable

@@ -252,7 +252,7 @@ def sample(run, n, temperature, seed, out, device):
     model = _load(run, device)
     _require_images(model, "sample")
     if not model.has_kl:
-        raise UserError(f"{run} holds a {model.name}, which has no prior to sample (its codes are not fitted to "
+        raise UserError(f"{run} holds an autoencoder ({model.name}), which has no prior to sample (its codes are not fitted to "
                         f"N(0, I)); train a VAE (--model vae) to sample, or use 'aevb reconstruct' / 'aevb explore'")
     path = Path(out) if out else Path(run) / "images" / f"samples-T{temperature:g}.png"
     click.echo(f"written: {sample_grid(model, path, n=n, seed=seed, temperature=temperature)}")

@@ -60,7 +60,7 @@ class RunConfig:
     labels: str | None = _opt(None, "labels file for --data FILE (IDX, .npy or .csv)", group="data", metavar="FILE")
     data_dir: str | None = _opt(None, "folder holding the published files of mnist/fashion-mnist/cifar10", group="data", metavar="DIR")
     download: bool = _opt(False, "download mnist/fashion-mnist/cifar10 with torchvision when missing", group="data")
-    test_split: float = _opt(0.1, "held-out test examples: a count (2000) or a fraction (0.1), taken from the end in file order", group="data", metavar="N|F")
+    test_split: float = _opt(0.1, "held-out test examples: a count (2000) or a fraction (0.1), taken from the end in file order (an image folder with class subfolders: in a seeded random order, as with --shuffle)", group="data", metavar="N|F")
     val_split: float = _opt(0.0, "validation examples taken from the end of the training part (0: report the test set each epoch)", group="data", metavar="N|F")
     shuffle: bool = _opt(False, "shuffle (seeded) before splitting instead of splitting in file order", group="data")
     image_size: int | None = _opt(None, "resize and centre-crop an image folder to this size (default 64)", group="data", metavar="PX")

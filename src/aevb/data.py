@@ -112,6 +112,9 @@ class SourceData:
     classes: list[str] | None = None
     test_x: torch.Tensor | None = None  # [N_test, *data_shape] official test set
     test_y: torch.Tensor | None = None  # [N_test]
+    # file order groups the examples by class (an image folder's subfolders): splits from the end would
+    # hold out the last classes alone, so the split always shuffles (seeded) first
+    grouped_by_class: bool = False
 
 
 # --------------------------------------------------------------------------- entry point
@@ -225,7 +228,7 @@ def _split(name: str, data: SourceData, *, test_split, val_split, shuffle: bool,
             return x[index]
         return x.subset(index).load() if held_out else x.subset(index)
 
-    if shuffle:
+    if shuffle or data.grouped_by_class:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # [N]
         x = take(perm)
         y = None if y is None else y[perm]
@@ -245,7 +248,10 @@ def _split(name: str, data: SourceData, *, test_split, val_split, shuffle: bool,
     standardization = None
     if data.kind == "tabular":
         mean = train.double().mean(0)  # [D]
-        std = train.double().std(0, unbiased=False).clamp_min(1e-8)  # [D]
+        std = train.double().std(0, unbiased=False)  # [D]
+        # a column constant in training (MNIST's border pixels as rows) keeps its scale: dividing by a
+        # clamped 1e-8 would send its test values, which may vary, to ±1e8 (as scikit-learn's scaler does)
+        std = torch.where(std > 1e-8, std, torch.ones_like(std))
         train, test = [((t - mean) / std).float() for t in (train, test)]
         val = None if val is None else ((val - mean) / std).float()
         standardization = {"mean": mean.tolist(), "std": std.tolist()}
@@ -410,7 +416,8 @@ def _load_path(path: Path, labels: str | None, image_size: int, stream: str = "a
     if view is None:
         if stream == "yes":
             raise UserError(f"--stream yes is for images; {path} holds rows of a table [N, D]: drop --stream")
-        xt, kind = torch.from_numpy(np.asarray(x, dtype=np.float32)), "tabular"  # [N, D]
+        # a copy: a table is small, and a read-only memory map would make torch warn of its writes
+        xt, kind = torch.from_numpy(np.array(x, dtype=np.float32)), "tabular"  # [N, D]
     else:
         xt, kind = _images(view, scale, stream), "image"
     yt = None if y is None else _labels_tensor(y, len(xt), where)
@@ -653,10 +660,15 @@ def _image_view(a: np.ndarray, where: str) -> tuple[np.ndarray | None, int | Non
     if not finite:
         raise UserError(f"{where} contains NaN or infinite values; remove or fill them")
     if a.ndim == 2:
-        side = math.isqrt(a.shape[1])
-        if a.dtype != np.uint8 or side * side != a.shape[1]:
+        # 8-bit rows of s² values are grey images; of 3·s² (s ≥ 4), colour ones in CIFAR-10's python
+        # layout, each channel's plane after the other (3·s² is never a square, so the two cannot clash)
+        side, colour_side = math.isqrt(a.shape[1]), math.isqrt(a.shape[1] // 3)
+        if a.dtype == np.uint8 and side * side == a.shape[1]:
+            a = a.reshape(len(a), side, side)
+        elif a.dtype == np.uint8 and a.shape[1] % 3 == 0 and colour_side**2 * 3 == a.shape[1] and colour_side >= 4:
+            a = a.reshape(len(a), 3, colour_side, colour_side)
+        else:
             return None, None, None
-        a = a.reshape(len(a), side, side)
     if a.ndim == 3:
         a = a[:, None]  # [N, 1, H, W]
     elif a.shape[-1] in (1, 3, 4) and a.shape[1] not in (1, 3, 4):
@@ -700,11 +712,12 @@ def _range(a: np.ndarray, rows: int = 4096) -> tuple:
 def _load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceData:
     """Every readable image under root, sorted by path, as [N, C, S, S] in [0, 1] with S = image_size.
 
-    Images are converted to RGB (to greyscale if all are greyscale), resized so
+    Images are turned upright as their EXIF orientation says (as every viewer
+    shows them), converted to RGB (to greyscale if all are greyscale), resized so
     the short side is S, and centre-cropped to S x S.  Unreadable files are
     named in a warning and skipped.  With two or more subfolders holding
     images, the top-level subfolder is the class (like torchvision's
-    ImageFolder).  In memory, the images are decoded and converted to float32.
+    ImageFolder), and the split shuffles first.  In memory, the images are decoded and converted to float32.
     Streamed (``stream``: yes, or auto for a folder too large for memory as
     float32), they are decoded once into a cache file of 8-bit pixels
     (:func:`_decoded_folder`) that later runs memory-map without decoding.
@@ -749,7 +762,11 @@ def _load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceDat
         more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
         warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {root}: {names}{more}", stacklevel=3)
     if not kept:
-        raise UserError(f"no readable images in folder {root}; pass a folder of image files (PNG, JPEG, …)")
+        data_files = sorted(p.name for p in root.iterdir() if p.is_file() and (
+            _format_suffix(p) in (".npy", ".npz", *_TEXT_SUFFIXES) or _looks_like_idx(p)))
+        hint = (f"; it holds data files ({', '.join(data_files[:3])}{', …' if len(data_files) > 3 else ''}): pass one "
+                f"with --data FILE (and its labels with --labels FILE)") if data_files else ""
+        raise UserError(f"no readable images in folder {root}; pass a folder of image files (PNG, JPEG, …){hint}")
 
     folders = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in kept]
     classes = sorted({f for f in folders if f is not None})
@@ -769,7 +786,7 @@ def _load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceDat
         x = StreamedImages(view, 255.0, rows=rows)
     else:
         x = pixels_to_float(view if rows is None else view[rows], 255.0)
-    return SourceData(x, y, "image", levels=256, classes=classes)
+    return SourceData(x, y, "image", levels=256, classes=classes, grouped_by_class=y is not None)
 
 
 def _decode_all(files: list[Path], mode: str, image_size: int, description: str) -> Iterator[np.ndarray | None]:
@@ -832,10 +849,11 @@ GREY_MODES = ("1", "L", "LA", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 def _decode(path: Path, mode: str, image_size: int) -> np.ndarray:
     """One image file as uint8 pixels [S, S] (mode L) or [S, S, 3] (RGB)."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(path) as im:
-        return np.asarray(_resize_crop(_eight_bit(im).convert(mode), image_size))
+        upright = ImageOps.exif_transpose(im)  # a camera's portrait JPEG is stored sideways
+        return np.asarray(_resize_crop(_eight_bit(upright).convert(mode), image_size))
 
 
 def _eight_bit(im):
@@ -856,6 +874,9 @@ def _eight_bit(im):
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
 
 
+DECODER = 2
+
+
 def _decoded_folder(root: Path, files: list[Path], mode: str, image_size: int,
                     shape: tuple[int, ...]) -> tuple[np.ndarray, list[Path], list[Path]]:
     """(pixels [N, *shape] uint8 memory-mapped, files decoded, files that failed) of an image folder.
@@ -873,7 +894,8 @@ def _decoded_folder(root: Path, files: list[Path], mode: str, image_size: int,
 
     stats = [p.stat() for p in files]  # one stat call a file: a folder can hold 200k of them
     listing = [(str(p.relative_to(root)), st.st_size, st.st_mtime_ns) for p, st in zip(files, stats)]
-    key = hashlib.sha256(json.dumps([str(root.resolve()), mode, image_size, listing]).encode()).hexdigest()[:20]
+    # DECODER: how files become pixels (2: EXIF orientation applied); a change decodes cached folders again
+    key = hashlib.sha256(json.dumps([str(root.resolve()), mode, image_size, DECODER, listing]).encode()).hexdigest()[:20]
     cache = CACHE_DIR.expanduser() / "folders" / f"{root.resolve().name or 'root'}-{image_size}px-{key}.npy"
     index = cache.with_suffix(".json")
     if cache.is_file() and index.is_file():
@@ -894,11 +916,19 @@ def _decoded_folder(root: Path, files: list[Path], mode: str, image_size: int,
                 pixels[len(kept)] = decoded
                 kept.append(i)
         pixels.flush()
-        if len(kept) < len(files):  # drop the unused rows at the end
-            rows = np.array(pixels[:len(kept)])
-            del pixels
-            with open(tmp, "wb") as f:
-                np.save(f, rows)
+        if len(kept) < len(files):  # drop the unused rows at the end, a block at a time: constant memory
+            trimmed = f"{tmp}.rows"
+            try:
+                rows = np.lib.format.open_memmap(trimmed, mode="w+", dtype=np.uint8, shape=(len(kept), *shape))
+                for start in range(0, len(kept), 4096):
+                    stop = min(start + 4096, len(kept))
+                    rows[start:stop] = pixels[start:stop]
+                rows.flush()
+                del rows, pixels
+                os.replace(trimmed, tmp)
+            finally:
+                if os.path.exists(trimmed):
+                    os.unlink(trimmed)
         else:
             del pixels
 

@@ -104,7 +104,8 @@ def build_conv(data_shape: Shape, latent_dim: int, encoder_outputs: int,
     if height % factor or width % factor:
         raise UserError(
             f"--arch conv halves the image {len(channels)} times, so height and width must be "
-            f"multiples of {factor}; got {height}×{width} (resize with --image-size)"
+            f"multiples of {factor}; got {height}×{width}: resize an image folder with --image-size, pad or resize "
+            f"the images of a data file, or use --arch mlp"
         )
     hidden = list(hidden) if hidden else [128 if height < 32 else 256]
     feature_shape = (channels[-1], height // factor, width // factor)

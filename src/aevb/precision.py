@@ -34,6 +34,7 @@ than drawing other samples does; ``bench/`` measures the speed.
 from __future__ import annotations
 
 import functools
+import platform
 import timeit
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -67,8 +68,20 @@ def bf16_is_native(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+        # oneDNN's answer is yes for any AVX512BW CPU (Skylake), which emulates bf16 dot products;
+        # native ones take AVX512-BF16 or AMX
+        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+            return bool(_cpu_flag("_is_avx512_bf16_supported") or amx_usable())
+        return True
     return False
+
+
+def _cpu_flag(name: str) -> bool:
+    """torch.cpu's private test ``name`` of a CPU feature; False where this build has none."""
+    test = getattr(torch.cpu, name, None)
+    return bool(test()) if test is not None else False
 
 
 @functools.cache

@@ -85,7 +85,7 @@ def plan_figures(model, run_dir: str | Path) -> Plan:
         if model.latent_dim < 2 and name not in skipped:
             skipped[name] = "the latent space has one dimension; a plane needs two"
     if not model.has_kl and "prior-samples.png" not in skipped:
-        skipped["prior-samples.png"] = f"a {model.name} has no prior to sample: its codes are not fitted to N(0, I)"
+        skipped["prior-samples.png"] = f"an autoencoder ({model.name}) has no prior to sample: its codes are not fitted to N(0, I)"
     if not (run_dir / "metrics.jsonl").is_file():
         skipped["training-curves.png"] = "the run has no metrics.jsonl"
     if not likelihood.startswith(("gaussian", "laplace")):
