@@ -367,6 +367,12 @@ def test_a_config_file_with_an_unknown_key_is_one_line(tmp_path):
     assert_user_error(run_aevb("train", "--config", "bad.toml", cwd=tmp_path), "latent_dims")
 
 
+def test_resume_with_force_is_refused(run_copy, capsys):
+    before = snapshot(run_copy)
+    assert aevb_cli("train", "--resume", run_copy, "--force", "--epochs", 3) == 2
+    assert "drop one of them" in capsys.readouterr().err and snapshot(run_copy) == before
+
+
 def test_resume_with_another_learning_rate_is_refused(run_copy):
     before = snapshot(run_copy)
     proc = run_aevb("train", "--resume", run_copy, "--lr", "0.01", "--epochs", 3, cwd=run_copy.parent)
@@ -508,6 +514,11 @@ def test_run_folders_store_absolute_data_paths_and_reproduce_into_a_new_folder(t
     # --config RUN/config.json alone trains a copy into a fresh folder, not over RUN
     assert aevb_cli("train", "--config", tmp_path / "run" / "config.json", "-q") == 0
     assert (tmp_path / "runs" / "vae-table" / "model").is_dir()
+    # nor, from a copy of the run folder, over the run it was copied from (its config.json names that one)
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    before = snapshot(tmp_path / "run")
+    assert aevb_cli("train", "--config", tmp_path / "copy" / "config.json", "--force", "-q") == 0
+    assert snapshot(tmp_path / "run") == before and (tmp_path / "runs" / "vae-table-2" / "model").is_dir()
 
 
 def test_an_unwritable_output_is_one_error_naming_it(run_copy, monkeypatch, capsys):

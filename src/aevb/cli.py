@@ -100,6 +100,8 @@ def train(config_file, resume, force, quiet, **flags):
       aevb train --resume runs/mnist --epochs 20                           # continue
     """
     given = {k: v for k, v in flags.items() if v is not None}
+    if resume and force:
+        raise UserError("--force makes a new run over an old one; --resume continues a run: drop one of them")
     if resume:
         from .training import read_run_config
 
@@ -121,10 +123,7 @@ def train(config_file, resume, force, quiet, **flags):
             updates["steps"] = None  # --steps overrides --epochs: a new --epochs alone must count
         config = make_config(dataclasses.asdict(config), **updates)
     else:
-        file_values = read_config_file(config_file) if config_file else {}
-        if file_values.get("out") and "out" not in given and \
-                Path(str(file_values["out"])).resolve() == Path(config_file).resolve().parent:
-            del file_values["out"]  # reproducing a run: into a new folder, never over the run itself
+        file_values = read_config_file(config_file, template=True) if config_file else {}
         config = make_config(file_values, **given)
 
     from .training import train as run_training

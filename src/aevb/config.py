@@ -236,8 +236,14 @@ def _list(value: Any, kind: type) -> list:
     return [kind(v) for v in value]
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML or JSON config file into {field: value}; unknown keys are an error."""
+def read_config_file(path: str | Path, *, template: bool = False) -> dict[str, Any]:
+    """Read a TOML or JSON config file into {field: value}; unknown keys are an error.
+
+    ``template``: the file configures a new run (``aevb train --config``), so a
+    run's own config.json gives no ``out``: that is where the run it records
+    lives (or, for a copied run folder, the folder it was copied from), and a new
+    run trains into a folder of its own, never over one.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -268,6 +274,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     normalised = {k.replace("-", "_"): v for k, v in flat.items()}
     if is_run_config:  # a run's config.json lists every option it had: reproduce runs written before these
         normalised = _as_read_now({**OPTIONS_ADDED_LATER, **normalised})
+        if template:
+            normalised.pop("out", None)
     unknown = sorted(set(normalised) - set(FIELDS))
     if unknown:
         raise UserError(f"config file {path} has unknown options: {', '.join(unknown)}; see 'aevb train --help'")
