@@ -16,12 +16,12 @@ from pathlib import Path
 
 import click
 
-from .config import PRECISIONS, RunConfig, coerce, flag, make_config, read_config_file
+from .config import PRECISIONS, SEED_RANGE, RunConfig, coerce, flag, make_config, read_config_file
 from .errors import UserError
 from .registry import DATASETS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-SEED = click.IntRange(-2**63, 2**64 - 1)  # what torch.manual_seed takes (train checks the same in RunConfig)
+SEED = click.IntRange(*SEED_RANGE)  # train's --seed is checked in RunConfig, for config files too
 
 
 class Group(click.Group):

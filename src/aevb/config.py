@@ -28,6 +28,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 FORMAT = "aevb-run"
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed takes
 # Options added after config.json's format was first written, with the values that
 # reproduce a run from before them (whose config.json, listing every option, lacks them).
 OPTIONS_ADDED_LATER = {"precision": "fp32", "output_bias": "default", "posterior_scale": "log-scale"}
@@ -158,7 +159,7 @@ class RunConfig:
                             f"for no clipping")
         if self.likelihood_scale is not None and self.likelihood_scale <= 0:
             raise UserError(f"--likelihood-scale must be > 0, got {self.likelihood_scale}")
-        if not -2**63 <= self.seed < 2**64:  # what torch.manual_seed takes
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise UserError(f"--seed must be in [-2^63, 2^64), got {self.seed}")
         if self.hidden is not None and any(h < 1 for h in self.hidden):
             raise UserError(f"--hidden sizes must be positive, got {self.hidden}")

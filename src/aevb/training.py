@@ -418,7 +418,6 @@ def _restore(path: Path, model: Model, optimizer: torch.optim.Optimizer, shuffle
     _load_prefixed(model, state, "model.", path)
     if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
         raise corrupt("its weights hold NaN or infinite values")
-    step = meta.get("step")
     if perm is not None and (perm.dtype != torch.int64 or perm.shape != (examples,)
                              or not torch.equal(perm.sort().values, torch.arange(examples))):
         raise corrupt("its shuffle order (position.perm) is no order of the training examples")
@@ -428,11 +427,12 @@ def _restore(path: Path, model: Model, optimizer: torch.optim.Optimizer, shuffle
             if key.startswith("optim."):
                 _, index, name = key.split(".", 2)
                 optim_state["state"].setdefault(int(index), {})[name] = value
-        _check_optimizer_state(optimizer, optim_state, int(step))
+        step = int(meta["step"])
+        _check_optimizer_state(optimizer, optim_state, step)
         optimizer.load_state_dict(optim_state)
         torch.set_rng_state(state["rng.torch"])
         shuffle.set_state(state["rng.shuffle"])
-        position = Position(int(step), int(meta["epoch"]), int(meta["batch"]), perm)
+        position = Position(step, int(meta["epoch"]), int(meta["batch"]), perm)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a hand-edited or foreign file
         raise corrupt(f"its optimiser, random or position state cannot be read ({type(e).__name__}: {e})") from None
     cuda_states = [state[k] for k in sorted(state) if k.startswith("rng.cuda.")]
