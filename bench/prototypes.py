@@ -32,14 +32,14 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def _is_fast_case(model) -> bool:
-    from aevb.distributions import BernoulliLikelihood, GaussianPosterior
+    from aevb.model.distributions import BernoulliLikelihood, GaussianPosterior
 
     return isinstance(model.likelihood, BernoulliLikelihood) and isinstance(model.posterior, GaussianPosterior)
 
 
 def _loc_log_scale(model, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(μ, log σ) [B, D] from the encoder's output, as the model's posterior reads it."""
-    from aevb.distributions import loc_and_log_scale
+    from aevb.model.distributions import loc_and_log_scale
 
     return loc_and_log_scale(params, model.posterior.scale_param)
 
@@ -54,7 +54,8 @@ def _fast_loss(self, x: torch.Tensor, beta: float | None, reconstruction_sum):
     loss = mean_b [ (1/L) Σ_l BCEwithlogits(decoder(z_lb), x_b) summed over pixels
                     + ½ Σ_d (σ² + μ² − 1 − 2 log σ) ]
     """
-    from aevb.models import LossOutput, VAE
+    from aevb.model.base import LossOutput
+    from aevb.model.vae import VAE
 
     if not _is_fast_case(self):
         return VAE._original_loss(self, x, beta)
@@ -131,7 +132,7 @@ def fast_log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_siz
     :func:`halving_softplus_sum`;
     log p(z) − log q(z|x) = Σ_d [−½ z² + ½ ε² + log σ] (the 2π terms cancel).
     """
-    from aevb import objectives
+    from aevb.model import objectives
 
     last = model.decoder[-2] if isinstance(model.decoder[-1], nn.Unflatten) else None
     if not _is_fast_case(model) or not isinstance(last, nn.Linear):
@@ -181,7 +182,8 @@ def _setattr(obj, name, value):
 @contextmanager
 def applied(names):
     """Apply the named patches for the duration of the block."""
-    from aevb import models, objectives, training
+    from aevb.model import objectives, vae as models
+    from aevb.training import loop as training
 
     if not hasattr(models.VAE, "_original_loss"):
         models.VAE._original_loss = models.VAE.loss

@@ -68,7 +68,8 @@ def _auto_precision(device: str) -> str:
     """What ``--precision auto`` resolves to here, and why: the machines differ in their bf16 hardware."""
     import torch
 
-    from aevb.precision import amx_usable, bf16_is_native, bf16_matmul_speedup, resolve_precision
+    from aevb.acceleration.bf16 import bf16_is_native, bf16_matmul_speedup, resolve_precision
+    from aevb.model.precision import amx_usable
 
     chosen = "bf16" if resolve_precision("auto", torch.device(device)) else "fp32"
     if device != "cpu":
@@ -169,7 +170,7 @@ def suite(quick: bool, device: str, skip_pythae: bool) -> dict:
         res["train"][arch] = rows
 
     # long runs: after about 700 steps on MNIST, subnormal floats slow every step they touch
-    # (aevb.runtime); the second half of each run is past that point
+    # (aevb.acceleration.runtime); the second half of each run is past that point
     res["long"] = {}
     if not q:
         for arch, n_epochs in (("mlp", 30), ("conv", 20)):

@@ -73,7 +73,7 @@ def matmul(device: str = "cpu", dtype: str = "float32") -> dict:
 
 def _subset_files(tmp: Path, n_train: int) -> tuple[Path, Path]:
     """.npy files holding the first n_train images then the 2,000 test images (and labels)."""
-    from aevb.data import read_idx
+    from aevb.data.datasets import read_idx
 
     images, labels = mnist_uint8(), read_idx(MNIST_LABELS)
     keep = np.r_[0:n_train, len(images) - N_TEST:len(images)]
@@ -111,7 +111,7 @@ def aevb_train(arch: str = "mlp", max_epochs: int = 10, min_epochs: int = 10, ta
     converted up front (``aevb train --stream``).  ``options``: any other
     config fields (``{"adam_betas": [0.9, 0.99]}``), for trying recipes.
     """
-    import aevb.training as T
+    import aevb.training.loop as T
     from aevb.config import make_config
 
     tmp = Path(tempfile.mkdtemp(prefix="aevb-bench-"))
@@ -271,21 +271,21 @@ class _AevbStep:
 
     def __init__(self, arch: str, batch_size: int, device: str, precision: str = "auto",
                  hidden: int | None = None, fused: bool = True, image: list | None = None):
-        from aevb import optim
-        from aevb.precision import resolve_precision
+        from aevb.acceleration import optim
+        from aevb.acceleration.bf16 import resolve_precision
 
         self.dtype = resolve_precision(precision, torch.device(device))
         torch.manual_seed(0)
         # another image shape: uniform pixels, as many as MNIST's training images (speed only)
         x_train = load_mnist()[0] if image is None else torch.rand(N_TRAIN, *image)
         self.model = _aevb_model(arch, hidden, device, image)
-        # the library's optimiser (torch's fused Adam, aevb.optim's lean step), or torch's per-parameter loop
+        # the library's optimiser (torch's fused Adam, aevb.acceleration.optim's lean step), or torch's per-parameter loop
         self.optimizer = (optim.Adam(self.model.parameters(), lr=1e-3) if fused
                           else torch.optim.Adam(self.model.parameters(), lr=1e-3, foreach=False))
         self.next_batch = _batches(x_train.to(device), batch_size)
 
     def loss(self, x: torch.Tensor):
-        from aevb.precision import matmul_dtype
+        from aevb.model.precision import matmul_dtype
 
         with matmul_dtype(self.dtype):
             return self.model.loss(x)
@@ -305,7 +305,7 @@ def aevb_step(arch: str = "mlp", batch_size: int = 128, hidden: int | None = Non
 
     ``image`` [C, H, W]: the network aevb builds for that shape, on uniform pixels.
     """
-    from aevb.runtime import denormals_flushed
+    from aevb.acceleration.runtime import denormals_flushed
 
     step = _AevbStep(arch, batch_size, device, precision, hidden, fused, image)
     with applied(patches), denormals_flushed():  # as the library's loop runs
@@ -391,7 +391,8 @@ def aevb_ll(model_path: str | None = None, k: int = 5000, n_images: int = 2000, 
 
     ``precision``: of the sampler's multiplies, as ``aevb eval --precision``.
     """
-    from aevb.precision import matmul_dtype, resolve_precision
+    from aevb.acceleration.bf16 import resolve_precision
+    from aevb.model.precision import matmul_dtype
 
     torch.manual_seed(0)
     _, x_test = load_mnist()
@@ -510,7 +511,7 @@ def ab_step(arch: str = "mlp", batch_size: int = 128, device: str = "cpu", round
 @worker
 def ab_loop(epochs: int = 3, rounds: int = 3, device: str = "cpu") -> dict:
     """aevb.training.train (mlp) with and without the loop prototypes, interleaved; seconds per epoch."""
-    import aevb.training as T
+    import aevb.training.loop as T
     from aevb.config import make_config
 
     tmp = Path(tempfile.mkdtemp(prefix="aevb-ab-"))
@@ -550,8 +551,9 @@ def ab_loop(epochs: int = 3, rounds: int = 3, device: str = "cpu") -> dict:
 @worker
 def ab_eval(k: int = 1000, n_images: int = 100, rounds: int = 5, device: str = "cpu", model_path: str | None = None) -> dict:
     """Importance-sampled log-likelihood variants, interleaved, on the same model and images."""
-    import aevb.objectives as O
-    from aevb.precision import bf16_is_native, matmul_dtype
+    import aevb.model.objectives as O
+    from aevb.acceleration.bf16 import bf16_is_native
+    from aevb.model.precision import matmul_dtype
     from prototypes import fast_log_likelihood
 
     def bf16(fn):

@@ -43,6 +43,6 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _no_user_cache(tmp_path_factory, monkeypatch):
     """Keep what the loaders cache (decoded image folders) out of the user's ~/.cache."""
-    import aevb.data
+    import aevb.data.datasets
 
-    monkeypatch.setattr(aevb.data, "CACHE_DIR", tmp_path_factory.getbasetemp() / "aevb-cache")
+    monkeypatch.setattr(aevb.data.datasets, "CACHE_DIR", tmp_path_factory.getbasetemp() / "aevb-cache")

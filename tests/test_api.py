@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import aevb
-from aevb import objectives
+from aevb.model import objectives
 from aevb.config import make_config
 from aevb.errors import NoLikelihoodError, UserError
 from aevb.registry import MODELS

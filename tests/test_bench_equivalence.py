@@ -77,7 +77,7 @@ def test_hand_written_terms_equal_aevb_terms_at_the_posterior_mean(arch, images)
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 def test_fast_loss_prototypes_return_the_library_loss_and_gradients(arch, prototype, dtype, images):
     """In float32 and with bf16 multiplies (the benchmark's A/B runs the step in its default precision)."""
-    from aevb.precision import matmul_dtype
+    from aevb.model.precision import matmul_dtype
 
     model, _ = pair(arch)
     torch.manual_seed(2)
@@ -128,7 +128,7 @@ def test_plain_log_likelihood_agrees_with_batched_aevb_on_independent_draws(imag
 
 
 def test_fast_log_likelihood_prototype_equals_the_library(images):
-    from aevb.precision import matmul_dtype
+    from aevb.model.precision import matmul_dtype
 
     model, _ = pair("mlp")
     x = images[:6]

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 import aevb
 from aevb.cli import cli
 from aevb.errors import UserError
-from aevb.training import CHECKPOINT, read_checkpoint
+from aevb.training.loop import CHECKPOINT, read_checkpoint
 from conftest import aevb_cli
 
 SMALL = ("--latent-dim", "4", "--hidden", "32", "--device", "cpu", "-q")
@@ -131,13 +131,13 @@ def test_eval_writes_eval_json_and_prints_a_table(run, capsys):
     # the default: bf16 multiplies in the importance sampler where they are faster (AMX)
     import torch
 
-    from aevb.precision import bf16_is_faster
+    from aevb.acceleration.bf16 import bf16_is_faster
 
     assert metrics["iw_precision"] == ("bf16" if bf16_is_faster(torch.device("cpu")) else "fp32")
 
 
 def test_eval_precision_applies_to_the_importance_sampler_only(run_copy, capsys, monkeypatch):
-    from aevb import precision
+    from aevb.acceleration import bf16 as precision
 
     monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)  # emulated where not: slow, same maths
     assert aevb_cli("eval", run_copy, "-k", 20, "--precision", "bf16") == 0
@@ -577,7 +577,7 @@ def test_running_out_of_memory_is_one_line(run, monkeypatch, capsys, tmp_path):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
                            "memory: you tried to allocate 160000000000 bytes. Error code 12 (Cannot allocate memory)")
 
-    monkeypatch.setattr(aevb.models.Model, "sample", too_big)
+    monkeypatch.setattr(aevb.model.base.Model, "sample", too_big)
     assert aevb_cli("sample", run, "-n", 10**8, "--out", tmp_path / "s.png") == 2
     _one_error_line(capsys, "not enough memory", "160000000000 bytes", "-n")
     # and torch's C++ stack is no part of a message on bad model sizes
@@ -622,8 +622,8 @@ def test_few_unlabelled_test_images_and_more_pictures_than_classes(tmp_path, cap
 
 
 def test_an_autoencoder_has_no_prior_samples(tmp_path, capsys):
-    from aevb.report import plan_figures
-    from aevb.training import load_run_model
+    from aevb.analysis.report import plan_figures
+    from aevb.training.loop import load_run_model
 
     run = tmp_path / "ae"
     assert aevb_cli("train", "--model", "ae", *SMALL, "--epochs", 1, "--out", run) == 0
@@ -654,7 +654,7 @@ def test_runs_written_by_earlier_versions_still_load(run_copy, capsys):
 
 def test_runs_started_together_get_a_folder_each(tmp_path, monkeypatch):
     from aevb.config import make_config
-    from aevb.training import make_run_dir, new_run_dir
+    from aevb.training.loop import make_run_dir, new_run_dir
 
     monkeypatch.chdir(tmp_path)
     config = make_config(epochs=1)
@@ -671,7 +671,7 @@ def test_resume_exports_a_run_that_finished_training_but_not_its_export(run_copy
 
 
 def test_resume_from_python_and_with_the_data_path_as_given(table, tmp_path, monkeypatch):
-    from aevb.training import read_run_config, train
+    from aevb.training.loop import read_run_config, train
 
     monkeypatch.chdir(table.parent)
     run = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Tests of aevb.data: registered data sets, file and folder readers, splits, binarisation."""
+"""Tests of aevb.data.datasets: registered data sets, file and folder readers, splits, binarisation."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from conftest import MNIST_IMAGES, MNIST_LABELS, requires_mnist
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from aevb.data import (
+from aevb.data.datasets import (
     BINARIZE_MODES,
     Dataset,
     binarize,

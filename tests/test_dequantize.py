@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from aevb import data
-from aevb.evaluation import bits_per_dim
-from aevb.models import build_model
+from aevb.data import datasets as data
+from aevb.analysis.evaluation import bits_per_dim
+from aevb.model.base import build_model
 from conftest import aevb_cli
 
 SMALL = ("--latent-dim", "4", "--hidden", "32", "--device", "cpu", "-q")

@@ -10,9 +10,9 @@ import torch
 from torch.distributions import Normal
 
 import aevb
-from aevb import objectives
+from aevb.model import objectives
 from aevb.errors import UserError
-from aevb.schedules import make_schedule
+from aevb.training.schedules import make_schedule
 
 from conftest import aevb_cli
 from test_cli import png_size
@@ -94,7 +94,7 @@ def test_free_bits_are_logged_and_refused_where_they_mean_nothing(tmp_path):
         assert r["loss"] == pytest.approx(r["reconstruction"] + r["beta"] * r["kl_free_bits"], rel=1e-5)
     assert aevb.load(run / "model").free_bits == 0.5
     from aevb.config import make_config
-    from aevb.training import check_model_options
+    from aevb.training.loop import check_model_options
 
     with pytest.raises(UserError, match="--free-bits does not apply to --model iwae"):
         check_model_options(make_config(model="iwae", free_bits=0.5))
@@ -221,7 +221,7 @@ def test_explore_writes_the_denoising_figure_for_a_dae_run(tmp_path):
     assert png_size(run / "images" / "denoising.png")[0] > 100
     with pytest.raises(UserError, match="--noise-level does not apply to --model vae"):
         from aevb.config import make_config
-        from aevb.training import check_model_options
+        from aevb.training.loop import check_model_options
 
         check_model_options(make_config(model="vae", noise_level=0.5))
 
@@ -303,7 +303,7 @@ def test_three_layer_hvae_trains_from_the_command_line(tmp_path):
 
 
 def test_hvae_layer_variation_holds_the_layers_above_and_decodes_what_it_shows(tmp_path):
-    from aevb import figures
+    from aevb.analysis import figures
 
     torch.manual_seed(0)
     model = aevb.HVAE(data_shape=(1, 8, 8), latent_dim=3, hidden=[16], stochastic_layers=3).eval()

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import aevb
-from aevb import figures
-from aevb.data import load_data
-from aevb.evaluation import posterior_statistics
+from aevb.analysis import figures
+from aevb.data.datasets import load_data
+from aevb.analysis.evaluation import posterior_statistics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""The fused VAE loss (aevb.fused) against the general path: the same values, the same
+"""The fused VAE loss (aevb.acceleration.fused) against the general path: the same values, the same
 gradients, the same random draws, and the general path wherever it does not apply."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 import aevb
-from aevb import fused, optim
+from aevb.acceleration import fused, optim
 from aevb.errors import UserError
-from aevb.precision import bf16_is_native, matmul_dtype
+from aevb.acceleration.bf16 import bf16_is_native
+from aevb.model.precision import matmul_dtype
 
 BF16 = torch.bfloat16
 needs_bf16 = pytest.mark.skipif(not bf16_is_native(torch.device("cpu")), reason="this CPU has no native bf16 multiplies")

@@ -1,4 +1,4 @@
-"""aevb.layers: the transposed convolution's own passes compute torch's, and the bf16 path keeps its layout."""
+"""aevb.model.layers: the transposed convolution's own passes compute torch's, and the bf16 path keeps its layout."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import aevb
-from aevb.layers import (ConvTranspose2d, Conv2d, Linear, _Conv4x4Stride2, _ConvTranspose4x4Stride2, _channels_last,
+from aevb.model.layers import (ConvTranspose2d, Conv2d, Linear, _Conv4x4Stride2, _ConvTranspose4x4Stride2, _channels_last,
                          _pixel_shuffle, conv_weight_grad, subpixel_weight, weight_grad_by_matmul)
-from aevb.precision import bf16_is_native, matmul_dtype
+from aevb.acceleration.bf16 import bf16_is_native
+from aevb.model.precision import matmul_dtype
 
 BF16 = torch.bfloat16
 native_bf16 = pytest.mark.skipif(not bf16_is_native(torch.device("cpu")),
@@ -103,7 +104,7 @@ def test_the_weight_gradient_is_a_multiply_only_where_it_was_measured_faster(mon
     """bf16 on the CPU only.  Without AMX: 16 channels or more each side, patches of at most 2M elements
     (the MNIST conv VAE's 16 → 32 and 32 → 16 layers at batch 128, not its one-channel layers nor larger
     maps).  With AMX: 32+ channels each side and output maps of at most 4×4, whatever the batch."""
-    from aevb import precision
+    from aevb.model import precision
 
     x = torch.empty(128, 16, 14, 14, dtype=BF16)
     monkeypatch.setattr(precision, "amx_usable", lambda: False)
@@ -130,12 +131,12 @@ def test_the_weight_gradient_is_a_multiply_only_where_it_was_measured_faster(mon
     calls = []
     original = conv_weight_grad
     try:
-        aevb.layers.conv_weight_grad = lambda *a: calls.append(a[0].shape) or original(*a)
+        aevb.model.layers.conv_weight_grad = lambda *a: calls.append(a[0].shape) or original(*a)
         with matmul_dtype(BF16):
             out = model.loss(torch.rand(128, 1, 28, 28))
         out.loss.backward()
     finally:
-        aevb.layers.conv_weight_grad = original
+        aevb.model.layers.conv_weight_grad = original
     assert sorted(tuple(s) for s in calls) == [(128, 16, 14, 14), (128, 16, 14, 14)]
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import aevb
-from aevb import objectives
+from aevb.model import objectives
 from aevb.errors import NoLikelihoodError, UserError
 from aevb.registry import LIKELIHOODS, MODELS, NETWORKS
 
@@ -475,7 +475,7 @@ def test_conv_network_for_28x28_is_the_tutorial_network():
         ("Conv2d", 1, 16, (4, 4), (2, 2), (1, 1)),
         ("ReLU",),
         ("Conv2d", 16, 32, (4, 4), (2, 2), (1, 1)),
-        ("Flatten",),  # before the ReLU, the same function (aevb.networks says why)
+        ("Flatten",),  # before the ReLU, the same function (aevb.model.networks says why)
         ("ReLU",),
         ("Linear", 32 * 7 * 7, 128),
         ("ReLU",),
@@ -525,7 +525,7 @@ def test_init_output_bias_refuses_what_it_cannot_invert():
 def test_data_mean_start_is_a_better_starting_point_on_digits():
     """Before any step, the data-mean start scores a far better ELBO than torch's init (and the
     first epoch stays ahead: bench/ measures the time to a target ELBO)."""
-    from aevb.data import load_data
+    from aevb.data.datasets import load_data
 
     data = load_data("digits", test_split=0.2)
     elbos = {}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import aevb
-from aevb import objectives
+from aevb.model import objectives
 from aevb.errors import UserError
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -304,7 +304,7 @@ def test_iwae_bound_with_one_sample_is_the_log_weight(digits_vae):
 def read_mnist_images(path: Path) -> np.ndarray:
     """uint8 [N, 28, 28]: the project's IDX reader if it exists, else a minimal one."""
     try:
-        from aevb.data import read_idx
+        from aevb.data.datasets import read_idx
     except ImportError:
         with gzip.open(path, "rb") as f:
             data = f.read()
@@ -355,7 +355,7 @@ def test_keep_freed_memory_is_idempotent_and_leaves_estimates_unchanged():
     import sys
 
     import aevb
-    from aevb.runtime import keep_freed_memory
+    from aevb.acceleration.runtime import keep_freed_memory
 
     applied = keep_freed_memory()
     assert keep_freed_memory() is applied

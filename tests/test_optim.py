@@ -1,12 +1,12 @@
-"""aevb.optim.Adam: torch's fused Adam with a lean step, bit for bit the same updates."""
+"""aevb.acceleration.optim.Adam: torch's fused Adam with a lean step, bit for bit the same updates."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from aevb import optim
-from aevb.models import VAE
+from aevb.acceleration import optim
+from aevb.model.vae import VAE
 
 
 def _model(seed: int = 0) -> VAE:
@@ -117,7 +117,7 @@ def test_zero_grad():
 
 def test_training_uses_it():
     from aevb.config import make_config
-    from aevb.training import _make_optimizer
+    from aevb.training.loop import _make_optimizer
 
     opt = _make_optimizer(_model(), make_config(), torch.device("cpu"))
     assert isinstance(opt, optim.Adam) and opt.param_groups[0]["fused"]

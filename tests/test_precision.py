@@ -1,4 +1,4 @@
-"""Mixed-precision training (aevb.precision): bf16 multiplies, float32 everything else.
+"""Mixed-precision training (aevb.model.precision): bf16 multiplies, float32 everything else.
 
 A bf16 step must give the float32 loss and gradients up to bf16 rounding of
 the layer outputs, leave everything outside its context untouched, and train
@@ -13,9 +13,11 @@ import pytest
 import torch
 
 import aevb
-from aevb import layers, precision
+from aevb.model import layers, precision
 from aevb.errors import UserError
-from aevb.precision import bf16_is_faster, bf16_is_native, matmul_dtype, resolve_precision
+from aevb.acceleration import bf16
+from aevb.acceleration.bf16 import bf16_is_faster, bf16_is_native, resolve_precision
+from aevb.model.precision import matmul_dtype
 
 BF16 = torch.bfloat16
 
@@ -103,35 +105,35 @@ def test_resolve_precision(monkeypatch):
     with pytest.raises(UserError, match="unknown --precision 'fp16'"):
         resolve_precision("fp16", cpu)
     # no bf16 at all: auto is fp32, bf16 is refused (it would be emulated)
-    monkeypatch.setattr(precision, "bf16_is_native", lambda device: False)
-    monkeypatch.setattr(precision, "amx_usable", lambda: True)
+    monkeypatch.setattr(bf16, "bf16_is_native", lambda device: False)
+    monkeypatch.setattr(bf16, "amx_usable", lambda: True)
     assert resolve_precision("auto", cpu) is None
     with pytest.raises(UserError, match="no native bfloat16"):
         resolve_precision("bf16", cpu)
     # native bf16 dot products without matrix units (AVX512-BF16 alone): by the measured multiply,
     # slower than fp32 on one such CPU (then only on request), 2.1x faster on another
-    monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
-    monkeypatch.setattr(precision, "amx_usable", lambda: False)
-    monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: 0.5)
+    monkeypatch.setattr(bf16, "bf16_is_native", lambda device: True)
+    monkeypatch.setattr(bf16, "amx_usable", lambda: False)
+    monkeypatch.setattr(bf16, "bf16_matmul_speedup", lambda: 0.5)
     assert resolve_precision("auto", cpu) is None
     assert resolve_precision("bf16", cpu) is BF16
-    monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: 2.1)
+    monkeypatch.setattr(bf16, "bf16_matmul_speedup", lambda: 2.1)
     assert resolve_precision("auto", cpu) is BF16
     # AMX: bf16 is the default
-    monkeypatch.setattr(precision, "amx_usable", lambda: True)
+    monkeypatch.setattr(bf16, "amx_usable", lambda: True)
     assert resolve_precision("auto", cpu) is BF16
     assert resolve_precision("bf16", cpu) is BF16
 
 
 def test_the_bf16_speedup_is_measured_once_without_touching_the_seeded_generator():
-    precision.bf16_matmul_speedup.cache_clear()
+    bf16.bf16_matmul_speedup.cache_clear()
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    speedup = precision.bf16_matmul_speedup()
+    speedup = bf16.bf16_matmul_speedup()
     assert torch.equal(torch.rand(3), expected)
     assert math.isfinite(speedup) and speedup > 0
-    assert precision.bf16_matmul_speedup() == speedup  # cached: one measurement per process
+    assert bf16.bf16_matmul_speedup() == speedup  # cached: one measurement per process
 
 
 def test_an_x86_cpu_without_avx512_bf16_or_amx_has_no_native_bf16(monkeypatch):
@@ -139,25 +141,25 @@ def test_an_x86_cpu_without_avx512_bf16_or_amx_has_no_native_bf16(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
-    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(bf16.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(precision, "amx_usable", lambda: False)
+    monkeypatch.setattr(bf16, "amx_usable", lambda: False)
     assert not bf16_is_native(cpu)
     with pytest.raises(UserError, match="no native bfloat16"):
         resolve_precision("bf16", cpu)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert bf16_is_native(cpu)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(precision, "amx_usable", lambda: True)
+    monkeypatch.setattr(bf16, "amx_usable", lambda: True)
     assert bf16_is_native(cpu)
-    monkeypatch.setattr(precision.platform, "machine", lambda: "aarch64")  # oneDNN's answer stands there
-    monkeypatch.setattr(precision, "amx_usable", lambda: False)
+    monkeypatch.setattr(bf16.platform, "machine", lambda: "aarch64")  # oneDNN's answer stands there
+    monkeypatch.setattr(bf16, "amx_usable", lambda: False)
     assert bf16_is_native(cpu)
 
 
 def test_amx_detection_agrees_with_torch():
     """AMX is usable only where the CPU reports its tiles; where usable, bf16 is native too."""
-    from aevb.precision import amx_usable
+    from aevb.model.precision import amx_usable
 
     if not torch.cpu._is_amx_tile_supported():
         assert not amx_usable()
@@ -169,7 +171,7 @@ def test_amx_detection_agrees_with_torch():
 def test_bf16_training_reaches_the_fp32_elbo(tmp_path, one_thread):
     """The same run on digits in fp32 and bf16: the test ELBOs agree within noise, weights stay float32."""
     from aevb.config import make_config
-    from aevb.training import train
+    from aevb.training.loop import train
 
     results = {}
     for name in ("fp32", "bf16"):
@@ -195,7 +197,7 @@ def test_bf16_importance_sampler_is_fp32_within_monte_carlo_noise(arch, model, t
     drawing other samples moves each image by 0.01–0.08.
     """
     from aevb.config import make_config
-    from aevb.training import held_out, load_dataset, train
+    from aevb.training.loop import held_out, load_dataset, train
 
     config = make_config(data="digits", epochs=4, latent_dim=8, arch=arch, model=model, out=str(tmp_path / "run"))
     trained, _ = train(config, progress=False)

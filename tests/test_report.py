@@ -22,9 +22,9 @@ from PIL import Image
 
 import aevb
 from aevb.cli import main
-from aevb.data import load_data
-from aevb.evaluation import classifier_accuracy, collapse_warning, evaluate
-from aevb.report import FIGURE_NAMES
+from aevb.data.datasets import load_data
+from aevb.analysis.evaluation import classifier_accuracy, collapse_warning, evaluate
+from aevb.analysis.report import FIGURE_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 IMG = '<img src="data:image/png;base64,'

@@ -1,4 +1,4 @@
-"""Process settings (aevb.runtime): subnormal floats flushed on every thread while aevb works, and restored."""
+"""Process settings (aevb.acceleration.runtime): subnormal floats flushed on every thread while aevb works, and restored."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import aevb
-from aevb import runtime
+from aevb.acceleration import runtime
 
 supports_flushing = torch.set_flush_denormal(False)  # True where the processor has the mode (x86 with SSE)
 needs_flushing = pytest.mark.skipif(not supports_flushing, reason="this processor cannot flush subnormal floats")

@@ -1,4 +1,4 @@
-"""Streamed training images (aevb.streaming): the same numbers as the in-memory path, read batch by batch.
+"""Streamed training images (aevb.data.streaming): the same numbers as the in-memory path, read batch by batch.
 
 Every layout the loaders accept gives, streamed, exactly the float32 values
 of the in-memory tensors; a run trained streamed logs the same losses; auto
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from aevb import data
+from aevb.data import datasets as data
 from aevb.errors import UserError
-from aevb.streaming import StreamedImages
+from aevb.data.streaming import StreamedImages
 
 from conftest import aevb_cli
 
@@ -142,7 +142,7 @@ def _records(run: Path) -> list[dict]:
 
 def test_training_streamed_logs_the_same_losses_as_in_memory(tmp_path, one_thread):
     from aevb.config import make_config
-    from aevb.training import train
+    from aevb.training.loop import train
 
     path = tmp_path / "digits.npy"
     np.save(path, np.repeat(_digits_uint8()[..., None], 3, axis=3))  # colour, channels last

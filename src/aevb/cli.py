@@ -16,9 +16,9 @@ from pathlib import Path
 
 import click
 
-from .config import PRECISIONS, SEED_RANGE, RunConfig, coerce, flag, make_config, read_config_file
-from .errors import UserError
-from .registry import DATASETS
+from aevb.config import PRECISIONS, SEED_RANGE, RunConfig, coerce, flag, make_config, read_config_file
+from aevb.errors import UserError
+from aevb.registry import DATASETS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 SEED = click.IntRange(*SEED_RANGE)  # train's --seed is checked in RunConfig, for config files too
@@ -103,11 +103,11 @@ def train(config_file, resume, force, quiet, **flags):
     if resume and force:
         raise UserError("--force makes a new run over an old one; --resume continues a run: drop one of them")
     if resume:
-        from .training import read_run_config
+        from aevb.training.loop import read_run_config
 
         config = read_run_config(resume)
-        from .training import RESUMABLE as resumable
-        from .training import PATH_OPTIONS, resolved_path
+        from aevb.training.loop import RESUMABLE as resumable
+        from aevb.training.loop import PATH_OPTIONS, resolved_path
 
         def same(name, value) -> bool:
             ours, theirs = coerce(name, value), getattr(config, name)
@@ -126,7 +126,7 @@ def train(config_file, resume, force, quiet, **flags):
         file_values = read_config_file(config_file, template=True) if config_file else {}
         config = make_config(file_values, **given)
 
-    from .training import train as run_training
+    from aevb.training.loop import train as run_training
 
     model, run_dir = run_training(config, resume=resume, force=force, progress=not quiet)
     click.echo(f"run folder: {run_dir}  (model in {run_dir}/model, pictures in {run_dir}/images)")
@@ -155,7 +155,7 @@ def _finite(ctx, param, value):
 
 
 def _load(run: str, device: str):
-    from .training import load_run_model, resolve_device
+    from aevb.training.loop import load_run_model, resolve_device
 
     return load_run_model(run, resolve_device(device))
 
@@ -186,8 +186,8 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device):
       aevb eval runs/mnist --iw-samples 1000
       aevb eval runs/mnist --precision fp32     # float32 importance sampler
     """
-    from .evaluation import evaluate_run
-    from .io import write_json
+    from aevb.analysis.evaluation import evaluate_run
+    from aevb.io import write_json
 
     # eval.json is written after the table is shown: a run folder one may not write to still gets the figures
     metrics = evaluate_run(run, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
@@ -246,7 +246,7 @@ def sample(run, n, temperature, seed, out, device):
       aevb sample runs/vae-digits -n 64
       aevb sample runs/mnist --temperature 0.7 -o samples.png
     """
-    from .figures import sample_grid
+    from aevb.analysis.figures import sample_grid
 
     model = _load(run, device)
     _require_images(model, "sample")
@@ -269,9 +269,9 @@ def reconstruct(run, n, out, device):
     Example:
       aevb reconstruct runs/vae-digits -n 10
     """
-    from .data import holdout_indices
-    from .figures import reconstruction_grid
-    from .training import check_data_shape, held_out, load_dataset, read_run_config
+    from aevb.data.datasets import holdout_indices
+    from aevb.analysis.figures import reconstruction_grid
+    from aevb.training.loop import check_data_shape, held_out, load_dataset, read_run_config
 
     config = read_run_config(run)
     model = _load(run, device)
@@ -327,9 +327,9 @@ def interpolate(run, pairs, steps, out, device):
       aevb interpolate runs/vae-digits
       aevb interpolate runs/mnist --pairs 6 --steps 12 -o interpolations.png
     """
-    from .data import holdout_indices
-    from .figures import interpolation
-    from .training import held_out, load_dataset, read_run_config
+    from aevb.data.datasets import holdout_indices
+    from aevb.analysis.figures import interpolation
+    from aevb.training.loop import held_out, load_dataset, read_run_config
 
     config = read_run_config(run)
     model = _load(run, device)
@@ -371,7 +371,7 @@ def explore(run, grid_range, directions, grid_size, pairs, top_dims, seed, devic
       aevb explore runs/vae-digits
       aevb explore runs/mnist --directions pca --grid-range 3 -n 20
     """
-    from .report import explore_run
+    from aevb.analysis.report import explore_run
 
     written, skipped = explore_run(run, grid_range=grid_range, directions=directions, grid_size=grid_size,
                                    pairs=pairs, top_dims=top_dims, device=device, seed=seed)
@@ -400,7 +400,7 @@ def report(run, iw_samples, out, device):
       aevb report runs/vae-digits
       aevb report runs/mnist -k 5000 -o mnist.html
     """
-    from .report import write_report
+    from aevb.analysis.report import write_report
 
     path = write_report(run, iw_samples=iw_samples, device=device, out=out, echo=click.echo)
     click.echo(f"written: {path}")

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .registry import DATASETS, LIKELIHOODS, MODELS, NETWORKS, PRIORS, SCHEDULES
+from aevb.errors import UserError
+from aevb.registry import DATASETS, LIKELIHOODS, MODELS, NETWORKS, PRIORS, SCHEDULES
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserError
+from aevb.errors import UserError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:

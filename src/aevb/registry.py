@@ -19,13 +19,13 @@ import importlib.util
 import sys
 from typing import Any, Callable, Iterator
 
-from .errors import UserError
+from aevb.errors import UserError
 
 
 class Registry:
     def __init__(self, kind: str, module: str | tuple[str, ...], variable: str):
         self.kind = kind  # what an entry is, for messages: "likelihood"
-        # where entries are defined: "aevb.distributions", or several modules in order
+        # where entries are defined: "aevb.model.distributions", or several modules in order
         self.modules = (module,) if isinstance(module, str) else tuple(module)
         self.variable = variable  # the registry's name in that module: "LIKELIHOODS"
         self._entries: dict[str, Any] = {}
@@ -95,10 +95,10 @@ class Registry:
         return [name for _, name in sorted(found)]
 
 
-LIKELIHOODS = Registry("likelihood", "aevb.distributions", "LIKELIHOODS")
-POSTERIORS = Registry("posterior", "aevb.distributions", "POSTERIORS")
-NETWORKS = Registry("network", "aevb.networks", "NETWORKS")
-MODELS = Registry("model", ("aevb.models", "aevb.hierarchical"), "MODELS")
-DATASETS = Registry("data set", "aevb.data", "DATASETS")
-SCHEDULES = Registry("beta schedule", "aevb.schedules", "SCHEDULES")
-PRIORS = Registry("prior", "aevb.priors", "PRIORS")
+LIKELIHOODS = Registry("likelihood", "aevb.model.distributions", "LIKELIHOODS")
+POSTERIORS = Registry("posterior", "aevb.model.distributions", "POSTERIORS")
+NETWORKS = Registry("network", "aevb.model.networks", "NETWORKS")
+MODELS = Registry("model", ("aevb.model.autoencoders", "aevb.model.vae", "aevb.model.hierarchical"), "MODELS")
+DATASETS = Registry("data set", "aevb.data.datasets", "DATASETS")
+SCHEDULES = Registry("beta schedule", "aevb.training.schedules", "SCHEDULES")
+PRIORS = Registry("prior", "aevb.model.priors", "PRIORS")

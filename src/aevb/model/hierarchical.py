@@ -30,13 +30,14 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
-from .distributions import diagonal_normal
-from .errors import UserError
-from .evaluation import active_units
-from .models import LatentVariableModel, LossOutput, _finite_at_least, _posterior_stats, _sample_count, _whole
-from .networks import _mlp
-from .objectives import ElboTerms, at_least_float32
-from .registry import MODELS
+from aevb.model.distributions import diagonal_normal
+from aevb.errors import UserError
+from aevb.analysis.evaluation import active_units
+from aevb.model.base import LossOutput, _finite_at_least, _posterior_stats, _sample_count, _whole
+from aevb.model.vae import LatentVariableModel
+from aevb.model.networks import _mlp
+from aevb.model.objectives import ElboTerms, at_least_float32
+from aevb.registry import MODELS
 
 
 @MODELS.register("hvae")

@@ -25,9 +25,9 @@ from typing import Sequence
 
 from torch import nn
 
-from .errors import UserError
-from .layers import Conv2d, ConvTranspose2d, Linear
-from .registry import NETWORKS
+from aevb.errors import UserError
+from aevb.model.layers import Conv2d, ConvTranspose2d, Linear
+from aevb.registry import NETWORKS
 
 Shape = tuple[int, ...]
 

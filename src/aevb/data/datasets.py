@@ -40,10 +40,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .config import BINARIZE_MODES, STREAM_MODES
-from .errors import UserError
-from .registry import DATASETS
-from .streaming import StreamedImages, pixels_to_float
+from aevb.config import BINARIZE_MODES, STREAM_MODES
+from aevb.errors import UserError
+from aevb.registry import DATASETS
+from aevb.data.streaming import StreamedImages, pixels_to_float
 
 # stream="auto" streams a training set whose float32 copy would take more than this
 # fraction of the memory available when the data are loaded
@@ -890,7 +890,7 @@ def _decoded_folder(root: Path, files: list[Path], mode: str, image_size: int,
     import hashlib
     import json
 
-    from .io import atomic_write, write_json
+    from aevb.io import atomic_write, write_json
 
     stats = [p.stat() for p in files]  # one stat call a file: a folder can hold 200k of them
     listing = [(str(p.relative_to(root)), st.st_size, st.st_mtime_ns) for p, st in zip(files, stats)]

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
-from .io import atomic_write
+from aevb.errors import UserError
+from aevb.io import atomic_write
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0) -> np.ndarray:
@@ -344,7 +344,7 @@ def latent_grid(model, x: torch.Tensor, path: str | Path, n: int = 15, grid_rang
     [n, n, *data_shape] = decode(z).mean, ``u``, ``v`` [n], ``origin``, ``axes``.
     """
     _require_image_model(model, "latent_grid")
-    from .evaluation import posterior_statistics
+    from aevb.analysis.evaluation import posterior_statistics
 
     with _eval_mode(model):
         means = posterior_statistics(model, x)["mean"]  # [N, D]
@@ -405,7 +405,7 @@ def latent_scatter(model, x: torch.Tensor, path: str | Path, labels: torch.Tenso
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
     from matplotlib.patches import Rectangle
 
-    from .evaluation import posterior_statistics
+    from aevb.analysis.evaluation import posterior_statistics
 
     with _eval_mode(model):
         means = posterior_statistics(model, x)["mean"]  # [N, D]
@@ -532,7 +532,7 @@ def latent_traversal(model, x: torch.Tensor, path: str | Path, top: int = 10,
     ``images`` [R, V, *data_shape].
     """
     _require_image_model(model, "latent_traversal")
-    from .evaluation import posterior_statistics
+    from aevb.analysis.evaluation import posterior_statistics
 
     device = _device(model)
     values = torch.linspace(-3, 3, 9) if values is None else torch.as_tensor(values, dtype=torch.float32)
@@ -664,7 +664,7 @@ def likelihood_choice(model, x: torch.Tensor, path: str | Path, n_points: int = 
     (Laplace, b = 1) is its sign, log-MSE (σ-VAE) is the MSE gradient divided
     by the example's MSE.  Returns the curves.
     """
-    from .distributions import (GaussianLikelihood, LaplaceLikelihood, OptimalGaussianLikelihood)
+    from aevb.model.distributions import (GaussianLikelihood, LaplaceLikelihood, OptimalGaussianLikelihood)
 
     device = _device(model)
     x = x.to(device)
@@ -744,7 +744,7 @@ def likelihood_choice(model, x: torch.Tensor, path: str | Path, n_points: int = 
 
 def _model_scale(likelihood) -> tuple[str, float] | None:
     """("gaussian" | "laplace", scale) of a likelihood with one scale for all dimensions, else None."""
-    from .distributions import (GaussianLikelihood, LaplaceLikelihood, LearnedGaussianLikelihood,
+    from aevb.model.distributions import (GaussianLikelihood, LaplaceLikelihood, LearnedGaussianLikelihood,
                                 LearnedLaplaceLikelihood)
 
     if isinstance(likelihood, (GaussianLikelihood, LaplaceLikelihood)):
@@ -757,7 +757,7 @@ def _model_scale(likelihood) -> tuple[str, float] | None:
 
 
 def _nll_at(family: str, scale: float, loc: torch.Tensor, target: torch.Tensor, n: int) -> float:
-    from .distributions import GaussianLikelihood, LaplaceLikelihood
+    from aevb.model.distributions import GaussianLikelihood, LaplaceLikelihood
 
     head = GaussianLikelihood(scale) if family == "gaussian" else LaplaceLikelihood(scale)
     return float(-head(loc, 1).log_prob(target) / n)

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import precision
-from .precision import MIN_LOWERED_MACS, compute_dtype, convolution_memory_format
+from aevb.model import precision
+from aevb.model.precision import MIN_LOWERED_MACS, compute_dtype, convolution_memory_format
 
 # For output phase a (row 2i + a) and 3×3 offset u (input row i + u − 1), the row
 # of the 4×4 transposed-convolution kernel that connects them; 4 means none

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Distribution, kl_divergence
 
-from .errors import NoLikelihoodError, UserError
-from .precision import at_least_float32  # noqa: F401  (imported from here by fused, hierarchical)
-from .runtime import denormals_flushed, keep_freed_memory
+from aevb.errors import NoLikelihoodError, UserError
+from aevb.model.precision import at_least_float32  # noqa: F401  (imported from here by fused, hierarchical)
+from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
 
 
 @dataclass

@@ -32,10 +32,10 @@ from torch.distributions import (
     register_kl,
 )
 
-from .config import POSTERIOR_SCALES
-from .errors import UserError
-from .precision import at_least_float32
-from .registry import LIKELIHOODS, POSTERIORS
+from aevb.config import POSTERIOR_SCALES
+from aevb.errors import UserError
+from aevb.model.precision import at_least_float32
+from aevb.registry import LIKELIHOODS, POSTERIORS
 
 # Learned scales live in log space and are clamped from below: the Gaussian and
 # Laplace densities grow without bound as the scale goes to zero, so a model

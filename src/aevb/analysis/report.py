@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
+from aevb.errors import UserError
 
 # The figures of a run, in the order the report shows them: file in RUN/images/, title, caption.
 FIGURES: list[tuple[str, str, str]] = [
@@ -114,9 +114,9 @@ def explore_run(run_dir: str | Path, *, grid_range: float | None = None, directi
     """
     import torch
 
-    from . import figures
-    from .data import holdout_indices
-    from .training import held_out, load_dataset, load_run_model, read_run_config, resolve_device
+    from aevb.analysis import figures
+    from aevb.data.datasets import holdout_indices
+    from aevb.training.loop import held_out, load_dataset, load_run_model, read_run_config, resolve_device
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
@@ -415,7 +415,7 @@ def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipp
 
 def _trained_at(run_dir: Path) -> float:
     """When the run's weights were last written (0 if unknown): older figures are redrawn."""
-    from .training import CHECKPOINT
+    from aevb.training.loop import CHECKPOINT
 
     times = [p.stat().st_mtime for p in (run_dir / "model" / "weights.safetensors", run_dir / CHECKPOINT)
              if p.is_file()]
@@ -431,9 +431,9 @@ def write_report(run_dir: str | Path, *, iw_samples: int = 1000, device: str = "
     no ``eval.json``, and :func:`explore_run` if any figure that fits the run
     is missing from ``RUN/images/`` or older than the run's weights.
     """
-    from .evaluation import evaluate_run
-    from .io import write_text
-    from .training import load_run_model, read_run_config
+    from aevb.analysis.evaluation import evaluate_run
+    from aevb.io import write_text
+    from aevb.training.loop import load_run_model, read_run_config
 
     run_dir = Path(run_dir)
     echo = echo or (lambda message: None)

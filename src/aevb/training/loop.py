@@ -34,17 +34,19 @@ from typing import Any
 
 import torch
 
-from . import data as data_module
-from . import fused, optim
-from .config import RunConfig, make_config
-from .errors import NonFiniteLossError, UserError
-from .figures import reconstruction_grid, sample_grid
-from .io import write_json, write_safetensors, write_text
-from .models import Model, build_model, legacy_model_args, load
-from .precision import matmul_dtype, resolve_precision
-from .registry import DATASETS, LIKELIHOODS, MODELS
-from .runtime import denormals_flushed, keep_freed_memory
-from .schedules import make_schedule
+from aevb.data import datasets as data_module
+from aevb.acceleration import fused
+from aevb.acceleration import optim
+from aevb.config import RunConfig, make_config
+from aevb.errors import NonFiniteLossError, UserError
+from aevb.analysis.figures import reconstruction_grid, sample_grid
+from aevb.io import write_json, write_safetensors, write_text
+from aevb.model.base import Model, build_model, legacy_model_args, load
+from aevb.acceleration.bf16 import resolve_precision
+from aevb.model.precision import matmul_dtype
+from aevb.registry import DATASETS, LIKELIHOODS, MODELS
+from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
+from aevb.training.schedules import make_schedule
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
 RUN_OUTPUTS = ("config.json", "metrics.jsonl", "eval.json", "report.html", "checkpoints", "model", "images", "tensorboard")
@@ -265,7 +267,7 @@ def _clear_run_outputs(run_dir: Path) -> None:
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
     """The configuration of an existing run folder (UserError if it is not one)."""
-    from .config import read_config_file
+    from aevb.config import read_config_file
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -569,7 +571,7 @@ def mean_elbo_terms(model: Model, x: torch.Tensor, batch_size: int = 1000) -> di
     A model with a point-mass posterior (the AE) has no ELBO: only its
     reconstruction term −log p(x|z = f(x)) is returned.
     """
-    from .objectives import elbo_terms
+    from aevb.model.objectives import elbo_terms
 
     was_training = model.training
     model.eval()

@@ -55,8 +55,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from . import objectives
-from .distributions import (
+from aevb.model import objectives
+from aevb.model.distributions import (
     BernoulliLikelihood,
     GaussianPosterior,
     bernoulli_log_prob,
@@ -64,10 +64,10 @@ from .distributions import (
     loc_and_log_scale,
     standard_normal_kl,
 )
-from .errors import UserError
-from .layers import Linear, cast, lowered
-from .objectives import at_least_float32
-from .priors import StandardNormalPrior
+from aevb.errors import UserError
+from aevb.model.layers import Linear, cast, lowered
+from aevb.model.objectives import at_least_float32
+from aevb.model.priors import StandardNormalPrior
 
 _enabled: ContextVar[bool] = ContextVar("aevb_fused", default=True)
 
@@ -141,7 +141,7 @@ DISTRIBUTIONS = "distributions"
 def _plan(model) -> _Plan | str | None:
     """The model's plan (:data:`DISTRIBUTIONS` if its networks are not aevb's MLP), or None for a model
     the fused loss does not compute; cached until a module is replaced."""
-    from .models import VAE
+    from aevb.model.vae import VAE
 
     structure = _structure(model)
     cached = model.__dict__.get("_fused_plan")
@@ -429,7 +429,7 @@ class _BernoulliLoss(torch.autograd.Function):
 
 def _distributions_loss(model, x: torch.Tensor, beta: float):
     """``model.loss(x, beta)`` with the networks under autograd and the distributions' part in two nodes."""
-    from .models import LossOutput
+    from aevb.model.base import LossOutput
 
     n_samples = model.mc_samples
     params = model._run(model.encoder, x)  # [B, 2·D], as encode
@@ -446,7 +446,7 @@ def _distributions_loss(model, x: torch.Tensor, beta: float):
 
 def vae_loss(model, x: torch.Tensor, beta: float, plan: _Plan | str):
     """``model.loss(x, beta)`` with the model's :func:`plan_for`: a :class:`~aevb.models.LossOutput`."""
-    from .models import LossOutput
+    from aevb.model.base import LossOutput
 
     objectives._check(model, x, "ELBO", n_samples=model.mc_samples)
     model._check_input(x)

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
 
-from .distributions import standard_normal
-from .precision import at_least_float32
-from .registry import PRIORS
+from aevb.model.distributions import standard_normal
+from aevb.model.precision import at_least_float32
+from aevb.registry import PRIORS
 
 
 class Prior(nn.Module):
@@ -146,7 +146,7 @@ class VampPrior(Prior):
 
 def build_prior(name: str, latent_dim: int, data_shape, args: dict | None = None) -> Prior:
     """A prior module by name; ``args`` from ``config.json`` (``{"components": 10}``)."""
-    from .errors import UserError
+    from aevb.errors import UserError
 
     try:
         return PRIORS.get(name)(latent_dim, tuple(data_shape), **(args or {}))

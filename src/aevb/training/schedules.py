@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from .errors import UserError
-from .registry import SCHEDULES
+from aevb.errors import UserError
+from aevb.registry import SCHEDULES
 
 
 @SCHEDULES.register("constant")

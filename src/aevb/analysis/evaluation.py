@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .models import Model
-from .objectives import elbo_terms
-from .precision import matmul_dtype, resolve_precision
+from aevb.model.base import Model
+from aevb.model.objectives import elbo_terms
+from aevb.acceleration.bf16 import resolve_precision
+from aevb.model.precision import matmul_dtype
 
 # Burda et al. (2016): a latent dimension is active when the variance over the
 # data of its posterior mean exceeds this.
@@ -326,9 +327,9 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int
     the per-class rows and the representation accuracy (classifiers trained
     on the posterior means of the training split) are included.
     """
-    from .errors import UserError
-    from .io import write_json
-    from .training import check_data_shape, held_out, load_dataset, load_run_model, read_run_config, resolve_device
+    from aevb.errors import UserError
+    from aevb.io import write_json
+    from aevb.training.loop import check_data_shape, held_out, load_dataset, load_run_model, read_run_config, resolve_device
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)

@@ -1,0 +1,199 @@
+"""The deterministic autoencoders: AE, and the denoising, sparse and contractive AEs.
+
+Each has a point-mass posterior (z = f(x), no KL and no density of x) and
+differs from the plain AE only in :meth:`AE.corrupt` (the denoising AE) or
+:meth:`AE.penalties` (the sparse and contractive AEs); the target of the
+reconstruction term is always the clean x.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from aevb.config import CORRUPTIONS, JACOBIAN_MODES, SPARSITY_PENALTIES
+from aevb.errors import UserError
+from aevb.model.base import LossOutput, Model, _posterior_stats
+from aevb.registry import MODELS
+
+@MODELS.register("ae")
+class AE(Model):
+    """Deterministic autoencoder: z = f(x), loss = −log p(x|z).
+
+    With the Gaussian likelihood (σ = 1) this is the MSE autoencoder, with
+    the Bernoulli likelihood the BCE autoencoder.  Having a point-mass
+    posterior it defines no likelihood of x: ``elbo`` and ``log_likelihood``
+    raise :class:`~aevb.errors.NoLikelihoodError` (from :mod:`aevb.objectives`, like any model without a density).
+    """
+
+    name = "ae"
+    posterior_family = "point-mass"
+    has_kl = False
+    needs_input_grad: ClassVar[bool] = False  # the penalty differentiates the code with respect to x
+
+    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
+        """−log p(x | z = f(corrupt(x))) + Σ weight·penalty, mean over the batch.
+
+        The variants below change only :meth:`corrupt` (the DAE) or
+        :meth:`penalties` (sparse and contractive AEs); the target is always the clean x.
+        """
+        inputs = self.corrupt(x)
+        if self.needs_input_grad:
+            inputs = inputs.to(self._dtype).detach().requires_grad_(True)
+        posterior = self.encode(inputs)
+        code = posterior.mean  # [B, D]
+        reconstruction = -self.decode(code).log_prob(x.to(code.dtype)).mean()
+        penalties = self.penalties(inputs, code)  # {name: (weight, [] value)}
+        loss = reconstruction
+        for weight, value in penalties.values():
+            loss = loss + weight * value
+        mu, sigma = _posterior_stats(posterior)
+        return LossOutput(loss, reconstruction.detach(), torch.zeros_like(reconstruction.detach()), mu, sigma,
+                          {name: value.detach() for name, (_, value) in penalties.items()})
+
+    def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The encoder's input in training (the identity but for the denoising AE)."""
+        return x
+
+    def penalties(self, inputs: torch.Tensor, code: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
+        """Regularisers of the code as {name: (weight, scalar value)}; none for the plain AE."""
+        return {}
+
+
+@MODELS.register("dae")
+class DenoisingAE(AE):
+    """Denoising autoencoder (Vincent et al. 2008): −log p(x | z = f(x̃)), x̃ a corrupted x.
+
+    The encoder sees the corrupted input only in training (``loss``);
+    ``encode``/``reconstruct`` take what they are given.
+
+    Args (besides :class:`Model`'s):
+        corruption: ``gaussian`` (x̃ = x + level·ε), ``masking`` (each value
+            set to 0 with probability level) or ``salt-and-pepper`` (each value
+            set to 0 or 1, equally likely, with probability level).
+        noise_level: σ of the Gaussian noise or the probability above.
+    """
+
+    name = "dae"
+    run_options = ("corruption", "noise_level")
+
+    def __init__(self, *args, corruption: str = "gaussian", noise_level: float = 0.3, **kwargs):
+        super().__init__(*args, **kwargs)
+        if corruption not in CORRUPTIONS:
+            raise UserError(f"unknown corruption {corruption!r}; choose one of: {', '.join(CORRUPTIONS)}")
+        if noise_level < 0 or (corruption != "gaussian" and noise_level > 1):
+            raise UserError(f"noise_level must be ≥ 0 (a probability for {corruption}), got {noise_level}")
+        self.corruption, self.noise_level = corruption, float(noise_level)
+        self.config.update(corruption=corruption, noise_level=self.noise_level)
+
+    def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x̃ [B, *data_shape], a corrupted copy of x (seeded by ``generator`` if given)."""
+        def uniform():
+            return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+        if self.corruption == "gaussian":
+            return x + self.noise_level * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if self.corruption == "masking":
+            return torch.where(uniform() < self.noise_level, torch.zeros_like(x), x)
+        hit, salt = uniform() < self.noise_level, uniform() < 0.5
+        return torch.where(hit, salt.to(x.dtype), x)
+
+
+@MODELS.register("sparse-ae")
+class SparseAE(AE):
+    """Sparse autoencoder: −log p(x|z = f(x)) + weight · penalty(z).
+
+    Args (besides :class:`Model`'s):
+        sparsity: ``l1``: mean over the batch of Σ_d |z_d|; ``kl``: the classic
+            sparse autoencoder's Σ_d KL(Bernoulli(ρ) ‖ Bernoulli(ρ̂_d)), where
+            ρ̂_d is the batch mean of the sigmoid activation σ(z_d) (Ng's notes).
+        sparsity_weight: weight of the penalty.
+        sparsity_target: ρ, the target mean activation of the ``kl`` penalty.
+    """
+
+    name = "sparse-ae"
+    run_options = ("sparsity", "sparsity_weight", "sparsity_target")
+
+    def __init__(self, *args, sparsity: str = "l1", sparsity_weight: float = 0.1, sparsity_target: float = 0.05,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        if sparsity not in SPARSITY_PENALTIES:
+            raise UserError(f"unknown sparsity penalty {sparsity!r}; choose one of: {', '.join(SPARSITY_PENALTIES)}")
+        if sparsity_weight < 0 or not 0 < sparsity_target < 1:
+            raise UserError(f"need sparsity_weight ≥ 0 and 0 < sparsity_target < 1, got {sparsity_weight}, "
+                            f"{sparsity_target}")
+        self.sparsity, self.sparsity_weight, self.sparsity_target = sparsity, float(sparsity_weight), float(sparsity_target)
+        self.config.update(sparsity=sparsity, sparsity_weight=self.sparsity_weight,
+                           sparsity_target=self.sparsity_target)
+
+    def sparsity_penalty(self, code: torch.Tensor) -> torch.Tensor:
+        """The unweighted penalty of codes [B, D], a scalar."""
+        if self.sparsity == "l1":
+            return code.abs().sum(-1).mean()
+        rho, rho_hat = self.sparsity_target, torch.sigmoid(code).mean(0).clamp(1e-6, 1 - 1e-6)  # [D]
+        return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+
+    def penalties(self, inputs, code):
+        return {"sparsity": (self.sparsity_weight, self.sparsity_penalty(code))}
+
+    def code_statistics(self, codes: torch.Tensor) -> dict[str, float]:
+        """``code_l1`` (mean Σ_d |z_d|), ``code_near_zero_fraction`` (|z_d| < 0.01) and
+        ``code_mean_activation`` (mean σ(z_d), what the kl penalty pulls towards ρ)."""
+        return {"code_l1": codes.abs().sum(-1).mean().item(),
+                "code_near_zero_fraction": (codes.abs() < 0.01).float().mean().item(),
+                "code_mean_activation": torch.sigmoid(codes).mean().item(),
+                "sparsity_penalty": self.sparsity_penalty(codes).item()}
+
+
+@MODELS.register("cae")
+class ContractiveAE(AE):
+    """Contractive autoencoder (Rifai et al. 2011): −log p(x|z = f(x)) + weight · ‖∂f/∂x‖²_F.
+
+    The squared Frobenius norm of the encoder's Jacobian J [D, n] at each
+    example, averaged over the batch, is computed
+
+    * exactly: Σ_d ‖∂f_d/∂x‖², one backward pass per code dimension (the
+      examples are independent, so one pass gives the rows of every example);
+    * by random projections: E_v ‖vᵀJ‖² = tr(J Jᵀ) = ‖J‖²_F for v ~ N(0, I_D),
+      one backward pass per projection (unbiased; Hutchinson's estimator);
+    * ``auto``: exactly up to 16 code dimensions, else by one projection.
+
+    Both keep the graph (``create_graph``) so the penalty is trained.
+    """
+
+    name = "cae"
+    run_options = ("contractive_weight", "jacobian", "jacobian_projections")
+    needs_input_grad = True
+    EXACT_UP_TO = 16
+
+    def __init__(self, *args, contractive_weight: float = 0.1, jacobian: str = "auto", jacobian_projections: int = 1,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        if jacobian not in JACOBIAN_MODES:
+            raise UserError(f"unknown jacobian mode {jacobian!r}; choose one of: {', '.join(JACOBIAN_MODES)}")
+        if contractive_weight < 0 or jacobian_projections < 1:
+            raise UserError(f"need contractive_weight ≥ 0 and jacobian_projections ≥ 1, got {contractive_weight}, "
+                            f"{jacobian_projections}")
+        self.contractive_weight, self.jacobian = float(contractive_weight), jacobian
+        self.jacobian_projections = int(jacobian_projections)
+        self.config.update(contractive_weight=self.contractive_weight, jacobian=jacobian,
+                           jacobian_projections=self.jacobian_projections)
+
+    def jacobian_norm(self, inputs: torch.Tensor, code: torch.Tensor, exact: bool | None = None) -> torch.Tensor:
+        """Mean over the batch of ‖∂code/∂inputs‖²_F, a scalar; ``inputs`` must require grad."""
+        if exact is None:
+            exact = self.jacobian == "exact" or (self.jacobian == "auto" and code.shape[-1] <= self.EXACT_UP_TO)
+        if exact:
+            directions = [torch.nn.functional.one_hot(torch.tensor(d), code.shape[-1]).to(code).expand_as(code)
+                          for d in range(code.shape[-1])]
+        else:
+            directions = [torch.randn_like(code) for _ in range(self.jacobian_projections)]
+        total = code.new_zeros(())
+        for v in directions:  # each [B, D]
+            (vjp,) = torch.autograd.grad(code, inputs, grad_outputs=v, create_graph=True)  # [B, *data_shape]
+            total = total + vjp.pow(2).flatten(1).sum(1).mean()
+        return total if exact else total / len(directions)
+
+    def penalties(self, inputs, code):
+        return {"contractive": (self.contractive_weight, self.jacobian_norm(inputs, code))}

@@ -1,0 +1,123 @@
+"""Latent-variable models with a Gaussian posterior and a KL to a registered prior: VAE and IWAE."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from aevb.acceleration import fused
+from aevb.errors import UserError
+from aevb.model import objectives
+from aevb.model.base import LossOutput, Model, _finite_at_least, _posterior_stats, _whole
+from aevb.registry import MODELS
+
+class LatentVariableModel(Model):
+    """A model with a Gaussian posterior and a KL to a registered prior.
+
+    Args (besides :class:`Model`'s):
+        prior: a name in ``aevb.registry.PRIORS`` (standard, mog, vamp).
+        prior_args: its arguments (``{"components": 10}``).
+    """
+
+    run_options = ("prior",)
+
+    def __init__(self, *args, prior: str = "standard", prior_args: dict[str, Any] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_prior(prior, prior_args)
+
+    @classmethod
+    def run_kwargs(cls, config) -> dict[str, Any]:
+        kwargs = super().run_kwargs(config)
+        if config.prior_components is not None:
+            if config.prior == "standard":
+                raise UserError("--prior-components needs a mixture prior (--prior mog or vamp)")
+            kwargs["prior_args"] = {"components": config.prior_components}
+        return kwargs
+
+
+@MODELS.register("vae")
+class VAE(LatentVariableModel):
+    """Variational autoencoder; loss = mean over the batch of −E_q[log p(x|z)] + β·KL.
+
+    Args (besides :class:`LatentVariableModel`'s):
+        beta: weight of the KL term in the training loss only (``elbo`` always uses 1).
+        mc_samples: L reparameterised samples averaged per example (SGVB).
+        free_bits: λ ≥ 0 in nats.  The training loss uses Σ_d max(λ, KL_d), where
+            KL_d = KL(q(z_d|x) ‖ p(z_d)) is averaged over the batch *before* the
+            floor, one group per latent dimension (Kingma et al. 2016, §C.8).
+            Needs a factorising prior (the standard normal); the logged ``kl``
+            stays the true KL, the floored one is logged as ``kl_free_bits``.
+    """
+
+    name = "vae"
+    run_options = ("beta", "mc_samples", "free_bits", "prior")
+
+    def __init__(self, *args, beta: float = 1.0, mc_samples: int = 1, free_bits: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        mc_samples = _whole(mc_samples, "mc_samples")
+        if not (_finite_at_least(beta, 0) and mc_samples >= 1 and _finite_at_least(free_bits, 0)):
+            raise UserError(f"need finite beta ≥ 0, mc_samples ≥ 1 and finite free_bits ≥ 0, got beta={beta}, "
+                            f"mc_samples={mc_samples}, free_bits={free_bits}")
+        if free_bits and not self.prior_module.factorises:
+            raise UserError(f"free bits are a KL floor per latent dimension, which the {self.config['prior']!r} "
+                            f"prior does not have; use --prior standard with --free-bits")
+        self.beta = float(beta)
+        self.mc_samples = int(mc_samples)
+        self.free_bits = float(free_bits)
+        self.config.update(beta=self.beta, mc_samples=self.mc_samples)
+        if self.free_bits:  # only then, so configs of models without free bits stay as they were
+            self.config.update(free_bits=self.free_bits)
+
+    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
+        """``beta`` overrides the model's β for this call (KL warm-up schedules)."""
+        beta = self.beta if beta is None else beta
+        plan = fused.plan_for(self, x, beta)
+        if plan is not None:  # the same loss and gradients, in one autograd node
+            return fused.vae_loss(self, x, beta, plan)
+        terms = objectives.elbo_terms(self, x, self.mc_samples)
+        reconstruction, kl = terms.reconstruction.mean(), terms.kl.mean()
+        mu, sigma = _posterior_stats(terms.posterior)
+        if not self.free_bits:
+            return LossOutput(reconstruction + beta * kl, reconstruction.detach(), kl.detach(), mu, sigma)
+        kl_floored = objectives.free_bits_kl(terms.posterior, self.prior(), self.free_bits)
+        return LossOutput(reconstruction + beta * kl_floored, reconstruction.detach(), kl.detach(), mu, sigma,
+                          {"kl_free_bits": kl_floored.detach()})
+
+
+@MODELS.register("iwae")
+class IWAE(LatentVariableModel):
+    """Importance-weighted autoencoder (Burda et al. 2016): loss = −log (1/k) Σ_i w_i.
+
+    ``reconstruction`` and ``kl`` in its :class:`LossOutput` are the ELBO's
+    terms at the posterior mean, logged for comparison with the VAE.  The
+    bound has no separate KL term, so β, its schedules and free bits do not
+    apply (the command line refuses them).
+    """
+
+    name = "iwae"
+    run_options = ("k", "prior")
+
+    def __init__(self, *args, k: int = 5, **kwargs):
+        super().__init__(*args, **kwargs)
+        k = _whole(k, "k")
+        if k < 1:
+            raise UserError(f"IWAE needs k ≥ 1 importance samples, got {k}")
+        self.k = int(k)
+        self.config.update(k=self.k)
+
+    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
+        posterior = self.encode(x)
+        bound = torch.logsumexp(objectives.log_weights(self, x, self.k, posterior), 0) - math.log(self.k)
+        with torch.no_grad():
+            z = posterior.mean
+            reconstruction = -self.decode(z).log_prob(x).float().mean()
+            prior = self.prior()
+            try:
+                kl = objectives.kl_term(posterior, prior)
+            except NotImplementedError:  # no closed form (mixture priors): Monte Carlo
+                kl = objectives.kl_term(posterior, prior, posterior.sample((self.k,)))
+            kl = kl.float().mean()
+        mu, sigma = _posterior_stats(posterior)
+        return LossOutput(-bound.mean(), reconstruction, kl, mu, sigma)
