@@ -264,7 +264,7 @@ def _batches(x: torch.Tensor, batch: int):
 
 
 class _AevbStep:
-    """aevb's model step on resident MNIST: model.loss(x) in ``precision``, backward, Adam (fused by default).
+    """aevb's model step on resident MNIST: the trainer's loss in ``precision``, backward, Adam (fused by default).
 
     The one setup of the step workers (aevb_step, step_breakdown, ab_step).
     """
@@ -283,12 +283,17 @@ class _AevbStep:
         self.optimizer = (optim.Adam(self.model.parameters(), lr=1e-3) if fused
                           else torch.optim.Adam(self.model.parameters(), lr=1e-3, foreach=False))
         self.next_batch = _batches(x_train.to(device), batch_size)
+        # the loss aevb's trainer takes for this model (the fused one for the MLP VAE)
+        from aevb.config import make_config
+        from aevb.training.loop import _make_loss
+
+        self.loss_of = _make_loss(self.model, make_config(arch=arch), torch.device(device))
 
     def loss(self, x: torch.Tensor):
         from aevb.model.precision import matmul_dtype
 
         with matmul_dtype(self.dtype):
-            return self.model.loss(x)
+            return self.loss_of(x, self.model.beta)
 
     def __call__(self, i: int = 0) -> None:
         out = self.loss(self.next_batch())

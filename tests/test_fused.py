@@ -1,5 +1,5 @@
-"""The fused VAE loss (aevb.acceleration.fused) against the general path: the same values, the same
-gradients, the same random draws, and the general path wherever it does not apply."""
+"""The fused VAE loss (aevb.acceleration.fused) against model.loss, the reference path: the same values,
+the same gradients, the same random draws; and recognised only for the models it computes."""
 
 from __future__ import annotations
 
@@ -26,10 +26,14 @@ def _batch(shape, n=32, seed=0, dtype=torch.float32):
 def _loss_and_grads(model, x, beta=None, dtype=None, general=False):
     """(LossOutput as a tensor, {name: grad}) of one loss and backward, ε from seed 1."""
     model.zero_grad(set_to_none=True)
+    plan = fused.plan(model)
+    assert plan is not None
     torch.manual_seed(1)
-    with matmul_dtype(dtype), (fused.disabled() if general else matmul_dtype(dtype)):
-        assert fused.applies(model, x, model.beta if beta is None else beta) is not general
-        out = model.loss(x, beta=beta)
+    with matmul_dtype(dtype):
+        if general:
+            out = model.loss(x, beta=beta)
+        else:
+            out = fused.vae_loss(model, x, model.beta if beta is None else beta, plan)
     out.loss.backward()
     return out.as_tensor(), {name: p.grad for name, p in model.named_parameters()}
 
@@ -55,7 +59,7 @@ def test_fp32_loss_and_gradients_are_the_general_paths(shape, hidden, mc_samples
     model = aevb.VAE(data_shape=shape, latent_dim=5, arch="mlp", hidden=hidden, mc_samples=mc_samples,
                      posterior_args={"scale_param": scale_param})
     x = _batch(shape)
-    model.init_output_bias(x)
+    model.init_output_bias(x.mean(0))
     _assert_same(model, x)
     _assert_same(model, x, beta=0.25)  # a warm-up's β
 
@@ -80,7 +84,7 @@ def test_bf16_loss_and_gradients_are_the_general_paths_to_bf16_rounding(mc_sampl
     torch.manual_seed(0)
     model = aevb.VAE(data_shape=(1, 28, 28), latent_dim=20, arch="mlp", mc_samples=mc_samples)
     x = _batch((1, 28, 28), n=128)
-    model.init_output_bias(x)
+    model.init_output_bias(x.mean(0))
     # the two paths round at a few different points (the KL's gradient is one sum, not three)
     _assert_same(model, x, dtype=BF16, rtol=1e-2)
 
@@ -97,27 +101,24 @@ def test_a_frozen_layer_gets_no_gradient():
     torch.testing.assert_close(grads["decoder.0.weight"], general_grads["decoder.0.weight"])
 
 
-@pytest.mark.parametrize("arch,shape,steps,atol", [("mlp", (1, 8, 8), 20, 1e-5), ("conv", (1, 28, 28), 10, 1e-4)])
-def test_training_steps_follow_the_general_path(arch, shape, steps, atol):
-    """Adam steps: the same random draws and updates, so the same weights.
-
-    (Adam's first steps move a weight whose gradient is rounding noise by up
-    to lr: the conv's 422k weights have a few, hence 1% of lr.)
-    """
-    x = _batch(shape, n=4).round().repeat(16 if arch == "mlp" else 4, 1, 1, 1)  # four binary images, repeated
+@pytest.mark.parametrize("hidden,steps,atol", [([32], 20, 1e-5), (None, 10, 1e-5)])
+def test_training_steps_follow_the_reference_path(hidden, steps, atol):
+    """Adam steps: the same random draws and updates, so the same weights."""
+    arch, shape = "mlp", (1, 8, 8)
+    x = _batch(shape, n=4).round().repeat(16, 1, 1, 1)  # four binary images, repeated
     weights = []
     for general in (False, True):
         torch.manual_seed(0)
-        model = aevb.VAE(data_shape=shape, latent_dim=4, arch=arch, hidden=[32] if arch == "mlp" else None)
+        model = aevb.VAE(data_shape=shape, latent_dim=4, arch=arch, hidden=hidden)
         optimizer = optim.Adam(model.parameters(), lr=1e-2)
         losses = []
-        with fused.disabled() if general else matmul_dtype(None):
-            for _ in range(steps):
-                out = model.loss(x)
-                optimizer.zero_grad()
-                out.loss.backward()
-                optimizer.step()
-                losses.append(out.loss.item())
+        plan = fused.plan(model)
+        for _ in range(steps):
+            out = model.loss(x) if general else fused.vae_loss(model, x, model.beta, plan)
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+            losses.append(out.loss.item())
         assert losses[-1] < losses[0] - 1  # it trains
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=atol)
@@ -139,68 +140,50 @@ def _conv(**kwargs):
     lambda: _vae(free_bits=0.5),
     lambda: _vae(prior="mog"),
     lambda: aevb.IWAE(data_shape=(1, 8, 8), latent_dim=3, arch="mlp"),
-], ids=["gaussian", "continuous-bernoulli", "free-bits", "mog-prior", "iwae"])
-def test_other_models_take_the_general_path(make):
-    assert not fused.applies(make(), _batch((1, 8, 8)), 1.0)
+    lambda: _conv(),
+], ids=["gaussian", "continuous-bernoulli", "free-bits", "mog-prior", "iwae", "conv"])
+def test_other_models_are_not_recognised(make):
+    assert fused.plan(make()) is None
 
 
-def test_hooks_replaced_layers_and_traced_calls_take_another_path():
-    """A hook on a layer: the networks run as modules (the distributions' path); elsewhere: the general path."""
-    model, x = _vae(), _batch((1, 8, 8))
-    assert isinstance(fused.plan_for(model, x, 1.0), tuple)  # the whole loss in one node
-    calls = []
-    handle = model.decoder[0].register_forward_hook(lambda *args: calls.append(1))
-    assert fused.plan_for(model, x, 1.0) is fused.DISTRIBUTIONS
-    model.loss(x)
-    assert calls == [1]  # the hook ran
-    handle.remove()
-    handle = model.likelihood.register_forward_hook(lambda *args: None)  # no fused path calls the likelihood
-    assert not fused.applies(model, x, 1.0)
-    handle.remove()
+def test_hooks_and_replaced_layers_are_not_recognised():
+    """Anything the reference path would run that the node skips: the trainer then uses model.loss."""
+    model = _vae()
+    assert isinstance(fused.plan(model), fused.Plan)
+    for module in (model.decoder[0], model.likelihood, model.encoder):
+        handle = module.register_forward_hook(lambda *args: None)
+        assert fused.plan(model) is None
+        handle.remove()
     handle = nn.modules.module.register_module_forward_pre_hook(lambda *args: None)
-    assert not fused.applies(model, x, 1.0)
+    assert fused.plan(model) is None
     handle.remove()
-    assert isinstance(fused.plan_for(model, x, 1.0), tuple)
-    assert not fused.applies(model, x.clone().requires_grad_(), 1.0)  # the gradient of x is asked for
-    assert not fused.applies(model, x, torch.tensor(1.0))
-    with fused.disabled():
-        assert not fused.applies(model, x, 1.0)
-    with torch.autocast("cpu", dtype=BF16):
-        assert not fused.applies(model, x, 1.0)
-    model.decoder[0] = nn.Linear(3, 400)  # not aevb's Linear: its own forward, run as a module
-    assert fused.plan_for(model, x, 1.0) is fused.DISTRIBUTIONS
+    assert isinstance(fused.plan(model), fused.Plan)
+    model.decoder[0] = nn.Linear(3, 400)  # not aevb's Linear
+    assert fused.plan(model) is None
     model = _vae()
     del model.encoder[0]  # no Flatten: the layers would multiply the images' rows
-    assert fused.plan_for(model, x, 1.0) is fused.DISTRIBUTIONS
-    seen = []
-
-    def under_a_transform(w):
-        seen.append(fused.applies(_vae(), x, 1.0))
-        return w.sum()
-
-    torch.func.grad(under_a_transform)(torch.ones(2))  # torch.func traces the general path's ops
-    assert seen == [False]
+    assert fused.plan(model) is None
 
 
-def test_bad_input_is_refused_as_on_the_general_path():
+def test_bad_input_is_refused_as_on_the_reference_path():
     model = _vae()
+    plan = fused.plan(model)
     with pytest.raises(UserError, match="does not fit this model"):
-        model.loss(torch.rand(4, 1, 9, 9))
+        fused.vae_loss(model, torch.rand(4, 1, 9, 9), 1.0, plan)
     with pytest.raises(UserError, match="empty batch"):
-        model.loss(torch.rand(0, 1, 8, 8))
+        fused.vae_loss(model, torch.rand(0, 1, 8, 8), 1.0, plan)
     with pytest.raises(UserError, match="floating-point"):
-        model.loss(torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
+        fused.vae_loss(model, torch.zeros(4, 1, 8, 8, dtype=torch.uint8), 1.0, plan)
 
 
-def test_second_derivatives_need_the_general_path():
+def test_second_derivatives_need_the_reference_path():
     model, x = _vae(), _batch((1, 8, 8))
-    loss = model.loss(x).loss
-    with pytest.raises(RuntimeError, match="fused.disabled"):  # not a constant gradient, silently
+    loss = fused.vae_loss(model, x, 1.0, fused.plan(model)).loss
+    with pytest.raises(RuntimeError, match="use model.loss"):  # not a constant gradient, silently
         torch.autograd.grad(loss, model.decoder[0].weight, create_graph=True)
-    with fused.disabled():
-        loss = model.loss(x).loss
-        (grad,) = torch.autograd.grad(loss, model.decoder[0].weight, create_graph=True)
-        grad.square().sum().backward()  # a penalty on the gradient trains
+    loss = model.loss(x).loss
+    (grad,) = torch.autograd.grad(loss, model.decoder[0].weight, create_graph=True)
+    grad.square().sum().backward()  # a penalty on the gradient trains
 
 
 def test_a_bf16_model_reads_the_targets_unrounded():
@@ -215,9 +198,8 @@ def test_a_bf16_model_reads_the_targets_unrounded():
 
 
 @pytest.mark.parametrize("frozen", ["encoder", "decoder"])
-@pytest.mark.parametrize("arch", ["mlp", "conv"])
-def test_a_frozen_network_gets_no_gradient_and_the_other_the_same(arch, frozen):
-    model, x = (_vae(), _batch((1, 8, 8))) if arch == "mlp" else (_conv(), _batch((1, 28, 28), n=8))
+def test_a_frozen_network_gets_no_gradient_and_the_other_the_same(frozen):
+    model, x = _vae(), _batch((1, 8, 8))
     getattr(model, frozen).requires_grad_(False)
     values, grads = _loss_and_grads(model, x)
     general_values, general_grads = _loss_and_grads(model, x, general=True)
@@ -234,82 +216,35 @@ class _ZeroCodeVAE(aevb.VAE):
         return super().decode(z * 0)
 
 
-def test_overrides_of_the_data_path_take_the_general_path():
-    x = _batch((1, 8, 8))
+def test_overrides_of_the_data_path_are_not_recognised():
     torch.manual_seed(0)
     subclass = _ZeroCodeVAE(data_shape=(1, 8, 8), latent_dim=3, arch="mlp")
-    assert not fused.applies(subclass, x, 1.0)
+    assert fused.plan(subclass) is None
     for change in (lambda m: setattr(m, "decode", lambda z: aevb.VAE.decode(m, z * 0)),
                    lambda m: setattr(m, "elbo_terms", lambda x, n: None),
-                   lambda m: setattr(m.posterior, "forward", lambda params: None)):
+                   lambda m: setattr(m.posterior, "forward", lambda params: None),
+                   lambda m: setattr(m.decoder[0], "forward", lambda z: nn.Linear.forward(m.decoder[0], z))):
         model = _vae()
-        model.loss(x)  # the plan is cached by now
         change(model)
-        assert not fused.applies(model, x, 1.0)
+        assert fused.plan(model) is None
     model = _vae()
-    model.loss(x)
-    model.decoder[0].forward = lambda z: nn.Linear.forward(model.decoder[0], z)
-    assert fused.plan_for(model, x, 1.0) is fused.DISTRIBUTIONS
-    model = _vae()
-    model.loss(x)
     nn.utils.parametrizations.weight_norm(model.decoder[2])  # a parametrisation swaps the layer's class
-    assert fused.plan_for(model, x, 1.0) is fused.DISTRIBUTIONS  # which runs it as a module
-    _assert_same(model, x)
+    assert fused.plan(model) is None
 
 
-# the distributions' path: any networks, run under autograd as modules; the posterior's draw
-# and KL, and the Bernoulli log-density, each one node
+def test_the_trainer_takes_the_fused_loss_for_the_models_it_recognises_only():
+    """training.loop._make_loss is the one place an accelerated loss is chosen; its numbers are model.loss's."""
+    from aevb.config import make_config
+    from aevb.training.loop import _make_loss
 
-
-@pytest.mark.parametrize("mc_samples", [1, 3])
-@pytest.mark.parametrize("scale_param", ["log-variance", "log-scale"])
-def test_conv_fp32_loss_and_gradients_are_the_general_paths(mc_samples, scale_param):
-    model = _conv(mc_samples=mc_samples, posterior_args={"scale_param": scale_param})
-    x = _batch((1, 28, 28), n=16)
-    model.init_output_bias(x)
-    assert fused.plan_for(model, x, 1.0) is fused.DISTRIBUTIONS
-    _assert_same(model, x)
-    _assert_same(model, x, beta=0.25)
-
-
-def test_conv_float64_is_the_general_path_to_float64_rounding():
-    _assert_same(_conv().double(), _batch((1, 28, 28), n=8, dtype=torch.float64), rtol=1e-12)
-
-
-@needs_bf16
-def test_conv_bf16_loss_and_gradients_are_the_general_paths_to_bf16_rounding():
-    """The conv VAE of bench/ at batch 64 in bf16 channels-last convolutions."""
-    model = _conv(mc_samples=2)
-    x = _batch((1, 28, 28), n=64)
-    model.init_output_bias(x)
-    _assert_same(model, x, dtype=BF16, rtol=1e-2)
-
-
-def test_the_distributions_path_has_no_second_derivatives_and_checks_the_decoders_output():
-    model, x = _conv(), _batch((1, 28, 28), n=4)
-    loss = model.loss(x).loss
-    with pytest.raises(RuntimeError, match="fused.disabled"):
-        torch.autograd.grad(loss, model.decoder[0].weight, create_graph=True)
-    model.decoder = nn.Sequential(nn.Linear(5, 10))  # 10 logits for 784 pixels
-    with pytest.raises(UserError, match="one logit per value"):
-        model.loss(x)
-
-
-class _ConstantDecoder(nn.Module):
-    """Logits that ignore z: the encoder's only gradient is the KL's."""
-
-    def __init__(self, shape):
-        super().__init__()
-        self.logits = nn.Parameter(torch.zeros(shape))
-
-    def forward(self, z):
-        return self.logits.expand(z.shape[0], *self.logits.shape)
-
-
-def test_a_decoder_that_ignores_z_leaves_the_encoder_the_kls_gradient():
-    model = _conv()
-    model.decoder = _ConstantDecoder((1, 28, 28))
-    x = _batch((1, 28, 28), n=8)
-    assert fused.plan_for(model, x, 1.0) is fused.DISTRIBUTIONS
-    _assert_same(model, x)
-    _assert_same(model, x, beta=0.25)
+    cpu = torch.device("cpu")
+    model, x = _vae(), _batch((1, 8, 8))
+    loss_of = _make_loss(model, make_config(arch="mlp"), cpu)
+    assert loss_of is not model.loss
+    torch.manual_seed(1)
+    fast = loss_of(x, 0.5)
+    torch.manual_seed(1)
+    reference = model.loss(x, 0.5)
+    torch.testing.assert_close(fast.as_tensor(), reference.as_tensor().detach(), rtol=1e-5, atol=1e-5)
+    other = _vae(likelihood="gaussian")
+    assert _make_loss(other, make_config(arch="mlp", likelihood="gaussian"), cpu) == other.loss

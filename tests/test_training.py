@@ -268,18 +268,23 @@ def test_resume_on_changed_data_names_the_data(tmp_path, changed):
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(one_epoch, two_epochs, tmp_path,
                                                                       monkeypatch, capsys):
-    real_loss = VAE.loss
+    real_make_loss = aevb.training.loop._make_loss
     calls = {"n": 0}
 
-    def poisoned(self, x, beta=None):  # the loss of optimiser step 19 (and after) is NaN
-        out = real_loss(self, x, beta)
-        calls["n"] += 1
-        if calls["n"] >= 19:
-            out.loss = out.loss * float("nan")
-            out.reconstruction = out.reconstruction * float("nan")
-        return out
+    def poisoned_make_loss(model, config, device):  # the trainer's loss, NaN from optimiser step 19 on
+        loss_of = real_make_loss(model, config, device)
 
-    monkeypatch.setattr(VAE, "loss", poisoned)
+        def poisoned(x, beta):
+            out = loss_of(x, beta)
+            calls["n"] += 1
+            if calls["n"] >= 19:
+                out.loss = out.loss * float("nan")
+                out.reconstruction = out.reconstruction * float("nan")
+            return out
+
+        return poisoned
+
+    monkeypatch.setattr(aevb.training.loop, "_make_loss", poisoned_make_loss)
     run = tmp_path / "run"
     capsys.readouterr()
     assert aevb_cli("train", "--out", run, *SMALL, "--epochs", 3, "--log-every", 4) == 2
@@ -297,7 +302,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(one_epoch, 
 
     assert [r["step"] for r in step_records(run)][-1] == 17  # logged after the checkpoint, before the NaN
 
-    monkeypatch.setattr(VAE, "loss", real_loss)  # the cause is fixed: the run continues from it
+    monkeypatch.setattr(aevb.training.loop, "_make_loss", real_make_loss)  # the cause is fixed: the run continues from it
     assert aevb_cli("train", "--resume", run, "--epochs", 2, "-q") == 0
     assert_same_tensors(weights(two_epochs), weights(run))
     # the records after the checkpoint were dropped and written again

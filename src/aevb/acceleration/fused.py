@@ -20,42 +20,33 @@ rows, ḡ the gradient of the loss and each row's own x:
 
 (½ of the last for an encoder that outputs log σ²), and each Linear layer h' = relu(h Wᵀ + b) passes back ∂h = (∂h'·[h' > 0]) W,
 ∂W = (∂h'·[h' > 0])ᵀ h, ∂b = Σ_n ∂h'·[h' > 0].  The log-density and the KL
-are the library's own functions (:func:`~aevb.distributions.bernoulli_log_prob`,
-:func:`~aevb.distributions.standard_normal_kl`), and every layer multiplies
+are the library's own functions (:func:`~aevb.model.distributions.bernoulli_log_prob`,
+:func:`~aevb.model.distributions.standard_normal_kl`), and every layer multiplies
 in the dtype its own ``forward`` would (bf16 under
-:func:`aevb.precision.matmul_dtype`), with the same casts, so values and
-gradients are those of the general path to rounding (``tests/test_fused.py``).
+:func:`aevb.model.precision.matmul_dtype`), with the same casts, so values and
+gradients are those of ``model.loss`` to rounding (``tests/test_fused.py``).
 
-The same model with any other networks (the convolutional VAE; an MLP whose
-layers have hooks, a parametrisation or a ``forward`` of their own) runs its
-networks under autograd as modules, as the general path does, and only the
-distributions' part is fused (:data:`DISTRIBUTIONS`): the draw of z and the
-KL are one node (:class:`_GaussianSample`), the Bernoulli log-density and the
-loss another (:class:`_BernoulliLoss`), with the same functions and
-gradients as above.  The conv VAE step at batch 128 runs about 1.02× as fast:
-30 ops fewer, 201 a step against 231 (the networks keep the rest).
-
-Everything else takes the general path of :mod:`aevb.objectives`
-(:func:`plan_for`): other likelihoods, posteriors or priors, free bits, a
-global module hook or one on the posterior, likelihood or prior, a subclass
-or an instance that overrides a method of the data path, an input that needs
-its own gradient, autocast, and tracing by ``torch.compile``, ``torch.func``
-or the JIT.  The nodes are differentiable once (a gradient with
-``create_graph`` is an error): for second derivatives of the loss (a penalty
-on its gradient), compute it under :func:`disabled`.
+The trainer (:mod:`aevb.training.loop`, ``_make_loss``) asks :func:`plan` once
+per run and uses :func:`vae_loss` for the models it recognises: a
+:class:`~aevb.model.vae.VAE` whose data path is VAE's own, with aevb's MLP networks (Flatten, Linear and
+ReLU layers without hooks or a ``forward`` of their own), a Gaussian
+posterior, the standard normal prior, a Bernoulli likelihood and no free
+bits.  Everything else, and every caller outside the trainer, runs
+``model.loss``: the reference path of :mod:`aevb.model.objectives`.  The node
+is differentiable once (a gradient with ``create_graph`` is an error): for
+second derivatives of the loss, use ``model.loss``.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
 from aevb.model import objectives
+from aevb.model.base import LossOutput
 from aevb.model.distributions import (
     BernoulliLikelihood,
     GaussianPosterior,
@@ -64,22 +55,10 @@ from aevb.model.distributions import (
     loc_and_log_scale,
     standard_normal_kl,
 )
-from aevb.errors import UserError
 from aevb.model.layers import Linear, cast, lowered
-from aevb.model.objectives import at_least_float32
+from aevb.model.precision import at_least_float32
 from aevb.model.priors import StandardNormalPrior
-
-_enabled: ContextVar[bool] = ContextVar("aevb_fused", default=True)
-
-
-@contextmanager
-def disabled() -> Iterator[None]:
-    """Inside, :meth:`aevb.VAE.loss` takes its general path (autograd through every op)."""
-    token = _enabled.set(False)
-    try:
-        yield
-    finally:
-        _enabled.reset(token)
+from aevb.model.vae import VAE
 
 
 class _Layer(NamedTuple):
@@ -87,12 +66,11 @@ class _Layer(NamedTuple):
     relu: bool  # a ReLU follows
 
 
-class _Plan(NamedTuple):
-    """The encoder's and decoder's linear layers, and the networks' modules, whose hooks one node would skip."""
+class Plan(NamedTuple):
+    """The encoder's and decoder's (Linear, ReLU?) layers, in order."""
 
     encoder: tuple[_Layer, ...]
     decoder: tuple[_Layer, ...]
-    modules: tuple[nn.Module, ...]
 
 
 def _layers(network: nn.Module, data_shape: tuple[int, ...], flatten: bool) -> tuple[_Layer, ...] | None:
@@ -121,89 +99,43 @@ def _layers(network: nn.Module, data_shape: tuple[int, ...], flatten: bool) -> t
     return tuple(layers) or None
 
 
-# the methods of the general path that the fused loss stands in for: a subclass or an
-# instance that overrides one takes the general path
-_DATA_PATH = ("loss", "encode", "decode", "prior", "_run", "_check_input")
-
-
-def _structure(model) -> tuple:
-    """What the plan depends on: the model's class, and every module of it and of its networks with its class
-    (a parametrisation changes a module's class in place)."""
-    modules = (*model._modules.values(), *model.encoder._modules.values(), *model.decoder._modules.values())
-    return (type(model), modules, tuple(map(type, modules)))
-
-
-# the plan of a model whose networks are not an MLP of aevb's layers, or whose layers
-# have hooks: its networks run under autograd, its distributions' part is fused
-DISTRIBUTIONS = "distributions"
-
-
-def _plan(model) -> _Plan | str | None:
-    """The model's plan (:data:`DISTRIBUTIONS` if its networks are not aevb's MLP), or None for a model
-    the fused loss does not compute; cached until a module is replaced."""
-    from aevb.model.vae import VAE
-
-    structure = _structure(model)
-    cached = model.__dict__.get("_fused_plan")
-    if cached is not None and cached[0] == structure:  # modules compare by identity
-        return cached[1]
-    plan = None
-    if (all(getattr(type(model), name) is getattr(VAE, name) for name in _DATA_PATH)
-            and not hasattr(type(model), "elbo_terms")
-            and type(model.likelihood) is BernoulliLikelihood and type(model.posterior) is GaussianPosterior
-            and type(model.prior_module) is StandardNormalPrior):
-        encoder = _layers(model.encoder, model.data_shape, flatten=True)
-        decoder = _layers(model.decoder, model.data_shape, flatten=False)
-        plan = DISTRIBUTIONS
-        if encoder is not None and decoder is not None:
-            plan = _Plan(encoder, decoder, (model.encoder, model.decoder, *model.encoder, *model.decoder))
-    model.__dict__["_fused_plan"] = (structure, plan)
-    return plan
+# the methods of the reference path that the fused loss stands in for: a model whose instance
+# overrides one is not recognised
+_DATA_PATH = ("loss", "encode", "decode", "prior", "_run", "_check_input", "elbo_terms")
+# ... and a class (a subclass, or VAE itself patched) whose method is not the reference's
+_REFERENCE = {name: getattr(VAE, name) for name in _DATA_PATH}
 
 
 def _hooked(modules) -> bool:
-    """Whether a hook or a ``forward`` set on one of these modules would run on the general path."""
+    """Whether a hook or a ``forward`` set on one of these modules would run on the reference path."""
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                or "forward" in m.__dict__ for m in modules)
 
 
-def _changed(model) -> bool:
-    """Whether a global hook, a method set on the model itself, or a hook on its posterior, likelihood or
-    prior (modules neither fused path calls) would change what the general path does.
+def _global_hooks() -> bool:
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
 
-    Read every call: these change without replacing a module.
+
+def plan(model) -> Plan | None:
+    """The layers with which :func:`vae_loss` computes ``model.loss``, or None for a model it does not compute.
+
+    Asked once, by the trainer, for a model it built: the loss of a model
+    that a hook, a subclass or another part would change is ``model.loss``.
     """
-    if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
-            or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks):
-        return True
-    if any(name in model.__dict__ for name in (*_DATA_PATH, "elbo_terms")):
-        return True
-    return _hooked((model.posterior, model.likelihood, model.prior_module))
-
-
-def plan_for(model, x: torch.Tensor, beta) -> _Plan | str | None:
-    """The plan with which :func:`vae_loss` computes ``model.loss(x, beta)``; None: the general path does.
-
-    A :class:`_Plan` (the whole loss in one node) for aevb's MLP networks,
-    else :data:`DISTRIBUTIONS` (the networks under autograd, as modules:
-    their hooks run).
-    """
-    if torch.compiler.is_compiling():  # first: torch.compile traces the general path, which it fuses itself
+    if (not isinstance(model, VAE) or any(getattr(type(model), name) is not method for name, method in _REFERENCE.items())
+            or model.free_bits or type(model.likelihood) is not BernoulliLikelihood
+            or type(model.posterior) is not GaussianPosterior or type(model.prior_module) is not StandardNormalPrior):
         return None
-    if not _enabled.get() or type(x) is not torch.Tensor or x.requires_grad or torch.is_tensor(beta):
+    encoder = _layers(model.encoder, model.data_shape, flatten=True)
+    decoder = _layers(model.decoder, model.data_shape, flatten=False)
+    if encoder is None or decoder is None:
         return None
-    if (getattr(model, "free_bits", 0) or torch.is_autocast_enabled(x.device.type)
-            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
+    modules = (model, model.encoder, model.decoder, *model.encoder, *model.decoder, model.posterior,
+               model.likelihood, model.prior_module)
+    if _global_hooks() or _hooked(modules) or any(name in model.__dict__ for name in _DATA_PATH):
         return None
-    plan = _plan(model)
-    if plan is None or _changed(model):
-        return None
-    return DISTRIBUTIONS if plan is not DISTRIBUTIONS and _hooked(plan.modules) else plan
-
-
-def applies(model, x: torch.Tensor, beta) -> bool:
-    """Whether :func:`vae_loss` computes ``model.loss(x, beta)`` (else the general path does)."""
-    return plan_for(model, x, beta) is not None
+    return Plan(encoder, decoder)
 
 
 _threshold_backward = torch.ops.aten.threshold_backward.default  # ReLU's backward: grad where output > 0
@@ -310,8 +242,8 @@ def _posterior_grad(grad_z: torch.Tensor | None, grad_kl, loc: torch.Tensor, sca
 
 def _refuse_second_derivatives() -> None:
     if torch.is_grad_enabled():  # create_graph: the gradient below would be a constant
-        raise RuntimeError("the fused VAE loss has no second derivatives; compute the loss under "
-                           "aevb.fused.disabled() for a gradient of its gradient")
+        raise RuntimeError("the fused VAE loss has no second derivatives; use model.loss for a gradient "
+                           "of its gradient")
 
 
 def _number(grad: torch.Tensor):
@@ -326,7 +258,7 @@ class _FusedVAELoss(torch.autograd.Function):
     """(loss, reconstruction, kl, mean μ, mean σ) of a batch; only the loss has a gradient."""
 
     @staticmethod
-    def forward(ctx, x, beta: float, n_samples: int, scale_param: str, plan: _Plan, n_encoder_params: int,
+    def forward(ctx, x, beta: float, n_samples: int, scale_param: str, plan: Plan, n_encoder_params: int,
                 *params):
         x = x.flatten(1)  # [B, P]
         encoder_params, decoder_params = params[:n_encoder_params], params[n_encoder_params:]
@@ -372,86 +304,10 @@ class _FusedVAELoss(torch.autograd.Function):
         return (None,) * _N_ARGS + tuple(grads)
 
 
-class _GaussianSample(torch.autograd.Function):
-    """The reparameterised draw from q(z|x) and the KL to N(0, I), from the encoder's output.
-
-    params [B, 2·D] -> (z [B, D] or [L, B, D], kl: the batch mean of Σ_d KL,
-    mean μ, mean σ); z and kl have gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, params, n_samples: int, scale_param: str):
-        loc, scale, log_scale, eps, z = _sample(params, n_samples, scale_param)
-        kl = _kl(loc, scale, log_scale)
-        ctx.save_for_backward(loc, scale, eps)
-        ctx.scale_param = scale_param
-        diagnostics = (loc.mean(), scale.mean())
-        ctx.mark_non_differentiable(*diagnostics)
-        ctx.set_materialize_grads(False)
-        return (z, kl, *diagnostics)
-
-    @staticmethod
-    def backward(ctx, grad_z, grad_kl, *unused):
-        _refuse_second_derivatives()
-        if grad_z is None and grad_kl is None:
-            return None, None, None
-        loc, scale, eps = ctx.saved_tensors
-        grad_kl = 0.0 if grad_kl is None else _number(grad_kl)
-        return _posterior_grad(grad_z, grad_kl, loc, scale, eps, ctx.scale_param), None, None
-
-
-class _BernoulliLoss(torch.autograd.Function):
-    """(loss = reconstruction + β·kl, reconstruction) from logits [B, …] or [L, B, …], x [B, …] and the KL.
-
-    Only the loss has a gradient: to the logits and to kl.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, target, kl, beta: float, n_samples: int):
-        reconstruction = _reconstruction(logits, target, n_samples)
-        loss = torch.add(reconstruction, kl, alpha=beta)
-        ctx.save_for_backward(logits, target)
-        ctx.beta = beta
-        ctx.mark_non_differentiable(reconstruction)
-        ctx.set_materialize_grads(False)
-        return loss, reconstruction
-
-    @staticmethod
-    def backward(ctx, grad_loss, unused):
-        _refuse_second_derivatives()
-        if grad_loss is None:
-            return (None,) * 5
-        logits, target = ctx.saved_tensors
-        grad_logits = _reconstruction_grad(logits, target, _number(grad_loss)) if ctx.needs_input_grad[0] else None
-        grad_kl = grad_loss * ctx.beta if ctx.needs_input_grad[2] else None
-        return grad_logits, None, grad_kl, None, None
-
-
-def _distributions_loss(model, x: torch.Tensor, beta: float):
-    """``model.loss(x, beta)`` with the networks under autograd and the distributions' part in two nodes."""
-    from aevb.model.base import LossOutput
-
-    n_samples = model.mc_samples
-    params = model._run(model.encoder, x)  # [B, 2·D], as encode
-    z, kl, mu, sigma = _GaussianSample.apply(params, n_samples, model.posterior.scale_param)
-    logits = model._run(model.decoder, _rows(z))  # [N, *data_shape]
-    if logits.shape[1:] != x.shape[1:]:
-        raise UserError(f"the decoder returned logits of shape {tuple(logits.shape)} for data of shape "
-                        f"{tuple(x.shape)}; a Bernoulli likelihood needs one logit per value")
-    if n_samples > 1:
-        logits = logits.view(n_samples, *x.shape)  # [L, B, *data_shape]
-    loss, reconstruction = _BernoulliLoss.apply(logits, cast(x, logits.dtype), kl, float(beta), n_samples)
-    return LossOutput(loss, reconstruction, kl.detach(), mu, sigma)
-
-
-def vae_loss(model, x: torch.Tensor, beta: float, plan: _Plan | str):
-    """``model.loss(x, beta)`` with the model's :func:`plan_for`: a :class:`~aevb.models.LossOutput`."""
-    from aevb.model.base import LossOutput
-
+def vae_loss(model, x: torch.Tensor, beta: float, plan: Plan) -> LossOutput:
+    """``model.loss(x, beta)`` in one autograd node, for a model whose :func:`plan` is ``plan``."""
     objectives._check(model, x, "ELBO", n_samples=model.mc_samples)
     model._check_input(x)
-    if plan is DISTRIBUTIONS:
-        return _distributions_loss(model, x, beta)
     encoder_params = _parameters(plan.encoder)
     params = (*encoder_params, *_parameters(plan.decoder))
     loss, reconstruction, kl, mu, sigma = _FusedVAELoss.apply(

@@ -10,10 +10,12 @@ thresholds keeps freed memory in the process for reuse; the price is that
 resident memory stays at its peak instead of shrinking after it, as with
 jemalloc or tcmalloc, which PyTorch recommends for CPU work.
 
-:func:`keep_freed_memory` is called by the command line and by the library's
-training and evaluation entry points; it does nothing on other C libraries.
-Training and importance sampling also run inside :func:`denormals_flushed`
-(below: subnormal floats slowed long MNIST runs by a quarter).
+Both settings are applied at the library's entry points, :func:`aevb.training.train`
+and :func:`aevb.evaluate` (which the commands go through), or by a user's
+explicit call: never as a side effect of a maths function.
+:func:`keep_freed_memory` does nothing on other C libraries; training and
+evaluation also run inside :func:`denormals_flushed` (below: subnormal floats
+slowed long MNIST runs by a quarter).
 """
 
 from __future__ import annotations

@@ -40,9 +40,9 @@ from aevb.model import objectives
 from aevb.errors import UserError
 from aevb.io import write_json, write_safetensors
 from aevb.model.layers import cast
+from aevb.model.precision import at_least_float32
 from aevb.model.priors import build_prior
 from aevb.registry import LIKELIHOODS, MODELS, NETWORKS, POSTERIORS
-from aevb.data.streaming import StreamedImages, mean_example
 
 FORMAT = "aevb-model"
 FORMAT_VERSION = 1
@@ -178,7 +178,7 @@ class Model(nn.Module):
         :func:`aevb.precision.matmul_dtype` the layers pass bf16 (and, for
         convolutions on the CPU, channels-last) activations between themselves.
         """
-        return objectives.at_least_float32(network(inputs.to(self._dtype))).contiguous()
+        return at_least_float32(network(inputs.to(self._dtype))).contiguous()
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not x.is_floating_point():
@@ -210,8 +210,8 @@ class Model(nn.Module):
         return self.likelihood(params.reshape(*batch_shape, *params.shape[1:]), len(self.data_shape))
 
     @torch.no_grad()
-    def init_output_bias(self, x: torch.Tensor | StreamedImages) -> bool:
-        """Start p(x|z) at the data's average: set the decoder's last bias from x [N, *data_shape].
+    def init_output_bias(self, mean: torch.Tensor) -> bool:
+        """Start p(x|z) at the data's average: set the decoder's last bias from the mean example [*data_shape].
 
         A fresh decoder outputs values near 0 whatever z is (grey images for a
         Bernoulli); the first epoch then goes on learning the average image.
@@ -220,7 +220,6 @@ class Model(nn.Module):
         Returns False, changing nothing, where the likelihood has no inverse of
         its mean or the decoder's last layer has no bias of a matching size.
         """
-        mean = mean_example(x)  # [*data_shape]
         params = self.likelihood.params_for_mean(mean)  # [k·C, *spatial] or None
         biased = [m for m in self.decoder.modules() if isinstance(getattr(m, "bias", None), torch.Tensor)]
         if params is None or not biased:
@@ -243,6 +242,18 @@ class Model(nn.Module):
         models without a KL term ignore it.
         """
         raise NotImplementedError
+
+    def elbo_terms(self, x: torch.Tensor, n_samples: int = 1) -> objectives.ElboTerms:
+        """The ELBO's reconstruction and KL terms, each [B] in nats (:func:`aevb.model.objectives.sgvb_terms`).
+
+        A model with more than one stochastic layer overrides this (and
+        :meth:`log_weights`) with its own sum over the layers.
+        """
+        return objectives.sgvb_terms(self, x, n_samples)
+
+    def log_weights(self, x: torch.Tensor, n_samples: int, posterior: Distribution | None = None) -> torch.Tensor:
+        """Importance log-weights log p(x, z) − log q(z|x), [n_samples, B]; ``posterior``: q(z|x) if already computed."""
+        return objectives.single_layer_log_weights(self, x, n_samples, posterior)
 
     def elbo(self, x: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
         """ELBO per example [B] in nats, β = 1, analytic KL; averaged over ``n_samples``."""

@@ -36,7 +36,8 @@ from aevb.analysis.evaluation import active_units
 from aevb.model.base import LossOutput, _finite_at_least, _posterior_stats, _sample_count, _whole
 from aevb.model.vae import LatentVariableModel
 from aevb.model.networks import _mlp
-from aevb.model.objectives import ElboTerms, at_least_float32
+from aevb.model.objectives import ElboTerms
+from aevb.model.precision import at_least_float32
 from aevb.registry import MODELS
 
 
@@ -129,8 +130,8 @@ class HVAE(LatentVariableModel):
         kls = [kl if kl.dim() == 1 else kl.mean(0) for kl in kls][::-1]  # bottom first, each [B]
         return ElboTerms(reconstruction, torch.stack(kls).sum(0), qs[-1], tuple(kls))
 
-    def log_weights(self, x: torch.Tensor, n_samples: int) -> torch.Tensor:
-        """log p(x|z_1) + Σ_l log p(z_l|z_{l+1}) − Σ_l log q(z_l|·) over all layers, [S, B]."""
+    def log_weights(self, x: torch.Tensor, n_samples: int, posterior: Distribution | None = None) -> torch.Tensor:
+        """log p(x|z_1) + Σ_l log p(z_l|z_{l+1}) − Σ_l log q(z_l|·) over all layers, [S, B] (``posterior`` unused: every layer is drawn anew)."""
         zs, qs, ps = self._top_down(self._bottom_up(x), n_samples)
         log_w = at_least_float32(self.decode(zs[-1]).log_prob(x.to(zs[-1].dtype)))
         for z, q, p in zip(zs, qs, ps):

@@ -25,8 +25,7 @@ import torch
 from torch.distributions import Distribution, kl_divergence
 
 from aevb.errors import NoLikelihoodError, UserError
-from aevb.model.precision import at_least_float32  # noqa: F401  (imported from here by fused, hierarchical)
-from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
+from aevb.model.precision import at_least_float32
 
 
 @dataclass
@@ -74,7 +73,7 @@ def _check(model, x: torch.Tensor, what: str, likelihood: bool = False, **counts
     if not model.posterior.has_density:
         raise NoLikelihoodError(f"model {model.name!r} has a point-mass code and defines no {what}; "
                                 f"train a VAE or IWAE (--model vae) for one")
-    if likelihood and not getattr(model.likelihood, "normalized", True):
+    if likelihood and not model.likelihood.normalized:
         raise NoLikelihoodError(f"likelihood {model.config.get('likelihood')!r} is not a normalised density of x "
                                 f"(σ is fitted to each example), so it has no {what}")
     if x.shape[0] == 0:
@@ -85,14 +84,21 @@ def _check(model, x: torch.Tensor, what: str, likelihood: bool = False, **counts
 
 
 def elbo_terms(model, x: torch.Tensor, n_samples: int = 1) -> ElboTerms:
-    """Reconstruction and KL terms with ``n_samples`` reparameterised samples (SGVB).
+    """Reconstruction and KL terms with ``n_samples`` reparameterised samples, each [B] in nats.
 
-    x: [B, *data_shape].  Gradients flow to encoder and decoder through rsample.
-    A model with more than one stochastic layer supplies its own ``elbo_terms``.
+    The arguments are checked here; the estimate is the model's own
+    (:meth:`aevb.model.base.Model.elbo_terms`): :func:`sgvb_terms` for a
+    model with one stochastic layer, the sum over layers for a hierarchical one.
     """
     _check(model, x, "ELBO", n_samples=n_samples)
-    if hasattr(model, "elbo_terms"):
-        return model.elbo_terms(x, n_samples)
+    return model.elbo_terms(x, n_samples)
+
+
+def sgvb_terms(model, x: torch.Tensor, n_samples: int = 1) -> ElboTerms:
+    """The ELBO's terms of a one-layer model, by SGVB (Kingma & Welling 2014): the data path, top to bottom.
+
+    x: [B, *data_shape].  Gradients flow to encoder and decoder through rsample.
+    """
     posterior = model.encode(x)  # q(z|x), batch [B]
     # one sample has no sample dimension: its broadcast in rsample and the mean over L
     # would each add an op and a backward reduction to every training step
@@ -109,14 +115,18 @@ def elbo(model, x: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
 
 
 def log_weights(model, x: torch.Tensor, n_samples: int, posterior: Distribution | None = None) -> torch.Tensor:
-    """Importance log-weights log p(x|z) + log p(z) − log q(z|x), [n_samples, B], at least float32.
+    """Importance log-weights log p(x, z) − log q(z|x), [n_samples, B], at least float32: the model's own
+    (:meth:`aevb.model.base.Model.log_weights`, over every stochastic layer)."""
+    return model.log_weights(x, n_samples, posterior)
+
+
+def single_layer_log_weights(model, x: torch.Tensor, n_samples: int,
+                             posterior: Distribution | None = None) -> torch.Tensor:
+    """log p(x|z) + log p(z) − log q(z|x) for z ~ q(z|x), [n_samples, B], at least float32.
 
     z is drawn with ``rsample`` so the weights can be differentiated (IWAE).
-    Pass ``posterior`` to reuse an encoder pass across chunks.  A model with
-    more than one stochastic layer supplies its own ``log_weights`` (over all layers).
+    Pass ``posterior`` to reuse an encoder pass across chunks.
     """
-    if hasattr(model, "log_weights"):
-        return model.log_weights(x, n_samples)
     if posterior is None:
         posterior = model.encode(x)
     z = posterior.rsample((n_samples,))  # [S, B, D]
@@ -151,20 +161,22 @@ def log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_size: in
     decode about 4k rows at a time) and combined with a log-sum-exp of the
     per-chunk log-sum-exps, so memory does not grow with S.  On average the
     estimate is a lower bound that rises towards log p(x) as S grows.
+
+    It runs at its measured CPU speed inside
+    :func:`aevb.acceleration.runtime.denormals_flushed` (and after
+    ``keep_freed_memory()``), as :func:`aevb.evaluate` calls it.
     """
     _check(model, x, "log-likelihood", likelihood=True, n_samples=n_samples, chunk_size=chunk_size)
-    keep_freed_memory()
-    with denormals_flushed():
-        posterior = model.encode(x)
-        batch = x.shape[0]
-        if chunk_size is None:
-            chunk_size = max(1, DEFAULT_ROWS // max(batch, 1))
-        chunk_size = min(chunk_size, n_samples)
-        total = None  # log Σ_s w_s over the chunks so far, [B], at least float32
-        for start in range(0, n_samples, chunk_size):
-            n = min(chunk_size, n_samples - start)
-            chunk = torch.logsumexp(log_weights(model, x, n, posterior), dim=0)
-            # a running sum, not a list of per-chunk results: small tensors that live across
-            # the loop sit between the chunks' large blocks and fragment the heap
-            total = chunk if total is None else torch.logaddexp(total, chunk)
+    posterior = model.encode(x)
+    batch = x.shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_ROWS // max(batch, 1))
+    chunk_size = min(chunk_size, n_samples)
+    total = None  # log Σ_s w_s over the chunks so far, [B], at least float32
+    for start in range(0, n_samples, chunk_size):
+        n = min(chunk_size, n_samples - start)
+        chunk = torch.logsumexp(log_weights(model, x, n, posterior), dim=0)
+        # a running sum, not a list of per-chunk results: small tensors that live across
+        # the loop sit between the chunks' large blocks and fragment the heap
+        total = chunk if total is None else torch.logaddexp(total, chunk)
     return total - math.log(n_samples)

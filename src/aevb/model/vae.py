@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from aevb.acceleration import fused
 from aevb.errors import UserError
 from aevb.model import objectives
 from aevb.model.base import LossOutput, Model, _finite_at_least, _posterior_stats, _whole
@@ -73,9 +72,6 @@ class VAE(LatentVariableModel):
     def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
         """``beta`` overrides the model's β for this call (KL warm-up schedules)."""
         beta = self.beta if beta is None else beta
-        plan = fused.plan_for(self, x, beta)
-        if plan is not None:  # the same loss and gradients, in one autograd node
-            return fused.vae_loss(self, x, beta, plan)
         terms = objectives.elbo_terms(self, x, self.mc_samples)
         reconstruction, kl = terms.reconstruction.mean(), terms.kl.mean()
         mu, sigma = _posterior_stats(terms.posterior)

@@ -38,6 +38,7 @@ from aevb.data import datasets as data_module
 from aevb.acceleration import fused
 from aevb.acceleration import optim
 from aevb.config import RunConfig, make_config
+from aevb.data.streaming import mean_example
 from aevb.errors import NonFiniteLossError, UserError
 from aevb.analysis.figures import reconstruction_grid, sample_grid
 from aevb.io import write_json, write_safetensors, write_text
@@ -608,7 +609,25 @@ def _first_line(error: BaseException) -> str:
 
 
 def _make_loss(model: Model, config: RunConfig, device: torch.device):
-    """``loss_of(x, beta)``: ``model.loss(x, beta=beta)``, through ``torch.compile`` with ``--compile``.
+    """``loss_of(x, beta)``: what each step minimises, the one place where training picks an accelerated loss.
+
+    ``model.loss(x, beta=beta)`` is the reference.  For a model that
+    :func:`aevb.acceleration.fused.plan` recognises (the MLP VAE with a
+    Bernoulli likelihood), the fused loss: the same loss and gradients to
+    rounding (``tests/test_fused.py``) in one autograd node.  With
+    ``--compile``, ``model.loss`` through ``torch.compile`` instead, which
+    fuses it itself.
+    """
+    if config.compile:
+        return _compiled_loss(model, config, device)
+    plan = fused.plan(model)
+    if plan is not None:
+        return lambda x, beta: fused.vae_loss(model, x, beta, plan)
+    return model.loss
+
+
+def _compiled_loss(model: Model, config: RunConfig, device: torch.device):
+    """``model.loss`` through ``torch.compile``.
 
     The compiled function takes β as a tensor (a float would be compiled
     into the graph, and a β schedule would recompile it every step) and
@@ -618,8 +637,6 @@ def _make_loss(model: Model, config: RunConfig, device: torch.device):
     traced, it would leave guards on them that the second step fails.  A
     failure to compile is the user's to fix (a missing C++ compiler): one message.
     """
-    if not config.compile:
-        return model.loss
     if device.type == "cpu":  # inductor's C++ build warns that this CPU machine has no CUDA
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     compiled = torch.compile(model.loss)
@@ -627,11 +644,8 @@ def _make_loss(model: Model, config: RunConfig, device: torch.device):
 
     def loss_of(x: torch.Tensor, beta: float):
         nonlocal warm
-        if not warm:  # the general path, the one compiled, fills the caches
+        if not warm or x.shape[0] != config.batch_size:  # the first step fills the caches
             warm = True
-            with fused.disabled():
-                return model.loss(x, beta=beta)
-        if x.shape[0] != config.batch_size:
             return model.loss(x, beta=beta)
         try:
             # a CPU scalar, which a CUDA graph reads as a number: one on the GPU would be a copy to it each step
@@ -686,7 +700,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     model_kwargs = config.model_kwargs(dataset.data_shape)
     model = build_model(config.model, **model_kwargs).to(device)
     if resume is None and config.output_bias == "data-mean":
-        model.init_output_bias(x_train)
+        model.init_output_bias(mean_example(x_train))
     optimizer = _make_optimizer(model, config, device)
     loss_of = _make_loss(model, config, device)
     if resume is not None:
