@@ -23,7 +23,6 @@ their means): what embeddings, reconstructions and figures use.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
