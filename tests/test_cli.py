@@ -622,7 +622,7 @@ def test_few_unlabelled_test_images_and_more_pictures_than_classes(tmp_path, cap
 
 
 def test_an_autoencoder_has_no_prior_samples(tmp_path, capsys):
-    from aevb.analysis.report import plan_figures
+    from aevb.analysis.gallery import plan_figures
     from aevb.training.loop import load_run_model
 
     run = tmp_path / "ae"

@@ -320,3 +320,38 @@ def test_hvae_layer_variation_holds_the_layers_above_and_decodes_what_it_shows(t
         for upper in range(layer + 1, 4):
             held = zs[upper - 1].reshape(rows, cols, -1)
             assert torch.equal(held, held[:, :1].expand_as(held))  # layers above are held in each row
+
+
+# ---------------------------------------------------------------------------
+# what every model declares about itself (read by evaluation and the figures, never probed)
+
+
+@pytest.mark.parametrize("name", ["ae", "dae", "sparse-ae", "cae", "vae", "iwae", "hvae"])
+def test_every_model_declares_its_layers_corruption_and_device(name):
+    torch.manual_seed(0)
+    model = aevb.build_model(name, data_shape=SHAPE, latent_dim=3, hidden=[16]).eval()
+    x = batch(4)
+    layers = 2 if name == "hvae" else 1
+    assert model.stochastic_layers == layers and model.device == torch.device("cpu")
+    assert model.checkpoint_step is None  # set only where a run folder loads a checkpoint
+    posteriors = model.layer_posteriors(x)  # bottom first: z_1's is encode(x)'s
+    assert len(posteriors) == layers and all(q.mean.shape == (4, 3) for q in posteriors)
+    torch.testing.assert_close(posteriors[0].mean, model.encode(x).mean)
+    zs = model.sample_layers(5, torch.Generator().manual_seed(0))
+    assert len(zs) == layers and all(z.shape == (5, 3) for z in zs)
+    # sample decodes z_1 of the same draws
+    torch.testing.assert_close(model.sample(5, torch.Generator().manual_seed(0)), model.decode(zs[0]).mean)
+    assert model.input_corruption() == ("gaussian 0.3" if name == "dae" else None)
+
+
+def test_layer_statistics_of_a_one_layer_model_are_its_kl_and_active_units():
+    from aevb.analysis.evaluation import active_units, layer_statistics, posterior_statistics
+
+    torch.manual_seed(0)
+    model = aevb.VAE(data_shape=SHAPE, latent_dim=3, hidden=[16]).eval()
+    x = batch(32)
+    stats = layer_statistics(model, x, batch_size=10)  # the standard normal prior: an analytic KL
+    with torch.no_grad():
+        kl = objectives.elbo_terms(model, x).kl.mean()
+    assert stats["kl_per_layer"] == pytest.approx([float(kl)], rel=1e-5)
+    assert stats["active_units_per_layer"] == [int(active_units(posterior_statistics(model, x)["mean"]).sum())]

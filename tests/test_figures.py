@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import aevb
-from aevb.analysis import figures
+from aevb.analysis import figures, plots
 from aevb.data.datasets import load_data
 from aevb.analysis.evaluation import posterior_statistics
 
@@ -174,7 +174,7 @@ def test_training_curves_read_metrics(tmp_path):
         {"step": 20, "epoch": 1, "test_elbo": -42.0, "test_reconstruction": 37.0, "test_kl": 5.0},
         {"step": 40, "epoch": 2.0, "loss": 35.0, "reconstruction": 30.0, "kl": 5.5, "mu": 0.2, "sigma": 0.7, "beta": 1.0},
     ]
-    out = figures.training_curves(records, tmp_path / "curves.png")
+    out = plots.training_curves(records, tmp_path / "curves.png")
     _assert_png(tmp_path / "curves.png")
     assert out["step"] == [10, 20, 40] and out["neg_elbo"] == [49.0, 41.0, 35.5]
     assert out["eval_split"] == "test" and out["eval_step"] == [20] and out["eval_neg_elbo"] == [42.0]
@@ -184,7 +184,7 @@ def test_training_curves_read_metrics(tmp_path):
 def test_likelihood_choice_nll_is_lowest_at_root_mse(tmp_path, digits, likelihood):
     x, _ = digits
     model = _model(likelihood=likelihood)
-    out = figures.likelihood_choice(model, x[:10], tmp_path / "lik.png")
+    out = plots.likelihood_choice(model, x[:10], tmp_path / "lik.png")
     _assert_png(tmp_path / "lik.png")
     residual = model.reconstruct(x[:10]).double() - x[:10].double()
     mse = float(residual.pow(2).mean())
@@ -205,3 +205,43 @@ def test_likelihood_choice_nll_is_lowest_at_root_mse(tmp_path, digits, likelihoo
     assert torch.allclose(out["grad_log_mse"], r / mse_with_r, rtol=1e-6)
     if likelihood != "gaussian-learned":
         assert out["model_scale"] == (likelihood, 1.0)
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "continuous-bernoulli", "gaussian", "gaussian-learned",
+                                  "gaussian-optimal", "gaussian-diag", "laplace", "laplace-learned"])
+def test_a_likelihood_declares_its_one_scale_or_none(name):
+    from aevb.registry import LIKELIHOODS
+
+    summaries = {"gaussian": ("gaussian", 1.0), "gaussian-learned": ("gaussian", 1.0), "laplace": ("laplace", 1.0),
+                 "laplace-learned": ("laplace", 1.0)}
+    assert LIKELIHOODS.get(name)().scale_summary() == summaries.get(name)
+    if name in ("gaussian", "laplace"):
+        assert LIKELIHOODS.get(name)(scale=0.25).scale_summary() == (name, 0.25)
+
+
+# -- which figures a run gets ----------------------------------------------------------
+
+
+def _plan(tmp_path, name: str, data_shape=(1, 8, 8), **kwargs):
+    from aevb.analysis.gallery import plan_figures
+
+    model = aevb.build_model(name, data_shape=data_shape, latent_dim=2, hidden=[16], **kwargs)
+    return plan_figures(model, tmp_path)  # a folder without metrics.jsonl
+
+
+def test_plan_draws_each_models_own_figures_and_says_why_not_the_others(tmp_path):
+    vae = _plan(tmp_path, "vae")
+    assert vae.figures == ["reconstructions.png", "prior-samples.png", "interpolations.png", "latent-scatter.png",
+                           "latent-grid.png", "latent-traversal.png"]
+    # the figures of other kinds of model (denoising, layers) are left out without a word
+    assert vae.skipped == {"training-curves.png": "the run has no metrics.jsonl",
+                           "likelihood-choice.png": "drawn for densities of real values such as the Gaussian and "
+                                                    "Laplace likelihoods, not bernoulli"}
+    assert "layer-variation.png" in _plan(tmp_path, "hvae").figures
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    dae = _plan(tmp_path, "dae", likelihood="gaussian")
+    assert {"denoising.png", "training-curves.png", "likelihood-choice.png"} <= set(dae.figures)
+    assert "prior-samples.png" not in dae.figures and "no prior" in dae.skipped["prior-samples.png"]
+    rows = _plan(tmp_path, "dae", data_shape=(6,), likelihood="gaussian")
+    assert rows.skipped["denoising.png"] == "the data are rows of 6 numbers, not images"
+    assert rows.figures == ["training-curves.png", "latent-scatter.png", "likelihood-choice.png"]

@@ -24,7 +24,7 @@ import aevb
 from aevb.cli import main
 from aevb.data.datasets import load_data
 from aevb.analysis.evaluation import classifier_accuracy, collapse_warning, evaluate
-from aevb.analysis.report import FIGURE_NAMES
+from aevb.registry import FIGURES
 
 REPO = Path(__file__).resolve().parents[1]
 IMG = '<img src="data:image/png;base64,'
@@ -181,7 +181,7 @@ def test_report_explore_interpolate_and_eval_end_to_end(run, capsys):
 
     text = report.read_text(encoding="utf-8")
     pngs = sorted((run / "images").glob("*.png"))
-    assert text.count(IMG) == len(pngs) > len(FIGURE_NAMES) - 1  # every picture of the run
+    assert text.count(IMG) == len(pngs) > len(FIGURES.names()) - 1  # every picture of the run
     for data, path in zip(sorted(_embedded_pngs(text)), sorted(p.read_bytes() for p in pngs)):
         assert data == path
         with Image.open(io.BytesIO(data)) as image:
@@ -215,6 +215,38 @@ def test_explore_skips_image_figures_for_tabular_data(tmp_path, capsys):
     assert written == ["latent-scatter.png", "likelihood-choice.png", "training-curves.png"]
     run_cli("report", out, "-k", "5")
     assert (out / "report.html").read_text().count(IMG) == 3
+
+
+def test_a_figure_registered_at_run_time_is_drawn_and_reported(tmp_path, monkeypatch):
+    from aevb.analysis.figures import save_grid
+    from aevb.analysis.gallery import IMAGES, Need, figure
+    from aevb.analysis.report import explore_run, write_report
+
+    monkeypatch.setattr(FIGURES, "_entries", dict(FIGURES._entries))  # this test's entries go with it
+    drawn = []
+
+    @FIGURES.register("mean-image.png")
+    @figure("Mean test image", "The average of the held-out images.", needs=(IMAGES,))
+    def _mean_image(context, path):
+        drawn.append(tuple(context.x.shape))
+        save_grid(context.x.mean(0, keepdim=True), path)
+
+    @FIGURES.register("never.png")
+    @figure("Never drawn", "Needs what no run has.", needs=(Need(lambda model, run_dir: "no run has it"),))
+    def _never(context, path):
+        raise AssertionError("a figure whose need is missing is not drawn")
+
+    run = tmp_path / "run"
+    run_cli("train", "--epochs", "1", "--latent-dim", "2", "--hidden", "16", "-q", "--out", run)
+    written, skipped = explore_run(run, device="cpu")
+    assert written[-1] == run / "images" / "mean-image.png" and drawn == [(180, 1, 8, 8)]
+    assert skipped["never.png"] == "no run has it"
+    text = write_report(run, iw_samples=5, device="cpu").read_text(encoding="utf-8")
+    # among the figures (not the training's other pictures), after the built-in ones, with its caption
+    assert "<strong>Mean test image.</strong> The average of the held-out images." in text
+    assert text.index("Latent traversals") < text.index("Mean test image") < text.index('id="more"')
+    assert "never drawn: no run has it" in text  # the missing one says why
+    assert text.count(IMG) == len(list((run / "images").glob("*.png")))
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)")

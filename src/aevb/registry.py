@@ -1,4 +1,4 @@
-"""Name → object registries for likelihoods, posteriors, networks, models and data sets.
+"""Name → object registries for likelihoods, posteriors, networks, models, data sets and figures.
 
 Entries are registered where they are defined (``@LIKELIHOODS.register("bernoulli")``),
 so a new likelihood, network or model is one decorated definition in one file.
@@ -102,3 +102,4 @@ MODELS = Registry("model", ("aevb.model.autoencoders", "aevb.model.vae", "aevb.m
 DATASETS = Registry("data set", "aevb.data.datasets", "DATASETS")
 SCHEDULES = Registry("beta schedule", "aevb.training.schedules", "SCHEDULES")
 PRIORS = Registry("prior", "aevb.model.priors", "PRIORS")
+FIGURES = Registry("figure", "aevb.analysis.gallery", "FIGURES")  # by file name in RUN/images/, in report order

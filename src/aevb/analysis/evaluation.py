@@ -5,7 +5,8 @@ two terms, the importance-sampled negative log-likelihood with k samples
 (Burda et al. 2016), their gap, bits per dimension where the numbers bound
 those of binary or (dequantised) 8-bit data, the reconstruction error, and the
 posterior diagnostics (KL per latent dimension, active units, a collapse
-warning).  Given the labels of x it adds the same numbers per class, and
+warning; for a model with several stochastic layers, the KL and active units
+of each layer).  Given the labels of x it adds the same numbers per class, and
 given a labelled training set the accuracy of a linear classifier and of
 k-nearest neighbours trained on the posterior means (how useful the
 representation is).
@@ -39,10 +40,10 @@ def posterior_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000) 
     The KL per dimension exists only where the prior factorises over
     dimensions (the standard normal); for the mixture priors it is None.
     """
-    device = next(model.parameters()).device
+    device = model.device
     means, stds, kls = [], [], []
     per_dimension = (model.posterior.has_density and model.prior_module.factorises
-                     and not hasattr(model, "layer_statistics"))  # hierarchical: z_1's prior is p(z_1|z_2)
+                     and model.stochastic_layers == 1)  # hierarchical: z_1's prior is p(z_1|z_2)
     prior = model.prior() if per_dimension else None
     for start in range(0, x.shape[0], batch_size):
         posterior = model.encode(x[start:start + batch_size].to(device))
@@ -64,6 +65,31 @@ def active_units(posterior_means: torch.Tensor, threshold: float = ACTIVE_UNIT_T
     if posterior_means.shape[0] < 2:
         return None
     return posterior_means.var(dim=0, unbiased=True) > threshold
+
+
+@torch.no_grad()
+def layer_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000) -> dict[str, list | None]:
+    """KL and active units of each stochastic layer z_1 … z_L over x (a model with L > 1 layers).
+
+    ``kl_per_layer``: the mean over x of each layer's KL term (one sample of
+    the layers above, as in the ELBO); ``active_units_per_layer``: the number
+    of dimensions of each layer whose posterior mean (along the posterior-mean
+    path, :meth:`~aevb.model.base.Model.layer_posteriors`) varies with x
+    (:func:`active_units`); None for one example, which has no variance over x.
+    """
+    layers = model.stochastic_layers
+    kls = torch.zeros(layers, dtype=torch.float64)
+    means: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start:start + batch_size].to(model.device)
+        terms = elbo_terms(model, xb)
+        kl_layers = terms.kl_layers if terms.kl_layers is not None else (terms.kl,)  # each [B]
+        kls += torch.stack([k.sum() for k in kl_layers]).double().cpu()
+        for layer, q in enumerate(model.layer_posteriors(xb)):
+            means[layer].append(q.mean.float().cpu())  # [B, D]
+    active = [active_units(torch.cat(m)) for m in means]
+    return {"kl_per_layer": (kls / x.shape[0]).tolist(),
+            "active_units_per_layer": None if active[0] is None else [int(a.sum()) for a in active]}
 
 
 def collapsed(active: int, latent_dim: int) -> bool:
@@ -101,9 +127,9 @@ def bits_per_dim(nll: float, model: Model, x: torch.Tensor, levels: int | None, 
       data have no levels, and a profile likelihood has no log p(x).
     """
     n = math.prod(model.data_shape)
-    if not getattr(model.likelihood, "normalized", True):
+    if not model.likelihood.normalized:
         return None
-    if getattr(model.likelihood, "discrete", False):
+    if model.likelihood.discrete:
         binary = bool(((x == 0) | (x == 1)).all())
         return nll / (n * math.log(2)) if binary else None
     if levels and dequantized:
@@ -220,11 +246,11 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
               progress: bool, labels: torch.Tensor | None, train_x: torch.Tensor | None,
               train_labels: torch.Tensor | None, classes: list[str] | None, precision: str,
               dequantized: bool) -> dict:
-    device = next(model.parameters()).device
+    device = model.device
     sampler_dtype = resolve_precision(precision, device)  # None: float32
     n = x.shape[0]
     has_density = model.posterior.has_density
-    normalized = getattr(model.likelihood, "normalized", True)
+    normalized = model.likelihood.normalized
     batches = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -293,7 +319,7 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
                 f"{model.config['likelihood']} fits σ to each example: a profile likelihood, not a normalised "
                 f"density in x, so there is no log-likelihood or bits/dim; its negative ELBO is the training "
                 f"objective, not a bound")
-        elif levels and not dequantized and not getattr(model.likelihood, "discrete", False):
+        elif levels and not dequantized and not model.likelihood.discrete:
             metrics["likelihood_note"] = ("no bits per dimension: a density at the quantised pixel values "
                                           "themselves is no probability; train with --dequantize for them")
     else:
@@ -301,8 +327,8 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
         metrics["latent_dim"] = model.latent_dim
     metrics["posterior_mean_variance_per_dim"] = stats["mean"].var(0, unbiased=True).tolist() if n > 1 else None
     metrics.update(model.code_statistics(stats["mean"]))
-    if hasattr(model, "layer_statistics"):  # hierarchical models: KL and active units of every layer
-        metrics.update(model.layer_statistics(x))
+    if model.stochastic_layers > 1:
+        metrics.update(layer_statistics(model, x))
 
     if labels is not None:
         per_class = {"reconstruction_nll": per_example["reconstruction_nll"],
@@ -349,7 +375,7 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int
                        progress=progress, labels=y, train_x=train_x, train_labels=train_y,
                        classes=dataset.classes, precision=precision, dequantized=config.dequantize)
     metrics["data"] = config.data
-    metrics["checkpoint_step"] = getattr(model, "checkpoint_step", None)  # set for a run still training
+    metrics["checkpoint_step"] = model.checkpoint_step  # set for a run still training
     if write:
         write_json(run_dir / "eval.json", metrics)
     return metrics

@@ -3,9 +3,12 @@
 Image grids are written with PIL from uint8 arrays (no matplotlib, no
 torchvision import), so that training can save pictures cheaply.  The
 figures of the latent space (prior samples, interpolations, the latent grid
-and scatter plot, traversals, training curves, the likelihood-choice plots)
+and scatter plot, traversals, denoising, the layers of a hierarchical VAE)
 use matplotlib's Agg canvas, imported inside each function, and return the
-numbers they drew.
+numbers they drew; so do the plots of numbers in :mod:`aevb.analysis.plots`
+(training curves, the choice of likelihood).  Which of them a run gets, and
+in what order the report shows them, is the registry of
+:mod:`aevb.analysis.gallery`.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aevb.analysis.evaluation import posterior_statistics
 from aevb.errors import UserError
 from aevb.io import atomic_write
+from aevb.model.base import Model
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0) -> np.ndarray:
@@ -84,8 +89,7 @@ def reconstruction_grid(model, x: torch.Tensor, path: str | Path) -> Path:
 
 def sample_grid(model, path: str | Path, n: int = 64, seed: int = 0, temperature: float = 1.0) -> Path:
     """Means of p(x|z) for n draws of z from the prior, with a seeded generator."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
     was_training = model.training
     model.eval()
     samples = model.sample(n, generator=generator, temperature=temperature)
@@ -104,7 +108,8 @@ DIRECTIONS = ("coords", "pca")
 
 
 @contextmanager
-def _eval_mode(model):
+def eval_mode(model: Model):
+    """The model in eval mode without gradients for the block, then as it was."""
     was_training = model.training
     model.eval()
     try:
@@ -114,18 +119,15 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     """A matplotlib Figure on the Agg canvas (no pyplot, no global state)."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write a matplotlib Figure as a PNG (atomically), cropped to what was drawn."""
     path = _png_path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.08))
     return path
@@ -153,7 +155,7 @@ def _tile_figure(tiles: torch.Tensor, path: str | Path, *, title: str | None = N
                  xlabel: str | None = None, tile_inches: float = 0.55) -> Path:
     """Save tiles [R, C, ch, h, w] as a grid with row and column labels."""
     rows, cols = tiles.shape[:2]
-    fig = _figure(cols * tile_inches + (1.4 if row_labels else 0.2), rows * tile_inches + 0.9)
+    fig = new_figure(cols * tile_inches + (1.4 if row_labels else 0.2), rows * tile_inches + 0.9)
     ax = fig.add_subplot()
     th, tw = _show_tiles(ax, tiles)
     ax.set_xticks([2 + j * tw + (tw - 2) / 2 - 0.5 for j in range(cols)], col_labels or [""] * cols, fontsize=8)
@@ -165,7 +167,7 @@ def _tile_figure(tiles: torch.Tensor, path: str | Path, *, title: str | None = N
         ax.set_xlabel(xlabel, fontsize=9)
     if title:
         ax.set_title(title, fontsize=10)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # -- prior samples -------------------------------------------------------------
@@ -182,22 +184,22 @@ def prior_samples(model, path: str | Path, n: int = 64, temperatures: tuple[floa
     [T, n, *data_shape].
     """
     _require_image_model(model, "prior_samples")
-    device = _device(model)
+    device = model.device
     standard = model.config.get("prior", "standard") == "standard"
-    with _eval_mode(model):
-        draw = (lambda g, t: model.sample_layers(n, g, t)[0]) if hasattr(model, "sample_layers") else \
-            (lambda g, t: model.prior_module.sample(model, n, g, t))  # z_1 drawn ancestrally for a hierarchical VAE
-        z = torch.stack([draw(torch.Generator(device=device).manual_seed(seed), t) for t in temperatures])  # [T, n, D]
+    with eval_mode(model):
+        # z_1 [n, D] (drawn ancestrally for a hierarchical VAE), the same draws for each T
+        z = torch.stack([model.sample_layers(n, torch.Generator(device=device).manual_seed(seed), t)[0]
+                         for t in temperatures])  # [T, n, D]
         images = model.decode(z).mean  # [T, n, *data_shape]
     side = max(1, math.ceil(math.sqrt(n)))
-    fig = _figure(4.2 * len(temperatures), 4.6)
+    fig = new_figure(4.2 * len(temperatures), 4.6)
     for k, t in enumerate(temperatures):
         ax = fig.add_subplot(1, len(temperatures), k + 1)
         ax.imshow(image_grid(images[k], nrow=side), interpolation="nearest")
         ax.set_title(f"temperature {t:g}: z ~ N(0, {t:g}² I)" if standard else
                      f"temperature {t:g}: z ~ {model.config['prior']} prior", fontsize=10)
         ax.axis("off")
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return {"temperatures": list(temperatures), "z": z.cpu(), "images": images.cpu()}
 
 
@@ -247,10 +249,10 @@ def interpolation(model, a: torch.Tensor, b: torch.Tensor, path: str | Path, ste
     [P, S, *data_shape].
     """
     _require_image_model(model, "interpolation")
-    device = _device(model)
+    device = model.device
     a, b = a.to(device), b.to(device)
     t = torch.linspace(0, 1, steps, device=device)  # [S]
-    with _eval_mode(model):
+    with eval_mode(model):
         za, zb = model.encode(a).mean, model.encode(b).mean  # [P, D]
         paths = {"linear": lerp(za, zb, t), "slerp": slerp(za, zb, t)}  # [P, S, D]
         decoded = {k: model.decode(z).mean for k, z in paths.items()}  # [P, S, *data_shape]
@@ -344,9 +346,7 @@ def latent_grid(model, x: torch.Tensor, path: str | Path, n: int = 15, grid_rang
     [n, n, *data_shape] = decode(z).mean, ``u``, ``v`` [n], ``origin``, ``axes``.
     """
     _require_image_model(model, "latent_grid")
-    from aevb.analysis.evaluation import posterior_statistics
-
-    with _eval_mode(model):
+    with eval_mode(model):
         means = posterior_statistics(model, x)["mean"]  # [N, D]
         origin, axes = latent_directions(means, directions)
         ru, rv = grid_extent(project(means, origin, axes), directions, grid_range)
@@ -355,7 +355,7 @@ def latent_grid(model, x: torch.Tensor, path: str | Path, n: int = 15, grid_rang
         z = origin + u[None, :, None] * axes[0] + v[:, None, None] * axes[1]  # [n, n, D]
         images = model.decode(z).mean  # [n, n, *data_shape]
     du, dv = (2 * ru / (n - 1) if n > 1 else ru), (2 * rv / (n - 1) if n > 1 else rv)
-    fig = _figure(7, 7)
+    fig = new_figure(7, 7)
     ax = fig.add_subplot()
     # a 1-pixel white gap between tiles: without it, strokes that reach a tile's edge (8×8 digits) run
     # into the next tile's; the extent puts each tile's centre at its grid point
@@ -373,7 +373,7 @@ def latent_grid(model, x: torch.Tensor, path: str | Path, n: int = 15, grid_rang
     rest = "other coordinates at the mean of the posterior means" if directions == "coords" else \
         "centred on the mean of the posterior means"
     ax.set_title(f"decoder means over {name_u} × {name_v} ({rest})", fontsize=9)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return {"z": z.cpu(), "images": images.cpu(), "u": u.cpu(), "v": v.cpu(), "origin": origin.cpu(),
             "axes": axes.cpu(), "extent": (ru, rv)}
 
@@ -405,14 +405,12 @@ def latent_scatter(model, x: torch.Tensor, path: str | Path, labels: torch.Tenso
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
     from matplotlib.patches import Rectangle
 
-    from aevb.analysis.evaluation import posterior_statistics
-
-    with _eval_mode(model):
+    with eval_mode(model):
         means = posterior_statistics(model, x)["mean"]  # [N, D]
     origin, axes = latent_directions(means, directions)
     points = project(means, origin, axes).cpu()  # [N, 2]
     ru, rv = grid_extent(points, directions, grid_range)
-    fig = _figure(7.5, 6.5)
+    fig = new_figure(7.5, 6.5)
     ax = fig.add_subplot()
     size = max(2.0, min(12.0, 4000 / max(points.shape[0], 1)))
     colors = None
@@ -454,7 +452,7 @@ def latent_scatter(model, x: torch.Tensor, path: str | Path, labels: torch.Tenso
     ax.set_ylabel(name_v)
     grid_note = "; dashed: the latent grid's range" if _is_image(model) else ""
     ax.set_title(f"posterior means of {points.shape[0]} test examples ({name_u}, {name_v}){grid_note}", fontsize=9)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return {"points": points, "origin": origin.cpu(), "axes": axes.cpu(), "image_indices": image_indices}
 
 
@@ -470,14 +468,11 @@ def denoising(model, x: torch.Tensor, path: str | Path, seed: int = 0) -> dict:
     """
     _require_image_model(model, "denoising")
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    with _eval_mode(model):
+    with eval_mode(model):
         noisy = model.corrupt(x, generator=generator)
         recon = model.reconstruct(noisy)
     tiles = torch.stack([noisy.clamp(0, 1), x, recon.to(x.dtype)]).float()  # [3, N, C, H, W]
-    label = getattr(model, "corruption", "corrupted")
-    level = getattr(model, "noise_level", None)
-    _tile_figure(tiles.cpu(), path, row_labels=[f"{label} {level:g}" if level is not None else label, "clean",
-                                                "reconstruction"],
+    _tile_figure(tiles.cpu(), path, row_labels=[model.input_corruption() or "corrupted", "clean", "reconstruction"],
                  title="denoising: corrupted input, clean target, reconstruction of the corrupted input")
     return {"noisy": noisy.cpu(), "clean": x.cpu(), "reconstructions": recon.cpu()}
 
@@ -496,11 +491,11 @@ def layer_variation(model, path: str | Path, rows: int = 3, cols: int = 8, seed:
     {layer: list of [rows·cols, D] per layer} that were decoded.
     """
     _require_image_model(model, "layer variation")
-    layers = model.layers
-    device = next(model.parameters()).device
+    layers = model.stochastic_layers
+    device = model.device
     generator = torch.Generator(device=device).manual_seed(seed)
     images, codes, tiles, labels = {}, {}, [], []
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for layer in range(layers, 0, -1):
             base = model.sample_layers(rows, generator)  # [z_1 … z_L], each [rows, D]
             held = {upper: base[upper - 1].repeat_interleave(cols, 0) for upper in range(layer + 1, layers + 1)}
@@ -532,12 +527,10 @@ def latent_traversal(model, x: torch.Tensor, path: str | Path, top: int = 10,
     ``images`` [R, V, *data_shape].
     """
     _require_image_model(model, "latent_traversal")
-    from aevb.analysis.evaluation import posterior_statistics
-
-    device = _device(model)
+    device = model.device
     values = torch.linspace(-3, 3, 9) if values is None else torch.as_tensor(values, dtype=torch.float32)
     values = values.to(device)
-    with _eval_mode(model):
+    with eval_mode(model):
         stats = posterior_statistics(model, x)
         has_kl = stats["kl"] is not None
         score = stats["kl"].mean(0) if has_kl else stats["mean"].var(0)  # [D]
@@ -556,208 +549,3 @@ def latent_traversal(model, x: torch.Tensor, path: str | Path, top: int = 10,
                  title=f"latent traversals, {len(dims)} dimensions with the largest {label}")
     return {"dims": dims, "score": [float(score[d]) for d in dims], "values": values.cpu(), "base": base.cpu(),
             "z": z.cpu(), "images": images.cpu()}
-
-
-# -- training curves -------------------------------------------------------------
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (blank or truncated lines are skipped)."""
-    import json
-
-    records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def training_curves(metrics: str | Path | list[dict], path: str | Path) -> dict:
-    """Loss, reconstruction term, KL and posterior statistics against optimiser steps.
-
-    ``metrics``: a ``metrics.jsonl`` path or its records.  Training records
-    (averages over the logged steps) are lines; the held-out ELBO terms
-    logged at epoch ends (``val_*`` or ``test_*``) are dots.  All in nats per
-    example; the training loss includes β and is the IWAE bound for IWAE.
-    Returns the plotted series.
-    """
-    records = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
-    train = [r for r in records if "loss" in r]
-    split = next((s for s in ("val", "test") if any(f"{s}_reconstruction" in r for r in records)), None)
-    held = [r for r in records if split and f"{split}_reconstruction" in r]
-    series = {
-        "step": [r["step"] for r in train],
-        "loss": [r["loss"] for r in train],
-        "reconstruction": [r["reconstruction"] for r in train],
-        "kl": [r["kl"] for r in train],
-        "neg_elbo": [r["reconstruction"] + r["kl"] for r in train],
-        "mu": [r.get("mu") for r in train],
-        "sigma": [r.get("sigma") for r in train],
-        "beta": [r.get("beta") for r in train],
-        "eval_split": split,
-        "eval_step": [r["step"] for r in held],
-        "eval_neg_elbo": [-r[f"{split}_elbo"] if f"{split}_elbo" in r else None for r in held],
-        "eval_reconstruction": [r.get(f"{split}_reconstruction") for r in held],
-        "eval_kl": [r.get(f"{split}_kl") for r in held],
-    }
-    fig = _figure(10, 6.8)
-    panels = fig.subplots(2, 2, sharex=True)
-    # markers where there are few points, so a one-epoch run still shows something
-    train_style = {"linewidth": 1.2, **({"marker": ".", "markersize": 5} if len(train) < 30 else {})}
-    eval_style = {"marker": "o", "markersize": 3.5, "linewidth": 1}
-
-    def draw(ax, title, curves):
-        for label, xs, ys, style in curves:
-            pairs = [(a, b) for a, b in zip(xs, ys) if b is not None]
-            if pairs:
-                ax.plot(*zip(*pairs), label=label, **style)
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=8)
-
-    steps, eval_steps = series["step"], series["eval_step"]
-    draw(panels[0, 0], "training loss and negative ELBO (nats)", [
-        ("training loss (minimised)", steps, series["loss"], train_style),
-        ("training −ELBO = reconstruction + KL", steps, series["neg_elbo"], {**train_style, "linestyle": "--"}),
-        (f"{split} −ELBO", eval_steps, series["eval_neg_elbo"], eval_style),
-    ])
-    draw(panels[0, 1], "reconstruction −E_q[log p(x|z)] (nats)", [
-        ("training", steps, series["reconstruction"], train_style),
-        (f"{split}", eval_steps, series["eval_reconstruction"], eval_style),
-    ])
-    draw(panels[1, 0], "KL(q(z|x) ‖ p(z)) (nats)", [
-        ("training", steps, series["kl"], train_style),
-        (f"{split}", eval_steps, series["eval_kl"], eval_style),
-    ])
-    betas = [b for b in series["beta"] if b is not None]
-    draw(panels[1, 1], "posterior statistics (training batches)", [
-        ("mean of μ", steps, series["mu"], train_style),
-        ("mean of σ", steps, series["sigma"], train_style),
-        *([("β", steps, series["beta"], {**train_style, "linestyle": ":"})] if len(set(betas)) > 1 else []),
-    ])
-    for ax in panels[1]:
-        ax.set_xlabel("optimiser step")
-    _save_figure(fig, path)
-    return series
-
-
-# -- why this likelihood? ----------------------------------------------------------
-
-
-def likelihood_choice(model, x: torch.Tensor, path: str | Path, n_points: int = 241) -> dict:
-    """What the Gaussian and Laplace likelihoods do with the model's own residuals.
-
-    Left: negative log-likelihood per dimension of the residuals r = x̂ − x of
-    the model's reconstructions of x, against the scale, computed with the
-    library's :class:`~aevb.distributions.GaussianLikelihood` and
-    :class:`~aevb.distributions.LaplaceLikelihood`: the Gaussian curve has its
-    minimum at σ = √MSE (the σ that ``gaussian-optimal`` uses, whose value is
-    marked), the Laplace one at b = mean |r|.  The model's own scale is marked
-    where it has one.
-
-    Right: the gradient of each loss with respect to one predicted value
-    against its residual, by autograd through ``log_prob``, the other
-    residuals of the example held fixed: MSE (Gaussian, σ = 1) is linear, L1
-    (Laplace, b = 1) is its sign, log-MSE (σ-VAE) is the MSE gradient divided
-    by the example's MSE.  Returns the curves.
-    """
-    from aevb.model.distributions import (GaussianLikelihood, LaplaceLikelihood, OptimalGaussianLikelihood)
-
-    device = _device(model)
-    x = x.to(device)
-    with _eval_mode(model):
-        recon = model.reconstruct(x).double()  # [N, *data_shape]
-    target = x.double().flatten()  # [n]: all residuals as one event
-    loc = recon.flatten()
-    residual = loc - target
-    n = target.numel()
-    mse = float(residual.pow(2).mean())
-    mae = float(residual.abs().mean())
-    sigma_star = max(math.sqrt(mse), 1e-6)
-    b_star = max(mae, 1e-6)
-
-    def curve(make, center):
-        scales = torch.logspace(math.log10(center / 10), math.log10(center * 10), n_points - 1, dtype=torch.float64)
-        scales = torch.sort(torch.cat([scales, torch.tensor([center], dtype=torch.float64)])).values
-        nll = torch.stack([-make(float(s))(loc, 1).log_prob(target) / n for s in scales])
-        return scales, nll
-
-    sigma, gaussian_nll = curve(GaussianLikelihood, sigma_star)
-    scale, laplace_nll = curve(LaplaceLikelihood, b_star)
-    optimal = OptimalGaussianLikelihood().to(device).eval()
-    optimal_nll = float(-optimal(loc.float(), 1).log_prob(target.float()) / n)
-    model_scale = _model_scale(model.likelihood)
-
-    # gradient of −log p(x|x̂) with respect to one prediction, the rest of an example fixed;
-    # every gradient is odd in the residual, so positive residuals on log axes show it all
-    example = residual[: math.prod(model.data_shape)].detach().cpu()  # residuals of the first example [m]
-    e = torch.logspace(-3, 0, 121, dtype=torch.float64)  # [E]
-    grads = {}
-    for name, head in (("mse", GaussianLikelihood(1.0)), ("log_mse", OptimalGaussianLikelihood().eval()),
-                       ("l1", LaplaceLikelihood(1.0))):
-        pred = example.repeat(len(e), 1)  # [E, m] predictions with targets at 0: the residuals
-        pred[:, 0] = e
-        pred.requires_grad_(True)
-        (-head(pred, 1).log_prob(torch.zeros_like(pred))).sum().backward()
-        grads[name] = pred.grad[:, 0].detach()
-    background_mse = float(example[1:].pow(2).mean()) if example.numel() > 1 else 0.0
-
-    fig = _figure(11, 4.2)
-    left, right = fig.subplots(1, 2)
-    left.plot(sigma, gaussian_nll, label="Gaussian, NLL against σ")
-    left.plot(scale, laplace_nll, label="Laplace, NLL against b")
-    left.axvline(sigma_star, color="C0", linestyle="--", linewidth=0.8)
-    left.axvline(b_star, color="C1", linestyle="--", linewidth=0.8)
-    left.plot([sigma_star], [optimal_nll], "o", color="C0", label=f"gaussian-optimal: σ = √MSE = {sigma_star:.3g}")
-    left.plot([b_star], [float(laplace_nll.min())], "o", color="C1", label=f"b = mean |r| = {b_star:.3g}")
-    lowest = float(min(gaussian_nll.min(), laplace_nll.min()))
-    if model_scale is not None:
-        name, value = model_scale
-        left.plot([value], [_nll_at(name, value, loc, target, n)], "s", color="k",
-                  label=f"this model's {'σ' if name == 'gaussian' else 'b'} = {value:.3g}")
-    left.set_xscale("log")
-    left.set_ylim(lowest - 0.3, lowest + 3)
-    left.set_xlabel("scale (σ or b)")
-    left.set_ylabel("−log p(x | x̂) per dimension (nats)")
-    left.set_title(f"NLL of the model's residuals (MSE {mse:.3g}) against the scale", fontsize=10)
-    left.legend(fontsize=8)
-    left.grid(alpha=0.3)
-    right.plot(e, grads["mse"], label="MSE (gaussian, σ = 1): r")
-    right.plot(e, grads["log_mse"], label=f"log-MSE (gaussian-optimal): ≈ r / MSE (MSE of the rest {background_mse:.3g})")
-    right.plot(e, grads["l1"], label="L1 (laplace, b = 1): sign(r) = 1")
-    right.set_xscale("log")
-    right.set_yscale("log")
-    right.set_xlabel("residual r = x̂ − x of one value (gradients are odd in r)")
-    right.set_ylabel("∂(−log p) / ∂x̂")
-    right.set_title("gradient with respect to one prediction", fontsize=10)
-    right.legend(fontsize=8)
-    right.grid(alpha=0.3, which="both")
-    _save_figure(fig, path)
-    return {"mse": mse, "mae": mae, "sigma": sigma, "gaussian_nll": gaussian_nll, "sigma_star": sigma_star,
-            "optimal_nll": optimal_nll, "scale": scale, "laplace_nll": laplace_nll, "b_star": b_star,
-            "model_scale": model_scale, "residual": e, "grad_mse": grads["mse"], "grad_log_mse": grads["log_mse"],
-            "grad_l1": grads["l1"]}
-
-
-def _model_scale(likelihood) -> tuple[str, float] | None:
-    """("gaussian" | "laplace", scale) of a likelihood with one scale for all dimensions, else None."""
-    from aevb.model.distributions import (GaussianLikelihood, LaplaceLikelihood, LearnedGaussianLikelihood,
-                                LearnedLaplaceLikelihood)
-
-    if isinstance(likelihood, (GaussianLikelihood, LaplaceLikelihood)):
-        family = "gaussian" if isinstance(likelihood, GaussianLikelihood) else "laplace"
-        return family, float(likelihood.scale)
-    if isinstance(likelihood, (LearnedGaussianLikelihood, LearnedLaplaceLikelihood)):
-        family = "gaussian" if isinstance(likelihood, LearnedGaussianLikelihood) else "laplace"
-        return family, float(likelihood.scale().detach())
-    return None
-
-
-def _nll_at(family: str, scale: float, loc: torch.Tensor, target: torch.Tensor, n: int) -> float:
-    from aevb.model.distributions import GaussianLikelihood, LaplaceLikelihood
-
-    head = GaussianLikelihood(scale) if family == "gaussian" else LaplaceLikelihood(scale)
-    return float(-head(loc, 1).log_prob(target) / n)

@@ -1,7 +1,8 @@
 """A run folder's figures and its one-page report.
 
-``explore_run(RUN)`` writes every figure of :mod:`aevb.figures` that fits the
-run into ``RUN/images/`` (``aevb explore``); ``write_report(RUN)`` writes
+``explore_run(RUN)`` writes every figure of the registry
+(:mod:`aevb.analysis.gallery`) that fits the run into ``RUN/images/``
+(``aevb explore``); ``write_report(RUN)`` writes
 ``RUN/report.html`` (``aevb report``): one self-contained file with the
 configuration, the evaluation, the training curves and every PNG of
 ``RUN/images/`` embedded as a data URI — no script, no stylesheet or image
@@ -14,92 +15,14 @@ import base64
 import html
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
+from aevb.analysis.gallery import ExploreOptions, FigureContext, NotDrawn, plan_figures
 from aevb.errors import UserError
-
-# The figures of a run, in the order the report shows them: file in RUN/images/, title, caption.
-FIGURES: list[tuple[str, str, str]] = [
-    ("training-curves.png", "Training curves",
-     "Training loss, reconstruction term and KL averaged over logged steps (lines), and the held-out "
-     "ELBO terms at epoch ends (dots), in nats per example; below right the mean posterior μ and σ."),
-    ("reconstructions.png", "Reconstructions",
-     "Held-out images (top row, one per class where there are labels) above the means of p(x|z) "
-     "at their posterior means (bottom row)."),
-    ("prior-samples.png", "Samples from the prior",
-     "Means of p(x|z) for z drawn from the prior at temperature 1 and at 0.5 (the same draws scaled "
-     "towards the origin): lower temperature trades variety for typicality."),
-    ("interpolations.png", "Interpolations",
-     "Decoder means along linear and spherical (slerp) paths between the posterior means of pairs of "
-     "held-out images (shown at the ends); t = 0 and t = 1 are exactly their reconstructions."),
-    ("latent-scatter.png", "Posterior means of the test set",
-     "Each test example at its posterior mean in the two latent directions of the grid, coloured by "
-     "label where there are labels, with a few test images drawn at their positions."),
-    ("latent-grid.png", "Latent grid",
-     "Decoder means over a grid in two latent directions (the first two coordinates, or the first two "
-     "principal components of the posterior means), the other coordinates held at the mean of the "
-     "posterior means."),
-    ("latent-traversal.png", "Latent traversals",
-     "One latent dimension changed at a time from −3 to 3, the others at the posterior mean of one test "
-     "image; rows are the dimensions with the largest KL (the ones the model uses)."),
-    ("denoising.png", "Denoising",
-     "Held-out images corrupted as in training (top row), the clean images the loss compares with "
-     "(middle row) and the reconstructions of the corrupted inputs (bottom row)."),
-    ("layer-variation.png", "What each layer encodes",
-     "Hierarchical VAE: for each stochastic layer (top first), each row holds the layers above it at one "
-     "prior draw and the columns resample that layer; the layers below sit at their conditional means."),
-    ("likelihood-choice.png", "Choice of likelihood",
-     "Left: negative log-likelihood per dimension of this model's residuals against the scale, computed "
-     "with the library's Gaussian and Laplace likelihoods (minimum at σ = √MSE and b = mean |r|). "
-     "Right: the gradient each loss sends to one prediction, by autograd through log_prob."),
-]
-FIGURE_NAMES = [name for name, _, _ in FIGURES]
-
-
-@dataclass
-class Plan:
-    """Which figures fit a run, and why the others are left out."""
-
-    figures: list[str]
-    skipped: dict[str, str]
-
-
-# residuals of the likelihood figure: the test split's first examples (every residual is one event,
-# evaluated at 241 scales, so a whole CIFAR test set would take minutes)
-LIKELIHOOD_EXAMPLES = 1000
-
-
-def plan_figures(model, run_dir: str | Path) -> Plan:
-    """The figures :func:`explore_run` writes for this model and run folder."""
-    run_dir = Path(run_dir)
-    images = len(model.data_shape) == 3
-    likelihood = model.config["likelihood"]
-    skipped = {}
-    for name in ("reconstructions.png", "prior-samples.png", "interpolations.png", "latent-grid.png",
-                 "latent-traversal.png"):
-        if not images:
-            skipped[name] = f"the data are rows of {model.data_shape[0]} numbers, not images"
-    for name in ("latent-grid.png", "latent-scatter.png"):
-        if model.latent_dim < 2 and name not in skipped:
-            skipped[name] = "the latent space has one dimension; a plane needs two"
-    if not model.has_kl and "prior-samples.png" not in skipped:
-        skipped["prior-samples.png"] = f"an autoencoder ({model.name}) has no prior to sample: its codes are not fitted to N(0, I)"
-    if not (run_dir / "metrics.jsonl").is_file():
-        skipped["training-curves.png"] = "the run has no metrics.jsonl"
-    if not likelihood.startswith(("gaussian", "laplace")):
-        skipped["likelihood-choice.png"] = f"drawn for Gaussian and Laplace likelihoods, not {likelihood}"
-    if not images and hasattr(model, "corruption"):
-        skipped["denoising.png"] = f"the data are rows of {model.data_shape[0]} numbers, not images"
-    # figures of one kind of model are left out of the others without a word
-    foreign = set() if hasattr(model, "corruption") else {"denoising.png"}
-    if hasattr(model, "sample_layers"):
-        if not images:
-            skipped["layer-variation.png"] = f"the data are rows of {model.data_shape[0]} numbers, not images"
-    else:
-        foreign.add("layer-variation.png")
-    return Plan([n for n in FIGURE_NAMES if n not in skipped and n not in foreign], skipped)
+from aevb.registry import FIGURES
 
 
 def explore_run(run_dir: str | Path, *, grid_range: float | None = None, directions: str = "auto",
@@ -112,10 +35,6 @@ def explore_run(run_dir: str | Path, *, grid_range: float | None = None, directi
     2-dimensional latent space, pca otherwise).  Returns the paths written
     and {figure: reason} for the figures left out.
     """
-    import torch
-
-    from aevb.analysis import figures
-    from aevb.data.datasets import holdout_indices
     from aevb.training.loop import held_out, load_dataset, load_run_model, read_run_config, resolve_device
 
     run_dir = Path(run_dir)
@@ -129,48 +48,20 @@ def explore_run(run_dir: str | Path, *, grid_range: float | None = None, directi
     x, y = held_out(dataset, config, "test")
     if x is None or not len(x):
         raise UserError(f"{run_dir} has no test split to draw; train with --test-split")
-    dev = next(model.parameters()).device
-    x = x.to(dev)
+    context = FigureContext(model, x.to(model.device), y, dataset.classes, run_dir,
+                            ExploreOptions(grid_range, directions, grid_size, pairs, steps, top_dims), seed)
     images_dir = run_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     written = []
-
-    def out(name: str) -> Path:
-        path = images_dir / name
-        written.append(path)
-        return path
-
-    holdout = x[holdout_indices(y, 10, num_examples=len(x)).to(dev)]
     for name in plan.figures:
-        if name == "training-curves.png":
-            figures.training_curves(run_dir / "metrics.jsonl", out(name))
-        elif name == "reconstructions.png":
-            figures.reconstruction_grid(model, holdout, out(name))
-        elif name == "prior-samples.png":
-            figures.prior_samples(model, out(name), n=64, seed=seed)
-        elif name == "interpolations.png":
-            chosen = holdout_indices(y, 2 * pairs, num_examples=len(x)).to(dev)
-            if len(chosen) < 2:
-                plan.skipped[name] = "needs at least two test images"
-                continue
-            chosen = chosen[: len(chosen) // 2 * 2]
-            figures.interpolation(model, x[chosen[0::2]], x[chosen[1::2]], out(name), steps=steps)
-        elif name == "latent-scatter.png":
-            figures.latent_scatter(model, x, out(name), labels=y, directions=directions, classes=dataset.classes,
-                                   grid_range=grid_range, seed=seed)
-        elif name == "latent-grid.png":
-            figures.latent_grid(model, x, out(name), n=grid_size, grid_range=grid_range, directions=directions)
-        elif name == "latent-traversal.png":
-            with torch.no_grad():
-                base = model.encode(holdout[:1]).mean[0]  # [D]: the first held-out image's code
-            figures.latent_traversal(model, x, out(name), top=top_dims, base=base)
-        elif name == "denoising.png":
-            figures.denoising(model, holdout, out(name), seed=seed)
-        elif name == "layer-variation.png":
-            figures.layer_variation(model, out(name), seed=seed)
-        elif name == "likelihood-choice.png":
-            figures.likelihood_choice(model, x[:LIKELIHOOD_EXAMPLES], out(name))  # the test split's residuals
+        path = images_dir / name
+        try:
+            FIGURES.get(name).draw(context, path)
+        except NotDrawn as reason:
+            plan.skipped[name] = str(reason)
+            continue
+        written.append(path)
     return written, plan.skipped
 
 
@@ -373,8 +264,8 @@ def report_images(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
     """The PNGs of ``RUN/images/`` the report embeds: (explore's figures in order, all the others)."""
     images = Path(run_dir) / "images"
     present = {p.name: p for p in sorted(images.glob("*.png"))} if images.is_dir() else {}
-    known = [present[n] for n in FIGURE_NAMES if n in present]
-    others = [p for n, p in present.items() if n not in FIGURE_NAMES]
+    known = [present[n] for n in FIGURES.names() if n in present]
+    others = [p for n, p in present.items() if n not in FIGURES]
     return known, others
 
 
@@ -382,7 +273,7 @@ def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipp
     """The HTML text of the report (one page, no script, no external resource)."""
     run_dir = Path(run_dir)
     known, others = report_images(run_dir)
-    captions = {name: (title, caption) for name, title, caption in FIGURES}
+    entries = dict(FIGURES.items())
     title = f"aevb run {run_dir.resolve().name}"
     summary = (f"{config.get('model', '?')} · {config.get('likelihood', '?')} likelihood · {config.get('arch', '?')} "
                f"network · {config.get('latent_dim', '?')} latent dimensions · data {config.get('data', '?')}")
@@ -398,10 +289,10 @@ def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipp
     parts.append(_config_section(config))
     parts.append('<section id="figures"><h2>Figures</h2>')
     for path in known:
-        name, caption = captions[path.name]
-        parts.append(_figure_html(path, name, caption, pixel=path.name == "reconstructions.png"))
+        entry = entries[path.name]
+        parts.append(_figure_html(path, entry.title, entry.caption, pixel=entry.pixelated))
     if skipped:
-        notes = "; ".join(f"{captions[n][0].lower()}: {reason}" for n, reason in skipped.items() if n in captions)
+        notes = "; ".join(f"{entries[n].title.lower()}: {reason}" for n, reason in skipped.items() if n in entries)
         parts.append(f'<p class="meta">Not drawn for this run — {_e(notes)}.</p>')
     parts.append("</section>")
     if others:

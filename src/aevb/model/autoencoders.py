@@ -87,6 +87,10 @@ class DenoisingAE(AE):
         self.corruption, self.noise_level = corruption, float(noise_level)
         self.config.update(corruption=corruption, noise_level=self.noise_level)
 
+    def input_corruption(self) -> str:
+        """The corruption and its level, as the figures label it: ``"masking 0.5"``."""
+        return f"{self.corruption} {self.noise_level:g}"
+
     def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x̃ [B, *data_shape], a corrupted copy of x (seeded by ``generator`` if given)."""
         def uniform():

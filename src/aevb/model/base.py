@@ -100,6 +100,8 @@ class Model(nn.Module):
     has_kl: ClassVar[bool] = True  # a KL term that β, its schedules and free bits weigh
     # the fields of aevb.config.RunConfig this model's constructor takes (same names)
     run_options: ClassVar[tuple[str, ...]] = ()
+    # the optimiser step of the checkpoint this model was loaded from, where a run folder's loader sets it
+    checkpoint_step: int | None = None
 
     @classmethod
     def run_kwargs(cls, config) -> dict[str, Any]:
@@ -168,7 +170,8 @@ class Model(nn.Module):
         return self._first_weight().dtype
 
     @property
-    def _weights_device(self) -> torch.device:
+    def device(self) -> torch.device:
+        """The device of the model's weights (where its inputs go)."""
         return self._first_weight().device
 
     def _run(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -268,9 +271,45 @@ class Model(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """[n, *data_shape]: means of p(x|z) for z ~ p(z) (for N(0, I): z ~ N(0, temperature² I);
-        for mixtures the temperature scales each component's noise)."""
-        z = self.prior_module.sample(self, _sample_count(n, temperature), generator, temperature)  # [n, D]
-        return self.decode(z).mean
+        for mixtures the temperature scales each component's noise; with several stochastic
+        layers z_1 is drawn ancestrally, see :meth:`sample_layers`)."""
+        return self.decode(self.sample_layers(n, generator, temperature)[0]).mean  # from z_1 [n, D]
+
+    # -- what a model declares about itself ------------------------------------
+    # Evaluation, the figures and the report read these instead of probing for
+    # methods; a new model overrides the ones that differ from the defaults.
+
+    @property
+    def stochastic_layers(self) -> int:
+        """L, the number of layers of latent variables z_1 … z_L (1 but for a hierarchical model).
+
+        A model with L > 1 overrides :meth:`layer_posteriors` and
+        :meth:`sample_layers` and returns one KL per layer in its
+        ``elbo_terms(x).kl_layers``.
+        """
+        return 1
+
+    def layer_posteriors(self, x: torch.Tensor) -> list[Distribution]:
+        """q(z_l | ·) for l = 1 … L (bottom first), each batch [B], event [D]; [encode(x)] for one layer."""
+        return [self.encode(x)]
+
+    @torch.no_grad()
+    def sample_layers(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0,
+                      fixed: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Ancestral samples [z_1, …, z_L] from the prior, each [n, D]; ``fixed`` {layer (1-based): z [n, D]}
+        holds layers.  One layer: [z], z drawn as :meth:`sample` draws it (or ``fixed[1]``)."""
+        n = _sample_count(n, temperature)
+        if fixed and 1 in fixed:
+            return [fixed[1]]
+        return [self.prior_module.sample(self, n, generator, temperature)]  # [n, D]
+
+    def input_corruption(self) -> str | None:
+        """How training corrupts the encoder's input (``"masking 0.5"``), or None where it sees x itself.
+
+        A model that names a corruption applies it with
+        ``corrupt(x, generator)`` (:class:`~aevb.model.autoencoders.DenoisingAE`).
+        """
+        return None
 
     def code_statistics(self, codes: torch.Tensor) -> dict[str, float]:
         """Model-specific numbers about the codes E_q[z|x] [N, D] of a test set (for ``evaluate``)."""

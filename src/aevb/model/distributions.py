@@ -61,6 +61,7 @@ class Likelihood(nn.Module):
     [*S, B, k·C, *spatial] to a distribution with event shape [C, *spatial].
     """
 
+    # What a family declares about itself; evaluation, the figures and training read these.
     params_per_channel = 1
     discrete = False  # a probability mass function (bits/dim need no bin width)
     normalized = True  # a normalised density or mass: log p(x) and bits/dim are defined
@@ -69,6 +70,15 @@ class Likelihood(nn.Module):
     def extra_config(self) -> dict:
         """Constructor arguments to store in ``config.json``."""
         return {}
+
+    def scale_summary(self) -> tuple[str, float] | None:
+        """(family, scale) where one scale serves every dimension, else None.
+
+        ``family`` names the registered fixed-scale likelihood of the same
+        shape (``"gaussian"``: the scale is σ; ``"laplace"``: it is b), so that
+        the likelihood figure can mark this model's scale on that family's curve.
+        """
+        return None
 
     def params_for_mean(self, mean: torch.Tensor) -> torch.Tensor | None:
         """Raw decoder output [k·C, *spatial] under which p(x|z) has mean ``mean`` [C, *spatial].
@@ -272,6 +282,7 @@ class _FixedScale(_LocationFamily):
     """A location family (``family``: Normal or Laplace) with one fixed scale for all dimensions."""
 
     family: type[Distribution]
+    family_name: str  # the name of the fixed-scale likelihood of this family, for scale_summary
 
     def __init__(self, scale: float = 1.0):
         super().__init__()
@@ -281,6 +292,9 @@ class _FixedScale(_LocationFamily):
 
     def extra_config(self) -> dict:
         return {"scale": self.scale}
+
+    def scale_summary(self) -> tuple[str, float]:
+        return self.family_name, self.scale
 
     def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
         return _independent(self.family(params, self.scale, validate_args=False), event_dims)
@@ -318,6 +332,7 @@ class _LearnedScale(_LocationFamily):
     """A location family with one learned log-scale shared by all dimensions, clamped to a floor."""
 
     family: type[Distribution]
+    family_name: str  # the name of the fixed-scale likelihood of this family, for scale_summary
 
     def __init__(self, scale: float = 1.0, floor: float = SCALE_FLOOR):
         super().__init__()
@@ -334,6 +349,9 @@ class _LearnedScale(_LocationFamily):
         # and n·log σ into every example's log-density (0.3 nats at 784 pixels)
         return _FloorWithUpwardGradient.apply(at_least_float32(self.log_scale), math.log(self.floor)).exp()
 
+    def scale_summary(self) -> tuple[str, float]:
+        return self.family_name, float(self.scale().detach())
+
     def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
         scale = self.scale().to(params.dtype)
         return _independent(self.family(params, scale, validate_args=False), event_dims)
@@ -344,6 +362,7 @@ class GaussianLikelihood(_FixedScale):
     """Gaussian with a fixed σ.  σ = 1 gives ½·SSE + ½·n·log 2π: the MSE loss."""
 
     family = Normal
+    family_name = "gaussian"
 
 
 @LIKELIHOODS.register("gaussian-learned")
@@ -351,6 +370,7 @@ class LearnedGaussianLikelihood(_LearnedScale):
     """Gaussian with one learned σ for all pixels (log-parametrised, floored)."""
 
     family = Normal
+    family_name = "gaussian"
 
 
 class OptimalScaleNormal(Normal):
@@ -449,6 +469,7 @@ class LaplaceLikelihood(_FixedScale):
     """Laplace with a fixed scale b: −log p = L1/b + n·log 2b (the L1 loss)."""
 
     family = Laplace
+    family_name = "laplace"
 
 
 @LIKELIHOODS.register("laplace-learned")
@@ -456,6 +477,7 @@ class LearnedLaplaceLikelihood(_LearnedScale):
     """Laplace with one learned scale for all pixels (log-parametrised, floored)."""
 
     family = Laplace
+    family_name = "laplace"
 
 
 # ---------------------------------------------------------------------------

@@ -23,7 +23,6 @@ their means): what embeddings, reconstructions and figures use.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -32,7 +31,6 @@ from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from aevb.model.distributions import diagonal_normal
 from aevb.errors import UserError
-from aevb.analysis.evaluation import active_units
 from aevb.model.base import LossOutput, _finite_at_least, _posterior_stats, _sample_count, _whole
 from aevb.model.vae import LatentVariableModel
 from aevb.model.networks import _mlp
@@ -77,6 +75,10 @@ class HVAE(LatentVariableModel):
     @classmethod
     def run_kwargs(cls, config) -> dict[str, Any]:
         return {name: getattr(config, name) for name in cls.run_options}
+
+    @property
+    def stochastic_layers(self) -> int:
+        return self.layers
 
     # -- the two passes ----------------------------------------------------------
 
@@ -151,7 +153,7 @@ class HVAE(LatentVariableModel):
                       fixed: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Ancestral samples [z_1, …, z_L], each [n, D]; ``fixed`` {layer (1-based): z [n, D]} holds layers."""
         n = _sample_count(n, temperature)
-        device = next(self.parameters()).device
+        device = self.device
         fixed = fixed or {}
         # a fixed layer draws nothing: the generator's state then depends only on the layers drawn
         z = (fixed[self.layers] if self.layers in fixed
@@ -166,25 +168,3 @@ class HVAE(LatentVariableModel):
                 z = p.mean + temperature * p.stddev * eps
             zs.append(z)
         return zs[::-1]
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
-        """[n, *data_shape]: means of p(x|z_1) for z_1 drawn ancestrally from p(z_L) … p(z_1|z_2)."""
-        return self.decode(self.sample_layers(n, generator, temperature)[0]).mean
-
-    def layer_statistics(self, x: torch.Tensor, batch_size: int = 1000) -> dict[str, Any]:
-        """Per-layer KL and active units (variance of the posterior mean > 0.01; None for one example) over x."""
-        kls = torch.zeros(self.layers, dtype=torch.float64)
-        means = [[] for _ in range(self.layers)]
-        device = next(self.parameters()).device
-        with torch.no_grad():
-            for start in range(0, x.shape[0], batch_size):
-                xb = x[start:start + batch_size].to(device)
-                terms = self.elbo_terms(xb)
-                kls += torch.stack([k.sum() for k in terms.kl_layers]).double().cpu()
-                for l, q in enumerate(self.layer_posteriors(xb)):
-                    means[l].append(q.mean.float().cpu())
-        # one example has no variance over x: no active-unit counts then (as evaluate's)
-        active = [active_units(torch.cat(m)) for m in means]
-        return {"kl_per_layer": (kls / x.shape[0]).tolist(),
-                "active_units_per_layer": None if active[0] is None else [int(a.sum()) for a in active]}

@@ -67,7 +67,7 @@ class StandardNormalPrior(Prior):
         self._cached: tuple[torch.device, Distribution] | None = None
 
     def forward(self, model) -> Distribution:
-        device = model._weights_device
+        device = model.device
         if self._cached is None or self._cached[0] != device:  # immutable, so built once per device
             with torch.inference_mode(False):  # first asked under inference_mode: still usable in training
                 like = torch.zeros((), device=device, dtype=torch.float32)
@@ -75,7 +75,7 @@ class StandardNormalPrior(Prior):
         return self._cached[1]
 
     def sample(self, model, n, generator=None, temperature=1.0):
-        device = model._weights_device
+        device = model.device
         return torch.randn(n, model.latent_dim, generator=generator, device=device) * temperature
 
 

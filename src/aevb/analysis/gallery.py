@@ -1,0 +1,274 @@
+"""The figures of a run as a registry: what ``aevb explore`` draws and ``aevb report`` shows.
+
+Each figure is one entry of :data:`aevb.registry.FIGURES`, registered under
+its file name in ``RUN/images/``: a :class:`Figure` with the title and
+caption the report prints, what it needs of the model and the run folder
+(:class:`Need`: images, a plane of two latent dimensions, a prior to sample,
+``metrics.jsonl``, a density of real values, a capability a model declares)
+and a function ``draw(context, path)`` that writes the PNG from one
+:class:`FigureContext` (the model, the held-out test split and its labels,
+the run folder, the options of ``aevb explore``, the seed).
+:func:`plan_figures`, :func:`aevb.analysis.report.explore_run` and the
+report iterate the registry in its order; nothing else names a figure.  A
+new figure is one entry, here or in any module imported before the figures
+are drawn::
+
+    @FIGURES.register("mean-image.png")
+    @figure("Mean image", "The average held-out image.", needs=(IMAGES,))
+    def _mean_image(context: FigureContext, path: Path) -> None:
+        save_grid(context.x.mean(0, keepdim=True), path)
+
+The drawing itself lives in :mod:`aevb.analysis.figures` (pictures of the
+model's images and latent space) and :mod:`aevb.analysis.plots` (plots of
+numbers); the draw functions here only choose their arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from aevb.analysis import figures, plots
+from aevb.data.datasets import holdout_indices
+from aevb.model.base import Model
+from aevb.registry import FIGURES
+
+# ---------------------------------------------------------------------------
+# what a figure needs
+
+
+@dataclass(frozen=True)
+class Need:
+    """Something a figure needs of the model or the run folder.
+
+    ``missing(model, run_dir)`` says why this run lacks it, or returns None
+    when it has it.  A ``silent`` need is a capability of one kind of model
+    (a corrupted input, several stochastic layers): the other models leave
+    the figure out without a word, as a figure that was never theirs.
+    """
+
+    missing: Callable[[Model, Path], str | None]
+    silent: bool = False
+
+
+IMAGES = Need(lambda model, run_dir: None if len(model.data_shape) == 3 else
+              f"the data are rows of {model.data_shape[0]} numbers, not images")
+PLANE = Need(lambda model, run_dir: None if model.latent_dim >= 2 else
+             "the latent space has one dimension; a plane needs two")
+PRIOR = Need(lambda model, run_dir: None if model.has_kl else
+             f"an autoencoder ({model.name}) has no prior to sample: its codes are not fitted to N(0, I)")
+METRICS = Need(lambda model, run_dir: None if (run_dir / "metrics.jsonl").is_file() else
+               "the run has no metrics.jsonl")
+# a density over all real values (Gaussian, Laplace): not a mass function, nor a density on [0, 1]
+REAL_VALUES = Need(lambda model, run_dir: None if not (model.likelihood.discrete or model.likelihood.unit_interval)
+                   else f"drawn for densities of real values such as the Gaussian and Laplace likelihoods, "
+                        f"not {model.config['likelihood']}")
+CORRUPTED_INPUT = Need(lambda model, run_dir: None if model.input_corruption() is not None else
+                       "the model trains on uncorrupted inputs", silent=True)
+LAYERS = Need(lambda model, run_dir: None if model.stochastic_layers > 1 else
+              "the model has one stochastic layer", silent=True)
+
+
+# ---------------------------------------------------------------------------
+# what a figure gets
+
+
+@dataclass(frozen=True)
+class ExploreOptions:
+    """The options of ``aevb explore`` that shape the figures (see :func:`aevb.analysis.report.explore_run`)."""
+
+    grid_range: float | None = None  # half-width of the latent grid; None: from the directions
+    directions: str = "coords"  # coords or pca (resolved: never auto)
+    grid_size: int = 15  # points per side of the latent grid
+    pairs: int = 4  # interpolated pairs
+    steps: int = 10  # points along each interpolation
+    top_dims: int = 10  # dimensions traversed
+
+
+@dataclass(frozen=True)
+class FigureContext:
+    """What every draw function gets: the model and the run's held-out data, the same for all figures."""
+
+    model: Model  # in eval mode
+    x: torch.Tensor  # [N, *data_shape] the test split, on the model's device
+    labels: torch.Tensor | None  # [N]
+    classes: list[str] | None  # names of the labels, where the data set has them
+    run_dir: Path
+    options: ExploreOptions
+    seed: int  # for every random draw of a figure (each seeds its own generator)
+
+    def examples(self, n: int) -> torch.Tensor:
+        """Up to n test examples [≤ n, *data_shape]: one of each class in turn where there are labels,
+        else the first n (:func:`aevb.data.datasets.holdout_indices`)."""
+        return self.x[holdout_indices(self.labels, n, num_examples=len(self.x)).to(self.x.device)]
+
+
+class NotDrawn(Exception):
+    """Raised by a draw function that finds, with the data at hand, that its figure cannot be drawn.
+
+    Its message is the reason, shown as a planned figure's would be.
+    """
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure: its report title and caption, what it needs, and how it is drawn."""
+
+    title: str
+    caption: str
+    draw: Callable[[FigureContext, Path], None]  # writes the PNG at the path
+    needs: tuple[Need, ...] = ()  # in order: the first one missing gives the reason
+    pixelated: bool = False  # a grid of small images, shown by the report with crisp pixels
+
+    def first_missing(self, model: Model, run_dir: Path) -> tuple[Need, str] | None:
+        """The first of its needs this run lacks, with the reason; None when it has them all."""
+        for need in self.needs:
+            reason = need.missing(model, run_dir)
+            if reason is not None:
+                return need, reason
+        return None
+
+
+def figure(title: str, caption: str, *, needs: tuple[Need, ...] = (),
+           pixelated: bool = False) -> Callable[[Callable[[FigureContext, Path], None]], Figure]:
+    """Decorator making a draw function a :class:`Figure` (register it with ``@FIGURES.register(file)``)."""
+    def decorator(draw: Callable[[FigureContext, Path], None]) -> Figure:
+        return Figure(title, caption, draw, tuple(needs), pixelated)
+
+    return decorator
+
+
+@dataclass
+class Plan:
+    """Which figures fit a run, and why the others are left out."""
+
+    figures: list[str]
+    skipped: dict[str, str]
+
+
+def plan_figures(model: Model, run_dir: str | Path) -> Plan:
+    """The figures :func:`~aevb.analysis.report.explore_run` writes for this model and run folder, in order."""
+    run_dir = Path(run_dir)
+    planned, skipped = [], {}
+    for name, entry in FIGURES.items():
+        missing = entry.first_missing(model, run_dir)
+        if missing is None:
+            planned.append(name)
+        elif not missing[0].silent:
+            skipped[name] = missing[1]
+    return Plan(planned, skipped)
+
+
+# ---------------------------------------------------------------------------
+# the figures, in the order the report shows them
+
+# residuals of the likelihood figure: the test split's first examples (every residual is one event,
+# evaluated at 241 scales, so a whole CIFAR test set would take minutes)
+LIKELIHOOD_EXAMPLES = 1000
+# the held-out images of the reconstruction, traversal and denoising figures: one per class
+SHOWN_EXAMPLES = 10
+
+
+@FIGURES.register("training-curves.png")
+@figure("Training curves",
+        "Training loss, reconstruction term and KL averaged over logged steps (lines), and the held-out "
+        "ELBO terms at epoch ends (dots), in nats per example; below right the mean posterior μ and σ.",
+        needs=(METRICS,))
+def _training_curves(context: FigureContext, path: Path) -> None:
+    plots.training_curves(context.run_dir / "metrics.jsonl", path)
+
+
+@FIGURES.register("reconstructions.png")
+@figure("Reconstructions",
+        "Held-out images (top row, one per class where there are labels) above the means of p(x|z) "
+        "at their posterior means (bottom row).",
+        needs=(IMAGES,), pixelated=True)
+def _reconstructions(context: FigureContext, path: Path) -> None:
+    figures.reconstruction_grid(context.model, context.examples(SHOWN_EXAMPLES), path)
+
+
+@FIGURES.register("prior-samples.png")
+@figure("Samples from the prior",
+        "Means of p(x|z) for z drawn from the prior at temperature 1 and at 0.5 (the same draws scaled "
+        "towards the origin): lower temperature trades variety for typicality.",
+        needs=(IMAGES, PRIOR))
+def _prior_samples(context: FigureContext, path: Path) -> None:
+    figures.prior_samples(context.model, path, n=64, seed=context.seed)
+
+
+@FIGURES.register("interpolations.png")
+@figure("Interpolations",
+        "Decoder means along linear and spherical (slerp) paths between the posterior means of pairs of "
+        "held-out images (shown at the ends); t = 0 and t = 1 are exactly their reconstructions.",
+        needs=(IMAGES,))
+def _interpolations(context: FigureContext, path: Path) -> None:
+    ends = context.examples(2 * context.options.pairs)
+    if len(ends) < 2:
+        raise NotDrawn("needs at least two test images")
+    ends = ends[: len(ends) // 2 * 2]
+    figures.interpolation(context.model, ends[0::2], ends[1::2], path, steps=context.options.steps)
+
+
+@FIGURES.register("latent-scatter.png")
+@figure("Posterior means of the test set",
+        "Each test example at its posterior mean in the two latent directions of the grid, coloured by "
+        "label where there are labels, with a few test images drawn at their positions.",
+        needs=(PLANE,))
+def _latent_scatter(context: FigureContext, path: Path) -> None:
+    options = context.options
+    figures.latent_scatter(context.model, context.x, path, labels=context.labels, directions=options.directions,
+                           classes=context.classes, grid_range=options.grid_range, seed=context.seed)
+
+
+@FIGURES.register("latent-grid.png")
+@figure("Latent grid",
+        "Decoder means over a grid in two latent directions (the first two coordinates, or the first two "
+        "principal components of the posterior means), the other coordinates held at the mean of the "
+        "posterior means.",
+        needs=(IMAGES, PLANE))
+def _latent_grid(context: FigureContext, path: Path) -> None:
+    options = context.options
+    figures.latent_grid(context.model, context.x, path, n=options.grid_size, grid_range=options.grid_range,
+                        directions=options.directions)
+
+
+@FIGURES.register("latent-traversal.png")
+@figure("Latent traversals",
+        "One latent dimension changed at a time from −3 to 3, the others at the posterior mean of one test "
+        "image; rows are the dimensions with the largest KL (the ones the model uses).",
+        needs=(IMAGES,))
+def _latent_traversal(context: FigureContext, path: Path) -> None:
+    with torch.no_grad():
+        base = context.model.encode(context.examples(SHOWN_EXAMPLES)[:1]).mean[0]  # [D]: the first shown image's code
+    figures.latent_traversal(context.model, context.x, path, top=context.options.top_dims, base=base)
+
+
+@FIGURES.register("denoising.png")
+@figure("Denoising",
+        "Held-out images corrupted as in training (top row), the clean images the loss compares with "
+        "(middle row) and the reconstructions of the corrupted inputs (bottom row).",
+        needs=(CORRUPTED_INPUT, IMAGES))
+def _denoising(context: FigureContext, path: Path) -> None:
+    figures.denoising(context.model, context.examples(SHOWN_EXAMPLES), path, seed=context.seed)
+
+
+@FIGURES.register("layer-variation.png")
+@figure("What each layer encodes",
+        "Hierarchical VAE: for each stochastic layer (top first), each row holds the layers above it at one "
+        "prior draw and the columns resample that layer; the layers below sit at their conditional means.",
+        needs=(LAYERS, IMAGES))
+def _layer_variation(context: FigureContext, path: Path) -> None:
+    figures.layer_variation(context.model, path, seed=context.seed)
+
+
+@FIGURES.register("likelihood-choice.png")
+@figure("Choice of likelihood",
+        "Left: negative log-likelihood per dimension of this model's residuals against the scale, computed "
+        "with the library's Gaussian and Laplace likelihoods (minimum at σ = √MSE and b = mean |r|). "
+        "Right: the gradient each loss sends to one prediction, by autograd through log_prob.",
+        needs=(REAL_VALUES,))
+def _likelihood_choice(context: FigureContext, path: Path) -> None:
+    plots.likelihood_choice(context.model, context.x[:LIKELIHOOD_EXAMPLES], path)  # the test split's residuals
