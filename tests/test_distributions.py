@@ -381,7 +381,7 @@ def test_learned_scale_value_and_floor(name):
     for log_scale, sigma in ((math.log(2.5), 2.5), (-0.4, math.exp(-0.4)), (math.log(SCALE_FLOOR) - 20, SCALE_FLOOR)):
         with torch.no_grad():
             head.log_scale.fill_(log_scale)
-        torch.testing.assert_close(head.scale(), torch.tensor(sigma, dtype=torch.float64))
+        torch.testing.assert_close(head.scale, torch.tensor(sigma, dtype=torch.float64))
         torch.testing.assert_close(head(loc, 3).log_prob(x), density(x, loc, sigma).sum((1, 2, 3)))
     # the floor stops the density running away when the mean is exact
     with torch.no_grad():
@@ -393,7 +393,7 @@ def test_learned_scale_value_and_floor(name):
     floored = LIKELIHOODS.get(name)(floor=0.05).double()
     with torch.no_grad():
         floored.log_scale.fill_(-10.0)
-    torch.testing.assert_close(floored.scale(), torch.tensor(0.05, dtype=torch.float64))
+    torch.testing.assert_close(floored.scale, torch.tensor(0.05, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", ["gaussian-learned", "laplace-learned", "gaussian-diag", "gaussian-optimal"])
@@ -413,7 +413,7 @@ def test_learned_scale_of_a_bf16_head_is_exp_in_float32(name):
         head.log_scale.fill_(-2.3)
     head = head.to(torch.bfloat16)
     log_scale = head.log_scale.detach().double()  # the value the bf16 head holds
-    assert head.scale().dtype == torch.float32
+    assert head.scale.dtype == torch.float32
     loc = torch.rand(4, 784, generator=gen)
     x = loc + 0.1 * torch.randn(4, 784, generator=gen)
     exact = head.family(loc.double(), log_scale.exp()).log_prob(x.double()).sum(-1)
@@ -442,14 +442,14 @@ def test_learned_scale_below_its_floor_climbs_back(name):
         optimizer.zero_grad()
         (-head(loc, 1).log_prob(x).sum()).backward()
         optimizer.step()
-    assert head.scale().item() > 3 * SCALE_FLOOR  # a plain clamp leaves it at the floor for good
+    assert head.scale.item() > 3 * SCALE_FLOOR  # a plain clamp leaves it at the floor for good
     # where the data want a smaller σ, the floor holds and no gradient pushes further down
     head.zero_grad()
     with torch.no_grad():
         head.log_scale.fill_(math.log(SCALE_FLOOR) - 3)
     (-head(x, 1).log_prob(x).sum()).backward()
     assert head.log_scale.grad.item() == 0.0
-    assert head.scale().item() == pytest.approx(SCALE_FLOOR)
+    assert head.scale.item() == pytest.approx(SCALE_FLOOR)
 
 
 def test_gaussian_optimal_exact_fit_has_finite_gradient():

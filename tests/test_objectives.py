@@ -34,7 +34,7 @@ def ppca_marginal(model, x: torch.Tensor) -> torch.Tensor:
     """Exact log p(x) = log N(x; b, WWᵀ + σ²I) [B] from the model's own decoder and σ."""
     linear = model.decoder[0]
     W, b = linear.weight.detach().double(), linear.bias.detach().double()  # [D, K], [D]
-    sigma = model.likelihood.scale().detach().double()
+    sigma = model.likelihood.scale.detach().double()
     cov = W @ W.T + sigma**2 * torch.eye(W.shape[0], dtype=F64)
     return torch.distributions.MultivariateNormal(b, cov).log_prob(x.double())
 
@@ -73,7 +73,7 @@ def test_ppca_fit_is_maximum_likelihood(ppca):
     # (the ML solution beats it on its own training data) and far better than at init
     assert fitted > untrained + 5
     assert fitted > true_log_p.mean().item() - 0.01
-    assert abs(model.likelihood.scale().item() - SIGMA) < 0.02
+    assert abs(model.likelihood.scale.item() - SIGMA) < 0.02
 
 
 def test_ppca_importance_sampling_matches_exact_log_likelihood(ppca):

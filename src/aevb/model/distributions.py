@@ -344,16 +344,18 @@ class _LearnedScale(_LocationFamily):
     def extra_config(self) -> dict:
         return {"floor": self.floor}
 
+    @property
     def scale(self) -> torch.Tensor:
+        """σ = exp(max(log σ, log floor)), a float32 scalar with gradient (a fixed-scale head's ``scale`` is a float)."""
         # exp in float32 even for a bf16 model: bf16's 8-bit mantissa would put up to 0.4% into σ,
         # and n·log σ into every example's log-density (0.3 nats at 784 pixels)
         return _FloorWithUpwardGradient.apply(at_least_float32(self.log_scale), math.log(self.floor)).exp()
 
     def scale_summary(self) -> tuple[str, float]:
-        return self.family_name, float(self.scale().detach())
+        return self.family_name, float(self.scale.detach())
 
     def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
-        scale = self.scale().to(params.dtype)
+        scale = self.scale.to(params.dtype)
         return _independent(self.family(params, scale, validate_args=False), event_dims)
 
 
