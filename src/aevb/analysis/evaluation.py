@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from aevb.model.base import Model
-from aevb.model.objectives import elbo_terms
+from aevb.model.objectives import elbo_terms, kl_per_dimension
 from aevb.acceleration.bf16 import resolve_precision
 from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
 from aevb.model.precision import matmul_dtype
@@ -51,7 +51,7 @@ def posterior_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000) 
         stds.append(posterior.stddev.float())
         if per_dimension:
             # KL of a diagonal Gaussian to N(0, I) factorises over dimensions
-            kls.append(torch.distributions.kl_divergence(posterior.base_dist, prior.base_dist).float())
+            kls.append(kl_per_dimension(posterior, prior).float())
     return {
         "mean": torch.cat(means),
         "std": torch.cat(stds),

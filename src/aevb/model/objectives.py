@@ -57,6 +57,12 @@ def kl_term(posterior: Distribution, prior: Distribution, z: torch.Tensor | None
         return (posterior.log_prob(z) - prior.log_prob(z)).mean(0)
 
 
+def kl_per_dimension(posterior: Distribution, prior: Distribution) -> torch.Tensor:
+    """KL(q(z_d|x) ‖ p(z_d)) per latent dimension, [B, D]: for a factorising prior and posterior
+    (``Independent`` over [D]), whose KL is the sum of these."""
+    return kl_divergence(posterior.base_dist, prior.base_dist)
+
+
 def free_bits_kl(posterior: Distribution, prior: Distribution, free_bits: float) -> torch.Tensor:
     """Σ_d max(λ, mean_B KL(q(z_d|x) ‖ p(z_d))), a scalar in nats (Kingma et al. 2016).
 
@@ -64,7 +70,7 @@ def free_bits_kl(posterior: Distribution, prior: Distribution, free_bits: float)
     a dimension is free to carry up to λ nats on average, not per example.
     Needs a factorising prior and posterior (``Independent`` over [D]).
     """
-    kl_per_dim = kl_divergence(posterior.base_dist, prior.base_dist)  # [B, D]
+    kl_per_dim = kl_per_dimension(posterior, prior)  # [B, D]
     return at_least_float32(kl_per_dim).mean(0).clamp(min=free_bits).sum()
 
 

@@ -152,9 +152,3 @@ def build_prior(name: str, latent_dim: int, data_shape, args: dict | None = None
         return PRIORS.get(name)(latent_dim, tuple(data_shape), **(args or {}))
     except (TypeError, ValueError) as e:
         raise UserError(f"bad prior_args for prior {name!r}: {e}") from None
-
-
-def per_dimension_kl(posterior: Distribution, prior: Distribution) -> torch.Tensor:
-    """KL(q(z_d|x) ‖ p(z_d)) per latent dimension [B, D], for a factorising (Independent) prior."""
-    return torch.distributions.kl_divergence(posterior.base_dist, prior.base_dist)
-
