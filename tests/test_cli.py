@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 import aevb
 from aevb.cli import cli
 from aevb.errors import UserError
-from aevb.training.loop import CHECKPOINT, read_checkpoint
+from aevb.run.checkpoints import read_checkpoint
+from aevb.run.folder import CHECKPOINT
 from conftest import aevb_cli
 
 SMALL = ("--latent-dim", "4", "--hidden", "32", "--device", "cpu", "-q")
@@ -623,13 +624,13 @@ def test_few_unlabelled_test_images_and_more_pictures_than_classes(tmp_path, cap
 
 def test_an_autoencoder_has_no_prior_samples(tmp_path, capsys):
     from aevb.analysis.gallery import plan_figures
-    from aevb.training.loop import load_run_model
+    from aevb.run.open import open_run
 
     run = tmp_path / "ae"
     assert aevb_cli("train", "--model", "ae", *SMALL, "--epochs", 1, "--out", run) == 0
     assert aevb_cli("sample", run) == 2
     assert "no prior to sample" in capsys.readouterr().err
-    plan = plan_figures(load_run_model(run), run)
+    plan = plan_figures(open_run(run).model, run)
     assert "prior-samples.png" not in plan.figures and "no prior" in plan.skipped["prior-samples.png"]
 
 
@@ -654,7 +655,7 @@ def test_runs_written_by_earlier_versions_still_load(run_copy, capsys):
 
 def test_runs_started_together_get_a_folder_each(tmp_path, monkeypatch):
     from aevb.config import make_config
-    from aevb.training.loop import make_run_dir, new_run_dir
+    from aevb.run.folder import make_run_dir, new_run_dir
 
     monkeypatch.chdir(tmp_path)
     config = make_config(epochs=1)
@@ -671,7 +672,8 @@ def test_resume_exports_a_run_that_finished_training_but_not_its_export(run_copy
 
 
 def test_resume_from_python_and_with_the_data_path_as_given(table, tmp_path, monkeypatch):
-    from aevb.training.loop import read_run_config, train
+    from aevb.run.folder import read_run_config
+    from aevb.training.loop import train
 
     monkeypatch.chdir(table.parent)
     run = tmp_path / "run"

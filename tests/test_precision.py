@@ -197,7 +197,8 @@ def test_bf16_importance_sampler_is_fp32_within_monte_carlo_noise(arch, model, t
     drawing other samples moves each image by 0.01–0.08.
     """
     from aevb.config import make_config
-    from aevb.training.loop import held_out, load_dataset, train
+    from aevb.run.data import held_out, load_dataset
+    from aevb.training.loop import train
 
     config = make_config(data="digits", epochs=4, latent_dim=8, arch=arch, model=model, out=str(tmp_path / "run"))
     trained, _ = train(config, progress=False)

@@ -26,7 +26,8 @@ from aevb.errors import NonFiniteLossError, UserError
 from aevb.io import atomic_write, write_json, write_safetensors
 from aevb.model.vae import VAE
 from aevb.registry import LIKELIHOODS, MODELS, NETWORKS
-from aevb.training.loop import CHECKPOINT, read_checkpoint
+from aevb.run.checkpoints import read_checkpoint
+from aevb.run.folder import CHECKPOINT, read_run_config
 from conftest import aevb_cli
 
 SMALL = ("--latent-dim", "2", "--hidden", "32", "--device", "cpu", "-q")
@@ -203,7 +204,7 @@ def test_resume_to_fewer_steps_than_trained_is_refused(tmp_path):
     shutil.rmtree(run / "model")  # as if interrupted after step 5, before the export
     before = (run / "config.json").read_text()
     with pytest.raises(UserError, match=r"already trained 5 steps .*more than --steps 3"):
-        aevb.train(dataclasses.replace(aevb.training.loop.read_run_config(run), steps=3), resume=run, progress=False)
+        aevb.train(dataclasses.replace(read_run_config(run), steps=3), resume=run, progress=False)
     assert (run / "config.json").read_text() == before and not (run / "model").exists()
     assert aevb_cli("train", "--resume", run, "--steps", 5, "-q") == 0  # as many: the export it missed
     assert (run / "model" / "weights.safetensors").is_file()
@@ -244,7 +245,7 @@ def test_a_damaged_checkpoint_is_one_clear_error_and_is_kept(mid_epoch, tmp_path
     write_safetensors(run / CHECKPOINT, state, {"format": "aevb-checkpoint", "meta": json.dumps(meta)})
     damaged = (run / CHECKPOINT).read_bytes()
     with pytest.raises(UserError, match=message):
-        aevb.train(dataclasses.replace(aevb.training.loop.read_run_config(run), steps=8), resume=run, progress=False)
+        aevb.train(dataclasses.replace(read_run_config(run), steps=8), resume=run, progress=False)
     assert (run / CHECKPOINT).read_bytes() == damaged
 
 
@@ -259,7 +260,7 @@ def test_resume_on_changed_data_names_the_data(tmp_path, changed):
     shutil.rmtree(run / "model")
     np.save(data, torch.rand(*((300, 16) if changed == "rows" else (200, 20)), generator=rng).numpy())
     with pytest.raises(UserError, match=r"training data .* are not the ones its checkpoint was trained on"):
-        aevb.train(dataclasses.replace(aevb.training.loop.read_run_config(run), steps=6), resume=run, progress=False)
+        aevb.train(dataclasses.replace(read_run_config(run), steps=6), resume=run, progress=False)
 
 
 # ---------------------------------------------------------------------------

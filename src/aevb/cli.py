@@ -103,11 +103,11 @@ def train(config_file, resume, force, quiet, **flags):
     if resume and force:
         raise UserError("--force makes a new run over an old one; --resume continues a run: drop one of them")
     if resume:
-        from aevb.training.loop import read_run_config
+        from aevb.run.checkpoints import RESUMABLE as resumable
+        from aevb.run.folder import PATH_OPTIONS, resolved_path
+        from aevb.run.open import open_run
 
-        config = read_run_config(resume)
-        from aevb.training.loop import RESUMABLE as resumable
-        from aevb.training.loop import PATH_OPTIONS, resolved_path
+        config = open_run(resume).config
 
         def same(name, value) -> bool:
             ours, theirs = coerce(name, value), getattr(config, name)
@@ -152,12 +152,6 @@ def _finite(ctx, param, value):
     if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
     return value
-
-
-def _load(run: str, device: str):
-    from aevb.training.loop import load_run_model, resolve_device
-
-    return load_run_model(run, resolve_device(device))
 
 
 @cli.command(name="eval", context_settings=CONTEXT)
@@ -247,8 +241,9 @@ def sample(run, n, temperature, seed, out, device):
       aevb sample runs/mnist --temperature 0.7 -o samples.png
     """
     from aevb.analysis.figures import sample_grid
+    from aevb.run.open import open_run
 
-    model = _load(run, device)
+    model = open_run(run, device).model
     _require_images(model, "sample")
     if not model.has_kl:
         raise UserError(f"{run} holds an autoencoder ({model.name}), which has no prior to sample (its codes are not fitted to "
@@ -271,13 +266,13 @@ def reconstruct(run, n, out, device):
     """
     from aevb.data.datasets import holdout_indices
     from aevb.analysis.figures import reconstruction_grid
-    from aevb.training.loop import check_data_shape, held_out, load_dataset, read_run_config
+    from aevb.run.open import open_run
 
-    config = read_run_config(run)
-    model = _load(run, device)
+    opened = open_run(run, device)
+    model = opened.model
     _require_images(model, "reconstruct")
-    x, y = held_out(load_dataset(config), config, "test")
-    check_data_shape(model, x, run, config.data)
+    x, y = opened.held_out("test")
+    opened.check_data_shape(x)
     x = x[holdout_indices(y, n, num_examples=len(x))].to(next(model.parameters()).device)
     path = Path(out) if out else Path(run) / "images" / "reconstructions.png"
     click.echo(f"written: {reconstruction_grid(model, x, path)}")
@@ -329,12 +324,12 @@ def interpolate(run, pairs, steps, out, device):
     """
     from aevb.data.datasets import holdout_indices
     from aevb.analysis.figures import interpolation
-    from aevb.training.loop import held_out, load_dataset, read_run_config
+    from aevb.run.open import open_run
 
-    config = read_run_config(run)
-    model = _load(run, device)
+    opened = open_run(run, device)
+    model = opened.model
     _require_images(model, "interpolate")
-    x, y = held_out(load_dataset(config), config, "test")
+    x, y = opened.held_out("test")
     chosen = holdout_indices(y, 2 * pairs, num_examples=len(x))
     if len(chosen) < 2:
         raise UserError(f"{run} has fewer than two test images to interpolate between")

@@ -359,23 +359,21 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int
     """
     from aevb.errors import UserError
     from aevb.io import write_json
-    from aevb.training.loop import check_data_shape, held_out, load_dataset, load_run_model, read_run_config, resolve_device
+    from aevb.run.open import open_run
 
-    run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    model = load_run_model(run_dir, resolve_device(device))
-    dataset = load_dataset(config)
-    x, y = held_out(dataset, config, "test")
+    run = open_run(run_dir, device)
+    run_dir, config, model, dataset = run.path, run.config, run.model, run.dataset
+    x, y = run.held_out("test")
     if x is None or not len(x):
         raise UserError(f"{run_dir} has no test split to evaluate; train with --test-split")
-    check_data_shape(model, x, run_dir, config.data)
-    train_x, train_y = held_out(dataset, config, "train") if y is not None else (None, None)
+    run.check_data_shape(x)
+    train_x, train_y = run.held_out("train") if y is not None else (None, None)
     torch.manual_seed(seed)
     metrics = evaluate(model, x, iw_samples=iw_samples, batch_size=batch_size, levels=dataset.levels,
                        progress=progress, labels=y, train_x=train_x, train_labels=train_y,
                        classes=dataset.classes, precision=precision, dequantized=config.dequantize)
     metrics["data"] = config.data
-    metrics["checkpoint_step"] = model.checkpoint_step  # set for a run still training
+    metrics["checkpoint_step"] = run.checkpoint_step  # set for a run still training
     if write:
         write_json(run_dir / "eval.json", metrics)
     return metrics

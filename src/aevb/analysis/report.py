@@ -35,17 +35,18 @@ def explore_run(run_dir: str | Path, *, grid_range: float | None = None, directi
     2-dimensional latent space, pca otherwise).  Returns the paths written
     and {figure: reason} for the figures left out.
     """
-    from aevb.training.loop import held_out, load_dataset, load_run_model, read_run_config, resolve_device
+    import torch
 
-    run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    model = load_run_model(run_dir, resolve_device(device))
+    from aevb.run.open import open_run
+
+    run = open_run(run_dir, device)
+    run_dir, model = run.path, run.model
     model.eval()
     plan = plan_figures(model, run_dir)
     if directions == "auto":
         directions = "coords" if model.latent_dim == 2 else "pca"
-    dataset = load_dataset(config)
-    x, y = held_out(dataset, config, "test")
+    dataset = run.dataset
+    x, y = run.held_out("test")
     if x is None or not len(x):
         raise UserError(f"{run_dir} has no test split to draw; train with --test-split")
     context = FigureContext(model, x.to(model.device), y, dataset.classes, run_dir,
@@ -306,7 +307,7 @@ def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipp
 
 def _trained_at(run_dir: Path) -> float:
     """When the run's weights were last written (0 if unknown): older figures are redrawn."""
-    from aevb.training.loop import CHECKPOINT
+    from aevb.run.folder import CHECKPOINT
 
     times = [p.stat().st_mtime for p in (run_dir / "model" / "weights.safetensors", run_dir / CHECKPOINT)
              if p.is_file()]
@@ -324,11 +325,11 @@ def write_report(run_dir: str | Path, *, iw_samples: int = 1000, device: str = "
     """
     from aevb.analysis.evaluation import evaluate_run
     from aevb.io import write_text
-    from aevb.training.loop import load_run_model, read_run_config
+    from aevb.run.open import open_run
 
-    run_dir = Path(run_dir)
+    run = open_run(run_dir, device="cpu")  # a UserError if this is not a run folder
+    run_dir = run.path
     echo = echo or (lambda message: None)
-    read_run_config(run_dir)  # a UserError if this is not a run folder
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     eval_path = run_dir / "eval.json"
     metrics = None
@@ -350,7 +351,7 @@ def write_report(run_dir: str | Path, *, iw_samples: int = 1000, device: str = "
         except UserError as e:
             echo(f"no evaluation in the report: {e}")
 
-    plan = plan_figures(load_run_model(run_dir, device="cpu"), run_dir)
+    plan = plan_figures(run.model, run_dir)
     missing = [n for n in plan.figures
                if not (run_dir / "images" / n).is_file() or (run_dir / "images" / n).stat().st_mtime < trained]
     skipped = plan.skipped

@@ -101,7 +101,6 @@ class Model(nn.Module):
     # the fields of aevb.config.RunConfig this model's constructor takes (same names)
     run_options: ClassVar[tuple[str, ...]] = ()
     # the optimiser step of the checkpoint this model was loaded from, where a run folder's loader sets it
-    checkpoint_step: int | None = None
 
     @classmethod
     def run_kwargs(cls, config) -> dict[str, Any]:

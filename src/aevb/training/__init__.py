@@ -1,8 +1,12 @@
 """Training: the loop that turns a configuration and data into a trained model in a run folder.
 
-Owns :func:`train` (the whole of ``aevb train``), the training step, β
-schedules and the metrics log; it chooses the accelerations in one place
-(:mod:`aevb.training.loop`).
+Owns :func:`train` (the whole of ``aevb train``) and the :class:`Trainer`
+it drives (:mod:`aevb.training.loop`), the metrics log
+(:mod:`~aevb.training.metrics`), validation at each epoch's end
+(:mod:`~aevb.training.validation`), Ctrl-C (:mod:`~aevb.training.interrupt`)
+and β schedules (:mod:`~aevb.training.schedules`); it chooses the
+accelerations in one place (:mod:`aevb.training.loop`).  The run folder and
+its checkpoints are :mod:`aevb.run`'s.
 
 May import: every layer below it (model, data, run, analysis for the
 pictures drawn while training, acceleration).  Never the CLI.

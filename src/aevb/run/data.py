@@ -1,0 +1,79 @@
+"""A run's data: the data set its configuration names, the held-out splits prepared as in training, and the
+checks that the data fit the run (range for the likelihood, quantisation for --dequantize, the model's shape)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from aevb.config import RunConfig
+from aevb.data import datasets as data_module
+from aevb.errors import UserError
+from aevb.model.base import Model
+from aevb.registry import LIKELIHOODS
+
+
+def load_dataset(config: RunConfig) -> data_module.Dataset:
+    return data_module.load_data(
+        config.data, labels=config.labels, data_dir=config.data_dir, test_split=config.test_split,
+        val_split=config.val_split, shuffle=config.shuffle, seed=config.seed,
+        image_size=config.image_size, download=config.download, stream=config.stream,
+    )
+
+
+def held_out(dataset: data_module.Dataset, config: RunConfig, split: str = "test") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The evaluation split, binarised or dequantised as in training.
+
+    Dynamic binarisation and dequantisation draw the held-out set once with a
+    fixed seed, so every evaluation of every run on these data sees the same
+    images.
+    """
+    x = getattr(dataset, split)
+    y = getattr(dataset, f"{split}_labels")
+    if x is None:
+        return None, None
+    if config.binarize == "dynamic":
+        generator = torch.Generator().manual_seed(1234)
+        x = data_module.binarize(x, "dynamic", generator)
+    else:
+        x = data_module.binarize(x, config.binarize)
+    if config.dequantize:
+        x = data_module.dequantize(x, check_dequantize(config, dataset), torch.Generator().manual_seed(1234))
+    return x, y
+
+
+def check_data_range(config: RunConfig, dataset: data_module.Dataset) -> None:
+    """A likelihood over [0, 1] (Bernoulli, continuous Bernoulli) refuses data outside it: its loss would have no bound."""
+    if not LIKELIHOODS.get(config.likelihood).unit_interval or isinstance(dataset.train, data_module.StreamedImages):
+        return  # streamed data are 8-bit pixels, in [0, 1] by construction
+    if config.binarize == "threshold":
+        return  # x > 0.5 is 0 or 1 whatever x was
+    low, high = dataset.train.min().item(), dataset.train.max().item()
+    if low < 0 or high > 1:
+        raise UserError(f"--likelihood {config.likelihood} models values in [0, 1], but {config.data} holds values "
+                        f"from {low:.4g} to {high:.4g}; use --likelihood gaussian-learned, gaussian-diag or laplace-learned "
+                        f"for real-valued data, or rescale it to [0, 1]")
+
+
+def check_dequantize(config: RunConfig, dataset: data_module.Dataset | None = None) -> int | None:
+    """Refuse --dequantize where it means nothing; the number of levels of the data where it applies."""
+    if not config.dequantize:
+        return None
+    if config.binarize != "none" or LIKELIHOODS.get(config.likelihood).discrete:
+        raise UserError(f"--dequantize makes 8-bit pixels continuous, for a continuous likelihood; "
+                        f"--likelihood {config.likelihood} with --binarize {config.binarize} models discrete "
+                        f"values: drop --dequantize, or choose a continuous likelihood without --binarize")
+    if dataset is not None and not dataset.levels:
+        raise UserError(f"--dequantize needs quantised pixels (8-bit images, digits), but {config.data} holds "
+                        f"real values; drop --dequantize")
+    return dataset.levels if dataset is not None else None
+
+
+def check_data_shape(model: Model, x: torch.Tensor, run: str | Path, data: str) -> None:
+    """The run's data must have the shape its model was trained on (checked before any progress bar)."""
+    if tuple(x.shape[1:]) != tuple(model.data_shape):
+        shape = "×".join(map(str, x.shape[1:]))
+        raise UserError(f"the data {data} hold examples of shape {shape}, but the model of {run} was trained on "
+                        f"{'×'.join(map(str, model.data_shape))}; point 'data' in {Path(run) / 'config.json'} "
+                        f"at data of the training shape")

@@ -1,0 +1,104 @@
+"""The metrics log: ``RUN/metrics.jsonl`` (one JSON object per logged step and per epoch) and its mirrors.
+
+The steps' loss terms stay on the device (:class:`StepTerms`) and are read
+back in one transfer every ``log_every`` steps.  ``--tensorboard`` and
+``--wandb`` mirror every number to those tools; their packages are checked
+(:func:`check_loggers`) before a run folder is made.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from aevb.config import RunConfig
+from aevb.errors import UserError
+from aevb.io import write_text
+from aevb.model.base import LossOutput
+
+
+def check_loggers(config: RunConfig) -> None:
+    """The packages of --tensorboard and --wandb must be installed (checked before a run folder is made)."""
+    import importlib.util
+
+    for wanted, module, package in ((config.tensorboard, "tensorboard", "tensorboard"), (config.wandb, "wandb", "wandb")):
+        if wanted and importlib.util.find_spec(module) is None:
+            raise UserError(f"--{module} needs the {package} package: pip install {package}")
+
+
+def _record(line: str) -> dict | None:
+    """One line of metrics.jsonl as a dict; None for a blank, cut-off or foreign line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+class MetricsLog:
+    """``metrics.jsonl`` plus the optional TensorBoard / W&B mirrors."""
+
+    def __init__(self, run_dir: Path, config: RunConfig, resume_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # drop records written after the checkpoint we resume from, and a line a kill cut short
+            kept = [line for line in self.path.read_text(errors="replace").splitlines()
+                    if (record := _record(line)) is not None and record.get("step", 0) <= resume_step]
+            write_text(self.path, "".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.mirrors = []  # their packages were checked by train() before the run folder was made
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional package, only with --tensorboard
+
+            self.mirrors.append(("tb", SummaryWriter(str(run_dir / "tensorboard"))))
+        if config.wandb:
+            import wandb  # optional package, only with --wandb
+
+            self.mirrors.append(("wandb", wandb.init(project="aevb", config=config.to_dict(), dir=str(run_dir))))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for kind, writer in self.mirrors:
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            if kind == "tb":
+                for k, v in numbers.items():
+                    writer.add_scalar(k, v, record["step"])
+            else:
+                writer.log(numbers, step=record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        for kind, writer in self.mirrors:
+            writer.close() if kind == "tb" else writer.finish()
+
+
+class StepTerms:
+    """The loss terms of the steps since the last record, on the device: [log_every, terms], one row a step."""
+
+    def __init__(self, log_every: int):
+        self.log_every = log_every
+        self.rows: torch.Tensor | None = None  # made at the first step, when the number of terms is known
+        self.names: tuple[str, ...] = ()
+        self.filled = 0
+
+    def add(self, out: LossOutput) -> None:
+        row = out.as_tensor()
+        if self.rows is None:
+            self.rows, self.names = row.new_zeros(self.log_every, row.numel()), out.names()
+        self.rows[self.filled] = row
+        self.filled += 1
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.log_every
+
+    def take(self) -> torch.Tensor | None:
+        """The rows filled since the last take, [filled, terms] on the CPU (one transfer); None if none."""
+        if self.filled == 0:
+            return None
+        values = self.rows[:self.filled].cpu()
+        self.filled = 0
+        return values
