@@ -333,7 +333,6 @@ def test_every_model_declares_its_layers_corruption_and_device(name):
     x = batch(4)
     layers = 2 if name == "hvae" else 1
     assert model.stochastic_layers == layers and model.device == torch.device("cpu")
-    assert model.checkpoint_step is None  # set only where a run folder loads a checkpoint
     posteriors = model.layer_posteriors(x)  # bottom first: z_1's is encode(x)'s
     assert len(posteriors) == layers and all(q.mean.shape == (4, 3) for q in posteriors)
     torch.testing.assert_close(posteriors[0].mean, model.encode(x).mean)
