@@ -24,6 +24,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/aevb report runs/demo
 
 test: $(VENV)/.installed
+	# the layering (pyproject.toml's [tool.importlinter]), then the tests
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/python -m pytest
 
 bench: $(VENV)/.installed
