@@ -393,15 +393,15 @@ def _make_loss(model: Model, config: RunConfig, device: torch.device):
     fuses it itself.
     """
     if config.compile:
-        return _compiled_loss(model, config, device)
+        return _CompiledLoss(model, config.batch_size, device)
     plan = fused.plan(model)
     if plan is not None:
         return lambda x, beta: fused.vae_loss(model, x, beta, plan)
     return model.loss
 
 
-def _compiled_loss(model: Model, config: RunConfig, device: torch.device):
-    """``model.loss`` through ``torch.compile``.
+class _CompiledLoss:
+    """``model.loss`` through ``torch.compile``, called as ``loss_of(x, beta)``.
 
     The compiled function takes β as a tensor (a float would be compiled
     into the graph, and a β schedule would recompile it every step) and
@@ -411,22 +411,22 @@ def _compiled_loss(model: Model, config: RunConfig, device: torch.device):
     traced, it would leave guards on them that the second step fails.  A
     failure to compile is the user's to fix (a missing C++ compiler): one message.
     """
-    if device.type == "cpu":  # inductor's C++ build warns that this CPU machine has no CUDA
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    compiled = torch.compile(model.loss)
-    warm = False
 
-    def loss_of(x: torch.Tensor, beta: float):
-        nonlocal warm
-        if not warm or x.shape[0] != config.batch_size:  # the first step fills the caches
-            warm = True
-            return model.loss(x, beta=beta)
+    def __init__(self, model: Model, batch_size: int, device: torch.device):
+        if device.type == "cpu":  # inductor's C++ build warns that this CPU machine has no CUDA
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        self.model, self.batch_size = model, batch_size
+        self.compiled = torch.compile(model.loss)
+        self.warm = False
+
+    def __call__(self, x: torch.Tensor, beta: float) -> LossOutput:
+        if not self.warm or x.shape[0] != self.batch_size:  # the first step fills the caches
+            self.warm = True
+            return self.model.loss(x, beta=beta)
         try:
             # a CPU scalar, which a CUDA graph reads as a number: one on the GPU would be a copy to it each step
-            return compiled(x, beta=torch.tensor(beta, dtype=torch.float32))
+            return self.compiled(x, beta=torch.tensor(beta, dtype=torch.float32))
         except torch._dynamo.exc.TorchDynamoException as e:
             cause = getattr(e, "inner_exception", None) or e  # the backend's own error
             raise UserError(f"--compile: torch.compile failed ({type(cause).__name__}: {_first_line(cause)}); "
                             f"train without --compile") from None
-
-    return loss_of
