@@ -37,13 +37,14 @@ import torch
 from aevb.data import datasets as data_module
 from aevb.acceleration import fused
 from aevb.acceleration import optim
-from aevb.config import RunConfig, make_config
+from aevb.config import RunConfig, make_config, model_options, run_options
 from aevb.errors import NonFiniteLossError, UserError
 from aevb.analysis.figures import reconstruction_grid, sample_grid
 from aevb.io import write_json, write_safetensors, write_text
 from aevb.model.base import Model, build_model, legacy_model_args, load
 from aevb.acceleration.bf16 import resolve_precision
 from aevb.model.precision import matmul_dtype
+from aevb.options import as_flag
 from aevb.registry import DATASETS, LIKELIHOODS, MODELS
 from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
 from aevb.training.schedules import make_schedule
@@ -149,33 +150,29 @@ def _data_name(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "data"
 
 
-OBJECTIVE_OPTIONS = ("beta", "beta_warmup", "beta_schedule", "beta_cycles", "beta_ratio")
-
-
 def check_model_options(config: RunConfig) -> None:
-    """Refuse options that the chosen model would ignore (one line, before a run folder is made).
+    """Refuse options that the chosen model would ignore or whose values it refuses together (one line, before a
+    run folder is made).
 
-    A model takes the :class:`RunConfig` fields in its ``run_options``; any
-    other model's option set away from its default, and the β schedule
-    options for a model without a β-weighted KL term, are user errors.
+    A model takes the options it declares (``Model.options``) and the run
+    options that require one of those (``Option.requires``: the β schedules
+    need β).  Any other model's option, or a run option whose requirement the
+    model lacks, set away from its default is a user error; then the model
+    checks its options' values together (:meth:`Model.check_options`, as its
+    constructor does), naming them as flags.
     """
-    import dataclasses
-
     cls = MODELS.get(config.model)
-    taken = set(cls.run_options)
-    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
-    others = {name for _, other in MODELS.items() for name in other.run_options} | set(OBJECTIVE_OPTIONS)
-    if "beta" in taken:
-        taken |= set(OBJECTIVE_OPTIONS)
-    if "prior" in taken:
-        taken.add("prior_components")
-    others.add("prior_components")
-    ignored = sorted(name for name in others - taken if getattr(config, name) != defaults[name])
+    taken = {option.name for option in cls.options}
+    of_other_models = {option.name for option in model_options()} - taken
+    ignored = sorted(option.name for option in run_options().values()
+                     if (option.name in of_other_models or option.requires not in taken | {None})
+                     and getattr(config, option.name) != option.default)
     if ignored:
-        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        flags = ", ".join(as_flag(name) for name in ignored)
         raise UserError(f"{flags} {'does' if len(ignored) == 1 else 'do'} not apply to --model {config.model}; "
                         f"drop {'it' if len(ignored) == 1 else 'them'} or choose a model that takes "
                         f"{'it' if len(ignored) == 1 else 'them'}")
+    cls.check_options({option.name: getattr(config, option.name) for option in cls.options}, as_flag)
 
 
 def new_run_dir(config: RunConfig, force: bool = False) -> Path:
