@@ -79,6 +79,8 @@ class Option:
         """``value`` if it is allowed (a whole number as int, a number as float), else a UserError.
 
         ``spelled``: the option as the user wrote it, for the message (``--noise-level``); the name by default.
+        Text or another object where a number belongs is a ValueError: only code passes one (a flag's or a
+        config file's value is read by :meth:`parse` first), as does a hand-edited ``model/config.json``.
         """
         spelled = spelled or self.name
         if value is None:
@@ -99,12 +101,15 @@ class Option:
     def _number(self, number: Any, spelled: str, value: Any) -> int | float:
         """One number of ``value`` checked: whole for an int option, finite, in range."""
         whole = self.kind in ("int", "list[int]")
+        if isinstance(number, bool):
+            raise UserError(f"{spelled} must be a {'whole ' if whole else ''}number, got {value!r}")
+        not_a_number = ValueError(f"{spelled} must be a {'whole ' if whole else ''}number, got {value!r}")
+        if isinstance(number, str):  # text, or an object below: only code passes them (flags are parsed first)
+            raise not_a_number
         try:
-            if isinstance(number, (bool, str)):
-                raise TypeError
             as_float = float(number)
         except (TypeError, ValueError):
-            raise UserError(f"{spelled} must be a {'whole ' if whole else ''}number, got {value!r}") from None
+            raise not_a_number from None
         if not math.isfinite(as_float):  # NaN passes every comparison below; ±inf is no setting either
             raise UserError(f"{spelled} must be a finite number, got {value}")
         if whole and not as_float.is_integer():
@@ -117,12 +122,13 @@ class Option:
         return number
 
     def range_text(self) -> str:
-        """The allowed range in words: ``≥ 0``, ``in (0, 1]``."""
-        lower = (f"[{self.low}" if self.low is not None else f"({self.above}" if self.above is not None else None)
-        upper = (f"{self.high}]" if self.high is not None else f"{self.below})" if self.below is not None else None)
+        """The allowed range in words: ``≥ 0``, ``in (0, 1]``, ``in [1, 2^31)``."""
+        low, above, high, below = map(_number_text, (self.low, self.above, self.high, self.below))
+        lower = f"[{low}" if low is not None else f"({above}" if above is not None else None
+        upper = f"{high}]" if high is not None else f"{below})" if below is not None else None
         if lower and upper:
             return f"in {lower}, {upper}"
-        for bound, sign in ((self.low, "≥"), (self.above, ">"), (self.high, "≤"), (self.below, "<")):
+        for bound, sign in ((low, "≥"), (above, ">"), (high, "≤"), (below, "<")):
             if bound is not None:
                 return f"{sign} {bound}"
         return "any number"
@@ -159,6 +165,13 @@ class Option:
             return str(value)
         except (TypeError, ValueError):
             raise UserError(f"{self.flag}: cannot read {value!r} as {self.kind}") from None
+
+
+def _number_text(bound: float | None) -> str | None:
+    """A bound as a message shows it: a large power of two as ``2^31``, so that it reads as the limit it is."""
+    if isinstance(bound, int) and abs(bound) >= 2**16 and abs(bound) & (abs(bound) - 1) == 0:
+        return f"{'-' if bound < 0 else ''}2^{abs(bound).bit_length() - 1}"
+    return None if bound is None else str(bound)
 
 
 def as_argument(name: str) -> str:
