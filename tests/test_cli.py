@@ -1,7 +1,8 @@
 """The ``aevb`` command end to end: every command on small data, Ctrl-C, a diverging run,
-the bad-input cases of the issue (one line, exit status 2, no traceback) and fast --help.
+the bad-input cases of the issue (one line, exit status 2, no traceback) and --help without
+torch (how fast it answers is measured by bench/cli_help.py, not here).
 
-What must be seen from outside (exit statuses, stderr, signals, import time)
+What must be seen from outside (exit statuses, stderr, signals, what --help imports)
 runs ``aevb`` as a real subprocess; the rest calls ``aevb.cli.main`` in this
 process, which is the same code without the 2–4 s of importing torch again.
 """
@@ -382,19 +383,14 @@ def test_resume_with_another_learning_rate_is_refused(run_copy):
 
 
 # ---------------------------------------------------------------------------
-# 10. --help is fast, does not import torch, and has examples
+# 10. --help does not import torch and has examples (its time is measured by bench/cli_help.py)
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
-def test_help_answers_in_half_a_second(command, tmp_path):
+def test_help_lists_the_commands_or_has_examples(command, tmp_path):
     args = [*AEVB, *([command] if command else []), "--help"]
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-        times.append(time.perf_counter() - start)
-        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    assert min(times) < 0.5, f"aevb {command or ''} --help took {min(times):.2f} s at best"
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     if command is None:
         assert all(name in proc.stdout for name in COMMANDS)
     else:

@@ -94,7 +94,7 @@ def test_free_bits_are_logged_and_refused_where_they_mean_nothing(tmp_path):
         assert r["loss"] == pytest.approx(r["reconstruction"] + r["beta"] * r["kl_free_bits"], rel=1e-5)
     assert aevb.load(run / "model").free_bits == 0.5
     from aevb.config import make_config
-    from aevb.training.loop import check_model_options
+    from aevb.config import check_model_options
 
     with pytest.raises(UserError, match="--free-bits does not apply to --model iwae"):
         check_model_options(make_config(model="iwae", free_bits=0.5))
@@ -221,7 +221,7 @@ def test_explore_writes_the_denoising_figure_for_a_dae_run(tmp_path):
     assert png_size(run / "images" / "denoising.png")[0] > 100
     with pytest.raises(UserError, match="--noise-level does not apply to --model vae"):
         from aevb.config import make_config
-        from aevb.training.loop import check_model_options
+        from aevb.config import check_model_options
 
         check_model_options(make_config(model="vae", noise_level=0.5))
 

@@ -1,7 +1,9 @@
 """The ``aevb`` command: thin wrappers over importable functions.
 
-Options of ``aevb train`` are generated from :class:`aevb.config.RunConfig`,
-and their choices come from the registries, so nothing is defined twice.
+Options of ``aevb train`` are generated from the run's options
+(:func:`aevb.config.run_options`: RunConfig's fields and each registered
+model's own), and their choices come from the registries, so nothing is
+defined twice.
 torch is imported only inside the commands that need it, so ``--help``
 answers at once.  Errors a user can cause print one line and exit with
 status 2 (130 for Ctrl-C).
@@ -9,15 +11,15 @@ status 2 (130 for Ctrl-C).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from aevb.config import PRECISIONS, SEED_RANGE, RunConfig, coerce, flag, make_config, read_config_file
+from aevb.config import PRECISIONS, SEED_RANGE, coerce, flag, make_config, read_config_file, run_options
 from aevb.errors import UserError
+from aevb.options import Option
 from aevb.registry import DATASETS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -48,42 +50,50 @@ def cli():
 # aevb train
 
 
-def _click_type(f: dataclasses.Field):
-    kind = f.type
-    if f.metadata.get("choices") is not None:
-        return click.Choice(list(f.metadata["choices"]))
-    if kind.startswith("int"):
+def _click_type(option: Option):
+    if option.choices is not None:
+        return click.Choice(list(option.choices))
+    if option.kind == "int":
         return int
-    if kind.startswith("float") and not f.name.endswith("_split"):
+    if option.kind == "float" and not option.name.endswith("_split"):
         return float
     return str
 
 
-def _train_options(function):
-    for f in reversed(dataclasses.fields(RunConfig)):
-        default = f.default
-        help_text = f.metadata["help"]
-        if f.name == "data":
-            help_text += f" [registered: {', '.join(DATASETS.names())}]"
-        if default is not None and default is not False:
-            shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-            help_text += f"  [default: {shown}]"
-        names = [f"--{flag(f.name)}"]
-        if f.type.startswith("bool"):
-            option = click.option(f"--{flag(f.name)}/--no-{flag(f.name)}", f.name, default=None, help=help_text)
-        else:
-            option = click.option(*names, f.name, type=_click_type(f), default=None, help=help_text,
-                                  metavar=f.metadata.get("metavar"))
-        function = option(function)
-    return function
+def _click_option(option: Option) -> click.Option:
+    """The flag of one run option; its value is None unless given, so config files and defaults fill in."""
+    help_text = option.help
+    if option.name == "data":
+        help_text += f" [registered: {', '.join(DATASETS.names())}]"
+    if option.default is not None and option.default is not False:
+        default = option.default
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        help_text += f"  [default: {shown}]"
+    if option.kind == "bool":
+        return click.Option([f"{option.flag}/--no-{flag(option.name)}", option.name], default=None, help=help_text)
+    return click.Option([option.flag, option.name], type=_click_type(option), default=None, help=help_text,
+                        metavar=option.metavar)
 
 
-@cli.command(context_settings=CONTEXT)
+class RunCommand(click.Command):
+    """A command that takes every run option as a flag besides its own.
+
+    The flags are made when the command runs (or shows its help), from the
+    options of the models registered by then, so that a model registered
+    at run time brings its flags; reading them imports no torch.
+    """
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = [*self.params, *map(_click_option, run_options().values())]
+        help_option = self.get_help_option(ctx)
+        return params if help_option is None else [*params, help_option]
+
+
+@cli.command(cls=RunCommand, context_settings=CONTEXT)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of options (e.g. RUN/config.json); flags override it")
 @click.option("--resume", type=click.Path(file_okay=False), metavar="RUN", help="continue RUN from its last checkpoint (--epochs/--steps may be raised)")
 @click.option("--force", is_flag=True, help="reuse an existing --out folder: first deletes the run there (its config, metrics, checkpoints, model and pictures; files of yours stay)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar and no per-epoch lines (metrics.jsonl still has every record)")
-@_train_options
 def train(config_file, resume, force, quiet, **flags):
     """Train a model and write a run folder.
 
@@ -121,7 +131,7 @@ def train(config_file, resume, force, quiet, **flags):
         updates = {k: v for k, v in given.items() if k in resumable}
         if "epochs" in updates and "steps" not in updates:
             updates["steps"] = None  # --steps overrides --epochs: a new --epochs alone must count
-        config = make_config(dataclasses.asdict(config), **updates)
+        config = make_config(config.values(), **updates)
     else:
         file_values = read_config_file(config_file, template=True) if config_file else {}
         config = make_config(file_values, **given)

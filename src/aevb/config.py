@@ -1,26 +1,34 @@
-"""The configuration of a training run: one typed dataclass, defined once.
+"""The configuration of a training run: the run's options, each declared once.
 
-Every field is a command-line flag of ``aevb train`` (``latent_dim`` →
+Every option is a command-line flag of ``aevb train`` (``latent_dim`` →
 ``--latent-dim``) and a key of a TOML or JSON config file; the command line
-builds its options from these fields, so an option is never defined twice.
-The resolved configuration is written to ``RUN/config.json`` and
-``aevb train --config RUN/config.json`` reproduces the run.
+builds its flags from :func:`run_options`, so an option is never defined
+twice.  The run's own options are the fields of :class:`RunConfig`; a model's
+options are declared beside the model (``Model.options``, :mod:`aevb.options`)
+and collected here from every registered model, so that a new model brings
+its flags with it.  A value is checked by its option's
+:meth:`~aevb.options.Option.check` (the one check, which the model
+constructors use too) in :meth:`RunConfig.validate`, with the rules between
+run options.  The resolved configuration is written to ``RUN/config.json``
+and ``aevb train --config RUN/config.json`` reproduces the run.
 
-This module does not import torch, so that ``aevb --help`` stays fast.
+This module does not import torch, so that ``aevb --help`` stays fast: the
+models' options are read from their source until their modules are imported
+(:meth:`aevb.registry.Registry.options`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aevb.errors import UserError
-from aevb.registry import DATASETS, LIKELIHOODS, MODELS, NETWORKS, PRIORS, SCHEDULES
+from aevb.options import Option, as_flag
+from aevb.registry import DATASETS, LIKELIHOODS, MODELS, NETWORKS, SCHEDULES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,24 +46,27 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 OUTPUT_BIAS_INITS = ("data-mean", "default")
 POSTERIOR_SCALES = ("log-variance", "log-scale")
-CORRUPTIONS = ("gaussian", "masking", "salt-and-pepper")
-SPARSITY_PENALTIES = ("l1", "kl")
-JACOBIAN_MODES = ("auto", "exact", "projections")
 
 
 # side of the largest square images a folder is resized to: a float32 batch of 128 RGB images of 1024²
 # pixels is 1.6 GB already, and a resize to a size no data set has is a typing slip
 MAX_IMAGE_SIZE = 1024
+LAYER_SIZES = 2**31  # a layer's size is a 64-bit count to torch: beyond that its error names no option
 
 
-def _opt(default: Any, help: str, *, group: str, choices: Any = None, short: str | None = None,
-         metavar: str | None = None):
-    return field(default=default, metadata={"help": help, "group": group, "choices": choices,
-                                            "short": short, "metavar": metavar})
+def _opt(default: Any, help: str, *, group: str, **rule: Any):
+    """A field of :class:`RunConfig`: its default, and the rest of its :class:`~aevb.options.Option`."""
+    return field(default=default, metadata={"help": help, "group": group, **rule})
 
 
 @dataclass
 class RunConfig:
+    """The options of a run: its own as fields, and those of the registered models in :attr:`model_options`.
+
+    Every option reads as an attribute (``config.latent_dim``, ``config.noise_level``).  Build one with
+    :func:`make_config`, which reads and checks the values.
+    """
+
     # -- data ---------------------------------------------------------------
     data: str = _opt("digits", "registered data set (see choices) or a path: IDX/.npy/.npz/.csv file or an image folder", group="data", metavar="NAME|PATH")
     labels: str | None = _opt(None, "labels file for --data FILE (IDX, .npy or .csv)", group="data", metavar="FILE")
@@ -64,123 +75,97 @@ class RunConfig:
     test_split: float = _opt(0.1, "held-out test examples: a count (2000) or a fraction (0.1), taken from the end in file order (an image folder with class subfolders: in a seeded random order, as with --shuffle)", group="data", metavar="N|F")
     val_split: float = _opt(0.0, "validation examples taken from the end of the training part (0: report the test set each epoch)", group="data", metavar="N|F")
     shuffle: bool = _opt(False, "shuffle (seeded) before splitting instead of splitting in file order", group="data")
-    image_size: int | None = _opt(None, "resize and centre-crop an image folder to this size (default 64)", group="data", metavar="PX")
+    image_size: int | None = _opt(None, "resize and centre-crop an image folder to this size (default 64)", group="data", metavar="PX", low=1, high=MAX_IMAGE_SIZE)
     binarize: str = _opt("none", "binarise images for Bernoulli likelihoods: none, threshold (>0.5) or dynamic (resampled each epoch)", group="data", choices=BINARIZE_MODES)
     dequantize: bool = _opt(False, "add uniform noise within each 8-bit level, (k + u)/256, to train and evaluate a continuous likelihood (gaussian*, laplace*, continuous-bernoulli) as a density over [0, 1]: bits/dim are then an upper bound on those of the 8-bit data, and only then reported; the noise is drawn afresh for every batch, once (seeded) for evaluation", group="data")
     stream: str = _opt("auto", "read the training images batch by batch from a memory-mapped .npy file (an image folder: from its 8-bit pixels, decoded once into ~/.cache/aevb/folders) instead of converting all of them to float32 up front: yes, no, or auto (when the float32 copy would take more than half of the available memory)", group="data", choices=STREAM_MODES)
-    # -- model --------------------------------------------------------------
+    # -- model (then each registered model's own options: run_options) ----
     model: str = _opt("vae", "model", group="model", choices=MODELS)
     likelihood: str = _opt("bernoulli", "likelihood p(x|z)", group="model", choices=LIKELIHOODS)
     arch: str = _opt("mlp", "encoder/decoder network", group="model", choices=NETWORKS)
-    latent_dim: int = _opt(20, "dimension of z", group="model", metavar="D")
-    hidden: list[int] | None = _opt(None, "hidden sizes, comma-separated (mlp default 400; conv: its linear layer)", group="model", metavar="N[,N…]")
-    likelihood_scale: float | None = _opt(None, "fixed σ of gaussian / scale of laplace, or initial value of the learned ones (default 1)", group="model", metavar="S")
-    beta: float = _opt(1.0, "weight of the KL term in the training loss (β-VAE); the reported ELBO always uses 1", group="model")
-    beta_warmup: int = _opt(0, "steps over which β rises linearly from 0 to --beta (0: constant)", group="model", metavar="STEPS")
-    beta_schedule: str = _opt("linear", "KL weight schedule: constant, linear (over --beta-warmup steps; constant while that is 0) or cyclical (Fu et al. 2019: --beta-cycles ramps from 0 to --beta, each over --beta-ratio of its cycle)", group="model", choices=SCHEDULES)
-    beta_cycles: int = _opt(4, "cycles of the cyclical β schedule over the run", group="model", metavar="M")
-    beta_ratio: float = _opt(0.5, "fraction of each cycle over which the cyclical β rises (then stays at --beta)", group="model", metavar="R")
-    free_bits: float = _opt(0.0, "free bits λ (Kingma et al. 2016): the training loss uses Σ_d max(λ, batch-mean KL_d) per latent dimension d, in nats (0: off); VAE with a factorising prior", group="model", metavar="NATS")
+    latent_dim: int = _opt(20, "dimension of z", group="model", metavar="D", low=1, below=LAYER_SIZES)
+    hidden: list[int] | None = _opt(None, "hidden sizes, comma-separated (mlp default 400; conv: its linear layer)", group="model", metavar="N[,N…]", low=1, below=LAYER_SIZES)
+    likelihood_scale: float | None = _opt(None, "fixed σ of gaussian / scale of laplace, or initial value of the learned ones (default 1)", group="model", metavar="S", above=0)
     posterior_scale: str = _opt("log-variance", "what the encoder outputs for the Gaussian posterior's scale: log σ² (trains faster under Adam) or log σ (models from before aevb had the choice)", group="model", choices=POSTERIOR_SCALES)
-    prior: str = _opt("standard", "prior p(z): standard normal, a learned mixture of Gaussians (mog) or the VampPrior (vamp)", group="model", choices=PRIORS)
-    prior_components: int | None = _opt(None, "components K of the mog prior (default 10) or pseudo-inputs of the vamp prior (default 100)", group="model", metavar="K")
-    stochastic_layers: int = _opt(2, "hvae: stochastic layers, each of --latent-dim dimensions", group="model", metavar="L")
-    corruption: str = _opt("gaussian", "dae: corruption of the input: gaussian (additive noise of σ = level), masking (each value zeroed with probability level) or salt-and-pepper (each value set to 0 or 1 with probability level)", group="model", choices=CORRUPTIONS)
-    noise_level: float = _opt(0.3, "dae: corruption level (σ or probability)", group="model", metavar="LEVEL")
-    sparsity: str = _opt("l1", "sparse-ae: penalty on the code: l1 (Σ|z_d|) or kl (Σ_d KL(ρ ‖ ρ̂_d) with ρ̂_d the batch-mean sigmoid activation)", group="model", choices=SPARSITY_PENALTIES)
-    sparsity_weight: float = _opt(0.1, "sparse-ae: weight of the sparsity penalty", group="model", metavar="W")
-    sparsity_target: float = _opt(0.05, "sparse-ae: target mean activation ρ of the kl penalty", group="model", metavar="RHO")
-    contractive_weight: float = _opt(0.1, "cae: weight of the penalty ‖∂f/∂x‖²_F", group="model", metavar="W")
-    jacobian: str = _opt("auto", "cae: Jacobian norm exactly (one backward pass per code dimension), by random projections, or auto (exact up to 16 code dimensions)", group="model", choices=JACOBIAN_MODES)
-    jacobian_projections: int = _opt(1, "cae: random projections per example for --jacobian projections", group="model", metavar="N")
-    mc_samples: int = _opt(1, "Monte Carlo samples of z per example in the VAE loss", group="model", metavar="L")
-    k: int = _opt(5, "importance samples of the IWAE bound", group="model")
     # -- training -----------------------------------------------------------
-    epochs: int = _opt(10, "passes over the training data", group="training")
-    steps: int | None = _opt(None, "stop after this many optimiser steps instead (overrides --epochs)", group="training")
-    batch_size: int = _opt(128, "examples per optimiser step", group="training")
-    lr: float = _opt(3e-3, "Adam learning rate", group="training")
+    beta_warmup: int = _opt(0, "steps over which β rises linearly from 0 to --beta (0: constant)", group="training", metavar="STEPS", low=0, requires="beta")
+    beta_schedule: str = _opt("linear", "KL weight schedule: constant, linear (over --beta-warmup steps; constant while that is 0) or cyclical (Fu et al. 2019: --beta-cycles ramps from 0 to --beta, each over --beta-ratio of its cycle)", group="training", choices=SCHEDULES, requires="beta")
+    beta_cycles: int = _opt(4, "cycles of the cyclical β schedule over the run", group="training", metavar="M", low=1, requires="beta")
+    beta_ratio: float = _opt(0.5, "fraction of each cycle over which the cyclical β rises (then stays at --beta)", group="training", metavar="R", above=0, high=1, requires="beta")
+    epochs: int = _opt(10, "passes over the training data", group="training", low=1)
+    steps: int | None = _opt(None, "stop after this many optimiser steps instead (overrides --epochs)", group="training", low=1)
+    batch_size: int = _opt(128, "examples per optimiser step", group="training", low=1)
+    lr: float = _opt(3e-3, "Adam learning rate", group="training", above=0)
     adam_betas: list[float] = _opt((0.9, 0.999), "Adam β1,β2", group="training", metavar="B1,B2")
     output_bias: str = _opt("data-mean", "initial bias of the decoder's last layer: data-mean (p(x|z) starts at the training set's average image) or default (torch's initialisation)", group="training", choices=OUTPUT_BIAS_INITS)
-    grad_clip: float | None = _opt(None, "clip the gradient norm to this value", group="training", metavar="NORM")
-    seed: int = _opt(0, "random seed: the same seed and config give the same weights on CPU", group="training")
+    grad_clip: float | None = _opt(None, "clip the gradient norm to this value", group="training", metavar="NORM", above=0,
+                                     hint="leave it out for no clipping")
+    seed: int = _opt(0, "random seed: the same seed and config give the same weights on CPU", group="training", low=SEED_RANGE[0],
+                     below=SEED_RANGE[1] + 1)
     device: str = _opt("auto", "where to train: auto picks cuda, then mps, then cpu", group="training", choices=DEVICES)
     precision: str = _opt("auto", "multiplies of the training step: bf16 (bfloat16 matrix multiplies, and convolutions on GPUs; all else float32; see aevb.precision), fp32, or auto (bf16 where it is faster than fp32: CPUs with AMX or a bf16 multiply measured 1.5× faster, GPUs from Ampere on; else fp32); the test ELBO is always float32", group="training", choices=PRECISIONS)
     compile: bool = _opt(False, "compile the training loss with torch.compile (on the CPU it needs a C++ compiler): faster steps after a compile of several seconds, so it pays on long runs only; measured in bench/README.md", group="training")
-    log_every: int = _opt(50, "steps between metric records (values are read from the device only then)", group="training", metavar="STEPS")
-    image_every: int = _opt(0, "steps between reconstruction pictures (0: at about ten epoch ends over the run)", group="training", metavar="STEPS")
-    eval_batch_size: int = _opt(1000, "examples per batch for validation and evaluation", group="training")
+    log_every: int = _opt(50, "steps between metric records (values are read from the device only then)", group="training", metavar="STEPS", low=1)
+    image_every: int = _opt(0, "steps between reconstruction pictures (0: at about ten epoch ends over the run)", group="training", metavar="STEPS", low=0)
+    eval_batch_size: int = _opt(1000, "examples per batch for validation and evaluation", group="training", low=1)
     tensorboard: bool = _opt(False, "also log to TensorBoard (needs the tensorboard package)", group="training")
     wandb: bool = _opt(False, "also log to Weights & Biases (needs the wandb package)", group="training")
     out: str | None = _opt(None, "run folder (default runs/MODEL-DATA, numbered so nothing is overwritten)", group="training", metavar="DIR")
+    # the options the registered models declare (Model.options), by name; missing ones take their defaults
+    model_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        given = dict(self.model_options)  # a copy: dataclasses.replace passes the same dict to the new config
+        self.model_options = {option.name: option.default for option in model_options()} | given
+
+    def __getattr__(self, name: str) -> Any:
+        """A model's option: ``config.noise_level`` (called only where no field or method has the name)."""
+        values = self.__dict__.get("model_options")  # no recursion while the object is made or copied
+        if values is not None and name in values:
+            return values[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        values = self.__dict__.get("model_options")
+        if values is not None and name in values:
+            values[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    def values(self) -> dict[str, Any]:
+        """Every option's value by name, the run's own then the models' (copies, as make_config takes them)."""
+        values = dataclasses.asdict(self)
+        return values | values.pop("model_options")
 
     def model_kwargs(self, data_shape: tuple[int, ...]) -> dict[str, Any]:
-        """Arguments of :func:`aevb.models.build_model` for this run."""
+        """Arguments of :func:`aevb.model.base.build_model` for this run."""
         kwargs: dict[str, Any] = dict(data_shape=data_shape, latent_dim=self.latent_dim, arch=self.arch,
                                       likelihood=self.likelihood, hidden=self.hidden)
         if self.likelihood_scale is not None:
             kwargs["likelihood_args"] = {"scale": self.likelihood_scale}
         if MODELS.get(self.model).posterior_family == "gaussian":
             kwargs["posterior_args"] = {"scale_param": self.posterior_scale}
-        # each model says which run options it takes (imports torch: called by training only)
+        # the model's own options (imports torch: called by training only)
         kwargs.update(MODELS.get(self.model).run_kwargs(self))
         return kwargs
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, **dataclasses.asdict(self)}
+        return {"format": FORMAT, **self.values()}
 
     def validate(self) -> "RunConfig":
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices is not None and value not in choices:
-                raise UserError(f"unknown --{flag(f.name)} {value!r}; choose one of: {', '.join(choices)}")
-        for f in dataclasses.fields(self):  # NaN passes every comparison below; ±inf is no setting either
-            value = getattr(self, f.name)
-            numbers = value if isinstance(value, (list, tuple)) else [value]
-            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-                raise UserError(f"--{flag(f.name)} must be a finite number, got {value}")
-        positive = ("latent_dim", "epochs", "batch_size", "mc_samples", "k", "log_every", "eval_batch_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise UserError(f"--steps must be at least 1, got {self.steps}")
-        if self.lr <= 0 or self.beta < 0:
-            raise UserError(f"need --lr > 0 and --beta ≥ 0, got lr={self.lr}, beta={self.beta}")
-        for name in ("beta_warmup", "image_every"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{flag(name)} must be ≥ 0 (0: {'off' if name == 'beta_warmup' else 'the default'}), "
-                                f"got {getattr(self, name)}")
-        if self.image_size is not None and not 1 <= self.image_size <= MAX_IMAGE_SIZE:
-            raise UserError(f"--image-size must be between 1 and {MAX_IMAGE_SIZE} pixels, got {self.image_size}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise UserError(f"--grad-clip is a gradient norm and must be > 0, got {self.grad_clip}; leave it out "
-                            f"for no clipping")
-        if self.likelihood_scale is not None and self.likelihood_scale <= 0:
-            raise UserError(f"--likelihood-scale must be > 0, got {self.likelihood_scale}")
-        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise UserError(f"--seed must be in [-2^63, 2^64), got {self.seed}")
-        if self.hidden is not None and any(h < 1 for h in self.hidden):
-            raise UserError(f"--hidden sizes must be positive, got {self.hidden}")
-        # a layer's size is a 64-bit count to torch: beyond that its error names no option
-        for name, sizes in (("latent_dim", [self.latent_dim]), ("hidden", self.hidden or [])):
-            if any(size >= 2**31 for size in sizes):
-                raise UserError(f"--{flag(name)} must be below 2^31, got {sizes[0] if name == 'latent_dim' else sizes}")
+        """``self`` if every option's value passes its check and the rules between the run's options hold.
+
+        The rules between a model's own options are the model's (``Model.check_options``), checked when the
+        model is chosen (:func:`check_model_options`).
+        """
+        values = self.values()
+        for option in run_options().values():
+            if option.name in values:
+                option.check(values[option.name], option.flag)
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise UserError(f"--adam-betas takes two numbers in [0, 1), got {self.adam_betas}")
         if self.beta_schedule == "constant" and self.beta_warmup:
             raise UserError("--beta-warmup sets the linear schedule; drop it or use --beta-schedule linear")
-        if self.beta_cycles < 1 or not 0 < self.beta_ratio <= 1:
-            raise UserError(f"need --beta-cycles ≥ 1 and 0 < --beta-ratio ≤ 1, got {self.beta_cycles} and {self.beta_ratio}")
-        if self.free_bits < 0 or self.noise_level < 0 or self.sparsity_weight < 0 or self.contractive_weight < 0:
-            raise UserError("--free-bits, --noise-level, --sparsity-weight and --contractive-weight must be ≥ 0")
-        if not 0 < self.sparsity_target < 1:
-            raise UserError(f"--sparsity-target must be in (0, 1), got {self.sparsity_target}")
-        if self.corruption != "gaussian" and self.noise_level > 1:
-            raise UserError(f"--noise-level is a probability for --corruption {self.corruption}, got {self.noise_level}")
-        if self.jacobian_projections < 1 or (self.prior_components is not None and self.prior_components < 1):
-            raise UserError("--jacobian-projections and --prior-components must be at least 1")
         return self
 
 
@@ -188,53 +173,44 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+def _field_option(f: dataclasses.Field) -> Option:
+    """The :class:`Option` that a field of RunConfig declares (its annotation, less ``| None``, is its kind)."""
+    return Option(f.name, f.default, kind=f.type.removesuffix(" | None"), **f.metadata)
+
+
+# the run's own options, in field order
+RUN_OPTIONS = {f.name: _field_option(f) for f in dataclasses.fields(RunConfig) if f.name != "model_options"}
+
+
+def model_options() -> list[Option]:
+    """The options of every registered model, in registry order; one shared by several models (beta) once.
+
+    Read from the models' source while their modules are not imported (no torch for ``--help``).
+    """
+    taken = {*RUN_OPTIONS, *vars(RunConfig), "model_options"}  # the run's options, and RunConfig's attributes
+    options: dict[str, Option] = {}
+    for model in MODELS.names():
+        for option in MODELS.options(model):
+            if option.name in taken:
+                raise ValueError(f"model {model!r} declares an option {option.name!r}, a name the run configuration "
+                                 f"has already; rename it")
+            if options.setdefault(option.name, option) != option:
+                raise ValueError(f"model {model!r} declares an option {option.name!r} that another model declares "
+                                 f"differently; declare it once and share it")
+    return list(options.values())
+
+
+def run_options() -> dict[str, Option]:
+    """Every option of a run by name, in ``--help`` order: the run's data and model options, the models' own, then
+    the run's training options."""
+    own = list(RUN_OPTIONS.values())
+    first_training = next(i for i, option in enumerate(own) if option.group == "training")
+    return {option.name: option for option in [*own[:first_training], *model_options(), *own[first_training:]]}
 
 
 def coerce(name: str, value: Any) -> Any:
-    """Convert a value from the command line or a config file to the field's type."""
-    f = FIELDS[name]
-    kind = f.type if isinstance(f.type, str) else str(f.type)
-    if value is None:
-        if "None" in kind:
-            return None
-        raise UserError(f"--{flag(name)} needs a value")
-    try:
-        if kind.startswith("list[int]"):
-            return _list(value, int)
-        if kind.startswith("list[float]"):
-            return _list(value, float)
-        if kind.startswith("bool"):
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes"):
-                    return True
-                if value.lower() in ("false", "0", "no"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if kind.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(value)
-        if kind.startswith("float"):
-            number = float(value)
-            if name.endswith("_split") and number >= 1:  # a count of examples, else a fraction
-                if not number.is_integer():
-                    raise UserError(f"--{flag(name)} {value}: a count of examples must be whole, and a "
-                                    f"fraction below 1")
-                return int(number)
-            return number
-        return str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"--{flag(name)}: cannot read {value!r} as {kind.split(' ')[0]}") from None
-
-
-def _list(value: Any, kind: type) -> list:
-    if isinstance(value, str):
-        value = [v for v in value.replace(" ", "").split(",") if v]
-    elif not isinstance(value, (list, tuple)):
-        value = [value]
-    return [kind(v) for v in value]
+    """Convert a value from the command line or a config file to the option's kind."""
+    return run_options()[name].parse(value)
 
 
 def read_config_file(path: str | Path, *, template: bool = False) -> dict[str, Any]:
@@ -277,10 +253,11 @@ def read_config_file(path: str | Path, *, template: bool = False) -> dict[str, A
         normalised = _as_read_now({**OPTIONS_ADDED_LATER, **normalised})
         if template:
             normalised.pop("out", None)
-    unknown = sorted(set(normalised) - set(FIELDS))
+    options = run_options()
+    unknown = sorted(set(normalised) - set(options))
     if unknown:
         raise UserError(f"config file {path} has unknown options: {', '.join(unknown)}; see 'aevb train --help'")
-    return {k: coerce(k, v) for k, v in normalised.items()}
+    return {k: options[k].parse(v) for k, v in normalised.items()}
 
 
 def _as_read_now(values: dict[str, Any]) -> dict[str, Any]:
@@ -299,10 +276,38 @@ def _as_read_now(values: dict[str, Any]) -> dict[str, Any]:
 
 def make_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
     """Defaults, then a config file's values, then explicit overrides; validated."""
+    options = run_options()
     values = dict(file_values or {})
-    unknown = sorted(set(values) - set(FIELDS) | set(overrides) - set(FIELDS))
+    unknown = sorted(set(values) - set(options) | set(overrides) - set(options))
     if unknown:
         raise UserError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; the options are "
-                        f"the fields of aevb.config.RunConfig ('aevb train --help' lists them)")
-    values.update({k: coerce(k, v) for k, v in overrides.items()})
-    return RunConfig(**values).validate()
+                        f"aevb.config.run_options(): RunConfig's fields and the models' options ('aevb train --help' "
+                        f"lists them)")
+    values.update({k: options[k].parse(v) for k, v in overrides.items()})
+    own = {k: v for k, v in values.items() if k in RUN_OPTIONS}
+    return RunConfig(**own, model_options={k: v for k, v in values.items() if k not in RUN_OPTIONS}).validate()
+
+
+def check_model_options(config: RunConfig) -> None:
+    """Refuse options that the chosen model would ignore or whose values it refuses together (one line, before a
+    run folder is made).
+
+    A model takes the options it declares (``Model.options``) and the run
+    options that require one of those (``Option.requires``: the β schedules
+    need β).  Any other model's option, or a run option whose requirement the
+    model lacks, set away from its default is a user error; then the model
+    checks its options' values together (:meth:`Model.check_options`, as its
+    constructor does), naming them as flags.
+    """
+    cls = MODELS.get(config.model)  # imports the model modules (torch): called when a run starts, not for --help
+    taken = {option.name for option in cls.options}
+    of_other_models = {option.name for option in model_options()} - taken
+    ignored = sorted(option.name for option in run_options().values()
+                     if (option.name in of_other_models or option.requires not in taken | {None})
+                     and getattr(config, option.name) != option.default)
+    if ignored:
+        flags = ", ".join(as_flag(name) for name in ignored)
+        raise UserError(f"{flags} {'does' if len(ignored) == 1 else 'do'} not apply to --model {config.model}; "
+                        f"drop {'it' if len(ignored) == 1 else 'them'} or choose a model that takes "
+                        f"{'it' if len(ignored) == 1 else 'them'}")
+    cls.check_options({option.name: getattr(config, option.name) for option in cls.options}, as_flag)

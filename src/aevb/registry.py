@@ -8,7 +8,9 @@ line takes its choices from here.
 The modules that define entries import torch, which costs seconds.  So that
 ``aevb --help`` stays fast, :meth:`Registry.names` reads the entry names from
 the defining module's source (the decorator calls) when that module has not
-been imported yet; :meth:`Registry.get` always imports it.
+been imported yet, and :meth:`Registry.options` reads the options an entry
+declares (:class:`~aevb.options.Option`) the same way (:class:`_Source`);
+:meth:`Registry.get` always imports it.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import ast
 import importlib
 import importlib.util
 import sys
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from aevb.errors import UserError
+from aevb.options import Option
 
 
 class Registry:
@@ -43,6 +47,9 @@ class Registry:
         for module in self.modules:
             importlib.import_module(module)
 
+    def _loaded(self) -> bool:
+        return all(module in sys.modules for module in self.modules)
+
     def get(self, name: str) -> Any:
         self._load()
         try:
@@ -64,36 +71,176 @@ class Registry:
 
     def names(self) -> list[str]:
         """Registered names, in definition order, without importing torch if avoidable."""
-        if all(module in sys.modules for module in self.modules):
+        if self._loaded():
             return list(self._entries)
-        names = []
-        for module in self.modules:
+        try:
+            names = [name for module in self.modules for name in _SOURCE.registered(module, self.variable)]
+        except _Unreadable:
+            self._load()
+            return list(self._entries)
+        # and entries registered from elsewhere (a user's model), which exist once their module has run
+        return names + [name for name in self._entries if name not in names]
+
+    def options(self, name: str) -> tuple[Option, ...]:
+        """The options that entry ``name`` declares (its ``options``), without importing torch if avoidable.
+
+        An entry not imported yet has them read from its module's source
+        (:class:`_Source`); a declaration in a form that reader does not
+        evaluate imports the module instead (right, only slower).
+        """
+        if name not in self._entries and not self._loaded():
+            try:
+                return _SOURCE.options(self.modules, self.variable, name)
+            except _Unreadable:
+                pass
+        return tuple(self.get(name).options)
+
+
+class _Unreadable(Exception):
+    """Source the reader does not evaluate: the caller imports the module instead."""
+
+
+@dataclass
+class _Module:
+    """What the reader needs of one module's source: its top-level definitions by name."""
+
+    tree: ast.Module
+    classes: dict[str, ast.ClassDef] = field(default_factory=dict)
+    constants: dict[str, ast.expr] = field(default_factory=dict)  # NAME = expression
+    imports: dict[str, tuple[str, str]] = field(default_factory=dict)  # name → (module, its name there)
+
+
+class _Source:
+    """Modules' source, parsed once and read without running it (which would import torch).
+
+    Reads the names registered by decorators of top-level definitions
+    (``@MODELS.register("vae")``) and what a registered class declares in
+    ``options``, in the forms declarations take::
+
+        options = (Option("name", default, "help", low=0, …), NAME, *NAME, *Class.options)
+
+    where NAME is a constant of these forms, defined in the module or imported
+    from another aevb module; a keyword's value is a literal or a registry of
+    this module (``choices=PRIORS``); and a class without ``options`` has those
+    of its first base.  Anything else raises :class:`_Unreadable`.
+    """
+
+    def __init__(self):
+        self._modules: dict[str, _Module] = {}
+
+    def _module(self, module: str) -> _Module:
+        if module not in self._modules:
             spec = importlib.util.find_spec(module)
-            if spec is None or spec.origin is None:
-                self._load()
-                return list(self._entries)
-            names += self._scan(spec.origin)
-        return names
+            if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+                raise _Unreadable(module)
+            with open(spec.origin, encoding="utf-8") as f:
+                parsed = _Module(ast.parse(f.read()))
+            for node in parsed.tree.body:
+                if isinstance(node, ast.ClassDef):
+                    parsed.classes[node.name] = node
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    parsed.imports.update({a.asname or a.name: (node.module, a.name) for a in node.names})
+                elif (target := _assigned_name(node)) is not None:
+                    parsed.constants[target] = node.value
+            self._modules[module] = parsed
+        return self._modules[module]
 
-    def _scan(self, origin: str) -> list[str]:
-        """The names registered by decorator calls in one source file, in line order."""
-        with open(origin, encoding="utf-8") as f:
-            tree = ast.parse(f.read())
-        found = []  # (line, name): ast.walk is breadth-first, so sort by line
-        for node in ast.walk(tree):
-            for decorator in getattr(node, "decorator_list", []):
-                if (
-                    isinstance(decorator, ast.Call)
-                    and isinstance(decorator.func, ast.Attribute)
-                    and decorator.func.attr == "register"
-                    and isinstance(decorator.func.value, ast.Name)
-                    and decorator.func.value.id == self.variable
-                    and decorator.args
-                    and isinstance(decorator.args[0], ast.Constant)
-                ):
-                    found.append((decorator.lineno, decorator.args[0].value))
-        return [name for _, name in sorted(found)]
+    def registered(self, module: str, variable: str) -> list[str]:
+        """The names registered by ``@variable.register("name")`` on the top-level definitions of ``module``."""
+        definitions = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        return [name for node in self._module(module).tree.body if isinstance(node, definitions)
+                for decorator in node.decorator_list if (name := _registered_name(decorator, variable)) is not None]
 
+    def options(self, modules: tuple[str, ...], variable: str, name: str) -> tuple[Option, ...]:
+        """The options of the class registered as ``name`` in one of ``modules``."""
+        for module in modules:
+            for node in self._module(module).classes.values():
+                if any(_registered_name(d, variable) == name for d in node.decorator_list):
+                    return self._class_options(module, node)
+        raise _Unreadable(name)
+
+    def _class_options(self, module: str, node: ast.ClassDef) -> tuple[Option, ...]:
+        for statement in node.body:
+            if _assigned_name(statement) == "options":
+                return self._evaluate(statement.value, module)
+        if not node.bases or not isinstance(node.bases[0], ast.Name):
+            raise _Unreadable(node.name)
+        base_module, base = self._definition(node.bases[0].id, module)
+        if not isinstance(base, ast.ClassDef):
+            raise _Unreadable(node.name)
+        return self._class_options(base_module, base)
+
+    def _definition(self, name: str, module: str) -> tuple[str, ast.AST]:
+        """Where ``name``, as ``module`` sees it, is defined: (module, its ClassDef or assigned expression)."""
+        parsed = self._module(module)
+        if name in parsed.classes:
+            return module, parsed.classes[name]
+        if name in parsed.constants:
+            return module, parsed.constants[name]
+        source, original = parsed.imports.get(name, ("", ""))
+        if source.startswith("aevb.") and source != __name__:
+            return self._definition(original, source)
+        raise _Unreadable(f"{name} in {module}")
+
+    def _evaluate(self, node: ast.AST, module: str) -> Any:
+        if isinstance(node, (ast.Tuple, ast.List)):
+            values = []
+            for element in node.elts:
+                if isinstance(element, ast.Starred):
+                    values.extend(self._evaluate(element.value, module))
+                else:
+                    values.append(self._evaluate(element, module))
+            return tuple(values)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                self._module(module).imports.get(node.func.id) == ("aevb.options", "Option"):
+            if any(keyword.arg is None for keyword in node.keywords):
+                raise _Unreadable(ast.unparse(node))
+            return Option(*(self._evaluate(a, module) for a in node.args),
+                          **{k.arg: self._evaluate(k.value, module) for k in node.keywords})
+        if isinstance(node, ast.Name):
+            if self._module(module).imports.get(node.id) == (__name__, node.id) and \
+                    isinstance(globals().get(node.id), Registry):
+                return globals()[node.id]  # choices=PRIORS: the registry itself, whose names are read as needed
+            defining, definition = self._definition(node.id, module)
+            if isinstance(definition, ast.ClassDef):
+                raise _Unreadable(node.id)
+            return self._evaluate(definition, defining)
+        if isinstance(node, ast.Attribute) and node.attr == "options" and isinstance(node.value, ast.Name):
+            defining, definition = self._definition(node.value.id, module)
+            if not isinstance(definition, ast.ClassDef):
+                raise _Unreadable(ast.unparse(node))
+            return self._class_options(defining, definition)
+        try:
+            return ast.literal_eval(node)
+        except ValueError:
+            raise _Unreadable(ast.unparse(node)) from None
+
+
+def _assigned_name(node: ast.AST) -> str | None:
+    """``NAME`` of a statement ``NAME = …`` or ``NAME: type = …``, else None."""
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        return node.targets[0].id
+    if isinstance(node, ast.AnnAssign) and node.value is not None and isinstance(node.target, ast.Name):
+        return node.target.id
+    return None
+
+
+def _registered_name(decorator: ast.AST, variable: str) -> str | None:
+    """``name`` of a decorator ``@variable.register("name")``, else None."""
+    if (
+        isinstance(decorator, ast.Call)
+        and isinstance(decorator.func, ast.Attribute)
+        and decorator.func.attr == "register"
+        and isinstance(decorator.func.value, ast.Name)
+        and decorator.func.value.id == variable
+        and decorator.args
+        and isinstance(decorator.args[0], ast.Constant)
+    ):
+        return decorator.args[0].value
+    return None
+
+
+_SOURCE = _Source()
 
 LIKELIHOODS = Registry("likelihood", "aevb.model.distributions", "LIKELIHOODS")
 POSTERIORS = Registry("posterior", "aevb.model.distributions", "POSTERIORS")

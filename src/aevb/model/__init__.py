@@ -5,6 +5,6 @@ decoder returning p(x|z), all ``torch.distributions``; every loss and metric
 is a log-probability computed from them (:mod:`aevb.model.objectives`).
 
 May import: torch, numpy, safetensors, and aevb's base modules (``errors``,
-``io``, ``registry``, ``config``).  Never the data, training, analysis,
+``io``, ``registry``, ``options``, ``config``).  Never the data, training, analysis,
 acceleration or CLI layers (checked by import-linter, ``pyproject.toml``).
 """

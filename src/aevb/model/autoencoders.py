@@ -8,13 +8,13 @@ reconstruction term is always the clean x.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
-from aevb.config import CORRUPTIONS, JACOBIAN_MODES, SPARSITY_PENALTIES
 from aevb.errors import UserError
 from aevb.model.base import LossOutput, Model, _posterior_stats
+from aevb.options import Option, as_argument
 from aevb.registry import MODELS
 
 @MODELS.register("ae")
@@ -61,6 +61,12 @@ class AE(Model):
         return {}
 
 
+CORRUPTION = Option("corruption", "gaussian", "dae: corruption of the input: gaussian (additive noise of σ = level), "
+                    "masking (each value zeroed with probability level) or salt-and-pepper (each value set to 0 or 1 "
+                    "with probability level)", choices=("gaussian", "masking", "salt-and-pepper"))
+NOISE_LEVEL = Option("noise_level", 0.3, "dae: corruption level (σ or probability)", low=0, metavar="LEVEL")
+
+
 @MODELS.register("dae")
 class DenoisingAE(AE):
     """Denoising autoencoder (Vincent et al. 2008): −log p(x | z = f(x̃)), x̃ a corrupted x.
@@ -76,16 +82,24 @@ class DenoisingAE(AE):
     """
 
     name = "dae"
-    run_options = ("corruption", "noise_level")
+    options = (CORRUPTION, NOISE_LEVEL)
 
-    def __init__(self, *args, corruption: str = "gaussian", noise_level: float = 0.3, **kwargs):
+    def __init__(self, *args, corruption: str = CORRUPTION.default, noise_level: float = NOISE_LEVEL.default,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        if corruption not in CORRUPTIONS:
-            raise UserError(f"unknown corruption {corruption!r}; choose one of: {', '.join(CORRUPTIONS)}")
-        if noise_level < 0 or (corruption != "gaussian" and noise_level > 1):
-            raise UserError(f"noise_level must be ≥ 0 (a probability for {corruption}), got {noise_level}")
-        self.corruption, self.noise_level = corruption, float(noise_level)
-        self.config.update(corruption=corruption, noise_level=self.noise_level)
+        options = self.check_options({"corruption": corruption, "noise_level": noise_level})
+        self.corruption, self.noise_level = options["corruption"], options["noise_level"]
+        self.config.update(options)
+
+    @classmethod
+    def check_options(cls, values: dict[str, Any], spelled: Callable[[str], str] = as_argument) -> dict[str, Any]:
+        """The noise level of masking and salt-and-pepper is a probability, at most 1."""
+        values = super().check_options(values, spelled)
+        corruption = values.get("corruption", CORRUPTION.default)
+        if corruption != "gaussian" and values.get("noise_level", NOISE_LEVEL.default) > 1:
+            raise UserError(f"{spelled('noise_level')} is a probability for {spelled('corruption')} {corruption}, "
+                            f"got {values['noise_level']}")
+        return values
 
     def input_corruption(self) -> str:
         """The corruption and its level, as the figures label it: ``"masking 0.5"``."""
@@ -104,6 +118,13 @@ class DenoisingAE(AE):
         return torch.where(hit, salt.to(x.dtype), x)
 
 
+SPARSITY = Option("sparsity", "l1", "sparse-ae: penalty on the code: l1 (Σ|z_d|) or kl (Σ_d KL(ρ ‖ ρ̂_d) with ρ̂_d the "
+                  "batch-mean sigmoid activation)", choices=("l1", "kl"))
+SPARSITY_WEIGHT = Option("sparsity_weight", 0.1, "sparse-ae: weight of the sparsity penalty", low=0, metavar="W")
+SPARSITY_TARGET = Option("sparsity_target", 0.05, "sparse-ae: target mean activation ρ of the kl penalty",
+                         above=0, below=1, metavar="RHO")
+
+
 @MODELS.register("sparse-ae")
 class SparseAE(AE):
     """Sparse autoencoder: −log p(x|z = f(x)) + weight · penalty(z).
@@ -117,19 +138,16 @@ class SparseAE(AE):
     """
 
     name = "sparse-ae"
-    run_options = ("sparsity", "sparsity_weight", "sparsity_target")
+    options = (SPARSITY, SPARSITY_WEIGHT, SPARSITY_TARGET)
 
-    def __init__(self, *args, sparsity: str = "l1", sparsity_weight: float = 0.1, sparsity_target: float = 0.05,
-                 **kwargs):
+    def __init__(self, *args, sparsity: str = SPARSITY.default, sparsity_weight: float = SPARSITY_WEIGHT.default,
+                 sparsity_target: float = SPARSITY_TARGET.default, **kwargs):
         super().__init__(*args, **kwargs)
-        if sparsity not in SPARSITY_PENALTIES:
-            raise UserError(f"unknown sparsity penalty {sparsity!r}; choose one of: {', '.join(SPARSITY_PENALTIES)}")
-        if sparsity_weight < 0 or not 0 < sparsity_target < 1:
-            raise UserError(f"need sparsity_weight ≥ 0 and 0 < sparsity_target < 1, got {sparsity_weight}, "
-                            f"{sparsity_target}")
-        self.sparsity, self.sparsity_weight, self.sparsity_target = sparsity, float(sparsity_weight), float(sparsity_target)
-        self.config.update(sparsity=sparsity, sparsity_weight=self.sparsity_weight,
-                           sparsity_target=self.sparsity_target)
+        options = self.check_options({"sparsity": sparsity, "sparsity_weight": sparsity_weight,
+                                      "sparsity_target": sparsity_target})
+        self.sparsity, self.sparsity_weight = options["sparsity"], options["sparsity_weight"]
+        self.sparsity_target = options["sparsity_target"]
+        self.config.update(options)
 
     def sparsity_penalty(self, code: torch.Tensor) -> torch.Tensor:
         """The unweighted penalty of codes [B, D], a scalar."""
@@ -150,6 +168,13 @@ class SparseAE(AE):
                 "sparsity_penalty": self.sparsity_penalty(codes).item()}
 
 
+CONTRACTIVE_WEIGHT = Option("contractive_weight", 0.1, "cae: weight of the penalty ‖∂f/∂x‖²_F", low=0, metavar="W")
+JACOBIAN = Option("jacobian", "auto", "cae: Jacobian norm exactly (one backward pass per code dimension), by random "
+                  "projections, or auto (exact up to 16 code dimensions)", choices=("auto", "exact", "projections"))
+JACOBIAN_PROJECTIONS = Option("jacobian_projections", 1, "cae: random projections per example for --jacobian "
+                              "projections", low=1, metavar="N")
+
+
 @MODELS.register("cae")
 class ContractiveAE(AE):
     """Contractive autoencoder (Rifai et al. 2011): −log p(x|z = f(x)) + weight · ‖∂f/∂x‖²_F.
@@ -167,22 +192,18 @@ class ContractiveAE(AE):
     """
 
     name = "cae"
-    run_options = ("contractive_weight", "jacobian", "jacobian_projections")
+    options = (CONTRACTIVE_WEIGHT, JACOBIAN, JACOBIAN_PROJECTIONS)
     needs_input_grad = True
     EXACT_UP_TO = 16
 
-    def __init__(self, *args, contractive_weight: float = 0.1, jacobian: str = "auto", jacobian_projections: int = 1,
-                 **kwargs):
+    def __init__(self, *args, contractive_weight: float = CONTRACTIVE_WEIGHT.default, jacobian: str = JACOBIAN.default,
+                 jacobian_projections: int = JACOBIAN_PROJECTIONS.default, **kwargs):
         super().__init__(*args, **kwargs)
-        if jacobian not in JACOBIAN_MODES:
-            raise UserError(f"unknown jacobian mode {jacobian!r}; choose one of: {', '.join(JACOBIAN_MODES)}")
-        if contractive_weight < 0 or jacobian_projections < 1:
-            raise UserError(f"need contractive_weight ≥ 0 and jacobian_projections ≥ 1, got {contractive_weight}, "
-                            f"{jacobian_projections}")
-        self.contractive_weight, self.jacobian = float(contractive_weight), jacobian
-        self.jacobian_projections = int(jacobian_projections)
-        self.config.update(contractive_weight=self.contractive_weight, jacobian=jacobian,
-                           jacobian_projections=self.jacobian_projections)
+        options = self.check_options({"contractive_weight": contractive_weight, "jacobian": jacobian,
+                                      "jacobian_projections": jacobian_projections})
+        self.contractive_weight, self.jacobian = options["contractive_weight"], options["jacobian"]
+        self.jacobian_projections = options["jacobian_projections"]
+        self.config.update(options)
 
     def jacobian_norm(self, inputs: torch.Tensor, code: torch.Tensor, exact: bool | None = None) -> torch.Tensor:
         """Mean over the batch of ‖∂code/∂inputs‖²_F, a scalar; ``inputs`` must require grad."""

@@ -13,8 +13,10 @@ differs from the others only in its training objective (:meth:`Model.loss`):
 * ``HVAE`` (in :mod:`aevb.hierarchical`): L stochastic layers, top-down inference.
 
 Models with a KL take a registered prior (``prior="standard"|"mog"|"vamp"``,
-:mod:`aevb.priors`); each model lists in ``run_options`` the fields of
-:class:`aevb.config.RunConfig` its constructor takes.
+:mod:`aevb.priors`).  Each model declares its own options once, in ``options``
+(:class:`aevb.options.Option`: name, default, help, rule): its constructor takes
+them as arguments of the same names and checks them with
+:meth:`Model.check_options`, and ``aevb train`` takes them as flags.
 
 The data path itself lives in :mod:`aevb.objectives`.  Saved models are a
 folder with ``config.json`` (the constructor's arguments) and
@@ -28,7 +30,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -37,11 +39,13 @@ from torch.distributions import Distribution, Independent
 
 
 from aevb.model import objectives
+from aevb.config import RUN_OPTIONS
 from aevb.errors import UserError
 from aevb.io import write_json, write_safetensors
 from aevb.model.layers import cast
 from aevb.model.precision import at_least_float32
 from aevb.model.priors import build_prior
+from aevb.options import Option, as_argument
 from aevb.registry import LIKELIHOODS, MODELS, NETWORKS, POSTERIORS
 
 FORMAT = "aevb-model"
@@ -98,23 +102,33 @@ class Model(nn.Module):
     posterior_family: ClassVar[str] = "gaussian"
     name: ClassVar[str]
     has_kl: ClassVar[bool] = True  # a KL term that β, its schedules and free bits weigh
-    # the fields of aevb.config.RunConfig this model's constructor takes (same names)
-    run_options: ClassVar[tuple[str, ...]] = ()
-    # the optimiser step of the checkpoint this model was loaded from, where a run folder's loader sets it
+    # the model's own options: constructor arguments of the same names, and flags of aevb train; declared
+    # as literal Option(...) calls (or constants of them) so that --help reads them without importing torch
+    options: ClassVar[tuple[Option, ...]] = ()
 
     @classmethod
     def run_kwargs(cls, config) -> dict[str, Any]:
-        """Constructor arguments taken from a :class:`aevb.config.RunConfig`."""
-        return {name: getattr(config, name) for name in cls.run_options}
+        """Constructor arguments taken from a :class:`aevb.config.RunConfig`: the values of :attr:`options`."""
+        return {option.name: getattr(config, option.name) for option in cls.options}
+
+    @classmethod
+    def check_options(cls, values: dict[str, Any], spelled: Callable[[str], str] = as_argument) -> dict[str, Any]:
+        """``values`` of some of this model's options, each checked by its Option (whole numbers made int,
+        numbers float), then with one another; a UserError names an option as ``spelled`` says
+        (:func:`~aevb.options.as_argument`: ``noise_level``; :func:`~aevb.options.as_flag`: ``--noise-level``).
+
+        A model whose options constrain one another extends this, so that its
+        constructor and ``aevb train`` refuse the same values with one rule.
+        """
+        declared = {option.name: option for option in cls.options}
+        return {name: declared[name].check(value, spelled(name)) for name, value in values.items()}
 
     def __init__(self, data_shape: Sequence[int], latent_dim: int = 20, arch: str = "mlp",
                  likelihood: str = "bernoulli", hidden: Sequence[int] | None = None,
                  likelihood_args: dict[str, Any] | None = None, posterior_args: dict[str, Any] | None = None):
         super().__init__()
-        latent_dim, hidden = _whole(latent_dim, "latent_dim"), _sizes(hidden)
+        latent_dim, hidden = RUN_OPTIONS["latent_dim"].check(latent_dim), _sizes(hidden)
         likelihood_args, posterior_args = plain(likelihood_args or {}), plain(posterior_args or {})
-        if latent_dim < 1:
-            raise UserError(f"latent_dim must be at least 1, got {latent_dim}")
         self.data_shape = tuple(_whole(n, "data_shape") for n in data_shape)
         self.latent_dim = latent_dim
         try:

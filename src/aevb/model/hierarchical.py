@@ -31,12 +31,16 @@ from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from aevb.model.distributions import diagonal_normal
 from aevb.errors import UserError
-from aevb.model.base import LossOutput, _finite_at_least, _posterior_stats, _sample_count, _whole
-from aevb.model.vae import LatentVariableModel
+from aevb.model.base import LossOutput, _posterior_stats, _sample_count
+from aevb.model.vae import BETA, LatentVariableModel
 from aevb.model.networks import _mlp
 from aevb.model.objectives import ElboTerms
 from aevb.model.precision import at_least_float32
+from aevb.options import Option
 from aevb.registry import MODELS
+
+STOCHASTIC_LAYERS = Option("stochastic_layers", 2, "hvae: stochastic layers, each of --latent-dim dimensions", low=2,
+                           metavar="L")
 
 
 @MODELS.register("hvae")
@@ -50,18 +54,15 @@ class HVAE(LatentVariableModel):
     """
 
     name = "hvae"
-    run_options = ("beta", "stochastic_layers")
+    options = (BETA, STOCHASTIC_LAYERS)  # not the prior: the top layer's is the standard normal
 
-    def __init__(self, *args, stochastic_layers: int = 2, beta: float = 1.0, ladder_hidden: int | None = None,
-                 prior: str = "standard", **kwargs):
+    def __init__(self, *args, stochastic_layers: int = STOCHASTIC_LAYERS.default, beta: float = BETA.default,
+                 ladder_hidden: int | None = None, prior: str = "standard", **kwargs):
         if prior != "standard":
             raise UserError("the hierarchical VAE's top layer has the standard normal prior; drop --prior")
         super().__init__(*args, **kwargs)
-        stochastic_layers = _whole(stochastic_layers, "stochastic_layers")
-        if stochastic_layers < 2 or not _finite_at_least(beta, 0):
-            raise UserError(f"the hierarchical VAE needs at least two stochastic layers and a finite beta ≥ 0, "
-                            f"got {stochastic_layers} and {beta}")
-        self.layers, self.beta = int(stochastic_layers), float(beta)
+        options = self.check_options({"stochastic_layers": stochastic_layers, "beta": beta})
+        self.layers, self.beta = options["stochastic_layers"], options["beta"]
         width = int(ladder_hidden or max(64, 2 * self.latent_dim))
         two_d = 2 * self.latent_dim
         # up[l]: d_{l+1} from d_l; down[l]: p(z_{l+1} | z_{l+2}) parameters … indexed by the lower layer
@@ -71,10 +72,6 @@ class HVAE(LatentVariableModel):
                                   for _ in range(self.layers - 1))
         self.config.update(stochastic_layers=self.layers, beta=self.beta, ladder_hidden=width)
         del self.config["prior"], self.config["prior_args"]
-
-    @classmethod
-    def run_kwargs(cls, config) -> dict[str, Any]:
-        return {name: getattr(config, name) for name in cls.run_options}
 
     @property
     def stochastic_layers(self) -> int:

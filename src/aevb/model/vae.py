@@ -9,31 +9,47 @@ import torch
 
 from aevb.errors import UserError
 from aevb.model import objectives
-from aevb.model.base import LossOutput, Model, _finite_at_least, _posterior_stats, _whole
-from aevb.registry import MODELS
+from aevb.model.base import LossOutput, Model, _posterior_stats
+from aevb.options import Option
+from aevb.registry import MODELS, PRIORS
+
+PRIOR = Option("prior", "standard", "prior p(z): standard normal, a learned mixture of Gaussians (mog) or the "
+               "VampPrior (vamp)", choices=PRIORS)
+PRIOR_COMPONENTS = Option("prior_components", None, "components K of the mog prior (default 10) or pseudo-inputs of "
+                          "the vamp prior (default 100)", kind="int", low=1, metavar="K")
+# the KL weight of the models whose loss is reconstruction + β·KL (VAE, HVAE); the run's β schedules need it
+BETA = Option("beta", 1.0, "weight of the KL term in the training loss (β-VAE); the reported ELBO always uses 1",
+              low=0)
+
 
 class LatentVariableModel(Model):
     """A model with a Gaussian posterior and a KL to a registered prior.
 
     Args (besides :class:`Model`'s):
         prior: a name in ``aevb.registry.PRIORS`` (standard, mog, vamp).
-        prior_args: its arguments (``{"components": 10}``).
+        prior_args: its arguments (``{"components": 10}``; the run option ``prior_components``).
     """
 
-    run_options = ("prior",)
+    options = (PRIOR, PRIOR_COMPONENTS)
 
-    def __init__(self, *args, prior: str = "standard", prior_args: dict[str, Any] | None = None, **kwargs):
+    def __init__(self, *args, prior: str = PRIOR.default, prior_args: dict[str, Any] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._set_prior(prior, prior_args)
 
     @classmethod
     def run_kwargs(cls, config) -> dict[str, Any]:
         kwargs = super().run_kwargs(config)
-        if config.prior_components is not None:
+        components = kwargs.pop("prior_components", None)  # an entry of prior_args, not an argument of its own
+        if components is not None:
             if config.prior == "standard":
                 raise UserError("--prior-components needs a mixture prior (--prior mog or vamp)")
-            kwargs["prior_args"] = {"components": config.prior_components}
+            kwargs["prior_args"] = {"components": components}
         return kwargs
+
+
+MC_SAMPLES = Option("mc_samples", 1, "Monte Carlo samples of z per example in the VAE loss", low=1, metavar="L")
+FREE_BITS = Option("free_bits", 0.0, "free bits λ (Kingma et al. 2016): the training loss uses Σ_d max(λ, batch-mean "
+                   "KL_d) per latent dimension d, in nats (0: off); VAE with a factorising prior", low=0, metavar="NATS")
 
 
 @MODELS.register("vae")
@@ -51,20 +67,16 @@ class VAE(LatentVariableModel):
     """
 
     name = "vae"
-    run_options = ("beta", "mc_samples", "free_bits", "prior")
+    options = (*LatentVariableModel.options, BETA, MC_SAMPLES, FREE_BITS)
 
-    def __init__(self, *args, beta: float = 1.0, mc_samples: int = 1, free_bits: float = 0.0, **kwargs):
+    def __init__(self, *args, beta: float = BETA.default, mc_samples: int = MC_SAMPLES.default,
+                 free_bits: float = FREE_BITS.default, **kwargs):
         super().__init__(*args, **kwargs)
-        mc_samples = _whole(mc_samples, "mc_samples")
-        if not (_finite_at_least(beta, 0) and mc_samples >= 1 and _finite_at_least(free_bits, 0)):
-            raise UserError(f"need finite beta ≥ 0, mc_samples ≥ 1 and finite free_bits ≥ 0, got beta={beta}, "
-                            f"mc_samples={mc_samples}, free_bits={free_bits}")
-        if free_bits and not self.prior_module.factorises:
+        options = self.check_options({"beta": beta, "mc_samples": mc_samples, "free_bits": free_bits})
+        if options["free_bits"] and not self.prior_module.factorises:
             raise UserError(f"free bits are a KL floor per latent dimension, which the {self.config['prior']!r} "
                             f"prior does not have; use --prior standard with --free-bits")
-        self.beta = float(beta)
-        self.mc_samples = int(mc_samples)
-        self.free_bits = float(free_bits)
+        self.beta, self.mc_samples, self.free_bits = options["beta"], options["mc_samples"], options["free_bits"]
         self.config.update(beta=self.beta, mc_samples=self.mc_samples)
         if self.free_bits:  # only then, so configs of models without free bits stay as they were
             self.config.update(free_bits=self.free_bits)
@@ -82,6 +94,9 @@ class VAE(LatentVariableModel):
                           {"kl_free_bits": kl_floored.detach()})
 
 
+K = Option("k", 5, "importance samples of the IWAE bound", low=1)
+
+
 @MODELS.register("iwae")
 class IWAE(LatentVariableModel):
     """Importance-weighted autoencoder (Burda et al. 2016): loss = −log (1/k) Σ_i w_i.
@@ -93,14 +108,11 @@ class IWAE(LatentVariableModel):
     """
 
     name = "iwae"
-    run_options = ("k", "prior")
+    options = (*LatentVariableModel.options, K)
 
-    def __init__(self, *args, k: int = 5, **kwargs):
+    def __init__(self, *args, k: int = K.default, **kwargs):
         super().__init__(*args, **kwargs)
-        k = _whole(k, "k")
-        if k < 1:
-            raise UserError(f"IWAE needs k ≥ 1 importance samples, got {k}")
-        self.k = int(k)
+        self.k = self.check_options({"k": k})["k"]
         self.config.update(k=self.k)
 
     def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:

@@ -30,7 +30,7 @@ from aevb.acceleration import optim
 from aevb.acceleration.bf16 import resolve_precision
 from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
 from aevb.analysis.figures import reconstruction_grid, sample_grid
-from aevb.config import RunConfig
+from aevb.config import RunConfig, check_model_options
 from aevb.data import datasets as data_module
 from aevb.data.streaming import mean_example
 from aevb.errors import NonFiniteLossError, UserError
@@ -48,34 +48,6 @@ from aevb.training.schedules import make_schedule
 from aevb.training.validation import epoch_line, mean_elbo_terms
 
 NONFINITE_ADVICE = "Try a lower --lr, --grad-clip, or a likelihood with a floor"
-
-OBJECTIVE_OPTIONS = ("beta", "beta_warmup", "beta_schedule", "beta_cycles", "beta_ratio")
-
-
-def check_model_options(config: RunConfig) -> None:
-    """Refuse options that the chosen model would ignore (one line, before a run folder is made).
-
-    A model takes the :class:`RunConfig` fields in its ``run_options``; any
-    other model's option set away from its default, and the β schedule
-    options for a model without a β-weighted KL term, are user errors.
-    """
-    import dataclasses
-
-    cls = MODELS.get(config.model)
-    taken = set(cls.run_options)
-    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
-    others = {name for _, other in MODELS.items() for name in other.run_options} | set(OBJECTIVE_OPTIONS)
-    if "beta" in taken:
-        taken |= set(OBJECTIVE_OPTIONS)
-    if "prior" in taken:
-        taken.add("prior_components")
-    others.add("prior_components")
-    ignored = sorted(name for name in others - taken if getattr(config, name) != defaults[name])
-    if ignored:
-        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
-        raise UserError(f"{flags} {'does' if len(ignored) == 1 else 'do'} not apply to --model {config.model}; "
-                        f"drop {'it' if len(ignored) == 1 else 'them'} or choose a model that takes "
-                        f"{'it' if len(ignored) == 1 else 'them'}")
 
 
 def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = False,
