@@ -4,15 +4,18 @@ Options of ``aevb train`` are generated from the run's options
 (:func:`aevb.config.run_options`: RunConfig's fields and each registered
 model's own), and their choices come from the registries, so nothing is
 defined twice.
-torch is imported only inside the commands that need it, so ``--help``
-answers at once.  Errors a user can cause print one line and exit with
+Each command imports the layers it runs (and so torch) inside its own
+function: ``aevb --help`` imports no torch and answers at once
+(``bench/cli_help.py`` times it).  Errors a user can cause print one line and exit with
 status 2 (130 for Ctrl-C).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -157,8 +160,6 @@ def _device_option(function):
 
 def _finite(ctx, param, value):
     """click's FloatRange lets nan and inf through."""
-    import math
-
     if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
     return value
@@ -428,8 +429,6 @@ def _notice(message, category, filename, lineno, file=None, line=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import warnings
-
     args = sys.argv[1:] if argv is None else argv
     with warnings.catch_warnings():
         warnings.showwarning = _notice

@@ -68,6 +68,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    # safetensors.torch imports torch: the text and JSON writers above serve callers that have not
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 

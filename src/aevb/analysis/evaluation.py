@@ -20,9 +20,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from aevb.errors import UserError
+from aevb.io import write_json
 from aevb.model.base import Model
+from aevb.run.open import open_run
 from aevb.model.objectives import elbo_terms, kl_per_dimension
 from aevb.acceleration.bf16 import resolve_precision
 from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
@@ -150,7 +154,7 @@ def classifier_accuracy(train_codes: torch.Tensor, train_labels: torch.Tensor, t
     ``chance`` (the frequency in the test set of the most common training
     label: what a classifier that ignores the codes gets).
     """
-    import numpy as np
+    # scikit-learn takes about half a second to import, and only these metrics use it
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
@@ -253,7 +257,7 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
     normalized = model.likelihood.normalized
     batches = range(0, n, batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # looks for Jupyter when imported: only evaluations that show a bar pay for it
 
         batches = tqdm(batches, desc=f"evaluating (k={iw_samples})", unit="batch", leave=False)
     # per-example columns [N], kept on the device until the end
@@ -357,10 +361,6 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int
     the per-class rows and the representation accuracy (classifiers trained
     on the posterior means of the training split) are included.
     """
-    from aevb.errors import UserError
-    from aevb.io import write_json
-    from aevb.run.open import open_run
-
     run = open_run(run_dir, device)
     run_dir, config, model, dataset = run.path, run.config, run.model, run.dataset
     x, y = run.held_out("test")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from aevb.analysis.evaluation import posterior_statistics
 from aevb.errors import UserError
@@ -52,7 +54,6 @@ def _upscale(array: np.ndarray, factor: int) -> np.ndarray:
 
 def save_png(array: np.ndarray, path: str | Path, min_size: int = 0) -> Path:
     """Write a uint8 array [H, W, 3] as PNG (atomically), upscaled by an integer factor to ``min_size``."""
-    from PIL import Image
 
     image = Image.fromarray(array)
     if min_size and max(image.size) < min_size:
@@ -223,7 +224,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     parallel a and b (sin Ω ≈ 0) it falls back to :func:`lerp`.  Exactly a at
     t = 0 and b at t = 1.
     """
-    import torch.nn.functional as F
 
     t = torch.as_tensor(t, dtype=a.dtype, device=a.device).reshape(-1, 1)  # [S, 1]
     cos = (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1).clamp(-1, 1)  # [...]

@@ -20,9 +20,13 @@ from typing import Callable
 
 import torch
 
+from aevb.analysis.evaluation import evaluate_run
 from aevb.analysis.gallery import ExploreOptions, FigureContext, NotDrawn, plan_figures
 from aevb.errors import UserError
+from aevb.io import write_text
 from aevb.registry import FIGURES
+from aevb.run.folder import CHECKPOINT
+from aevb.run.open import open_run
 
 
 def explore_run(run_dir: str | Path, *, grid_range: float | None = None, directions: str = "auto",
@@ -35,10 +39,6 @@ def explore_run(run_dir: str | Path, *, grid_range: float | None = None, directi
     2-dimensional latent space, pca otherwise).  Returns the paths written
     and {figure: reason} for the figures left out.
     """
-    import torch
-
-    from aevb.run.open import open_run
-
     run = open_run(run_dir, device)
     run_dir, model = run.path, run.model
     model.eval()
@@ -307,7 +307,6 @@ def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipp
 
 def _trained_at(run_dir: Path) -> float:
     """When the run's weights were last written (0 if unknown): older figures are redrawn."""
-    from aevb.run.folder import CHECKPOINT
 
     times = [p.stat().st_mtime for p in (run_dir / "model" / "weights.safetensors", run_dir / CHECKPOINT)
              if p.is_file()]
@@ -323,9 +322,6 @@ def write_report(run_dir: str | Path, *, iw_samples: int = 1000, device: str = "
     no ``eval.json``, and :func:`explore_run` if any figure that fits the run
     is missing from ``RUN/images/`` or older than the run's weights.
     """
-    from aevb.analysis.evaluation import evaluate_run
-    from aevb.io import write_text
-    from aevb.run.open import open_run
 
     run = open_run(run_dir, device="cpu")  # a UserError if this is not a run folder
     run_dir = run.path

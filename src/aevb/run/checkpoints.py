@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from aevb.config import RunConfig
 from aevb.errors import UserError
@@ -64,7 +65,6 @@ def write_checkpoint(path: Path, model: Model, optimizer: torch.optim.Optimizer,
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -8,6 +8,7 @@ back in one transfer every ``log_every`` steps.  ``--tensorboard`` and
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -21,7 +22,6 @@ from aevb.model.base import LossOutput
 
 def check_loggers(config: RunConfig) -> None:
     """The packages of --tensorboard and --wandb must be installed (checked before a run folder is made)."""
-    import importlib.util
 
     for wanted, module, package in ((config.tensorboard, "tensorboard", "tensorboard"), (config.wandb, "wandb", "wandb")):
         if wanted and importlib.util.find_spec(module) is None:
