@@ -59,9 +59,11 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     but for ``epochs``, ``steps`` and ``device``: more epochs or steps train
     further.  A run that finished training but not its export is exported.
     """
-    keep_freed_memory()
+    keep_freed_memory()  # process-wide, at the entry point (and the subnormals flushed around the loop: fit)
     device = resolve_device(config.device)
-    step_dtype = resolve_precision(config.precision, device)  # of the training step's multiplies; None: fp32
+    # the accelerations (aevb.acceleration) are chosen here and nowhere else: the multiplies' dtype (refused
+    # before the data load where the device lacks it), the optimiser and the loss below
+    step_dtype = resolve_precision(config.precision, device)  # bf16 where it pays; None: fp32
     if resume is not None:
         run_dir = _run_to_resume(resume)
     else:
