@@ -29,7 +29,7 @@ from aevb.options import Option
 class Registry:
     def __init__(self, kind: str, module: str | tuple[str, ...], variable: str):
         self.kind = kind  # what an entry is, for messages: "likelihood"
-        # where entries are defined: "aevb.model.distributions", or several modules in order
+        # where entries are defined: "aevb.model.likelihoods", or several modules in order
         self.modules = (module,) if isinstance(module, str) else tuple(module)
         self.variable = variable  # the registry's name in that module: "LIKELIHOODS"
         self._entries: dict[str, Any] = {}
@@ -242,8 +242,8 @@ def _registered_name(decorator: ast.AST, variable: str) -> str | None:
 
 _SOURCE = _Source()
 
-LIKELIHOODS = Registry("likelihood", "aevb.model.distributions", "LIKELIHOODS")
-POSTERIORS = Registry("posterior", "aevb.model.distributions", "POSTERIORS")
+LIKELIHOODS = Registry("likelihood", "aevb.model.likelihoods", "LIKELIHOODS")
+POSTERIORS = Registry("posterior", "aevb.model.posteriors", "POSTERIORS")
 NETWORKS = Registry("network", "aevb.model.networks", "NETWORKS")
 MODELS = Registry("model", ("aevb.model.autoencoders", "aevb.model.vae", "aevb.model.hierarchical"), "MODELS")
 DATASETS = Registry("data set", "aevb.data.datasets", "DATASETS")
