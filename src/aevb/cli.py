@@ -275,7 +275,7 @@ def reconstruct(run, n, out, device):
     Example:
       aevb reconstruct runs/vae-digits -n 10
     """
-    from aevb.data.datasets import holdout_indices
+    from aevb.data.transforms import holdout_indices
     from aevb.analysis.figures import reconstruction_grid
     from aevb.run.open import open_run
 
@@ -333,7 +333,7 @@ def interpolate(run, pairs, steps, out, device):
       aevb interpolate runs/vae-digits
       aevb interpolate runs/mnist --pairs 6 --steps 12 -o interpolations.png
     """
-    from aevb.data.datasets import holdout_indices
+    from aevb.data.transforms import holdout_indices
     from aevb.analysis.figures import interpolation
     from aevb.run.open import open_run
 
