@@ -38,7 +38,6 @@ from aevb.errors import NonFiniteLossError, UserError
 from aevb.io import write_json
 from aevb.model.base import LossOutput, Model, build_model
 from aevb.model.precision import matmul_dtype
-from aevb.registry import MODELS
 from aevb.run.checkpoints import Position, restore, write_checkpoint
 from aevb.run.data import check_data_range, check_dequantize, held_out, load_dataset
 from aevb.run.device import resolve_device
