@@ -284,7 +284,7 @@ def reconstruct(run, n, out, device):
     _require_images(model, "reconstruct")
     x, y = opened.held_out("test")
     opened.check_data_shape(x)
-    x = x[holdout_indices(y, n, num_examples=len(x))].to(next(model.parameters()).device)
+    x = x[holdout_indices(y, n, num_examples=len(x))].to(model.device)
     path = Path(out) if out else Path(run) / "images" / "reconstructions.png"
     click.echo(f"written: {reconstruction_grid(model, x, path)}")
 
@@ -345,7 +345,7 @@ def interpolate(run, pairs, steps, out, device):
     if len(chosen) < 2:
         raise UserError(f"{run} has fewer than two test images to interpolate between")
     chosen = chosen[: len(chosen) // 2 * 2]
-    x = x[chosen].to(next(model.parameters()).device)
+    x = x[chosen].to(model.device)
     path = Path(out) if out else Path(run) / "images" / "interpolations.png"
     interpolation(model, x[0::2], x[1::2], path, steps=steps)
     click.echo(f"written: {path}")
