@@ -161,7 +161,7 @@ class Trainer:
     run_dir: Path
     model: Model
     optimizer: torch.optim.Optimizer
-    loss_of: Callable[[torch.Tensor, float], LossOutput]  # model.loss, or its compiled form (_make_loss)
+    loss_of: Callable[[torch.Tensor, float], LossOutput]  # _make_loss: model.loss, the fused loss or a compiled one
     data: TrainingData
     position: Position  # where the run is: step, epoch, batch in the epoch's order
     shuffle: torch.Generator  # draws each epoch's order
