@@ -25,6 +25,7 @@ folder with ``config.json`` (the constructor's arguments) and
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import numbers
@@ -123,9 +124,17 @@ class Model(nn.Module):
         declared = {option.name: option for option in cls.options}
         return {name: declared[name].check(value, spelled(name)) for name, value in values.items()}
 
+    def __init_subclass__(cls, **kwargs: Any):
+        """Give a subclass's ``__init__(self, *args, its_own=…, **kwargs)`` the signature it really takes (for
+        ``help``, ``inspect.signature`` and editors): its base's parameters, then its own."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in vars(cls):
+            cls.__init__.__signature__ = _constructor_signature(cls)
+
     def __init__(self, data_shape: Sequence[int], latent_dim: int = 20, arch: str = "mlp",
                  likelihood: str = "bernoulli", hidden: Sequence[int] | None = None,
                  likelihood_args: dict[str, Any] | None = None, posterior_args: dict[str, Any] | None = None):
+        """Build the model from the arguments its class's docstring lists (checked here: a UserError names a bad one)."""
         super().__init__()
         latent_dim, hidden = RUN_OPTIONS["latent_dim"].check(latent_dim), _sizes(hidden)
         likelihood_args, posterior_args = plain(likelihood_args or {}), plain(posterior_args or {})
@@ -251,6 +260,12 @@ class Model(nn.Module):
 
     # -- objectives -----------------------------------------------------------
 
+    def forward(self, x: torch.Tensor) -> LossOutput:
+        """:meth:`loss` of a batch x [B, *data_shape]: ``model(x)`` is the ordinary PyTorch call (forward hooks,
+        DistributedDataParallel, Lightning).  It takes the batch only: a loop that changes β as it goes (a
+        warm-up schedule) passes it to :meth:`loss`, so no trainer's state enters the model."""
+        return self.loss(x)
+
     def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
         """The training objective for a batch x [B, *data_shape].
 
@@ -350,6 +365,22 @@ class Model(nn.Module):
 
     def extra_repr(self) -> str:
         return f"data_shape={self.data_shape}, latent_dim={self.latent_dim}"
+
+
+def _constructor_signature(cls: type[Model]) -> inspect.Signature:
+    """The parameters ``cls(...)`` takes: those of the nearest base's ``__init__`` (itself merged so), then the
+    keyword-only ones ``cls.__init__`` adds before passing ``*args, **kwargs`` on (a redefined one replaces it)."""
+    own = inspect.signature(vars(cls)["__init__"])
+    forwarded = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    if not any(p.kind in forwarded for p in own.parameters.values()):
+        return own  # a constructor that passes nothing on says everything itself
+    base = inspect.signature(cls.__mro__[1].__init__)
+    added = {name: p for name, p in own.parameters.items() if p.kind not in forwarded and name != "self"}
+    inherited = [p for name, p in base.parameters.items() if name not in added and p.kind not in forwarded]
+    positional = [p for p in inherited if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    keyword = [p for p in inherited if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    added_kw = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in added.values()]
+    return base.replace(parameters=[*positional, *keyword, *added_kw], return_annotation=inspect.Signature.empty)
 
 
 def _posterior_stats(posterior: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
