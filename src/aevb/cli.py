@@ -23,7 +23,7 @@ import click
 from aevb.config import PRECISIONS, SEED_RANGE, coerce, flag, make_config, read_config_file, run_options
 from aevb.errors import UserError
 from aevb.options import Option
-from aevb.registry import DATASETS
+from aevb.registry import DATASETS, Registry, is_import_path
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 SEED = click.IntRange(*SEED_RANGE)  # train's --seed is checked in RunConfig, for config files too
@@ -53,7 +53,18 @@ def cli():
 # aevb train
 
 
+class _ChoiceOrImportPath(click.Choice):
+    """A registered name, or an import path ``package.module:function`` that the option's check imports."""
+
+    def convert(self, value, param, ctx):
+        if is_import_path(value):
+            return value
+        return super().convert(value, param, ctx)
+
+
 def _click_type(option: Option):
+    if isinstance(option.choices, Registry) and option.choices.import_paths:
+        return _ChoiceOrImportPath([*option.choices, "MODULE:FUNCTION"])
     if option.choices is not None:
         return click.Choice(list(option.choices))
     if option.kind == "int":

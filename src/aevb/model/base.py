@@ -47,7 +47,7 @@ from aevb.model.layers import cast
 from aevb.model.precision import at_least_float32
 from aevb.model.priors import build_prior
 from aevb.options import Option, as_argument
-from aevb.registry import LIKELIHOODS, MODELS, NETWORKS, POSTERIORS
+from aevb.registry import LIKELIHOODS, MODELS, NETWORKS, POSTERIORS, is_import_path
 
 FORMAT = "aevb-model"
 FORMAT_VERSION = 1
@@ -94,10 +94,19 @@ class Model(nn.Module):
     Args:
         data_shape: shape of one example, e.g. (1, 28, 28) or (D,) for tabular rows.
         latent_dim: dimension D of z.
-        arch: network body, a name in ``aevb.registry.NETWORKS`` (linear, mlp, conv).
+        arch: network body, a name in ``aevb.registry.NETWORKS`` (linear, mlp, conv) or the import path of a
+            function like theirs (``"my_package.nets:build"``, see :mod:`aevb.model.networks`), which
+            ``config.json`` records so that :func:`load` and every command rebuild it by importing it.
         likelihood: family of p(x|z), a name in ``LIKELIHOODS``.
         hidden: hidden layer sizes of the network (its default when None).
         likelihood_args: extra arguments of the likelihood (``{"scale": 0.1}``).
+        posterior_args: extra arguments of the posterior (``{"scale_param": "log-scale"}``).
+        encoder, decoder: networks of your own instead of ``arch``'s: the encoder maps x [B, *data_shape]
+            to the posterior's parameters [B, k·latent_dim], the decoder z [B, latent_dim] to the
+            likelihood's [B, k·C, *data_shape[1:]] (k: :attr:`encoder_outputs`, :attr:`decoder_shape`).
+            Their output shapes are checked here, on a batch of two.  Such a model saves its weights, and
+            ``aevb.load(path, encoder=…, decoder=…)`` loads them into the same networks; an import path
+            as ``arch`` needs neither.
     """
 
     posterior_family: ClassVar[str] = "gaussian"
@@ -133,7 +142,8 @@ class Model(nn.Module):
 
     def __init__(self, data_shape: Sequence[int], latent_dim: int = 20, arch: str = "mlp",
                  likelihood: str = "bernoulli", hidden: Sequence[int] | None = None,
-                 likelihood_args: dict[str, Any] | None = None, posterior_args: dict[str, Any] | None = None):
+                 likelihood_args: dict[str, Any] | None = None, posterior_args: dict[str, Any] | None = None, *,
+                 encoder: nn.Module | None = None, decoder: nn.Module | None = None):
         """Build the model from the arguments its class's docstring lists (checked here: a UserError names a bad one)."""
         super().__init__()
         latent_dim, hidden = RUN_OPTIONS["latent_dim"].check(latent_dim), _sizes(hidden)
@@ -148,23 +158,47 @@ class Model(nn.Module):
             self.posterior = POSTERIORS.get(self.posterior_family)(**posterior_args)
         except (TypeError, ValueError) as e:
             raise UserError(f"bad posterior_args for the {self.posterior_family!r} posterior: {e}") from None
-        self.encoder, self.decoder = NETWORKS.get(arch)(
-            self.data_shape,
-            self.latent_dim,
-            self.posterior.params_per_latent * self.latent_dim,
-            self.likelihood.params_per_channel * self.data_shape[0],
-            hidden,
-        )
+        if (encoder is None) != (decoder is None):
+            raise UserError("pass both encoder= and decoder= (networks of your own), or neither and arch=")
+        if encoder is not None:
+            if arch not in ("mlp", None) or hidden is not None:  # "mlp": the default; None: as saved with such networks
+                raise UserError(f"encoder= and decoder= replace arch= and hidden=; drop arch={arch!r}"
+                                f"{f' and hidden={hidden}' if hidden is not None else ''}")
+            arch, names = None, ("your encoder", "your decoder")
+        else:
+            encoder, decoder = _built_networks(arch, self.data_shape, self.latent_dim, self.encoder_outputs,
+                                               self.decoder_shape[0], hidden)
+            names = (f"the encoder of {arch}", f"the decoder of {arch}") if is_import_path(arch) else None
+        if names is not None:  # a registered network is tested for every data shape; another is checked here
+            check_network(encoder, names[0], self.data_shape, (self.encoder_outputs,),
+                          f"{self.posterior.params_per_latent} parameter(s) of the {self.posterior_family} posterior "
+                          f"for each of the {self.latent_dim} latent dimensions")
+            check_network(decoder, names[1], (self.latent_dim,), self.decoder_shape,
+                          f"{self.likelihood.params_per_channel} parameter(s) of the {likelihood} likelihood for each "
+                          f"value of an example of shape {list(self.data_shape)}")
+            if next(decoder.parameters(), None) is None:
+                raise UserError(f"{names[1]} has no parameters: the model learns its likelihood through them")
+        self.encoder, self.decoder = encoder, decoder
         self.config: dict[str, Any] = {
             "data_shape": list(self.data_shape),
             "latent_dim": self.latent_dim,
-            "arch": arch,
+            "arch": arch,  # None: networks given as modules, which load() takes again
             "likelihood": likelihood,
             "hidden": hidden,
             "likelihood_args": {**self.likelihood.extra_config(), **likelihood_args},
             "posterior_args": self.posterior.extra_config(),
         }
         self.prior_module = build_prior("standard", self.latent_dim, self.data_shape)
+
+    @property
+    def encoder_outputs(self) -> int:
+        """How many values the encoder returns per example: the posterior's parameters, k·latent_dim."""
+        return self.posterior.params_per_latent * self.latent_dim
+
+    @property
+    def decoder_shape(self) -> tuple[int, ...]:
+        """The shape of the decoder's output per example: the likelihood's parameters [k·C, *data_shape[1:]]."""
+        return (self.likelihood.params_per_channel * self.data_shape[0], *self.data_shape[1:])
 
     def _set_prior(self, prior: str, prior_args: dict[str, Any] | None) -> None:
         """Use the registered prior ``prior`` and store it in the config (models with a KL)."""
@@ -367,6 +401,43 @@ class Model(nn.Module):
         return f"data_shape={self.data_shape}, latent_dim={self.latent_dim}"
 
 
+def _built_networks(arch: str, data_shape: tuple[int, ...], latent_dim: int, encoder_outputs: int,
+                    decoder_channels: int, hidden: list[int] | None) -> tuple[nn.Module, nn.Module]:
+    """(encoder, decoder) from the network ``arch`` names: registered, or a function found by its import path."""
+    built = NETWORKS.get(arch)(data_shape, latent_dim, encoder_outputs, decoder_channels, hidden)
+    if not (isinstance(built, tuple) and len(built) == 2 and all(isinstance(m, nn.Module) for m in built)):
+        raise UserError(f"network {arch!r} returned {type(built).__name__}, not (encoder, decoder): two "
+                        f"torch.nn.Modules (see aevb.model.networks)")
+    return built
+
+
+def check_network(network: nn.Module, name: str, input_shape: tuple[int, ...], output_shape: tuple[int, ...],
+                  holding: str) -> None:
+    """A UserError unless ``network`` maps a batch [2, *input_shape] to [2, *output_shape] (``holding`` says
+    what the output holds).  Run in eval mode without gradients, so that no statistics and no weights change."""
+    if not isinstance(network, nn.Module):
+        raise UserError(f"{name} is a {type(network).__name__}; pass a torch.nn.Module")
+    weight = next(network.parameters(), None)
+    inputs = torch.zeros(2, *input_shape, dtype=torch.float32 if weight is None else weight.dtype,
+                         device=None if weight is None else weight.device)
+    expected = f"[B, {', '.join(map(str, output_shape))}]"
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            output = network(inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{name} fails on a batch [2, {', '.join(map(str, input_shape))}] ({first_line}); it must map "
+                        f"[B, {', '.join(map(str, input_shape))}] to {expected}") from None
+    finally:
+        network.train(was_training)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+    if shape != (2, *output_shape):
+        got = f"[{', '.join(map(str, shape))}]" if shape is not None else f"a {type(output).__name__}"
+        raise UserError(f"{name} returns {got} for a batch of 2; it must return {expected}, {holding}")
+
+
 def _constructor_signature(cls: type[Model]) -> inspect.Signature:
     """The parameters ``cls(...)`` takes: those of the nearest base's ``__init__`` (itself merged so), then the
     keyword-only ones ``cls.__init__`` adds before passing ``*args, **kwargs`` on (a redefined one replaces it)."""
@@ -454,8 +525,14 @@ def plain(value: Any) -> Any:
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Model:
-    """Load a model saved with :meth:`Model.save`, in the dtype it was saved in (or ``dtype``).  Nothing is unpickled."""
+def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
+         encoder: nn.Module | None = None, decoder: nn.Module | None = None) -> Model:
+    """Load a model saved with :meth:`Model.save`, in the dtype it was saved in (or ``dtype``).  Nothing is unpickled.
+
+    A model whose network is an import path (``arch="my_package.nets:build"``) is rebuilt by importing it; one
+    built with networks of your own (``encoder=``, ``decoder=``) takes the same networks again here, and its
+    weights are loaded into them.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -479,8 +556,20 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     stored = _DTYPES.get(config.get("dtype", "float32"))
     if stored is None:
         raise UserError(f"{config_path} names an unknown dtype {config.get('dtype')!r}; re-export the model")
+    networks = {}
+    if isinstance(args, dict) and "arch" in args and args["arch"] is None:
+        if encoder is None or decoder is None:
+            raise UserError(f"the model at {path} was built with networks of your own; load it with "
+                            f"aevb.load('{path}', encoder=..., decoder=...) and the same networks, or build them "
+                            f"from an import path (arch='my_package.nets:build') so that load imports them")
+        networks = {"encoder": encoder, "decoder": decoder}
+    elif encoder is not None or decoder is not None:
+        raise UserError(f"the model at {path} builds its own networks (arch={args.get('arch')!r}); drop encoder= "
+                        f"and decoder=")
+    elif isinstance(args, dict) and is_import_path(args.get("arch")):
+        NETWORKS.get(args["arch"])  # here, so that an import that fails says so, not "re-export the model"
     try:
-        model = build_model(name, **legacy_model_args(name, args)).to(stored)
+        model = build_model(name, **legacy_model_args(name, args), **networks).to(stored)
     except UserError as e:
         raise UserError(f"{config_path} describes no model aevb can build ({e}); re-export the model") from None
     except (ValueError, TypeError, AttributeError) as e:  # a hand-edited value: "latent_dim": "x"

@@ -12,7 +12,11 @@ decides how many parameters each head needs (two per latent dimension for a
 Gaussian posterior, two channels per data channel for a per-pixel σ), so the
 networks know nothing about distributions.
 
-Register a new body with ``@NETWORKS.register("name")``.  Build it from the
+Register a new body with ``@NETWORKS.register("name")``, or keep such a
+function in a package of your own and name it by its import path
+(``arch="my_package.nets:build"``, ``--arch my_package.nets:build``):
+``config.json`` records the path, and every process that rebuilds the model
+imports it (its output sizes are checked when the model is built).  Build it from the
 layers of :mod:`aevb.layers` (``Linear``, ``Conv2d``, ``ConvTranspose2d``:
 the torch layers, plus bf16 multiplies under mixed-precision training and a
 faster form of the last transposed convolution).
