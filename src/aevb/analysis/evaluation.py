@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from aevb.data.memory import memory_dataset
 from aevb.errors import UserError
 from aevb.io import write_json
 from aevb.model.base import Model
@@ -354,14 +356,26 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
 
 
 def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int = 500, seed: int = 0,
-                 device: str = "auto", progress: bool = False, precision: str = "auto", write: bool = True) -> dict:
+                 device: str = "auto", progress: bool = False, precision: str = "auto", write: bool = True,
+                 test: Any = None, train: Any = None) -> dict:
     """Evaluate a run folder's model on its test split and write ``RUN/eval.json`` (unless ``write`` is False).
 
     The test split is binarised as in training; where the data have labels
     the per-class rows and the representation accuracy (classifiers trained
     on the posterior means of the training split) are included.
+
+    ``test`` (and ``train``, for the representation accuracy): data in memory, in any form
+    :func:`aevb.train` takes, instead of those the run's configuration names (a run trained on data
+    in memory has no others).
     """
-    run = open_run(run_dir, device)
+    data = None
+    if test is not None:
+        data = memory_dataset(test if train is None else train, test, read_by_batch=False)
+        if train is None:  # classifiers trained and tested on the same examples would say nothing
+            data.train_labels = None
+    elif train is not None:
+        raise UserError("train= only adds the representation accuracy to test=; pass test= too")
+    run = open_run(run_dir, device, data)
     run_dir, config, model, dataset = run.path, run.config, run.model, run.dataset
     x, y = run.held_out("test")
     if x is None or not len(x):

@@ -1,6 +1,7 @@
 """The run folder: its layout, making and clearing one, and reading its configuration back.
 
     RUN/config.json            resolved configuration (pass it back to reproduce)
+    RUN/data.json              what the data were, for a run on data passed in memory (aevb.data.memory)
     RUN/metrics.jsonl          one record per logged step and per epoch
     RUN/checkpoints/last.safetensors   model + optimiser + RNG + position (atomic)
     RUN/model/                 the trained model (aevb.load)
@@ -25,7 +26,7 @@ from aevb.errors import UserError
 from aevb.registry import DATASETS
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "eval.json", "report.html", "checkpoints", "model", "images", "tensorboard")
+RUN_OUTPUTS = ("config.json", "data.json", "metrics.jsonl", "eval.json", "report.html", "checkpoints", "model", "images", "tensorboard")
 RUN_FILE_SUFFIXES = (".png", ".json", ".jsonl", ".safetensors", ".html", ".tmp")  # what a run writes in those folders
 PATH_OPTIONS = ("data", "labels", "data_dir")
 
