@@ -39,6 +39,20 @@ def test_calling_a_model_returns_the_loss_training_minimises(name):
     assert all(p.grad is not None for p in model.encoder.parameters())
 
 
+def test_distributed_data_parallel_wraps_a_model(tmp_path):
+    """DDP calls forward and finds the loss's tensors in the LossOutput (one process, gloo)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = aevb.build_model("vae", data_shape=SHAPE, latent_dim=2, arch="mlp", hidden=[8])
+        out = torch.nn.parallel.DistributedDataParallel(model)(torch.rand(5, *SHAPE))
+        out.loss.backward()
+    finally:
+        dist.destroy_process_group()
+    assert isinstance(out, aevb.LossOutput) and all(p.grad is not None for p in model.parameters())
+
+
 def test_forward_takes_the_batch_only():
     """The trainer's β schedule goes to ``loss(x, beta)``; ``model(x)`` takes no state of a trainer."""
     assert list(inspect.signature(aevb.VAE.forward).parameters) == ["self", "x"]

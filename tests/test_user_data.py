@@ -114,3 +114,13 @@ def test_a_tensor_dataset_is_held_as_its_tensors():
     x, y = torch.rand(6, 3), torch.arange(6)
     dataset = memory_dataset(TensorDataset(x, y), DataLoader(TensorDataset(x, y)))
     assert torch.equal(dataset.train, x) and torch.equal(dataset.test_labels, y)
+
+
+def test_evaluate_takes_a_dataset_and_its_labels():
+    model = aevb.VAE((1, 8, 8), latent_dim=2, hidden=[16])
+    x, y = torch.rand(30, 1, 8, 8), torch.arange(30) % 3
+    torch.manual_seed(0)
+    from_dataset = aevb.evaluate(model, Rows(x, y), iw_samples=2)
+    torch.manual_seed(0)
+    from_tensors = aevb.evaluate(model, x, labels=y, iw_samples=2)
+    assert from_dataset == from_tensors and len(from_dataset["per_class"]) == 3

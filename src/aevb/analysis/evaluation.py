@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aevb.data.memory import memory_dataset
+from aevb.data.memory import examples, memory_dataset
 from aevb.errors import UserError
 from aevb.io import write_json
 from aevb.model.base import Model
@@ -209,7 +209,7 @@ def _per_class(labels: torch.Tensor, columns: dict[str, torch.Tensor], classes: 
 
 
 @torch.no_grad()
-def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_size: int = 500,
+def evaluate(model: Model, x: torch.Tensor | Any, *, iw_samples: int = 5000, batch_size: int = 500,
              levels: int | None = None, progress: bool = False, labels: torch.Tensor | None = None,
              train_x: torch.Tensor | None = None, train_labels: torch.Tensor | None = None,
              classes: list[str] | None = None, precision: str = "auto", dequantized: bool = False) -> dict:
@@ -229,12 +229,18 @@ def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_siz
     other samples does (``tests/test_precision.py``); ``iw_precision`` in the
     result says which ran.  Everything else, the ELBO included, is float32.
 
+    x may also be a NumPy array, a pair (x, labels), a torch Dataset yielding x or (x, y), or a
+    DataLoader (:mod:`aevb.data.memory`), read whole; its labels serve where ``labels`` is None.
+
     labels [N] (optional) add ``per_class``: one row per label with the mean
     reconstruction term, negative ELBO and negative log-likelihood of its
     examples.  ``train_x`` [M, *data_shape] with ``train_labels`` [M] (and
     labels) add ``representation_accuracy`` (logistic regression on posterior
     means), ``representation_knn_accuracy`` and ``chance_accuracy``.
     """
+    if not isinstance(x, torch.Tensor):
+        x, given_labels, _ = examples(x, "x")
+        labels = given_labels if labels is None else labels
     was_training = model.training
     model.eval()
     # the importance sampler runs at its measured speed only with these (aevb.acceleration.runtime)

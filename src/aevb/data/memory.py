@@ -51,10 +51,10 @@ def memory_dataset(train: Any, test: Any = None, val: Any = None, *, read_by_bat
     ``read_by_batch``: a training Dataset of another kind than tensors stays one (:class:`DatasetRows`);
     False reads it whole (evaluation, which classifies the codes of every training example).
     """
-    x_train, y_train, levels = _training_examples(train) if read_by_batch else _examples(train, "train")
+    x_train, y_train, levels = _training_examples(train) if read_by_batch else examples(train, "train")
     splits = {}
     for name, data in (("test", test), ("val", val)):
-        x, y, split_levels = (None, None, levels) if data is None else _examples(data, name)
+        x, y, split_levels = (None, None, levels) if data is None else examples(data, name)
         if x is not None and tuple(x.shape[1:]) != tuple(x_train.shape[1:]):
             raise UserError(f"{name}= holds examples of shape {list(x.shape[1:])} and train= of shape "
                             f"{list(x_train.shape[1:])}; pass splits of one data set")
@@ -178,11 +178,12 @@ def _training_examples(data: Any) -> tuple[torch.Tensor | DatasetRows, torch.Ten
         _map_style(data, "train=")
         rows = DatasetRows(data)
         return rows, None, rows.levels
-    return _examples(data, "train")
+    return examples(data, "train")
 
 
-def _examples(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
-    """(x [N, *shape] float32, labels [N] int64 or None, levels) of a split given in any of the module's forms."""
+def examples(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+    """(x [N, *shape] float32, labels [N] int64 or None, levels) of data given in any of the module's forms,
+    read whole; ``name`` names them in messages (``"test"``: ``test=``)."""
     if isinstance(data, DataLoader):
         data = data.dataset
     if isinstance(data, TensorDataset):
