@@ -106,6 +106,8 @@ def test_an_iterable_dataset_and_a_test_split_alone_are_refused(tmp_path):
 
     with pytest.raises(aevb.UserError, match="IterableDataset, which has no length"):
         memory_dataset(Stream())
+    with pytest.raises(aevb.UserError, match="empty Dataset"):
+        memory_dataset(Rows(torch.empty(0, 3), torch.empty(0)))
     with pytest.raises(aevb.UserError, match="test= and val= are splits of data given as train="):
         aevb.train(make_config(out=str(tmp_path / "r"), **SMALL), test=torch.rand(4, 1, 8, 8))
 

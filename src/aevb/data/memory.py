@@ -99,6 +99,8 @@ class DatasetRows:
                  device: torch.device | str = "cpu", transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.dataset, self.workers, self.collate_fn, self.transform = dataset, workers, collate_fn, transform
         self.device = torch.device(device)
+        if not len(dataset):
+            raise UserError("train= is an empty Dataset; pass one with examples")
         first = _first(collate_fn([dataset[0]]))
         self.example_shape = tuple(first.shape[1:])
         self.levels = _as_float(first, "train=")[1]
