@@ -44,6 +44,7 @@ from aevb.config import RUN_OPTIONS
 from aevb.errors import UserError
 from aevb.io import write_json, write_safetensors
 from aevb.model.layers import cast
+from aevb.model.networks import built_networks, check_network
 from aevb.model.precision import at_least_float32
 from aevb.model.priors import build_prior
 from aevb.options import Option, as_argument
@@ -166,7 +167,9 @@ class Model(nn.Module):
                                 f"{f' and hidden={hidden}' if hidden is not None else ''}")
             arch, names = None, ("your encoder", "your decoder")
         else:
-            encoder, decoder = _built_networks(arch, self.data_shape, self.latent_dim, self.encoder_outputs,
+            if arch is None:
+                raise UserError("arch=None stands for networks of your own: pass encoder= and decoder=")
+            encoder, decoder = built_networks(arch, self.data_shape, self.latent_dim, self.encoder_outputs,
                                                self.decoder_shape[0], hidden)
             names = (f"the encoder of {arch}", f"the decoder of {arch}") if is_import_path(arch) else None
         if names is not None:  # a registered network is tested for every data shape; another is checked here
@@ -399,43 +402,6 @@ class Model(nn.Module):
 
     def extra_repr(self) -> str:
         return f"data_shape={self.data_shape}, latent_dim={self.latent_dim}"
-
-
-def _built_networks(arch: str, data_shape: tuple[int, ...], latent_dim: int, encoder_outputs: int,
-                    decoder_channels: int, hidden: list[int] | None) -> tuple[nn.Module, nn.Module]:
-    """(encoder, decoder) from the network ``arch`` names: registered, or a function found by its import path."""
-    built = NETWORKS.get(arch)(data_shape, latent_dim, encoder_outputs, decoder_channels, hidden)
-    if not (isinstance(built, tuple) and len(built) == 2 and all(isinstance(m, nn.Module) for m in built)):
-        raise UserError(f"network {arch!r} returned {type(built).__name__}, not (encoder, decoder): two "
-                        f"torch.nn.Modules (see aevb.model.networks)")
-    return built
-
-
-def check_network(network: nn.Module, name: str, input_shape: tuple[int, ...], output_shape: tuple[int, ...],
-                  holding: str) -> None:
-    """A UserError unless ``network`` maps a batch [2, *input_shape] to [2, *output_shape] (``holding`` says
-    what the output holds).  Run in eval mode without gradients, so that no statistics and no weights change."""
-    if not isinstance(network, nn.Module):
-        raise UserError(f"{name} is a {type(network).__name__}; pass a torch.nn.Module")
-    weight = next(network.parameters(), None)
-    inputs = torch.zeros(2, *input_shape, dtype=torch.float32 if weight is None else weight.dtype,
-                         device=None if weight is None else weight.device)
-    expected = f"[B, {', '.join(map(str, output_shape))}]"
-    was_training = network.training
-    network.eval()
-    try:
-        with torch.no_grad():
-            output = network(inputs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{name} fails on a batch [2, {', '.join(map(str, input_shape))}] ({first_line}); it must map "
-                        f"[B, {', '.join(map(str, input_shape))}] to {expected}") from None
-    finally:
-        network.train(was_training)
-    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
-    if shape != (2, *output_shape):
-        got = f"[{', '.join(map(str, shape))}]" if shape is not None else f"a {type(output).__name__}"
-        raise UserError(f"{name} returns {got} for a batch of 2; it must return {expected}, {holding}")
 
 
 def _constructor_signature(cls: type[Model]) -> inspect.Signature:
