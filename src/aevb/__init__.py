@@ -33,6 +33,7 @@ _LAZY = {
     "Dataset": "aevb.data.datasets",
     "train": "aevb.training.loop",
     "evaluate": "aevb.analysis.evaluation",
+    "evaluate_run": "aevb.analysis.evaluation",
     "UserError": "aevb.errors",
 }
 

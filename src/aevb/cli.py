@@ -23,7 +23,7 @@ import click
 from aevb.config import PRECISIONS, SEED_RANGE, coerce, flag, make_config, read_config_file, run_options
 from aevb.errors import UserError
 from aevb.options import Option
-from aevb.registry import DATASETS
+from aevb.registry import DATASETS, Registry, is_import_path
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 SEED = click.IntRange(*SEED_RANGE)  # train's --seed is checked in RunConfig, for config files too
@@ -53,7 +53,18 @@ def cli():
 # aevb train
 
 
+class _ChoiceOrImportPath(click.Choice):
+    """A registered name, or an import path ``package.module:function`` that the option's check imports."""
+
+    def convert(self, value, param, ctx):
+        if is_import_path(value):
+            return value
+        return super().convert(value, param, ctx)
+
+
 def _click_type(option: Option):
+    if isinstance(option.choices, Registry) and option.choices.import_paths:
+        return _ChoiceOrImportPath([*option.choices, "MODULE:FUNCTION"])
     if option.choices is not None:
         return click.Choice(list(option.choices))
     if option.kind == "int":
@@ -241,49 +252,140 @@ def format_metrics(metrics: dict) -> str:
 @click.option("-n", "n", type=click.IntRange(min=1), default=64, show_default=True, help="number of samples")
 @click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, callback=_finite, help="scale of z ~ N(0, T² I)")
 @click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="PNG to write [default: RUN/images/samples-T<temperature>.png]")
+@click.option("--format", "file_format", type=click.Choice(["png", "npy", "csv"]), help="png: a grid of images; npy: the samples [n, *data_shape]; csv: a table's rows under its column names. A table's samples are in the units of its file  [default: png for images, csv for tables, or the suffix of --out]")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="file to write [default: RUN/images/samples-T<temperature>.png, or RUN/samples-T<temperature>.npy/.csv]")
 @_device_option
-def sample(run, n, temperature, seed, out, device):
-    """Draw samples from the prior and write a PNG grid of the decoder means.
+def sample(run, n, temperature, seed, file_format, out, device):
+    """Draw samples from the prior: a PNG grid of the decoder means, or the samples as a .npy or .csv file.
 
     \b
     Examples:
       aevb sample runs/vae-digits -n 64
       aevb sample runs/mnist --temperature 0.7 -o samples.png
+      aevb sample runs/mnist -n 1000 --format npy          # [1000, 1, 28, 28]
+      aevb sample runs/table -n 500 -o synthetic.csv       # rows in the CSV's units, under its header
     """
-    from aevb.analysis.figures import sample_grid
-    from aevb.run.open import open_run
-
-    model = open_run(run, device).model
-    _require_images(model, "sample")
-    if not model.has_kl:
-        raise UserError(f"{run} holds an autoencoder ({model.name}), which has no prior to sample (its codes are not fitted to "
-                        f"N(0, I)); train a VAE (--model vae) to sample, or use 'aevb reconstruct' / 'aevb explore'")
-    path = Path(out) if out else Path(run) / "images" / f"samples-T{temperature:g}.png"
-    click.echo(f"written: {sample_grid(model, path, n=n, seed=seed, temperature=temperature)}")
-
-
-@cli.command(context_settings=CONTEXT)
-@_run_argument
-@click.option("-n", "n", type=click.IntRange(min=1), default=10, show_default=True, help="test images (one per class where labels exist)")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="PNG to write [default: RUN/images/reconstructions.png]")
-@_device_option
-def reconstruct(run, n, out, device):
-    """Write test images (top row) above their reconstructions (bottom row).
-
-    \b
-    Example:
-      aevb reconstruct runs/vae-digits -n 10
-    """
-    from aevb.data.transforms import holdout_indices
-    from aevb.analysis.figures import reconstruction_grid
     from aevb.run.open import open_run
 
     opened = open_run(run, device)
     model = opened.model
-    _require_images(model, "reconstruct")
+    if not model.has_kl:
+        raise UserError(f"{run} holds an autoencoder ({model.name}), which has no prior to sample (its codes are not fitted to "
+                        f"N(0, I)); train a VAE (--model vae) to sample, or use 'aevb reconstruct' / 'aevb explore'")
+    if file_format is None:  # from --out's suffix (a figure's where it names none of the three), or the data's kind
+        suffix = Path(out).suffix.lstrip(".") if out else ""
+        file_format = suffix if suffix in ("npy", "csv") else "png" if out or len(model.data_shape) == 3 else "csv"
+    elif out and Path(out).suffix != f".{file_format}":
+        raise UserError(f"--out {out} and --format {file_format} disagree; give the file the suffix .{file_format}")
+    if file_format == "png":
+        from aevb.analysis.figures import sample_grid
+
+        _require_images(model, "sample --format png")
+        path = Path(out) if out else Path(run) / "images" / f"samples-T{temperature:g}.png"
+        click.echo(f"written: {sample_grid(model, path, n=n, seed=seed, temperature=temperature)}")
+        return
+    from aevb.analysis.outputs import write_samples
+
+    generator = torch_generator(seed)
+    samples = model.sample(n, generator=generator, temperature=temperature)  # [n, *data_shape]
+    path = Path(out) if out else Path(run) / f"samples-T{temperature:g}.{file_format}"
+    click.echo(f"written: {write_samples(opened, samples, path)}")
+
+
+def torch_generator(seed: int):
+    """A CPU torch.Generator seeded with ``seed`` (imported here: --help imports no torch)."""
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+@cli.command(context_settings=CONTEXT)
+@_run_argument
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="file to write: .npy (a structured array: mean, sigma, label), .csv, or .parquet (needs pyarrow)")
+@click.option("--data", type=click.Path(exists=True), metavar="FILE|FOLDER", help="a data file or image folder of the run's kind, every example of it [default: the run's --split]")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), metavar="FILE", help="labels of --data FILE, one per example")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True, help="the run's split to encode where --data is not given")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True, help="examples per batch")
+@_device_option
+def encode(run, out, data, labels, split, batch_size, device):
+    """Write the codes of a data set: the posterior mean and σ of each example, and its label where there are labels.
+
+    \b
+    The data are prepared as in training (binarised, a table standardised
+    with the training split's statistics); an autoencoder's σ is 0.
+
+    \b
+    Examples:
+      aevb encode runs/vae-digits -o codes.npy                 # the test split
+      aevb encode runs/mnist --split train -o train-codes.csv
+      aevb encode runs/table --data new-rows.csv -o codes.csv
+    """
+    from aevb.analysis.outputs import encode_run
+    from aevb.run.open import open_run
+
+    if labels is not None and data is None:
+        raise UserError("--labels go with --data FILE; drop --labels to encode the run's own split")
+    path = encode_run(open_run(run, device), out, data=data, labels=labels, split=split, batch_size=batch_size)
+    click.echo(f"written: {path}")
+
+
+@cli.command(name="export", context_settings=CONTEXT)
+@_run_argument
+@click.option("--out", "-o", type=click.Path(file_okay=False), help="folder to write [default: RUN/export]")
+@click.option("--no-onnx", is_flag=True, help="write the torch.export programs only")
+def export_command(run, out, no_onnx):
+    """Write the encoder and decoder as torch.export programs and ONNX, each checked against the model.
+
+    \b
+    RUN/export/encoder.pt2, decoder.pt2      torch.export.load(path).module()(x)
+    RUN/export/encoder.onnx, decoder.onnx    with the onnx extra: pip install 'aevb[onnx]'
+    RUN/export/export.json                   what each takes and returns, and the check
+
+    \b
+    Example:
+      aevb export runs/vae-digits
+    """
+    from aevb.analysis.export import export_model
+    from aevb.run.open import open_run
+
+    folder = Path(out) if out else Path(run) / "export"
+    record = export_model(open_run(run, "cpu").model, folder, onnx=not no_onnx)
+    for name in ("encoder", "decoder"):
+        click.echo(f"written: {folder / record[name]['torch_export']['file']}")
+        onnx = record[name]["onnx"]
+        click.echo(f"written: {folder / onnx['file']}" if "file" in onnx else f"{name}.onnx: {onnx['skipped']}")
+    click.echo(f"written: {folder / 'export.json'}")
+
+
+@cli.command(context_settings=CONTEXT)
+@_run_argument
+@click.option("-n", "n", type=click.IntRange(min=1), default=10, show_default=True, help="test images (one per class where labels exist); for a table, its first n test rows")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="PNG to write [default: RUN/images/reconstructions.png]; for a table, a .csv or .npy file of the test rows and their reconstructions in the file's units [default: RUN/reconstructions.csv]")
+@_device_option
+def reconstruct(run, n, out, device):
+    """Write test images (top row) above their reconstructions (bottom row); for a table, the test rows and
+    their reconstructions in the units of its file.
+
+    \b
+    Examples:
+      aevb reconstruct runs/vae-digits -n 10
+      aevb reconstruct runs/table -n 100 -o reconstructions.csv
+    """
+    from aevb.data.transforms import holdout_indices
+    from aevb.run.open import open_run
+
+    opened = open_run(run, device)
+    model = opened.model
     x, y = opened.held_out("test")
     opened.check_data_shape(x)
+    if len(model.data_shape) != 3:
+        from aevb.analysis.outputs import write_reconstructions
+
+        path = Path(out) if out else Path(run) / "reconstructions.csv"
+        click.echo(f"written: {write_reconstructions(opened, x[:n], path)}")
+        return
+    from aevb.analysis.figures import reconstruction_grid
+
     x = x[holdout_indices(y, n, num_examples=len(x))].to(model.device)
     path = Path(out) if out else Path(run) / "images" / "reconstructions.png"
     click.echo(f"written: {reconstruction_grid(model, x, path)}")

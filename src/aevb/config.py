@@ -82,7 +82,7 @@ class RunConfig:
     # -- model (then each registered model's own options: run_options) ----
     model: str = _opt("vae", "model", group="model", choices=MODELS)
     likelihood: str = _opt("bernoulli", "likelihood p(x|z)", group="model", choices=LIKELIHOODS)
-    arch: str = _opt("mlp", "encoder/decoder network", group="model", choices=NETWORKS)
+    arch: str = _opt("mlp", "encoder/decoder network: a registered one or the import path of a function of yours like theirs, my_package.nets:build (see aevb.model.networks), which config.json records and every command that opens the run imports", group="model", choices=NETWORKS)
     latent_dim: int = _opt(20, "dimension of z", group="model", metavar="D", low=1, below=LAYER_SIZES)
     hidden: list[int] | None = _opt(None, "hidden sizes, comma-separated (mlp default 400; conv: its linear layer)", group="model", metavar="N[,N…]", low=1, below=LAYER_SIZES)
     likelihood_scale: float | None = _opt(None, "fixed σ of gaussian / scale of laplace, or initial value of the learned ones (default 1)", group="model", metavar="S", above=0)

@@ -11,6 +11,11 @@ the defining module's source (the decorator calls) when that module has not
 been imported yet, and :meth:`Registry.options` reads the options an entry
 declares (:class:`~aevb.options.Option`) the same way (:class:`_Source`);
 :meth:`Registry.get` always imports it.
+
+A registry may also take an import path, ``package.module:function`` (the
+networks do: ``--arch my_package.nets:build``): the user's own object, found
+by importing its module, so that a name stored in ``config.json`` rebuilds
+the same thing in a new process without unpickling anything.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -26,12 +33,22 @@ from aevb.errors import UserError
 from aevb.options import Option
 
 
+# package.module:attribute (the form of entry points and of uvicorn's "main:app")
+IMPORT_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
+
+
+def is_import_path(name: object) -> bool:
+    """Whether ``name`` is an import path ``package.module:attribute`` rather than a registered name."""
+    return isinstance(name, str) and IMPORT_PATH.fullmatch(name) is not None
+
+
 class Registry:
-    def __init__(self, kind: str, module: str | tuple[str, ...], variable: str):
+    def __init__(self, kind: str, module: str | tuple[str, ...], variable: str, import_paths: bool = False):
         self.kind = kind  # what an entry is, for messages: "likelihood"
         # where entries are defined: "aevb.model.likelihoods", or several modules in order
         self.modules = (module,) if isinstance(module, str) else tuple(module)
         self.variable = variable  # the registry's name in that module: "LIKELIHOODS"
+        self.import_paths = import_paths  # whether "package.module:attribute" names a user's entry
         self._entries: dict[str, Any] = {}
         self._order: dict[str, tuple[int, int]] = {}  # name → (module's rank, registration count)
 
@@ -67,6 +84,8 @@ class Registry:
         return all(module in sys.modules for module in self.modules)
 
     def get(self, name: str) -> Any:
+        if self.import_paths and is_import_path(name):
+            return import_object(name, self.kind)
         self._load()
         try:
             return self._entries[name]
@@ -76,6 +95,11 @@ class Registry:
             ) from None
 
     def __contains__(self, name: object) -> bool:
+        """Whether ``name`` is registered; an import path (where this registry takes them) is in it if it imports,
+        and one that does not raises the UserError saying why (a choice checked with ``in`` names the cause)."""
+        if self.import_paths and is_import_path(name):
+            self.get(name)
+            return True
         return name in self.names()
 
     def __iter__(self) -> Iterator[str]:
@@ -110,6 +134,34 @@ class Registry:
             except _Unreadable:
                 pass
         return tuple(self.get(name).options)
+
+
+def import_object(path: str, kind: str) -> Any:
+    """The object that the import path ``package.module:attribute`` names, by importing its module.
+
+    A module not found on ``sys.path`` is looked for in the working folder too,
+    as ``python -m`` would find it (a project's own ``nets.py``).
+    """
+    module_name, _, attribute = path.partition(":")
+    try:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name.partition(".")[0] or os.getcwd() in sys.path:
+                raise
+            sys.path.append(os.getcwd())
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"cannot import the {kind} {path!r}: {e}; install its package or put the folder holding it "
+                        f"on PYTHONPATH") from None
+    value: Any = module
+    for part in attribute.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            raise UserError(f"the {kind} {path!r}: module {module_name} has no {attribute}; name a function of "
+                            f"it") from None
+    return value
 
 
 class _Unreadable(Exception):
@@ -260,7 +312,7 @@ _SOURCE = _Source()
 
 LIKELIHOODS = Registry("likelihood", "aevb.model.likelihoods", "LIKELIHOODS")
 POSTERIORS = Registry("posterior", "aevb.model.posteriors", "POSTERIORS")
-NETWORKS = Registry("network", "aevb.model.networks", "NETWORKS")
+NETWORKS = Registry("network", "aevb.model.networks", "NETWORKS", import_paths=True)
 MODELS = Registry("model", ("aevb.model.autoencoders", "aevb.model.vae", "aevb.model.hierarchical"), "MODELS")
 DATASETS = Registry("data set", "aevb.data.named", "DATASETS")
 SCHEDULES = Registry("beta schedule", "aevb.training.schedules", "SCHEDULES")

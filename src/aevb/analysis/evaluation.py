@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from aevb.data.memory import examples, memory_dataset
 from aevb.errors import UserError
 from aevb.io import write_json
 from aevb.model.base import Model
@@ -207,7 +209,7 @@ def _per_class(labels: torch.Tensor, columns: dict[str, torch.Tensor], classes: 
 
 
 @torch.no_grad()
-def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_size: int = 500,
+def evaluate(model: Model, x: torch.Tensor | Any, *, iw_samples: int = 5000, batch_size: int = 500,
              levels: int | None = None, progress: bool = False, labels: torch.Tensor | None = None,
              train_x: torch.Tensor | None = None, train_labels: torch.Tensor | None = None,
              classes: list[str] | None = None, precision: str = "auto", dequantized: bool = False) -> dict:
@@ -227,12 +229,18 @@ def evaluate(model: Model, x: torch.Tensor, *, iw_samples: int = 5000, batch_siz
     other samples does (``tests/test_precision.py``); ``iw_precision`` in the
     result says which ran.  Everything else, the ELBO included, is float32.
 
+    x may also be a NumPy array, a pair (x, labels), a torch Dataset yielding x or (x, y), or a
+    DataLoader (:mod:`aevb.data.memory`), read whole; its labels serve where ``labels`` is None.
+
     labels [N] (optional) add ``per_class``: one row per label with the mean
     reconstruction term, negative ELBO and negative log-likelihood of its
     examples.  ``train_x`` [M, *data_shape] with ``train_labels`` [M] (and
     labels) add ``representation_accuracy`` (logistic regression on posterior
     means), ``representation_knn_accuracy`` and ``chance_accuracy``.
     """
+    if not isinstance(x, torch.Tensor):
+        x, given_labels, _ = examples(x, "x")
+        labels = given_labels if labels is None else labels
     was_training = model.training
     model.eval()
     # the importance sampler runs at its measured speed only with these (aevb.acceleration.runtime)
@@ -354,14 +362,26 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
 
 
 def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int = 500, seed: int = 0,
-                 device: str = "auto", progress: bool = False, precision: str = "auto", write: bool = True) -> dict:
+                 device: str = "auto", progress: bool = False, precision: str = "auto", write: bool = True,
+                 test: Any = None, train: Any = None) -> dict:
     """Evaluate a run folder's model on its test split and write ``RUN/eval.json`` (unless ``write`` is False).
 
     The test split is binarised as in training; where the data have labels
     the per-class rows and the representation accuracy (classifiers trained
     on the posterior means of the training split) are included.
+
+    ``test`` (and ``train``, for the representation accuracy): data in memory, in any form
+    :func:`aevb.train` takes, instead of those the run's configuration names (a run trained on data
+    in memory has no others).
     """
-    run = open_run(run_dir, device)
+    data = None
+    if test is not None:
+        data = memory_dataset(test if train is None else train, test, read_by_batch=False)
+        if train is None:  # classifiers trained and tested on the same examples would say nothing
+            data.train_labels = None
+    elif train is not None:
+        raise UserError("train= only adds the representation accuracy to test=; pass test= too")
+    run = open_run(run_dir, device, data)
     run_dir, config, model, dataset = run.path, run.config, run.model, run.dataset
     x, y = run.held_out("test")
     if x is None or not len(x):

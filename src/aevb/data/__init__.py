@@ -10,6 +10,7 @@ training data (binarisation, dequantisation).  One module a concept:
 * ``files``: data and labels files (IDX, ``.npy``, ``.npz``, ``.csv``);
 * ``folders``: image folders, decoded on threads, and their cache of 8-bit pixels;
 * ``streaming``: training images converted batch by batch, and when to stream;
+* ``memory``: data a Python caller holds (tensors, arrays, a Dataset, a DataLoader) for ``aevb.train(config, train=…)``;
 * ``transforms``: binarisation, dequantisation, the held-out examples of pictures.
 
 May import: torch, numpy, Pillow, torchvision, scikit-learn, and aevb's base

@@ -67,6 +67,28 @@ class Dataset:
     levels: int | None = None
     classes: list[str] | None = None  # classes[label] is the name of a label
     standardization: dict | None = None  # tabular: {"mean": [D], "std": [D]} of the train split
+    columns: list[str] | None = None  # tabular: the column names of a CSV file's header
+
+    def original_units(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows x [N, D] of this standardised table back in the units of the file (the inverse of the
+        standardisation); other data as they are."""
+        if self.standardization is None:
+            return x
+        mean = torch.tensor(self.standardization["mean"], dtype=torch.float64)
+        std = torch.tensor(self.standardization["std"], dtype=torch.float64)
+        return x.cpu().double() * std + mean
+
+    def standardized(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows x [N, D] in the file's units standardised as this table's training split was: float32."""
+        if self.standardization is None:
+            return x
+        mean = torch.tensor(self.standardization["mean"], dtype=torch.float64)
+        std = torch.tensor(self.standardization["std"], dtype=torch.float64)
+        return ((x.double() - mean) / std).float()
+
+    def column_names(self) -> list[str]:
+        """The names of a table's D columns: the CSV header's, else x1 … xD."""
+        return self.columns or [f"x{i + 1}" for i in range(self.data_shape[0])]
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -153,6 +175,12 @@ def load_data(
                             f"their shape: drop --image-size")
         data = _load_path(path, labels, image_size or DEFAULT_IMAGE_SIZE, stream)
     return _split(source, data, test_split=test_split, val_split=val_split, shuffle=shuffle, seed=seed)
+
+
+def read_examples(path: str | Path, labels: str | None = None, image_size: int | None = None) -> SourceData:
+    """Every example of a data file or image folder, in memory and before any split or standardisation
+    (the data of ``aevb encode --data``)."""
+    return _load_path(Path(path).expanduser(), labels, image_size or DEFAULT_IMAGE_SIZE, "no")
 
 
 def _load_path(path: Path, labels: str | None, image_size: int, stream: str = "auto") -> SourceData:
@@ -244,4 +272,5 @@ def _split(name: str, data: SourceData, *, test_split, val_split, shuffle: bool,
         levels=data.levels,
         classes=None if data.classes is None else list(data.classes),
         standardization=standardization,
+        columns=data.columns,
     )

@@ -11,6 +11,7 @@ reader the tests and benchmarks use for the MNIST files.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import math
@@ -54,7 +55,10 @@ def load_file(path: Path, labels: str | None, stream: str = "auto") -> SourceDat
     else:
         xt, kind = _images(view, scale, stream), "image"
     yt = None if y is None else labels_tensor(y, len(xt), where)
-    return SourceData(xt, yt, kind, levels, classes=_class_names(yt))
+    columns = _header(path) if kind == "tabular" and _format_suffix(path) in _TEXT_SUFFIXES else None
+    if columns is not None and len(columns) != xt.shape[1]:
+        columns = None  # a header that does not name every column names none
+    return SourceData(xt, yt, kind, levels, classes=_class_names(yt), columns=columns)
 
 
 def _images(view: np.ndarray, scale: float | None, stream: str) -> torch.Tensor | StreamedImages:
@@ -227,8 +231,8 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise UserError(f"cannot read {path} as a .npz archive ({one_line(exc)}); save it with numpy.savez") from None
 
 
-def _read_text(path: Path) -> np.ndarray:
-    """Numeric rows [N, D] (float64) from a .csv/.tsv/.txt file; a non-numeric first row is a header."""
+def _first_line(path: Path) -> tuple[str, str | None, bool]:
+    """(first line, its delimiter, whether it is a header) of a .csv/.tsv/.txt file: a non-numeric first row is one."""
     opener = gzip.open if path.suffix.lower() == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8", errors="replace") as f:
@@ -238,9 +242,24 @@ def _read_text(path: Path) -> np.ndarray:
     delimiter = "," if "," in first else ("\t" if "\t" in first else None)
     try:
         [float(v) for v in first.split(delimiter) if v.strip()]
-        header = 0
+        return first, delimiter, False
     except ValueError:
-        header = 1
+        return first, delimiter, True
+
+
+def _header(path: Path) -> list[str] | None:
+    """The column names of a text file's header row, or None where it has none."""
+    first, delimiter, is_header = _first_line(path)
+    if not is_header:
+        return None
+    names = first.split() if delimiter is None else next(csv.reader([first], delimiter=delimiter))  # "a, b" quoted
+    return [name.strip() for name in names]
+
+
+def _read_text(path: Path) -> np.ndarray:
+    """Numeric rows [N, D] (float64) from a .csv/.tsv/.txt file; a non-numeric first row is a header."""
+    _, delimiter, has_header = _first_line(path)
+    header = int(has_header)
     try:
         array = np.loadtxt(path, delimiter=delimiter, skiprows=header, ndmin=2, dtype=np.float64)
     except ValueError as exc:

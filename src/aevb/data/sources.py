@@ -39,3 +39,4 @@ class SourceData:
     # file order groups the examples by class (an image folder's subfolders): splits from the end would
     # hold out the last classes alone, so the split always shuffles (seeded) first
     grouped_by_class: bool = False
+    columns: list[str] | None = None  # a table's column names, from the header of its CSV file

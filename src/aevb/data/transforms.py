@@ -2,8 +2,8 @@
 
 :func:`binarize` and :func:`dequantize` draw their noise from the
 ``torch.Generator`` they are given, and apply to
-:class:`~aevb.data.streaming.StreamedImages` batch by batch, as they are
-read; :func:`holdout_indices` picks the examples of reconstruction pictures.
+:class:`~aevb.data.streaming.StreamedImages` and a user's Dataset
+(:class:`~aevb.data.memory.DatasetRows`) batch by batch, as they are read; :func:`holdout_indices` picks the examples of reconstruction pictures.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from aevb.config import BINARIZE_MODES
+from aevb.data.memory import DatasetRows
 from aevb.data.streaming import StreamedImages
 from aevb.errors import UserError
 
@@ -22,7 +23,7 @@ def binarize(x: torch.Tensor, mode: str, generator: torch.Generator | None = Non
     The generator must live on x's device.  Streamed images are binarised
     batch by batch, as they are read.
     """
-    if isinstance(x, StreamedImages) and mode in BINARIZE_MODES:
+    if isinstance(x, (StreamedImages, DatasetRows)) and mode in BINARIZE_MODES:
         return x if mode == "none" else x.transformed(lambda batch: binarize(batch, mode, generator))
     if mode == "none":
         return x

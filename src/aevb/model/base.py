@@ -25,6 +25,7 @@ folder with ``config.json`` (the constructor's arguments) and
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import numbers
@@ -43,10 +44,11 @@ from aevb.config import RUN_OPTIONS
 from aevb.errors import UserError
 from aevb.io import write_json, write_safetensors
 from aevb.model.layers import cast
+from aevb.model.networks import built_networks, check_network
 from aevb.model.precision import at_least_float32
 from aevb.model.priors import build_prior
 from aevb.options import Option, as_argument
-from aevb.registry import LIKELIHOODS, MODELS, NETWORKS, POSTERIORS
+from aevb.registry import LIKELIHOODS, MODELS, NETWORKS, POSTERIORS, is_import_path
 
 FORMAT = "aevb-model"
 FORMAT_VERSION = 1
@@ -93,10 +95,19 @@ class Model(nn.Module):
     Args:
         data_shape: shape of one example, e.g. (1, 28, 28) or (D,) for tabular rows.
         latent_dim: dimension D of z.
-        arch: network body, a name in ``aevb.registry.NETWORKS`` (linear, mlp, conv).
+        arch: network body, a name in ``aevb.registry.NETWORKS`` (linear, mlp, conv) or the import path of a
+            function like theirs (``"my_package.nets:build"``, see :mod:`aevb.model.networks`), which
+            ``config.json`` records so that :func:`load` and every command rebuild it by importing it.
         likelihood: family of p(x|z), a name in ``LIKELIHOODS``.
         hidden: hidden layer sizes of the network (its default when None).
         likelihood_args: extra arguments of the likelihood (``{"scale": 0.1}``).
+        posterior_args: extra arguments of the posterior (``{"scale_param": "log-scale"}``).
+        encoder, decoder: networks of your own instead of ``arch``'s: the encoder maps x [B, *data_shape]
+            to the posterior's parameters [B, k·latent_dim], the decoder z [B, latent_dim] to the
+            likelihood's [B, k·C, *data_shape[1:]] (k: :attr:`encoder_outputs`, :attr:`decoder_shape`).
+            Their output shapes are checked here, on a batch of two.  Such a model saves its weights, and
+            ``aevb.load(path, encoder=…, decoder=…)`` loads them into the same networks; an import path
+            as ``arch`` needs neither.
     """
 
     posterior_family: ClassVar[str] = "gaussian"
@@ -123,9 +134,18 @@ class Model(nn.Module):
         declared = {option.name: option for option in cls.options}
         return {name: declared[name].check(value, spelled(name)) for name, value in values.items()}
 
+    def __init_subclass__(cls, **kwargs: Any):
+        """Give a subclass's ``__init__(self, *args, its_own=…, **kwargs)`` the signature it really takes (for
+        ``help``, ``inspect.signature`` and editors): its base's parameters, then its own."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in vars(cls):
+            cls.__init__.__signature__ = _constructor_signature(cls)
+
     def __init__(self, data_shape: Sequence[int], latent_dim: int = 20, arch: str = "mlp",
                  likelihood: str = "bernoulli", hidden: Sequence[int] | None = None,
-                 likelihood_args: dict[str, Any] | None = None, posterior_args: dict[str, Any] | None = None):
+                 likelihood_args: dict[str, Any] | None = None, posterior_args: dict[str, Any] | None = None, *,
+                 encoder: nn.Module | None = None, decoder: nn.Module | None = None):
+        """Build the model from the arguments its class's docstring lists (checked here: a UserError names a bad one)."""
         super().__init__()
         latent_dim, hidden = RUN_OPTIONS["latent_dim"].check(latent_dim), _sizes(hidden)
         likelihood_args, posterior_args = plain(likelihood_args or {}), plain(posterior_args or {})
@@ -139,23 +159,49 @@ class Model(nn.Module):
             self.posterior = POSTERIORS.get(self.posterior_family)(**posterior_args)
         except (TypeError, ValueError) as e:
             raise UserError(f"bad posterior_args for the {self.posterior_family!r} posterior: {e}") from None
-        self.encoder, self.decoder = NETWORKS.get(arch)(
-            self.data_shape,
-            self.latent_dim,
-            self.posterior.params_per_latent * self.latent_dim,
-            self.likelihood.params_per_channel * self.data_shape[0],
-            hidden,
-        )
+        if (encoder is None) != (decoder is None):
+            raise UserError("pass both encoder= and decoder= (networks of your own), or neither and arch=")
+        if encoder is not None:
+            if arch not in ("mlp", None) or hidden is not None:  # "mlp": the default; None: as saved with such networks
+                raise UserError(f"encoder= and decoder= replace arch= and hidden=; drop arch={arch!r}"
+                                f"{f' and hidden={hidden}' if hidden is not None else ''}")
+            arch, names = None, ("your encoder", "your decoder")
+        else:
+            if arch is None:
+                raise UserError("arch=None stands for networks of your own: pass encoder= and decoder=")
+            encoder, decoder = built_networks(arch, self.data_shape, self.latent_dim, self.encoder_outputs,
+                                               self.decoder_shape[0], hidden)
+            names = (f"the encoder of {arch}", f"the decoder of {arch}") if is_import_path(arch) else None
+        if names is not None:  # a registered network is tested for every data shape; another is checked here
+            check_network(encoder, names[0], self.data_shape, (self.encoder_outputs,),
+                          f"{self.posterior.params_per_latent} parameter(s) of the {self.posterior_family} posterior "
+                          f"for each of the {self.latent_dim} latent dimensions")
+            check_network(decoder, names[1], (self.latent_dim,), self.decoder_shape,
+                          f"{self.likelihood.params_per_channel} parameter(s) of the {likelihood} likelihood for each "
+                          f"value of an example of shape {list(self.data_shape)}")
+            if next(decoder.parameters(), None) is None:
+                raise UserError(f"{names[1]} has no parameters: the model learns its likelihood through them")
+        self.encoder, self.decoder = encoder, decoder
         self.config: dict[str, Any] = {
             "data_shape": list(self.data_shape),
             "latent_dim": self.latent_dim,
-            "arch": arch,
+            "arch": arch,  # None: networks given as modules, which load() takes again
             "likelihood": likelihood,
             "hidden": hidden,
             "likelihood_args": {**self.likelihood.extra_config(), **likelihood_args},
             "posterior_args": self.posterior.extra_config(),
         }
         self.prior_module = build_prior("standard", self.latent_dim, self.data_shape)
+
+    @property
+    def encoder_outputs(self) -> int:
+        """How many values the encoder returns per example: the posterior's parameters, k·latent_dim."""
+        return self.posterior.params_per_latent * self.latent_dim
+
+    @property
+    def decoder_shape(self) -> tuple[int, ...]:
+        """The shape of the decoder's output per example: the likelihood's parameters [k·C, *data_shape[1:]]."""
+        return (self.likelihood.params_per_channel * self.data_shape[0], *self.data_shape[1:])
 
     def _set_prior(self, prior: str, prior_args: dict[str, Any] | None) -> None:
         """Use the registered prior ``prior`` and store it in the config (models with a KL)."""
@@ -250,6 +296,12 @@ class Model(nn.Module):
         return True
 
     # -- objectives -----------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> LossOutput:
+        """:meth:`loss` of a batch x [B, *data_shape]: ``model(x)`` is the ordinary PyTorch call (forward hooks,
+        DistributedDataParallel, Lightning).  It takes the batch only: a loop that changes β as it goes (a
+        warm-up schedule) passes it to :meth:`loss`, so no trainer's state enters the model."""
+        return self.loss(x)
 
     def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
         """The training objective for a batch x [B, *data_shape].
@@ -352,6 +404,22 @@ class Model(nn.Module):
         return f"data_shape={self.data_shape}, latent_dim={self.latent_dim}"
 
 
+def _constructor_signature(cls: type[Model]) -> inspect.Signature:
+    """The parameters ``cls(...)`` takes: those of the nearest base's ``__init__`` (itself merged so), then the
+    keyword-only ones ``cls.__init__`` adds before passing ``*args, **kwargs`` on (a redefined one replaces it)."""
+    own = inspect.signature(vars(cls)["__init__"])
+    forwarded = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    if not any(p.kind in forwarded for p in own.parameters.values()):
+        return own  # a constructor that passes nothing on says everything itself
+    base = inspect.signature(cls.__mro__[1].__init__)
+    added = {name: p for name, p in own.parameters.items() if p.kind not in forwarded and name != "self"}
+    inherited = [p for name, p in base.parameters.items() if name not in added and p.kind not in forwarded]
+    positional = [p for p in inherited if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    keyword = [p for p in inherited if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    added_kw = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in added.values()]
+    return base.replace(parameters=[*positional, *keyword, *added_kw], return_annotation=inspect.Signature.empty)
+
+
 def _posterior_stats(posterior: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
     # Independent's stddev is sqrt(variance), two passes; a Normal's is its scale
     base = posterior.base_dist if isinstance(posterior, Independent) else posterior
@@ -423,8 +491,14 @@ def plain(value: Any) -> Any:
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Model:
-    """Load a model saved with :meth:`Model.save`, in the dtype it was saved in (or ``dtype``).  Nothing is unpickled."""
+def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
+         encoder: nn.Module | None = None, decoder: nn.Module | None = None) -> Model:
+    """Load a model saved with :meth:`Model.save`, in the dtype it was saved in (or ``dtype``).  Nothing is unpickled.
+
+    A model whose network is an import path (``arch="my_package.nets:build"``) is rebuilt by importing it; one
+    built with networks of your own (``encoder=``, ``decoder=``) takes the same networks again here, and its
+    weights are loaded into them.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -448,8 +522,20 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     stored = _DTYPES.get(config.get("dtype", "float32"))
     if stored is None:
         raise UserError(f"{config_path} names an unknown dtype {config.get('dtype')!r}; re-export the model")
+    networks = {}
+    if isinstance(args, dict) and "arch" in args and args["arch"] is None:
+        if encoder is None or decoder is None:
+            raise UserError(f"the model at {path} was built with networks of your own; load it with "
+                            f"aevb.load('{path}', encoder=..., decoder=...) and the same networks, or build them "
+                            f"from an import path (arch='my_package.nets:build') so that load imports them")
+        networks = {"encoder": encoder, "decoder": decoder}
+    elif encoder is not None or decoder is not None:
+        raise UserError(f"the model at {path} builds its own networks (arch={args.get('arch')!r}); drop encoder= "
+                        f"and decoder=")
+    elif isinstance(args, dict) and is_import_path(args.get("arch")):
+        NETWORKS.get(args["arch"])  # here, so that an import that fails says so, not "re-export the model"
     try:
-        model = build_model(name, **legacy_model_args(name, args)).to(stored)
+        model = build_model(name, **legacy_model_args(name, args), **networks).to(stored)
     except UserError as e:
         raise UserError(f"{config_path} describes no model aevb can build ({e}); re-export the model") from None
     except (ValueError, TypeError, AttributeError) as e:  # a hand-edited value: "latent_dim": "x"

@@ -12,7 +12,11 @@ decides how many parameters each head needs (two per latent dimension for a
 Gaussian posterior, two channels per data channel for a per-pixel σ), so the
 networks know nothing about distributions.
 
-Register a new body with ``@NETWORKS.register("name")``.  Build it from the
+Register a new body with ``@NETWORKS.register("name")``, or keep such a
+function in a package of your own and name it by its import path
+(``arch="my_package.nets:build"``, ``--arch my_package.nets:build``):
+``config.json`` records the path, and every process that rebuilds the model
+imports it (its output sizes are checked when the model is built).  Build it from the
 layers of :mod:`aevb.layers` (``Linear``, ``Conv2d``, ``ConvTranspose2d``:
 the torch layers, plus bf16 multiplies under mixed-precision training and a
 faster form of the last transposed convolution).
@@ -23,6 +27,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from aevb.errors import UserError
@@ -136,3 +141,43 @@ def build_conv(data_shape: Shape, latent_dim: int, encoder_outputs: int,
         *up,  # [B, decoder_channels, H, W]
     )
     return encoder, decoder
+
+
+# -- a network of any origin: built by name or import path, or given, and checked ------------------------------
+
+
+def built_networks(arch: str, data_shape: tuple[int, ...], latent_dim: int, encoder_outputs: int,
+                    decoder_channels: int, hidden: list[int] | None) -> tuple[nn.Module, nn.Module]:
+    """(encoder, decoder) from the network ``arch`` names: registered, or a function found by its import path."""
+    built = NETWORKS.get(arch)(data_shape, latent_dim, encoder_outputs, decoder_channels, hidden)
+    if not (isinstance(built, tuple) and len(built) == 2 and all(isinstance(m, nn.Module) for m in built)):
+        raise UserError(f"network {arch!r} returned {type(built).__name__}, not (encoder, decoder): two "
+                        f"torch.nn.Modules (see aevb.model.networks)")
+    return built
+
+
+def check_network(network: nn.Module, name: str, input_shape: tuple[int, ...], output_shape: tuple[int, ...],
+                  holding: str) -> None:
+    """A UserError unless ``network`` maps a batch [2, *input_shape] to [2, *output_shape] (``holding`` says
+    what the output holds).  Run in eval mode without gradients, so that no statistics and no weights change."""
+    if not isinstance(network, nn.Module):
+        raise UserError(f"{name} is a {type(network).__name__}; pass a torch.nn.Module")
+    weight = next(network.parameters(), None)
+    inputs = torch.zeros(2, *input_shape, dtype=torch.float32 if weight is None else weight.dtype,
+                         device=None if weight is None else weight.device)
+    expected = f"[B, {', '.join(map(str, output_shape))}]"
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            output = network(inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{name} fails on a batch [2, {', '.join(map(str, input_shape))}] ({first_line}); it must map "
+                        f"[B, {', '.join(map(str, input_shape))}] to {expected}") from None
+    finally:
+        network.train(was_training)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+    if shape != (2, *output_shape):
+        got = f"[{', '.join(map(str, shape))}]" if shape is not None else f"a {type(output).__name__}"
+        raise UserError(f"{name} returns {got} for a batch of 2; it must return {expected}, {holding}")

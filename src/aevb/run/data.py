@@ -10,6 +10,7 @@ import torch
 from aevb.config import RunConfig
 from aevb.data import transforms
 from aevb.data.datasets import Dataset, load_data
+from aevb.data.memory import IN_MEMORY, RERUN_ADVICE, DatasetRows
 from aevb.data.streaming import StreamedImages
 from aevb.errors import UserError
 from aevb.model.base import Model
@@ -17,6 +18,9 @@ from aevb.registry import LIKELIHOODS
 
 
 def load_dataset(config: RunConfig) -> Dataset:
+    if config.data == IN_MEMORY:
+        raise UserError(f"this run was trained on data passed in memory (aevb.train(config, train=...)), which its "
+                        f"config.json does not hold; {RERUN_ADVICE}")
     return load_data(
         config.data, labels=config.labels, data_dir=config.data_dir, test_split=config.test_split,
         val_split=config.val_split, shuffle=config.shuffle, seed=config.seed,
@@ -47,8 +51,8 @@ def held_out(dataset: Dataset, config: RunConfig, split: str = "test") -> tuple[
 
 def check_data_range(config: RunConfig, dataset: Dataset) -> None:
     """A likelihood over [0, 1] (Bernoulli, continuous Bernoulli) refuses data outside it: its loss would have no bound."""
-    if not LIKELIHOODS.get(config.likelihood).unit_interval or isinstance(dataset.train, StreamedImages):
-        return  # streamed data are 8-bit pixels, in [0, 1] by construction
+    if not LIKELIHOODS.get(config.likelihood).unit_interval or isinstance(dataset.train, (StreamedImages, DatasetRows)):
+        return  # streamed data are 8-bit pixels, in [0, 1] by construction; a user's Dataset is read per batch only
     if config.binarize == "threshold":
         return  # x > 0.5 is 0 or 1 whatever x was
     low, high = dataset.train.min().item(), dataset.train.max().item()

@@ -1,11 +1,13 @@
 """The run folder: its layout, making and clearing one, and reading its configuration back.
 
     RUN/config.json            resolved configuration (pass it back to reproduce)
+    RUN/data.json              what the data were, for a run on data passed in memory (aevb.data.memory)
     RUN/metrics.jsonl          one record per logged step and per epoch
     RUN/checkpoints/last.safetensors   model + optimiser + RNG + position (atomic)
     RUN/model/                 the trained model (aevb.load)
     RUN/images/                reconstructions during training, samples at the end
     RUN/eval.json, RUN/report.html     written by ``aevb eval`` and ``aevb report``
+    RUN/export/                the networks as torch.export and ONNX files (``aevb export``)
 
 A new run's folder is chosen (:func:`new_run_dir`) before its data load and
 made (:func:`make_run_dir`) after.  The data paths in ``config.json`` are
@@ -25,8 +27,9 @@ from aevb.errors import UserError
 from aevb.registry import DATASETS
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "eval.json", "report.html", "checkpoints", "model", "images", "tensorboard")
-RUN_FILE_SUFFIXES = (".png", ".json", ".jsonl", ".safetensors", ".html", ".tmp")  # what a run writes in those folders
+RUN_OUTPUTS = ("config.json", "data.json", "metrics.jsonl", "eval.json", "report.html", "checkpoints", "model", "images",
+               "tensorboard", "export")
+RUN_FILE_SUFFIXES = (".png", ".json", ".jsonl", ".safetensors", ".html", ".tmp", ".pt2", ".onnx")  # what a run writes in those folders
 PATH_OPTIONS = ("data", "labels", "data_dir")
 
 

@@ -40,6 +40,7 @@ class Run:
     path: Path
     config: RunConfig
     device: torch.device | None = None  # where the model goes; None: where it was saved (the CPU)
+    given: Dataset | None = None  # data passed in memory, used instead of those the configuration names
 
     @cached_property
     def _trained(self) -> tuple[Model, int | None]:
@@ -66,8 +67,8 @@ class Run:
 
     @cached_property
     def dataset(self) -> Dataset:
-        """The run's data set, as its configuration names and splits it."""
-        return load_dataset(self.config)
+        """The run's data set, as its configuration names and splits it (or as given to :func:`open_run`)."""
+        return self.given if self.given is not None else load_dataset(self.config)
 
     def held_out(self, split: str = "test") -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """A split [N, *data_shape] and its labels [N] (or None), binarised or dequantised as in training."""
@@ -78,8 +79,9 @@ class Run:
         check_data_shape(self.model, x, self.path, self.config.data)
 
 
-def open_run(path: str | Path, device: str | torch.device | None = None) -> Run:
-    """Open the run folder ``path``; ``device``: a ``--device`` name (``auto``, ``cpu``…), a torch device, or None.
+def open_run(path: str | Path, device: str | torch.device | None = None, data: Dataset | None = None) -> Run:
+    """Open the run folder ``path``; ``device``: a ``--device`` name (``auto``, ``cpu``…), a torch device, or None;
+    ``data``: a data set to read instead of the one the configuration names (a run on data passed in memory).
 
     The configuration is read at once (a UserError unless ``path`` is a run
     folder), then the device is resolved (a UserError if it is not there).
@@ -88,4 +90,4 @@ def open_run(path: str | Path, device: str | torch.device | None = None) -> Run:
     config = read_run_config(path)
     if isinstance(device, str):
         device = resolve_device(device)
-    return Run(path, config, device)
+    return Run(path, config, device, data)

@@ -15,13 +15,14 @@ so a resumed run continues bit for bit on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -33,6 +34,7 @@ from aevb.analysis.figures import reconstruction_grid, sample_grid
 from aevb.config import RunConfig, check_model_options
 from aevb.data import transforms
 from aevb.data.datasets import Dataset
+from aevb.data.memory import IN_MEMORY, DatasetRows, memory_dataset, origin
 from aevb.data.streaming import StreamedImages, mean_example
 from aevb.errors import NonFiniteLossError, UserError
 from aevb.io import write_json
@@ -50,15 +52,30 @@ from aevb.training.validation import epoch_line, mean_elbo_terms
 NONFINITE_ADVICE = "Try a lower --lr, --grad-clip, or a likelihood with a floor"
 
 
-def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = False,
-          progress: bool = True) -> tuple[Model, Path]:
+def train(config: RunConfig, train: Any = None, test: Any = None, *, val: Any = None,
+          resume: str | Path | None = None, force: bool = False, progress: bool = True) -> tuple[Model, Path]:
     """Train a model as ``config`` says; return it and its run folder.
+
+    ``train``, ``test``, ``val``: data held in memory instead of ``config.data``: tensors or NumPy arrays
+    [N, …] (or pairs ``(x, labels)``), torch Datasets yielding ``x`` or ``(x, y)``, or DataLoaders
+    (:mod:`aevb.data.memory`); ``test`` and ``val`` are optional.  Tensors train on the fast path; any other
+    Dataset is read a batch at a time through a DataLoader.  ``config.json`` then records ``data:
+    "in-memory"`` and ``RUN/data.json`` what the data were: such a run cannot be re-run from its
+    ``config.json`` alone (save the array and pass its path as ``data`` to make it so).
 
     ``resume``: a run folder to continue from its last checkpoint.  ``config``
     must be the one the run was trained with (``open_run(resume).config``)
     but for ``epochs``, ``steps`` and ``device``: more epochs or steps train
-    further.  A run that finished training but not its export is exported.
+    further (a run on data in memory takes the same data again).  A run that
+    finished training but not its export is exported.
     """
+    given = None
+    if train is not None:
+        given = memory_dataset(train, test, val)
+        config = dataclasses.replace(config, data=IN_MEMORY)
+    elif test is not None or val is not None:
+        raise UserError("test= and val= are splits of data given as train=; pass train= too, or name the data in "
+                        "the config (data=...)")
     keep_freed_memory()  # process-wide, at the entry point (and the subnormals flushed around the loop: fit)
     device = resolve_device(config.device)
     # the accelerations (aevb.acceleration) are chosen here and nowhere else: the multiplies' dtype (refused
@@ -74,7 +91,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     torch.manual_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
 
-    data = TrainingData.load(config, device)
+    data = TrainingData.load(config, device, given)
     model_kwargs = config.model_kwargs(data.dataset.data_shape)
     model = build_model(config.model, **model_kwargs).to(device)
     if resume is None and config.output_bias == "data-mean":
@@ -88,6 +105,8 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
         run_dir = make_run_dir(run_dir, config, force)
         config = with_absolute_paths(config)
         write_json(run_dir / "config.json", config.to_dict())
+        if given is not None:
+            write_json(run_dir / "data.json", origin(train, test, val))
 
     trainer = Trainer(config=config, run_dir=run_dir, model=model, optimizer=optimizer, loss_of=loss_of,
                       data=data, position=position, shuffle=shuffle, step_dtype=step_dtype,
@@ -122,8 +141,9 @@ class TrainingData:
     holdout: torch.Tensor | None  # [≤10, *data_shape] test images (one a class) pictured while training
 
     @classmethod
-    def load(cls, config: RunConfig, device: torch.device) -> TrainingData:
-        dataset = load_dataset(config)
+    def load(cls, config: RunConfig, device: torch.device, given: Dataset | None = None) -> TrainingData:
+        """The data ``config`` names, or the data set ``given`` in memory (:func:`aevb.data.memory.memory_dataset`)."""
+        dataset = given if given is not None else load_dataset(config)
         levels = check_dequantize(config, dataset)
         check_data_range(config, dataset)
         x_train = dataset.train
@@ -142,10 +162,24 @@ class TrainingData:
     def examples(self) -> int:
         return self.train.shape[0]
 
+    def batches(self, order: torch.Tensor, start: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """The epoch's batches [b, *data_shape] of the examples in ``order`` [N], from the ``start``-th on, each
+        binarised or dequantised afresh as it is taken (a user's Dataset: read ahead by its DataLoader's workers)."""
+        if isinstance(self.train, DatasetRows):
+            for x in self.train.batches(order, start, batch_size):
+                yield self._prepared(x)
+            return
+        for begin in range(start * batch_size, len(order), batch_size):
+            yield self.batch(order[begin:begin + batch_size])
+
     def batch(self, index: torch.Tensor) -> torch.Tensor:
         """The training examples at ``index`` [b]: [b, *data_shape], binarised or dequantised afresh."""
         # index_select copies whole rows (2.5× faster than x_train[index] for 128 images); streamed images index
         x = self.train.index_select(0, index) if torch.is_tensor(self.train) else self.train[index]
+        return self._prepared(x)
+
+    def _prepared(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, *data_shape] binarised (dynamic) or dequantised afresh."""
         if self.binarize == "dynamic":
             x = torch.bernoulli(x)
         if self.levels:
@@ -226,9 +260,11 @@ class Trainer:
         while position.step < self.total_steps:
             if position.perm is None:
                 position.perm = torch.randperm(self.data.examples, generator=self.shuffle).to(self.data.device)
+            batches = self.data.batches(position.perm, position.batch, self.config.batch_size)
             while position.batch < self.steps_per_epoch and position.step < self.total_steps:
-                self.step()
+                self.step(next(batches))
                 self.after_step(stop=ctrl_c.requested)
+            batches.close()
             if position.batch < self.steps_per_epoch:
                 break  # --steps reached mid-epoch
             self.end_epoch()
@@ -236,11 +272,9 @@ class Trainer:
         if position.batch:  # stopped mid-epoch by --steps
             self.save_checkpoint()
 
-    def step(self) -> None:
-        """One optimiser step on the next batch of the epoch's order."""
-        position, batch_size = self.position, self.config.batch_size
-        index = position.perm[position.batch * batch_size:(position.batch + 1) * batch_size]
-        x = self.data.batch(index)  # [b, *data_shape]
+    def step(self, x: torch.Tensor) -> None:
+        """One optimiser step on x [b, *data_shape], the next batch of the epoch's order."""
+        position = self.position
         with matmul_dtype(self.step_dtype):
             out = self.loss_of(x, self.beta_at(position.step))
         self.optimizer.zero_grad(set_to_none=True)
