@@ -75,8 +75,8 @@ class RunConfig:
     test_split: float = _opt(0.1, "held-out test examples: a count (2000) or a fraction (0.1), taken from the end in file order (an image folder with class subfolders: in a seeded random order, as with --shuffle)", group="data", metavar="N|F")
     val_split: float = _opt(0.0, "validation examples taken from the end of the training part (0: report the test set each epoch)", group="data", metavar="N|F")
     shuffle: bool = _opt(False, "shuffle (seeded) before splitting instead of splitting in file order", group="data")
-    image_size: int | None = _opt(None, "resize and centre-crop an image folder to this size (default 64)", group="data", metavar="PX", low=1, high=MAX_IMAGE_SIZE)
-    binarize: str = _opt("none", "binarise images for Bernoulli likelihoods: none, threshold (>0.5) or dynamic (resampled each epoch)", group="data", choices=BINARIZE_MODES)
+    image_size: int | None = _opt(None, "resize and centre-crop the images of a folder to PX×PX (default: their own size, when all share one)", group="data", metavar="PX", low=1, high=MAX_IMAGE_SIZE)
+    binarize: str = _opt("none", "binarise images for Bernoulli likelihoods: none, threshold (>0.5) or dynamic (resampled at every step)", group="data", choices=BINARIZE_MODES)
     dequantize: bool = _opt(False, "add uniform noise within each 8-bit level, (k + u)/256, to train and evaluate a continuous likelihood (gaussian*, laplace*, continuous-bernoulli) as a density over [0, 1]: bits/dim are then an upper bound on those of the 8-bit data, and only then reported; the noise is drawn afresh for every batch, once (seeded) for evaluation", group="data")
     stream: str = _opt("auto", "read the training images batch by batch from a memory-mapped .npy file (an image folder: from its 8-bit pixels, decoded once into ~/.cache/aevb/folders) instead of converting all of them to float32 up front: yes, no, or auto (when the float32 copy would take more than half of the available memory)", group="data", choices=STREAM_MODES)
     # -- model (then each registered model's own options: run_options) ----

@@ -42,9 +42,6 @@ from aevb.data.streaming import StreamedImages
 from aevb.errors import UserError
 from aevb.registry import DATASETS
 
-DEFAULT_IMAGE_SIZE = 64  # side of the square images made from a folder
-
-
 @dataclass
 class Dataset:
     """A data set split into train / validation / test tensors, all in memory.
@@ -111,8 +108,10 @@ def load_data(
         official test set use it and ignore ``test_split``.
     shuffle, seed: permute the examples with a seeded ``torch.Generator``
         before splitting (the training set only, for official splits).
-    image_size: side of the square images made from a folder (default 64);
-        refused for other sources, which keep their size.
+    image_size: resize and centre-crop the images of a folder to this side
+        (a warning says how many that changed); without it they keep the
+        size they all share, and a folder of several sizes is refused.
+        Refused for other sources, which keep their size.
     download: let torchvision fetch a registered data set that is missing.
     stream: ``"yes"`` keeps the training images of a ``.npy`` file
         (memory-mapped) or an image folder (8-bit pixels) as stored and
@@ -151,11 +150,11 @@ def load_data(
         if image_size is not None and not path.is_dir():
             raise UserError(f"--image-size resizes the images of a folder; {source} is a file whose examples keep "
                             f"their shape: drop --image-size")
-        data = _load_path(path, labels, image_size or DEFAULT_IMAGE_SIZE, stream)
+        data = _load_path(path, labels, image_size, stream)
     return _split(source, data, test_split=test_split, val_split=val_split, shuffle=shuffle, seed=seed)
 
 
-def _load_path(path: Path, labels: str | None, image_size: int, stream: str = "auto") -> SourceData:
+def _load_path(path: Path, labels: str | None, image_size: int | None, stream: str = "auto") -> SourceData:
     """SourceData of a data file (with an optional labels file) or an image folder."""
     if not path.exists():
         raise UserError(
