@@ -172,8 +172,9 @@ def _finite(ctx, param, value):
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the Monte Carlo estimates")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="multiplies of the importance sampler: bf16 decodes the k samples about 2× faster where the "
-                   "device has bf16 matrix units and moves log p(x) by a few thousandths of a nat, several times "
-                   "less than other samples would; auto: bf16 where it is faster (AMX CPUs, other CPUs where a bf16 "
+                   "device has bf16 matrix units; against fp32 it moved each example's log p(x) by a few "
+                   "thousandths of a nat on the 8×8 digits, by 0.03 on average (at most 0.16) on MNIST, and the "
+                   "test mean by 0.004, less than other samples would; auto: bf16 where it is faster (AMX CPUs, other CPUs where a bf16 "
                    "multiply measures 1.5× faster, Ampere+ GPUs), else "
                    "fp32; bf16: wherever bf16 is native. The ELBO and all other metrics are float32")
 @_device_option
