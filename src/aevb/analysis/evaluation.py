@@ -118,6 +118,11 @@ def collapse_warning(active: int, latent_dim: int) -> str | None:
     return None
 
 
+def _binary(x: torch.Tensor) -> bool:
+    """Whether every value of x is 0 or 1."""
+    return bool(((x == 0) | (x == 1)).all())
+
+
 def bits_per_dim(nll: float, model: Model, x: torch.Tensor, levels: int | None, dequantized: bool = False) -> float | None:
     """Bits per dimension, where the negative log-likelihood bounds that of discrete data.
 
@@ -134,8 +139,7 @@ def bits_per_dim(nll: float, model: Model, x: torch.Tensor, levels: int | None, 
     if not model.likelihood.normalized:
         return None
     if model.likelihood.discrete:
-        binary = bool(((x == 0) | (x == 1)).all())
-        return nll / (n * math.log(2)) if binary else None
+        return nll / (n * math.log(2)) if _binary(x) else None
     if levels and dequantized:
         return (nll + n * math.log(levels)) / (n * math.log(2))
     return None
@@ -325,6 +329,11 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
                 f"{model.config['likelihood']} fits σ to each example: a profile likelihood, not a normalised "
                 f"density in x, so there is no log-likelihood or bits/dim; its negative ELBO is the training "
                 f"objective, not a bound")
+        elif model.likelihood.discrete and model.likelihood.unit_interval and not _binary(x):
+            metrics["likelihood_note"] = (
+                f"{model.config['likelihood']} on grey values: its log p(x) is the cross-entropy of each grey level "
+                f"taken as the probability of a white pixel, not a likelihood of the grey images, and has no "
+                f"bits/dim; train with --binarize dynamic for a likelihood of binary images")
         elif levels and not dequantized and not model.likelihood.discrete:
             metrics["likelihood_note"] = ("no bits per dimension: a density at the quantised pixel values "
                                           "themselves is no probability; train with --dequantize for them")

@@ -39,7 +39,7 @@ from aevb.io import write_json
 from aevb.model.base import LossOutput, Model, build_model
 from aevb.model.precision import matmul_dtype
 from aevb.run.checkpoints import Position, restore, write_checkpoint
-from aevb.run.data import check_data_range, check_dequantize, held_out, load_dataset
+from aevb.run.data import check_data_range, check_dequantize, check_likelihood_scores, held_out, load_dataset
 from aevb.run.device import resolve_device
 from aevb.run.folder import CHECKPOINT, make_run_dir, new_run_dir, with_absolute_paths
 from aevb.training.interrupt import Interrupted, StopRequest, stop_on_sigint
@@ -126,6 +126,7 @@ class TrainingData:
         dataset = load_dataset(config)
         levels = check_dequantize(config, dataset)
         check_data_range(config, dataset)
+        check_likelihood_scores(config, dataset)
         x_train = dataset.train
         if config.binarize == "threshold":
             x_train = transforms.binarize(x_train, "threshold")
