@@ -106,7 +106,7 @@ def train(config_file, resume, force, quiet, **flags):
       aevb train --data ../shared/data/mnist/t10k-images-idx3-ubyte.gz \\
           --labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz --test-split 2000 \\
           --likelihood bernoulli --latent-dim 20 --hidden 400 --epochs 10 --out runs/mnist
-      aevb train --data faces/ --image-size 64 --arch conv --likelihood gaussian-learned
+      aevb train --data pictures/ --arch conv --likelihood gaussian-learned --dequantize
       aevb train --data table.csv --likelihood gaussian-diag --latent-dim 4
       aevb train --model iwae --k 50 --binarize dynamic
       aevb train --config runs/mnist/config.json --out runs/mnist-again   # reproduce

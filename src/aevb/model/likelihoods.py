@@ -20,6 +20,8 @@ what evaluation, the figures and training read of it:
 * :meth:`Likelihood.scale_summary` where one scale serves every dimension;
 * :meth:`Likelihood.params_for_mean` where the mean is invertible (the decoder's
   last bias then starts at the data's average image);
+* :meth:`Likelihood.start_scale` where a scale is learned (it then starts at
+  the scale that best fits the data around that average, not at 1);
 * :meth:`Likelihood.extra_config`: its constructor arguments for ``config.json``.
 
 A learned scale is log-parametrised and floored (:data:`SCALE_FLOOR`).
@@ -96,6 +98,17 @@ class Likelihood(nn.Module):
         bias); None where a family has no such inverse (then the bias keeps its init).
         """
         return None
+
+    def start_scale(self, residuals: torch.Tensor) -> None:
+        """Start a learned scale at the one most likely for ``residuals`` = x − mean [N, *data_shape]; else nothing.
+
+        A learned σ that starts at 1 on images in [0, 1] weighs the
+        reconstruction 10–100 times less than it will end up weighing it, and
+        the KL term shuts the latent units meanwhile (a folder of 32×32
+        shapes ended with 1 active unit of 16, at 9.2 bits/dim).  Starting at
+        the σ of the data around their mean, which the decoder's bias starts
+        at, gives the reconstruction its weight from the first step.
+        """
 
 
 class _LocationFamily(Likelihood):
@@ -369,6 +382,16 @@ class _LearnedScale(_LocationFamily):
     def scale_summary(self) -> tuple[str, float]:
         return self.family_name, float(self.scale.detach())
 
+    @staticmethod
+    def most_likely_scale(residuals: torch.Tensor) -> float:
+        """The family's maximum-likelihood scale for zero-located residuals [N, ...]."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def start_scale(self, residuals: torch.Tensor) -> None:
+        scale = max(self.most_likely_scale(residuals.double()), self.floor)
+        self.log_scale.fill_(math.log(scale))
+
     def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
         scale = self.scale.to(params.dtype)
         return _independent(self.family(params, scale, validate_args=False), event_dims)
@@ -388,6 +411,10 @@ class LearnedGaussianLikelihood(_LearnedScale):
 
     family = Normal
     family_name = "gaussian"
+
+    @staticmethod
+    def most_likely_scale(residuals: torch.Tensor) -> float:
+        return float(residuals.pow(2).mean().sqrt())  # σ² = mean squared residual
 
 
 class OptimalScaleNormal(Normal):
@@ -495,3 +522,7 @@ class LearnedLaplaceLikelihood(_LearnedScale):
 
     family = Laplace
     family_name = "laplace"
+
+    @staticmethod
+    def most_likely_scale(residuals: torch.Tensor) -> float:
+        return float(residuals.abs().mean())  # b = mean absolute residual

@@ -79,6 +79,8 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     model = build_model(config.model, **model_kwargs).to(device)
     if resume is None and config.output_bias == "data-mean":
         model.init_output_bias(mean_example(data.train))
+    if resume is None and config.likelihood_scale is None:  # a learned scale starts from the data, not at 1
+        model.likelihood.start_scale(data.residuals())
     optimizer = _make_optimizer(model, config, device)
     loss_of = _make_loss(model, config, device)
     if resume is not None:
@@ -142,6 +144,19 @@ class TrainingData:
     @property
     def examples(self) -> int:
         return self.train.shape[0]
+
+    def residuals(self, rows: int = 4096) -> torch.Tensor:
+        """The first ``rows`` training examples as training sees them, less the mean example: [rows, *data_shape].
+
+        Dequantised with a seeded generator of their own, so that the global
+        one draws the same noise whether or not a scale is started from them.
+        """
+        x = self.train[: min(rows, self.examples)].to(self.device)  # streamed images: read and converted
+        if self.binarize != "none":
+            x = transforms.binarize(x, self.binarize, torch.Generator(device=x.device).manual_seed(1234))
+        if self.levels:
+            x = transforms.dequantize(x, self.levels, torch.Generator(device=x.device).manual_seed(1234))
+        return x - mean_example(self.train).to(x.device)
 
     def batch(self, index: torch.Tensor) -> torch.Tensor:
         """The training examples at ``index`` [b]: [b, *data_shape], binarised or dequantised afresh."""
