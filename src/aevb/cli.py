@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from aevb.config import PRECISIONS, SEED_RANGE, coerce, flag, make_config, read_config_file, run_options
+from aevb.config import IW_SAMPLES, PRECISIONS, SEED_RANGE, coerce, flag, make_config, read_config_file, run_options
 from aevb.errors import UserError
 from aevb.options import Option
 from aevb.registry import DATASETS
@@ -167,7 +167,7 @@ def _finite(ctx, param, value):
 
 @cli.command(name="eval", context_settings=CONTEXT)
 @_run_argument
-@click.option("--iw-samples", "-k", type=click.IntRange(min=1), default=5000, show_default=True, help="importance samples per test example for log p(x)")
+@click.option("--iw-samples", "-k", type=click.IntRange(min=1), default=IW_SAMPLES, show_default=True, help="importance samples per test example for log p(x) (an eval.json of the same weights with more is kept)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True, help="test examples per batch")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the Monte Carlo estimates")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
@@ -192,8 +192,7 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device):
       aevb eval runs/mnist --iw-samples 1000
       aevb eval runs/mnist --precision fp32     # float32 importance sampler
     """
-    from aevb.analysis.evaluation import evaluate_run
-    from aevb.io import write_json
+    from aevb.analysis.evaluation import evaluate_run, save_evaluation
 
     # eval.json is written after the table is shown: a run folder one may not write to still gets the figures
     metrics = evaluate_run(run, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
@@ -206,8 +205,12 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device):
         click.echo(f"warning: {metrics['collapse_warning']}", err=True)
     if metrics.get("likelihood_note"):
         click.echo(f"note: {metrics['likelihood_note']}")
-    write_json(Path(run) / "eval.json", metrics)
-    click.echo(f"written: {Path(run) / 'eval.json'}")
+    kept = save_evaluation(Path(run), metrics)
+    if kept is None:
+        click.echo(f"written: {Path(run) / 'eval.json'}")
+    else:
+        click.echo(f"kept: {Path(run) / 'eval.json'}, an evaluation of the same weights with k = "
+                   f"{kept['iw_samples']} importance samples, more precise than k = {iw_samples}")
 
 
 def format_metrics(metrics: dict) -> str:
@@ -390,7 +393,7 @@ def explore(run, grid_range, directions, grid_size, pairs, top_dims, seed, devic
 
 @cli.command(context_settings=CONTEXT)
 @_run_argument
-@click.option("--iw-samples", "-k", type=click.IntRange(min=1), default=1000, show_default=True, help="importance samples for the evaluation, if the run has no eval.json yet")
+@click.option("--iw-samples", "-k", type=click.IntRange(min=1), default=IW_SAMPLES, show_default=True, help="importance samples for the evaluation, if the run has no eval.json of its weights yet")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="HTML file to write [default: RUN/report.html]")
 @_device_option
 def report(run, iw_samples, out, device):

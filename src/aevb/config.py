@@ -41,6 +41,7 @@ SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed takes
 # reproduce a run from before them (whose config.json, listing every option, lacks them).
 OPTIONS_ADDED_LATER = {"precision": "fp32", "output_bias": "default", "posterior_scale": "log-scale"}
 BINARIZE_MODES = ("none", "threshold", "dynamic")
+IW_SAMPLES = 1000  # importance samples a test example of `aevb eval` and `aevb report` by default
 STREAM_MODES = ("auto", "yes", "no")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")

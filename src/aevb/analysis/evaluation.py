@@ -17,15 +17,18 @@ the run's test split, with its labels and training split where it has them.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from aevb.config import IW_SAMPLES
 from aevb.errors import UserError
 from aevb.io import write_json
 from aevb.model.base import Model
+from aevb.run.folder import CHECKPOINT
 from aevb.run.open import open_run
 from aevb.model.objectives import elbo_terms, kl_per_dimension
 from aevb.acceleration.bf16 import resolve_precision
@@ -364,9 +367,12 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
     return metrics
 
 
-def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int = 500, seed: int = 0,
+def evaluate_run(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, batch_size: int = 500, seed: int = 0,
                  device: str = "auto", progress: bool = False, precision: str = "auto", write: bool = True) -> dict:
     """Evaluate a run folder's model on its test split and write ``RUN/eval.json`` (unless ``write`` is False).
+
+    An ``eval.json`` of the same weights with more importance samples is kept
+    (:func:`save_evaluation`); the metrics returned are this evaluation's.
 
     The test split is binarised as in training; where the data have labels
     the per-class rows and the representation accuracy (classifiers trained
@@ -386,5 +392,40 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int
     metrics["data"] = config.data
     metrics["checkpoint_step"] = run.checkpoint_step  # set for a run still training
     if write:
-        write_json(run_dir / "eval.json", metrics)
+        save_evaluation(run_dir, metrics)
     return metrics
+
+
+def trained_at(run_dir: Path) -> float:
+    """When the run's weights were last written (0 if unknown): older evaluations and figures are redone."""
+    times = [p.stat().st_mtime for p in (run_dir / "model" / "weights.safetensors", run_dir / CHECKPOINT)
+             if p.is_file()]
+    return max(times, default=0.0)
+
+
+def previous_evaluation(run_dir: Path) -> tuple[dict | None, bool]:
+    """(RUN/eval.json's metrics or None where absent or unreadable, whether they are of the current weights)."""
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return None, False
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None, False
+    if not isinstance(metrics, dict):
+        return None, False
+    return metrics, path.stat().st_mtime >= trained_at(run_dir)
+
+
+def save_evaluation(run_dir: Path, metrics: dict) -> dict | None:
+    """Write metrics to RUN/eval.json, unless it holds an evaluation of the same weights with more samples.
+
+    Returns that more precise evaluation where it is kept, else None.  A
+    report after ``aevb eval -k 5000`` must not replace the user's k = 5,000
+    log-likelihood with a k = 1,000 one.
+    """
+    previous, current = previous_evaluation(Path(run_dir))
+    if previous is not None and current and (previous.get("iw_samples") or 0) > (metrics.get("iw_samples") or 0):
+        return previous
+    write_json(Path(run_dir) / "eval.json", metrics)
+    return None
