@@ -142,6 +142,7 @@ def test_eval_precision_applies_to_the_importance_sampler_only(run_copy, capsys,
     from aevb.acceleration import bf16 as precision
 
     monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)  # emulated where not: slow, same maths
+    (run_copy / "eval.json").unlink(missing_ok=True)  # one with more samples would be kept (issue 30)
     assert aevb_cli("eval", run_copy, "-k", 20, "--precision", "bf16") == 0
     out = capsys.readouterr().out
     bf16 = json.loads((run_copy / "eval.json").read_text())
@@ -526,6 +527,7 @@ def test_an_unwritable_output_is_one_error_naming_it(run_copy, monkeypatch, caps
         raise OSError(errno.EROFS, "Read-only file system", str(dst))
 
     monkeypatch.setattr(os, "replace", read_only)
+    (run_copy / "eval.json").unlink(missing_ok=True)  # one with more samples would be kept (issue 30)
     assert aevb_cli("eval", run_copy, "-k", 2) == 2
     out, err = capsys.readouterr()
     assert "negative ELBO" in out  # the figures were shown before eval.json could not be written
@@ -584,6 +586,7 @@ def test_running_out_of_memory_is_one_line(run, monkeypatch, capsys, tmp_path):
 
 def test_commands_on_an_unfinished_run_say_which_checkpoint_they_use(run_copy, capsys):
     shutil.rmtree(run_copy / "model")  # as while training: only the checkpoint
+    (run_copy / "eval.json").unlink(missing_ok=True)  # one with more samples would be kept (issue 30)
     assert aevb_cli("eval", run_copy, "-k", 2) == 0
     captured = capsys.readouterr()
     assert "has not finished training" in captured.err and "step 26" in captured.err
