@@ -193,3 +193,67 @@ def test_the_table_recipe_finds_the_factors_of_a_table(tmp_path):
                        "--latent-dim", 3, "--likelihood", "gaussian-diag", "--test-split", 0.2)
     assert metrics["active_units"] == 3
     assert metrics["nll"] < 10 * 0.5 * math.log(2 * math.pi * math.e) - 5
+
+
+# --------------------------------------------------------------------------- held-out data: best checkpoint, early stopping
+
+QUICK_RUN = ("--latent-dim", 2, "--hidden", 16, "--device", "cpu", "-q", "--batch-size", 512)
+
+
+def test_the_best_validation_epoch_is_kept_beside_the_last(tmp_path):
+    from aevb.run.checkpoints import read_checkpoint
+    from aevb.run.folder import BEST_CHECKPOINT, CHECKPOINT
+
+    run = tmp_path / "run"
+    assert aevb_cli("train", "--out", run, *QUICK_RUN, "--val-split", 0.1, "--epochs", 3) == 0
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_elbo" in line]
+    assert len(epochs) == 3
+    best_epoch = max(range(3), key=lambda i: epochs[i]["val_elbo"]) + 1
+    best_state, best_meta = read_checkpoint(run / BEST_CHECKPOINT)
+    _, last_meta = read_checkpoint(run / CHECKPOINT)
+    assert best_meta["epoch"] == best_epoch == last_meta["best_epoch"]
+    assert best_meta["best"] == pytest.approx(-epochs[best_epoch - 1]["val_elbo"])
+    # without a validation split the test set chooses nothing: no best checkpoint, no early stopping
+    plain = tmp_path / "plain"
+    assert aevb_cli("train", "--out", plain, *QUICK_RUN, "--epochs", 1) == 0
+    assert not (plain / BEST_CHECKPOINT).exists()
+
+
+def test_early_stopping_needs_a_validation_split(tmp_path, capsys):
+    assert aevb_cli("train", "--out", tmp_path / "run", *QUICK_RUN, "--early-stopping", 2) == 2
+    err = capsys.readouterr().err
+    assert "--early-stopping 2 watches the validation ELBO" in err and "--val-split" in err
+
+
+def test_early_stopping_stops_after_patience_epochs_without_a_better_validation_elbo(tmp_path, monkeypatch):
+    import aevb.training.loop
+
+    real = aevb.training.loop.mean_elbo_terms
+    calls = {"n": 0}
+
+    def worse_after_the_second(model, x, batch_size=1000):
+        terms = real(model, x, batch_size)
+        calls["n"] += 1
+        terms["elbo"] = {1: -101.0, 2: -100.0}.get(calls["n"], -100.0 - calls["n"])  # best at epoch 2, then worse
+        return terms
+
+    monkeypatch.setattr(aevb.training.loop, "mean_elbo_terms", worse_after_the_second)
+    run = tmp_path / "run"
+    assert aevb_cli("train", "--out", run, *QUICK_RUN, "--val-split", 0.1, "--epochs", 20, "--early-stopping", 3) == 0
+    assert calls["n"] == 5  # epochs 3, 4 and 5 not better than epoch 2
+    assert (run / "model" / "weights.safetensors").is_file()
+
+
+def test_a_resumed_run_keeps_the_same_best_checkpoint_as_a_straight_one(tmp_path):
+    from aevb.run.checkpoints import read_checkpoint
+    from aevb.run.folder import BEST_CHECKPOINT, CHECKPOINT
+
+    args = (*QUICK_RUN, "--val-split", 0.1, "--early-stopping", 5)
+    assert aevb_cli("train", "--out", tmp_path / "straight", *args, "--epochs", 4) == 0
+    assert aevb_cli("train", "--out", tmp_path / "resumed", *args, "--epochs", 2) == 0
+    assert aevb_cli("train", "--resume", tmp_path / "resumed", "--epochs", 4, "-q") == 0
+    for path in (BEST_CHECKPOINT, CHECKPOINT):
+        (straight, straight_meta), (resumed, resumed_meta) = (read_checkpoint(tmp_path / run / path)
+                                                              for run in ("straight", "resumed"))
+        assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+        assert (straight_meta["best"], straight_meta["best_epoch"]) == (resumed_meta["best"], resumed_meta["best_epoch"])

@@ -94,6 +94,7 @@ class RunConfig:
     beta_cycles: int = _opt(4, "cycles of the cyclical β schedule over the run", group="training", metavar="M", low=1, requires="beta")
     beta_ratio: float = _opt(0.5, "fraction of each cycle over which the cyclical β rises (then stays at --beta)", group="training", metavar="R", above=0, high=1, requires="beta")
     epochs: int = _opt(10, "passes over the training data", group="training", low=1)
+    early_stopping: int | None = _opt(None, "stop when the validation ELBO has not improved for this many epochs (needs a validation split, --val-split); the best epoch's checkpoint is kept in any case as checkpoints/best.safetensors", group="training", metavar="EPOCHS", low=1)
     steps: int | None = _opt(None, "stop after this many optimiser steps instead (overrides --epochs)", group="training", low=1)
     batch_size: int = _opt(128, "examples per optimiser step", group="training", low=1)
     lr: float = _opt(3e-3, "Adam learning rate", group="training", above=0)

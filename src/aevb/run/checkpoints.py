@@ -34,6 +34,8 @@ class Position:
     epoch: int = 0
     batch: int = 0  # batches done in the current epoch
     perm: torch.Tensor | None = None  # the current epoch's order, [N] int64
+    best: float | None = None  # the lowest validation loss (−ELBO; an AE: reconstruction) at an epoch's end
+    best_epoch: int = 0  # the epoch that reached it (early stopping counts the epochs since)
 
 
 def write_checkpoint(path: Path, model: Model, optimizer: torch.optim.Optimizer, position: Position,
@@ -59,7 +61,7 @@ def write_checkpoint(path: Path, model: Model, optimizer: torch.optim.Optimizer,
     meta = {
         "step": position.step, "epoch": position.epoch, "batch": position.batch,
         "param_groups": optim_state["param_groups"], "model_kwargs": model_kwargs, "config": settings,
-        "examples": examples,
+        "examples": examples, "best": position.best, "best_epoch": position.best_epoch,
     }
     write_safetensors(path, tensors, metadata={"format": "aevb-checkpoint", "meta": json.dumps(meta)})
 
@@ -147,7 +149,9 @@ def restore(path: Path, model: Model, optimizer: torch.optim.Optimizer, shuffle:
         optimizer.load_state_dict(optim_state)
         torch.set_rng_state(state["rng.torch"])
         shuffle.set_state(state["rng.shuffle"])
-        position = Position(step, int(meta["epoch"]), int(meta["batch"]), perm)
+        best = meta.get("best")  # checkpoints from before aevb kept the best epoch have none
+        position = Position(step, int(meta["epoch"]), int(meta["batch"]), perm,
+                            None if best is None else float(best), int(meta.get("best_epoch") or 0))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a hand-edited or foreign file
         raise corrupt(f"its optimiser, random or position state cannot be read ({type(e).__name__}: {e})") from None
     cuda_states = [state[k] for k in sorted(state) if k.startswith("rng.cuda.")]

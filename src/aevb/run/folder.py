@@ -25,6 +25,7 @@ from aevb.errors import UserError
 from aevb.registry import DATASETS
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
+BEST_CHECKPOINT = Path("checkpoints") / "best.safetensors"  # the epoch's end with the best validation ELBO so far
 RUN_OUTPUTS = ("config.json", "metrics.jsonl", "eval.json", "report.html", "checkpoints", "model", "images", "tensorboard")
 RUN_FILE_SUFFIXES = (".png", ".json", ".jsonl", ".safetensors", ".html", ".tmp")  # what a run writes in those folders
 PATH_OPTIONS = ("data", "labels", "data_dir")

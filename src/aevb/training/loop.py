@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -35,13 +36,13 @@ from aevb.data import transforms
 from aevb.data.datasets import Dataset
 from aevb.data.streaming import StreamedImages, mean_example
 from aevb.errors import NonFiniteLossError, UserError
-from aevb.io import write_json
+from aevb.io import atomic_write, write_json
 from aevb.model.base import LossOutput, Model, build_model
 from aevb.model.precision import matmul_dtype
 from aevb.run.checkpoints import Position, restore, write_checkpoint
 from aevb.run.data import check_data_range, check_dequantize, check_likelihood_scores, held_out, load_dataset
 from aevb.run.device import resolve_device
-from aevb.run.folder import CHECKPOINT, make_run_dir, new_run_dir, with_absolute_paths
+from aevb.run.folder import BEST_CHECKPOINT, CHECKPOINT, make_run_dir, new_run_dir, with_absolute_paths
 from aevb.training.interrupt import Interrupted, StopRequest, stop_on_sigint
 from aevb.training.metrics import MetricsLog, StepTerms, check_loggers
 from aevb.training.schedules import make_schedule
@@ -75,6 +76,9 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     shuffle = torch.Generator().manual_seed(config.seed)
 
     data = TrainingData.load(config, device)
+    if config.early_stopping and data.eval_name != "val":
+        raise UserError(f"--early-stopping {config.early_stopping} watches the validation ELBO, and {config.data} has "
+                        f"no validation split: add --val-split (0.1: a tenth of the examples), never the test set")
     model_kwargs = config.model_kwargs(data.dataset.data_shape)
     model = build_model(config.model, **model_kwargs).to(device)
     if resume is None and config.output_bias == "data-mean":
@@ -239,7 +243,7 @@ class Trainer:
 
     def _run_epochs(self, ctrl_c: StopRequest) -> None:
         position = self.position
-        while position.step < self.total_steps:
+        while position.step < self.total_steps and not self.stops_early():
             if position.perm is None:
                 position.perm = torch.randperm(self.data.examples, generator=self.shuffle).to(self.data.device)
             while position.batch < self.steps_per_epoch and position.step < self.total_steps:
@@ -248,6 +252,9 @@ class Trainer:
             if position.batch < self.steps_per_epoch:
                 break  # --steps reached mid-epoch
             self.end_epoch()
+        if self.stops_early() and self.bar is not None:
+            self.bar.write(f"early stopping: no better validation ELBO for {self.config.early_stopping} epochs "
+                           f"after epoch {position.best_epoch} ({BEST_CHECKPOINT})")
         self.flush_log()
         if position.batch:  # stopped mid-epoch by --steps
             self.save_checkpoint()
@@ -315,16 +322,29 @@ class Trainer:
         position.epoch += 1
         position.batch = 0
         position.perm = None
+        improved = False
         if self.data.eval_x is not None and len(self.data.eval_x):
-            self.validate()
+            improved = self.validate()
         if self.data.holdout is not None and not self.config.image_every and position.epoch % self.picture_epochs == 0:
             reconstruction_grid(self.model, self.data.holdout,
                                 self.run_dir / "images" / f"reconstructions-epoch{position.epoch:03d}.png")
         self.save_checkpoint()
+        if improved:  # the checkpoint just written, kept beside the last
+            atomic_write(self.run_dir / BEST_CHECKPOINT,
+                         lambda tmp: shutil.copyfile(self.run_dir / CHECKPOINT, tmp))
         self.last_log_time = time.perf_counter()  # images_per_s counts training steps, not epoch-end work
 
-    def validate(self) -> None:
-        """The mean ELBO terms of the held-out split, recorded; non-finite ones stop the run before a checkpoint."""
+    def stops_early(self) -> bool:
+        """Whether --early-stopping's patience has run out: that many epochs without a better validation ELBO."""
+        patience, position = self.config.early_stopping, self.position
+        return bool(patience) and position.best is not None and position.epoch - position.best_epoch >= patience
+
+    def validate(self) -> bool:
+        """The mean ELBO terms of the held-out split, recorded; non-finite ones stop the run before a checkpoint.
+
+        Returns whether the validation split's loss (−ELBO; an AE's
+        reconstruction term) is the best yet; the test split chooses nothing.
+        """
         name, step = self.data.eval_name, self.position.step
         terms = mean_elbo_terms(self.model, self.data.eval_x, self.config.eval_batch_size)
         self.log.write({"step": step, "epoch": self.position.epoch, **{f"{name}_{k}": v for k, v in terms.items()}})
@@ -337,6 +357,14 @@ class Trainer:
             )
         if self.bar is not None:
             self.bar.write(epoch_line(self.position.epoch, name, terms))
+        if name != "val":
+            return False
+        loss = -terms["elbo"] if "elbo" in terms else terms["reconstruction"]
+        position = self.position
+        if position.best is not None and not loss < position.best:
+            return False
+        position.best, position.best_epoch = loss, position.epoch
+        return True
 
     def save_checkpoint(self) -> None:
         write_checkpoint(self.run_dir / CHECKPOINT, self.model, self.optimizer, self.position, self.shuffle,
