@@ -31,7 +31,8 @@ from aevb.run.checkpoints import read_checkpoint
 from aevb.run.folder import CHECKPOINT
 from conftest import aevb_cli
 
-SMALL = ("--latent-dim", "4", "--hidden", "32", "--device", "cpu", "-q")
+# --val-split 0: these runs watch the test split, as before validation became the default (issue 30)
+SMALL = ("--latent-dim", "4", "--hidden", "32", "--device", "cpu", "-q", "--val-split", "0")
 _SCRIPT = Path(sys.executable).with_name("aevb")
 AEVB = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "aevb.cli"]
 COMMANDS = list(cli.commands)
@@ -196,7 +197,8 @@ def test_reconstruct_writes_originals_above_reconstructions(run, tmp_path):
 def test_a_csv_table_trains_and_evaluates_but_draws_no_pictures(table, tmp_path, capsys):
     out = tmp_path / "table-run"
     assert aevb_cli("train", "--data", table, "--likelihood", "gaussian-diag", "--arch", "mlp",
-                    "--latent-dim", 2, "--hidden", 32, "--epochs", 3, "--batch-size", 64, "-q", "--out", out) == 0
+                    "--latent-dim", 2, "--hidden", 32, "--epochs", 3, "--batch-size", 64, "-q", "--out", out,
+                    "--val-split", 0) == 0
     model = aevb.load(out / "model")
     assert model.data_shape == (5,) and model.config["likelihood"] == "gaussian-diag"
     assert not list((out / "images").glob("*.png"))

@@ -215,12 +215,12 @@ def test_the_best_validation_epoch_is_kept_beside_the_last(tmp_path):
     assert best_meta["best"] == pytest.approx(-epochs[best_epoch - 1]["val_elbo"])
     # without a validation split the test set chooses nothing: no best checkpoint, no early stopping
     plain = tmp_path / "plain"
-    assert aevb_cli("train", "--out", plain, *QUICK_RUN, "--epochs", 1) == 0
+    assert aevb_cli("train", "--out", plain, *QUICK_RUN, "--val-split", 0, "--epochs", 1) == 0
     assert not (plain / BEST_CHECKPOINT).exists()
 
 
 def test_early_stopping_needs_a_validation_split(tmp_path, capsys):
-    assert aevb_cli("train", "--out", tmp_path / "run", *QUICK_RUN, "--early-stopping", 2) == 2
+    assert aevb_cli("train", "--out", tmp_path / "run", *QUICK_RUN, "--val-split", 0, "--early-stopping", 2) == 2
     err = capsys.readouterr().err
     assert "--early-stopping 2 watches the validation ELBO" in err and "--val-split" in err
 

@@ -74,7 +74,7 @@ class RunConfig:
     data_dir: str | None = _opt(None, "folder holding the published files of mnist/fashion-mnist/cifar10", group="data", metavar="DIR")
     download: bool = _opt(False, "download mnist/fashion-mnist/cifar10 with torchvision when missing", group="data")
     test_split: float = _opt(0.1, "held-out test examples: a count (2000) or a fraction (0.1), taken from the end in file order (an image folder with class subfolders: in a seeded random order, as with --shuffle)", group="data", metavar="N|F")
-    val_split: float = _opt(0.0, "validation examples taken from the end of the training part (0: report the test set each epoch)", group="data", metavar="N|F")
+    val_split: float = _opt(0.1, "validation examples taken from the end of the training part (in the seeded order of --shuffle where given), whose ELBO is reported each epoch and chooses the best checkpoint (0: none; the test set is then reported each epoch, and chooses nothing)", group="data", metavar="N|F")
     shuffle: bool = _opt(False, "shuffle (seeded) before splitting instead of splitting in file order", group="data")
     image_size: int | None = _opt(None, "resize and centre-crop the images of a folder to PX×PX (default: their own size, when all share one)", group="data", metavar="PX", low=1, high=MAX_IMAGE_SIZE)
     binarize: str = _opt("none", "binarise images for Bernoulli likelihoods: none, threshold (>0.5) or dynamic (resampled at every step)", group="data", choices=BINARIZE_MODES)

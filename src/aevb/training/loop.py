@@ -125,7 +125,7 @@ class TrainingData:
     levels: int | None  # the data's quantisation levels under --dequantize, else None
     eval_name: str  # "val", or "test" where the run has no validation split
     eval_x: torch.Tensor | None  # [M, *data_shape] that split, validated at every epoch's end
-    holdout: torch.Tensor | None  # [≤10, *data_shape] test images (one a class) pictured while training
+    holdout: torch.Tensor | None  # [≤10, *data_shape] images of that split (one a class) pictured while training
 
     @classmethod
     def load(cls, config: RunConfig, device: torch.device) -> TrainingData:
@@ -138,11 +138,10 @@ class TrainingData:
             x_train = transforms.binarize(x_train, "threshold")
         x_train = x_train.to(device)
         eval_name = "val" if dataset.val is not None else "test"
-        x_eval, _ = held_out(dataset, config, eval_name)
-        holdout = None
-        if dataset.kind == "image" and dataset.test is not None and len(dataset.test):
-            x_test, y_test = held_out(dataset, config, "test")
-            holdout = x_test[transforms.holdout_indices(y_test, 10, num_examples=len(x_test))].to(device)
+        x_eval, y_eval = held_out(dataset, config, eval_name)
+        holdout = None  # pictured from the validation split where there is one: the test set is for aevb eval
+        if dataset.kind == "image" and x_eval is not None and len(x_eval):
+            holdout = x_eval[transforms.holdout_indices(y_eval, 10, num_examples=len(x_eval))].to(device)
         return cls(dataset, x_train, device, config.binarize, levels, eval_name, x_eval, holdout)
 
     @property
