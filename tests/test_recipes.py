@@ -257,3 +257,66 @@ def test_a_resumed_run_keeps_the_same_best_checkpoint_as_a_straight_one(tmp_path
                                                               for run in ("straight", "resumed"))
         assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
         assert (straight_meta["best"], straight_meta["best_epoch"]) == (resumed_meta["best"], resumed_meta["best_epoch"])
+
+
+# --------------------------------------------------------------------------- optimisers and learning-rate schedules
+
+
+@pytest.mark.parametrize("options", [
+    ("--optimizer", "adamw", "--weight-decay", 0.01, "--lr-schedule", "cosine", "--lr-warmup", 5),
+    ("--optimizer", "sgd", "--lr", 0.01, "--lr-schedule", "step"),
+    ("--lr-schedule", "one-cycle", "--weight-decay", 1e-4),
+    ("--lr-schedule", "plateau"),
+], ids=["adamw-cosine-warmup", "sgd-step", "adam-one-cycle", "adam-plateau"])
+def test_an_optimiser_and_schedule_resume_bit_for_bit(tmp_path, options, monkeypatch):
+    """A run stopped by Ctrl-C at step 7 (mid-epoch, after a plateau epoch end) and resumed equals one run straight."""
+    import aevb.training.loop
+    from aevb.run.checkpoints import read_checkpoint
+    from aevb.run.folder import CHECKPOINT
+
+    args = (*QUICK_RUN, *options, "--epochs", 4)
+    assert aevb_cli("train", "--out", tmp_path / "straight", *args) == 0
+    after_step = aevb.training.loop.Trainer.after_step
+
+    def ctrl_c_at_step_7(self, stop):
+        after_step(self, stop=stop or self.position.step == 7)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(aevb.training.loop.Trainer, "after_step", ctrl_c_at_step_7)
+        assert aevb_cli("train", "--out", tmp_path / "resumed", *args) == 130
+    assert aevb_cli("train", "--resume", tmp_path / "resumed", "-q") == 0
+    (straight, straight_meta), (resumed, resumed_meta) = (read_checkpoint(tmp_path / run / CHECKPOINT)
+                                                          for run in ("straight", "resumed"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight) and straight.keys() == resumed.keys()
+    assert straight_meta["lr_schedule"] == resumed_meta["lr_schedule"] is not None
+    assert straight_meta["param_groups"] == resumed_meta["param_groups"]
+    config = json.loads((tmp_path / "straight" / "config.json").read_text())
+    given = dict(zip(options[::2], options[1::2]))
+    assert config["lr_schedule"] == given["--lr-schedule"]
+    assert config["optimizer"] == given.get("--optimizer", "adam")
+
+
+def test_the_schedules_follow_their_shapes():
+    from aevb.training.lr_schedules import _factor
+
+    cosine = _factor("cosine", warmup=10, total_steps=110)
+    assert [cosine(s) for s in (0, 9)] == [1 / 11, 10 / 11]
+    assert cosine(10) == 1 and cosine(60) == pytest.approx(0.5) and cosine(110) == pytest.approx(0)
+    step = _factor("step", warmup=0, total_steps=100)
+    assert [step(s) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert _factor("constant", warmup=4, total_steps=10)(9) == 1
+
+
+def test_the_default_keeps_the_fused_adam_and_another_choice_says_it_leaves_it(tmp_path, capsys):
+    from aevb.acceleration.optim import Adam
+    from aevb.training.loop import _make_optimizer
+
+    model = aevb.VAE(data_shape=(4,), latent_dim=2, arch="mlp", likelihood="gaussian", hidden=[8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(_make_optimizer(model, make_config(weight_decay=0.1), torch.device("cpu")), Adam)
+    with pytest.warns(UserWarning, match="--optimizer adamw: torch's AdamW .* not the fused Adam"):
+        assert isinstance(_make_optimizer(model, make_config(optimizer="adamw"), torch.device("cpu")),
+                          torch.optim.AdamW)
+    assert aevb_cli("train", "--out", tmp_path / "run", *QUICK_RUN, "--val-split", 0, "--lr-schedule", "plateau") == 2
+    assert "plateau watches the validation ELBO" in capsys.readouterr().err

@@ -46,6 +46,8 @@ STREAM_MODES = ("auto", "yes", "no")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 OUTPUT_BIAS_INITS = ("data-mean", "default")
+OPTIMIZERS = ("adam", "adamw", "sgd")  # torch.optim's, by --optimizer (adam: the fused one of aevb.acceleration)
+LR_SCHEDULES = ("constant", "cosine", "step", "plateau", "one-cycle")  # aevb.training.lr_schedules
 POSTERIOR_SCALES = ("log-variance", "log-scale")
 
 
@@ -97,8 +99,12 @@ class RunConfig:
     early_stopping: int | None = _opt(None, "stop when the validation ELBO has not improved for this many epochs (needs a validation split, --val-split); the best epoch's checkpoint is kept in any case as checkpoints/best.safetensors", group="training", metavar="EPOCHS", low=1)
     steps: int | None = _opt(None, "stop after this many optimiser steps instead (overrides --epochs)", group="training", low=1)
     batch_size: int = _opt(128, "examples per optimiser step", group="training", low=1)
-    lr: float = _opt(3e-3, "Adam learning rate", group="training", above=0)
-    adam_betas: list[float] = _opt((0.9, 0.999), "Adam β1,β2", group="training", metavar="B1,B2")
+    optimizer: str = _opt("adam", "torch optimiser: adam (fused: the fast path), adamw (decoupled weight decay) or sgd (momentum 0.9)", group="training", choices=OPTIMIZERS)
+    lr: float = _opt(3e-3, "learning rate (the peak of --lr-schedule)", group="training", above=0)
+    adam_betas: list[float] = _opt((0.9, 0.999), "Adam β1,β2 (adam, adamw)", group="training", metavar="B1,B2")
+    weight_decay: float = _opt(0.0, "weight decay: L2 added to the gradient (adam, sgd) or decoupled (adamw)", group="training", metavar="WD", low=0)
+    lr_schedule: str = _opt("constant", "learning rate over the run: constant, cosine (to 0 at the last step), step (×0.1 at 50% and 75% of the steps), plateau (×0.5 after 2 epochs without a better validation ELBO) or one-cycle (torch's OneCycleLR)", group="training", choices=LR_SCHEDULES)
+    lr_warmup: int = _opt(0, "steps over which the learning rate rises linearly to --lr first (constant, cosine, step; one-cycle: its rising part)", group="training", metavar="STEPS", low=0)
     output_bias: str = _opt("data-mean", "initial bias of the decoder's last layer: data-mean (p(x|z) starts at the training set's average image) or default (torch's initialisation)", group="training", choices=OUTPUT_BIAS_INITS)
     grad_clip: float | None = _opt(None, "clip the gradient norm to this value", group="training", metavar="NORM", above=0,
                                      hint="leave it out for no clipping")

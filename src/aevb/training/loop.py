@@ -20,6 +20,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,6 +44,7 @@ from aevb.run.checkpoints import Position, restore, write_checkpoint
 from aevb.run.data import check_data_range, check_dequantize, check_likelihood_scores, held_out, load_dataset
 from aevb.run.device import resolve_device
 from aevb.run.folder import BEST_CHECKPOINT, CHECKPOINT, make_run_dir, new_run_dir, with_absolute_paths
+from aevb.training.lr_schedules import LRSchedule, make_lr_schedule
 from aevb.training.interrupt import Interrupted, StopRequest, stop_on_sigint
 from aevb.training.metrics import MetricsLog, StepTerms, check_loggers
 from aevb.training.schedules import make_schedule
@@ -86,9 +88,11 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     if resume is None and config.likelihood_scale is None:  # a learned scale starts from the data, not at 1
         model.likelihood.start_scale(data.residuals())
     optimizer = _make_optimizer(model, config, device)
+    total_steps = config.steps or config.epochs * math.ceil(data.examples / config.batch_size)
+    lr_schedule = make_lr_schedule(optimizer, config, total_steps, has_validation=data.eval_name == "val")
     loss_of = _make_loss(model, config, device)
     if resume is not None:
-        position = restore(run_dir / CHECKPOINT, model, optimizer, shuffle, config, data.examples)
+        position = restore(run_dir / CHECKPOINT, model, optimizer, shuffle, config, data.examples, lr_schedule)
     else:
         position = Position()
         run_dir = make_run_dir(run_dir, config, force)
@@ -97,7 +101,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
 
     trainer = Trainer(config=config, run_dir=run_dir, model=model, optimizer=optimizer, loss_of=loss_of,
                       data=data, position=position, shuffle=shuffle, step_dtype=step_dtype,
-                      model_kwargs=model_kwargs)
+                      model_kwargs=model_kwargs, lr_schedule=lr_schedule)
     if resume is not None:
         trainer.check_steps_left()
         # the new length, before training: a run interrupted from here resumes toward it
@@ -186,6 +190,7 @@ class Trainer:
     shuffle: torch.Generator  # draws each epoch's order
     step_dtype: torch.dtype | None  # of the step's multiplies; None: fp32
     model_kwargs: dict  # the model's arguments, stored in the checkpoint
+    lr_schedule: LRSchedule | None = None  # --lr-schedule's scheduler; None: a constant rate
 
     def __post_init__(self) -> None:
         config = self.config
@@ -197,6 +202,7 @@ class Trainer:
         self.picture_epochs = max(1, math.ceil(self.total_steps / self.steps_per_epoch) // 10)
         self.terms = StepTerms(config.log_every)
         self.last_log_time, self.last_log_step = time.perf_counter(), self.position.step
+        self.val_loss: float | None = None  # the last validation −ELBO (an AE: reconstruction), for plateau
         self.log: MetricsLog | None = None  # and the progress bar, while fit runs
         self.bar = None
 
@@ -270,6 +276,8 @@ class Trainer:
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
+        if self.lr_schedule is not None:
+            self.lr_schedule.after_step()
         self.terms.add(out)
         position.step += 1
         position.batch += 1
@@ -324,6 +332,8 @@ class Trainer:
         improved = False
         if self.data.eval_x is not None and len(self.data.eval_x):
             improved = self.validate()
+            if self.lr_schedule is not None and self.data.eval_name == "val":
+                self.lr_schedule.after_epoch(self.val_loss)
         if self.data.holdout is not None and not self.config.image_every and position.epoch % self.picture_epochs == 0:
             reconstruction_grid(self.model, self.data.holdout,
                                 self.run_dir / "images" / f"reconstructions-epoch{position.epoch:03d}.png")
@@ -359,6 +369,7 @@ class Trainer:
         if name != "val":
             return False
         loss = -terms["elbo"] if "elbo" in terms else terms["reconstruction"]
+        self.val_loss = loss
         position = self.position
         if position.best is not None and not loss < position.best:
             return False
@@ -367,7 +378,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         write_checkpoint(self.run_dir / CHECKPOINT, self.model, self.optimizer, self.position, self.shuffle,
-                         self.model_kwargs, self.config.to_dict(), self.data.examples)
+                         self.model_kwargs, self.config.to_dict(), self.data.examples, self.lr_schedule)
 
     def _kept_message(self) -> str:
         if (self.run_dir / CHECKPOINT).is_file():
@@ -385,12 +396,22 @@ class Trainer:
 
 
 def _make_optimizer(model: Model, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    kwargs = dict(lr=config.lr, betas=tuple(config.adam_betas))
-    # fused Adam is one kernel per step instead of several per parameter
-    try:
-        return optim.Adam(model.parameters(), **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(model.parameters(), foreach=True, **kwargs)
+    """The optimiser of --optimizer: for adam, the fused Adam of aevb.acceleration.optim (the fast path)."""
+    betas, decay = tuple(config.adam_betas), config.weight_decay
+    if config.optimizer == "adam":
+        # fused Adam is one kernel per step instead of several per parameter
+        try:
+            return optim.Adam(model.parameters(), lr=config.lr, betas=betas, weight_decay=decay)
+        except (RuntimeError, TypeError):
+            return torch.optim.Adam(model.parameters(), foreach=True, lr=config.lr, betas=betas, weight_decay=decay)
+    warnings.warn(f"--optimizer {config.optimizer}: torch's {OPTIMIZER_CLASSES[config.optimizer].__name__} "
+                  f"(foreach), not the fused Adam of the default (--optimizer adam), which steps faster", stacklevel=2)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=betas, weight_decay=decay, foreach=True)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=decay, foreach=True)
+
+
+OPTIMIZER_CLASSES = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}  # the choices off the fused path
 
 
 def _first_line(error: BaseException) -> str:
