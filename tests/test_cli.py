@@ -31,7 +31,8 @@ from aevb.run.checkpoints import read_checkpoint
 from aevb.run.folder import CHECKPOINT
 from conftest import aevb_cli
 
-SMALL = ("--latent-dim", "4", "--hidden", "32", "--device", "cpu", "-q")
+# --val-split 0: these runs watch the test split, as before validation became the default (issue 30)
+SMALL = ("--latent-dim", "4", "--hidden", "32", "--device", "cpu", "-q", "--val-split", "0")
 _SCRIPT = Path(sys.executable).with_name("aevb")
 AEVB = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "aevb.cli"]
 COMMANDS = list(cli.commands)
@@ -142,6 +143,7 @@ def test_eval_precision_applies_to_the_importance_sampler_only(run_copy, capsys,
     from aevb.acceleration import bf16 as precision
 
     monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)  # emulated where not: slow, same maths
+    (run_copy / "eval.json").unlink(missing_ok=True)  # one with more samples would be kept (issue 30)
     assert aevb_cli("eval", run_copy, "-k", 20, "--precision", "bf16") == 0
     out = capsys.readouterr().out
     bf16 = json.loads((run_copy / "eval.json").read_text())
@@ -195,7 +197,8 @@ def test_reconstruct_writes_originals_above_reconstructions(run, tmp_path):
 def test_a_csv_table_trains_and_evaluates_but_draws_no_pictures(table, tmp_path, capsys):
     out = tmp_path / "table-run"
     assert aevb_cli("train", "--data", table, "--likelihood", "gaussian-diag", "--arch", "mlp",
-                    "--latent-dim", 2, "--hidden", 32, "--epochs", 3, "--batch-size", 64, "-q", "--out", out) == 0
+                    "--latent-dim", 2, "--hidden", 32, "--epochs", 3, "--batch-size", 64, "-q", "--out", out,
+                    "--val-split", 0) == 0
     model = aevb.load(out / "model")
     assert model.data_shape == (5,) and model.config["likelihood"] == "gaussian-diag"
     assert not list((out / "images").glob("*.png"))
@@ -534,6 +537,7 @@ def test_an_unwritable_output_is_one_error_naming_it(run_copy, monkeypatch, caps
         raise OSError(errno.EROFS, "Read-only file system", str(dst))
 
     monkeypatch.setattr(os, "replace", read_only)
+    (run_copy / "eval.json").unlink(missing_ok=True)  # one with more samples would be kept (issue 30)
     assert aevb_cli("eval", run_copy, "-k", 2) == 2
     out, err = capsys.readouterr()
     assert "negative ELBO" in out  # the figures were shown before eval.json could not be written
@@ -592,6 +596,7 @@ def test_running_out_of_memory_is_one_line(run, monkeypatch, capsys, tmp_path):
 
 def test_commands_on_an_unfinished_run_say_which_checkpoint_they_use(run_copy, capsys):
     shutil.rmtree(run_copy / "model")  # as while training: only the checkpoint
+    (run_copy / "eval.json").unlink(missing_ok=True)  # one with more samples would be kept (issue 30)
     assert aevb_cli("eval", run_copy, "-k", 2) == 0
     captured = capsys.readouterr()
     assert "has not finished training" in captured.err and "step 26" in captured.err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -280,11 +281,36 @@ def test_image_folder(tmp_path):
     assert torch.equal(images[2], torch.ones(3, 10, 10))  # centre crop kept the white band
 
 
-def test_greyscale_folder_and_default_size(tmp_path):
+def test_a_folder_of_one_size_keeps_it(tmp_path):
+    """A folder of 28×28 PNGs was silently upscaled to 64×64 (issue 30): it keeps its own size, unresized."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(3, 28, 20), dtype=np.uint8)  # height 28, width 20
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing resized, nothing to say
+        data = load_data(str(tmp_path), test_split=1)
+    assert data.data_shape == (1, 28, 20)
+    assert torch.equal(torch.cat([data.train, data.test])[:, 0], torch.from_numpy(pixels).float() / 255)
+
+
+def test_greyscale_folder_of_several_sizes_is_refused_with_the_sizes(tmp_path):
+    """Behaviour change (issue 30): several sizes were resized to 64×64 without a word; now --image-size is asked for."""
     for i in range(3):
-        _png(tmp_path / f"{i}.png", "L", (70 + i, 80), 200)
-    data = load_data(str(tmp_path), test_split=1)
+        _png(tmp_path / f"{i}.png", "L", (70 + i % 2, 80), 200)
+    with pytest.raises(UserError, match=r"2 sizes \(height×width: 80×70 \(2\), 80×71 \(1\)\).*--image-size"):
+        load_data(str(tmp_path), test_split=1)
+    with pytest.warns(UserWarning, match=r"resized and centre-cropped 3 of 3 images .* to 64×64"):
+        data = load_data(str(tmp_path), test_split=1, image_size=64)
     assert data.data_shape == (1, 64, 64)
+
+
+def test_a_portrait_by_exif_has_its_upright_size(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 8 wide and 4 high, shown 4 wide and 8 high
+    Image.fromarray(np.zeros((4, 8), dtype=np.uint8)).save(tmp_path / "a.png", exif=exif)
+    Image.fromarray(np.zeros((8, 4), dtype=np.uint8)).save(tmp_path / "b.png")
+    assert load_data(str(tmp_path), test_split=1).data_shape == (1, 8, 4)
 
 
 def test_image_folder_subfolders_are_classes(tmp_path):

@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -192,12 +193,24 @@ def test_report_explore_interpolate_and_eval_end_to_end(run, capsys):
     assert f"{metrics['neg_elbo']:.4g}" in text and "Per class (nats" in text and "<code>latent_dim</code>" in text
 
     capsys.readouterr()
-    run_cli("eval", run, "-k", "10")
+    run_cli("eval", run, "-k", "30")
     printed = capsys.readouterr().out
     assert "classifier accuracy on posterior means" in printed and "per class (nats)" in printed
     metrics = json.loads((run / "eval.json").read_text())
     assert len(metrics["per_class"]) == 10 and 0 <= metrics["representation_accuracy"] <= 1
-    assert metrics["iw_samples"] == 10
+    assert metrics["iw_samples"] == 30
+    # issue 30: a less precise evaluation of the same weights (the report's k = 20 above, or k = 10) is shown,
+    # and eval.json keeps the more precise one
+    run_cli("eval", run, "-k", "10")
+    printed = capsys.readouterr().out
+    assert "k=10" in printed and "more precise than k = 10" in printed
+    assert json.loads((run / "eval.json").read_text()) == metrics
+    run_cli("report", run, "-k", "5")
+    assert json.loads((run / "eval.json").read_text()) == metrics
+    # weights newer than eval.json (a resumed run): the report evaluates them again with the k it had
+    os.utime(run / "eval.json", (0, 0))
+    run_cli("report", run, "-k", "5")
+    assert json.loads((run / "eval.json").read_text())["iw_samples"] == 30
 
 
 def test_explore_skips_image_figures_for_tabular_data(tmp_path, capsys):

@@ -41,10 +41,13 @@ SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed takes
 # reproduce a run from before them (whose config.json, listing every option, lacks them).
 OPTIONS_ADDED_LATER = {"precision": "fp32", "output_bias": "default", "posterior_scale": "log-scale"}
 BINARIZE_MODES = ("none", "threshold", "dynamic")
+IW_SAMPLES = 1000  # importance samples a test example of `aevb eval` and `aevb report` by default
 STREAM_MODES = ("auto", "yes", "no")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 OUTPUT_BIAS_INITS = ("data-mean", "default")
+OPTIMIZERS = ("adam", "adamw", "sgd")  # torch.optim's, by --optimizer (adam: the fused one of aevb.acceleration)
+LR_SCHEDULES = ("constant", "cosine", "step", "plateau", "one-cycle")  # aevb.training.lr_schedules
 POSTERIOR_SCALES = ("log-variance", "log-scale")
 
 
@@ -73,10 +76,10 @@ class RunConfig:
     data_dir: str | None = _opt(None, "folder holding the published files of mnist/fashion-mnist/cifar10", group="data", metavar="DIR")
     download: bool = _opt(False, "download mnist/fashion-mnist/cifar10 with torchvision when missing", group="data")
     test_split: float = _opt(0.1, "held-out test examples: a count (2000) or a fraction (0.1), taken from the end in file order (an image folder with class subfolders: in a seeded random order, as with --shuffle)", group="data", metavar="N|F")
-    val_split: float = _opt(0.0, "validation examples taken from the end of the training part (0: report the test set each epoch)", group="data", metavar="N|F")
+    val_split: float = _opt(0.1, "validation examples taken from the end of the training part (in the seeded order of --shuffle where given), whose ELBO is reported each epoch and chooses the best checkpoint (0: none; the test set is then reported each epoch, and chooses nothing)", group="data", metavar="N|F")
     shuffle: bool = _opt(False, "shuffle (seeded) before splitting instead of splitting in file order", group="data")
-    image_size: int | None = _opt(None, "resize and centre-crop an image folder to this size (default 64)", group="data", metavar="PX", low=1, high=MAX_IMAGE_SIZE)
-    binarize: str = _opt("none", "binarise images for Bernoulli likelihoods: none, threshold (>0.5) or dynamic (resampled each epoch)", group="data", choices=BINARIZE_MODES)
+    image_size: int | None = _opt(None, "resize and centre-crop the images of a folder to PX×PX (default: their own size, when all share one)", group="data", metavar="PX", low=1, high=MAX_IMAGE_SIZE)
+    binarize: str = _opt("none", "binarise images for Bernoulli likelihoods: none, threshold (>0.5) or dynamic (resampled at every step)", group="data", choices=BINARIZE_MODES)
     dequantize: bool = _opt(False, "add uniform noise within each 8-bit level, (k + u)/256, to train and evaluate a continuous likelihood (gaussian*, laplace*, continuous-bernoulli) as a density over [0, 1]: bits/dim are then an upper bound on those of the 8-bit data, and only then reported; the noise is drawn afresh for every batch, once (seeded) for evaluation", group="data")
     stream: str = _opt("auto", "read the training images batch by batch from a memory-mapped .npy file (an image folder: from its 8-bit pixels, decoded once into ~/.cache/aevb/folders) instead of converting all of them to float32 up front: yes, no, or auto (when the float32 copy would take more than half of the available memory)", group="data", choices=STREAM_MODES)
     # -- model (then each registered model's own options: run_options) ----
@@ -85,7 +88,7 @@ class RunConfig:
     arch: str = _opt("mlp", "encoder/decoder network: a registered one or the import path of a function of yours like theirs, my_package.nets:build (see aevb.model.networks), which config.json records and every command that opens the run imports", group="model", choices=NETWORKS)
     latent_dim: int = _opt(20, "dimension of z", group="model", metavar="D", low=1, below=LAYER_SIZES)
     hidden: list[int] | None = _opt(None, "hidden sizes, comma-separated (mlp default 400; conv: its linear layer)", group="model", metavar="N[,N…]", low=1, below=LAYER_SIZES)
-    likelihood_scale: float | None = _opt(None, "fixed σ of gaussian / scale of laplace, or initial value of the learned ones (default 1)", group="model", metavar="S", above=0)
+    likelihood_scale: float | None = _opt(None, "fixed σ of gaussian / scale of laplace (default 1), or initial value of the learned ones (default: the one that best fits the training data around their mean)", group="model", metavar="S", above=0)
     posterior_scale: str = _opt("log-variance", "what the encoder outputs for the Gaussian posterior's scale: log σ² (trains faster under Adam) or log σ (models from before aevb had the choice)", group="model", choices=POSTERIOR_SCALES)
     # -- training -----------------------------------------------------------
     beta_warmup: int = _opt(0, "steps over which β rises linearly from 0 to --beta (0: constant)", group="training", metavar="STEPS", low=0, requires="beta")
@@ -93,10 +96,15 @@ class RunConfig:
     beta_cycles: int = _opt(4, "cycles of the cyclical β schedule over the run", group="training", metavar="M", low=1, requires="beta")
     beta_ratio: float = _opt(0.5, "fraction of each cycle over which the cyclical β rises (then stays at --beta)", group="training", metavar="R", above=0, high=1, requires="beta")
     epochs: int = _opt(10, "passes over the training data", group="training", low=1)
+    early_stopping: int | None = _opt(None, "stop when the validation ELBO has not improved for this many epochs (needs a validation split, --val-split); the best epoch's checkpoint is kept in any case as checkpoints/best.safetensors", group="training", metavar="EPOCHS", low=1)
     steps: int | None = _opt(None, "stop after this many optimiser steps instead (overrides --epochs)", group="training", low=1)
     batch_size: int = _opt(128, "examples per optimiser step", group="training", low=1)
-    lr: float = _opt(3e-3, "Adam learning rate", group="training", above=0)
-    adam_betas: list[float] = _opt((0.9, 0.999), "Adam β1,β2", group="training", metavar="B1,B2")
+    optimizer: str = _opt("adam", "torch optimiser: adam (fused: the fast path), adamw (decoupled weight decay) or sgd (momentum 0.9)", group="training", choices=OPTIMIZERS)
+    lr: float = _opt(3e-3, "learning rate (the peak of --lr-schedule)", group="training", above=0)
+    adam_betas: list[float] = _opt((0.9, 0.999), "Adam β1,β2 (adam, adamw)", group="training", metavar="B1,B2")
+    weight_decay: float = _opt(0.0, "weight decay: L2 added to the gradient (adam, sgd) or decoupled (adamw)", group="training", metavar="WD", low=0)
+    lr_schedule: str = _opt("constant", "learning rate over the run: constant, cosine (to 0 at the last step), step (×0.1 at 50% and 75% of the steps), plateau (×0.5 after 2 epochs without a better validation ELBO) or one-cycle (torch's OneCycleLR)", group="training", choices=LR_SCHEDULES)
+    lr_warmup: int = _opt(0, "steps over which the learning rate rises linearly to --lr first (constant, cosine, step; one-cycle: its rising part)", group="training", metavar="STEPS", low=0)
     output_bias: str = _opt("data-mean", "initial bias of the decoder's last layer: data-mean (p(x|z) starts at the training set's average image) or default (torch's initialisation)", group="training", choices=OUTPUT_BIAS_INITS)
     grad_clip: float | None = _opt(None, "clip the gradient norm to this value", group="training", metavar="NORM", above=0,
                                      hint="leave it out for no clipping")

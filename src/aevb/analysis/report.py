@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from aevb.analysis.evaluation import evaluate_run
+from aevb.analysis.evaluation import evaluate_run, previous_evaluation, trained_at
+from aevb.config import IW_SAMPLES
 from aevb.analysis.gallery import ExploreOptions, FigureContext, NotDrawn, plan_figures
 from aevb.errors import UserError
 from aevb.io import write_text
@@ -305,21 +306,14 @@ def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipp
     return "\n".join(parts) + "\n"
 
 
-def _trained_at(run_dir: Path) -> float:
-    """When the run's weights were last written (0 if unknown): older figures are redrawn."""
-
-    times = [p.stat().st_mtime for p in (run_dir / "model" / "weights.safetensors", run_dir / CHECKPOINT)
-             if p.is_file()]
-    return max(times, default=0.0)
-
-
-def write_report(run_dir: str | Path, *, iw_samples: int = 1000, device: str = "auto",
+def write_report(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, device: str = "auto",
                  out: str | Path | None = None, echo: Callable[[str], None] | None = None,
                  explore_args: dict | None = None) -> Path:
     """Write ``RUN/report.html`` (or ``out``) and return its path.
 
     Runs the evaluation with ``iw_samples`` importance samples if the run has
-    no ``eval.json``, and :func:`explore_run` if any figure that fits the run
+    no ``eval.json`` of its current weights (with as many as an older one had,
+    if more), and :func:`explore_run` if any figure that fits the run
     is missing from ``RUN/images/`` or older than the run's weights.
     """
 
@@ -327,19 +321,15 @@ def write_report(run_dir: str | Path, *, iw_samples: int = 1000, device: str = "
     run_dir = run.path
     echo = echo or (lambda message: None)
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    eval_path = run_dir / "eval.json"
-    metrics = None
-    trained = _trained_at(run_dir)
-    if eval_path.is_file() and eval_path.stat().st_mtime < trained:
+    metrics, current = previous_evaluation(run_dir)
+    trained = trained_at(run_dir)
+    if metrics is not None and not current:
+        # the weights changed since: evaluate them again, with as many samples as that evaluation had
+        iw_samples = max(iw_samples, metrics.get("iw_samples") or 0)
         echo("eval.json is older than the model; evaluating again")
-    elif eval_path.is_file():
-        try:
-            metrics = json.loads(eval_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            metrics = None
-        if not isinstance(metrics, dict):
-            metrics = None
-            echo(f"{eval_path} is unreadable; evaluating again")
+        metrics = None
+    elif metrics is None and (run_dir / "eval.json").is_file():
+        echo(f"{run_dir / 'eval.json'} is unreadable; evaluating again")
     if metrics is None:
         echo(f"evaluating with k = {iw_samples} importance samples")
         try:

@@ -42,9 +42,6 @@ from aevb.data.streaming import StreamedImages
 from aevb.errors import UserError
 from aevb.registry import DATASETS
 
-DEFAULT_IMAGE_SIZE = 64  # side of the square images made from a folder
-
-
 @dataclass
 class Dataset:
     """A data set split into train / validation / test tensors, all in memory.
@@ -133,8 +130,10 @@ def load_data(
         official test set use it and ignore ``test_split``.
     shuffle, seed: permute the examples with a seeded ``torch.Generator``
         before splitting (the training set only, for official splits).
-    image_size: side of the square images made from a folder (default 64);
-        refused for other sources, which keep their size.
+    image_size: resize and centre-crop the images of a folder to this side
+        (a warning says how many that changed); without it they keep the
+        size they all share, and a folder of several sizes is refused.
+        Refused for other sources, which keep their size.
     download: let torchvision fetch a registered data set that is missing.
     stream: ``"yes"`` keeps the training images of a ``.npy`` file
         (memory-mapped) or an image folder (8-bit pixels) as stored and
@@ -173,17 +172,17 @@ def load_data(
         if image_size is not None and not path.is_dir():
             raise UserError(f"--image-size resizes the images of a folder; {source} is a file whose examples keep "
                             f"their shape: drop --image-size")
-        data = _load_path(path, labels, image_size or DEFAULT_IMAGE_SIZE, stream)
+        data = _load_path(path, labels, image_size, stream)
     return _split(source, data, test_split=test_split, val_split=val_split, shuffle=shuffle, seed=seed)
 
 
 def read_examples(path: str | Path, labels: str | None = None, image_size: int | None = None) -> SourceData:
     """Every example of a data file or image folder, in memory and before any split or standardisation
     (the data of ``aevb encode --data``)."""
-    return _load_path(Path(path).expanduser(), labels, image_size or DEFAULT_IMAGE_SIZE, "no")
+    return _load_path(Path(path).expanduser(), labels, image_size, "no")
 
 
-def _load_path(path: Path, labels: str | None, image_size: int, stream: str = "auto") -> SourceData:
+def _load_path(path: Path, labels: str | None, image_size: int | None, stream: str = "auto") -> SourceData:
     """SourceData of a data file (with an optional labels file) or an image folder."""
     if not path.exists():
         raise UserError(
@@ -197,7 +196,7 @@ def _load_path(path: Path, labels: str | None, image_size: int, stream: str = "a
     return load_file(path, labels, stream)
 
 
-def _split_count(split: object, n: int, option: str) -> int:
+def split_count(split: object, n: int, option: str) -> int:
     """How many of n examples a split option asks for: a count, or a fraction of n."""
     if isinstance(split, numbers.Real) and not isinstance(split, bool):
         if 0 < split < 1:
@@ -212,12 +211,12 @@ def _split(name: str, data: SourceData, *, test_split, val_split, shuffle: bool,
     x, y = data.x, data.y  # [N, *data_shape], [N]
     n = len(x)
     if data.test_x is None:
-        n_test = _split_count(test_split, n, "test_split")
+        n_test = split_count(test_split, n, "test_split")
         if n_test == 0:
             raise UserError("test_split=0 leaves no test examples; give a count ≥ 1 or a fraction between 0 and 1")
     else:
         n_test = 0  # the official test set is used instead
-    n_val = _split_count(val_split, n, "val_split")
+    n_val = split_count(val_split, n, "val_split")
     n_train = n - n_test - n_val
     if n_train < 1:
         raise UserError(

@@ -1,8 +1,9 @@
-"""Image folders: every image under a folder, decoded, turned upright, resized and cropped to S x S.
+"""Image folders: every image under a folder, decoded, turned upright, at its own size or cropped to S x S.
 
 :func:`load_folder` reads a folder (recursively; two or more subfolders are
 the classes) into a :class:`~aevb.data.sources.SourceData` of images
-``[N, C, S, S]``.  Large folders are decoded on a few threads (Pillow
+``[N, C, H, W]``: at the size all its images share, or resized and
+centre-cropped to S x S when asked (``--image-size S``).  Large folders are decoded on a few threads (Pillow
 releases the GIL); 16-bit and float greyscale images become 8-bit.  A folder
 streamed for being too large for memory as float32 is decoded once into a
 cache file of its 8-bit pixels (``CACHE_DIR/folders``,
@@ -34,12 +35,15 @@ from aevb.errors import UserError
 from aevb.io import atomic_write, write_json
 
 
-def load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceData:
-    """Every readable image under root, sorted by path, as [N, C, S, S] in [0, 1] with S = image_size.
+def load_folder(root: Path, image_size: int | None = None, stream: str = "auto") -> SourceData:
+    """Every readable image under root, sorted by path, as [N, C, H, W] in [0, 1].
 
     Images are turned upright as their EXIF orientation says (as every viewer
-    shows them), converted to RGB (to greyscale if all are greyscale), resized so
-    the short side is S, and centre-cropped to S x S.  Unreadable files are
+    shows them) and converted to RGB (to greyscale if all are greyscale).
+    Without ``image_size`` they keep the size they all share (H x W, upright);
+    a folder of several sizes is refused with the sizes found.  With
+    ``image_size`` S, each is resized so the short side is S and centre-cropped
+    to S x S, and a warning says how many images that changed.  Unreadable files are
     named in a warning and skipped.  With two or more subfolders holding
     images, the top-level subfolder is the class (like torchvision's
     ImageFolder), and the split shuffles first.  In memory, the images are decoded and converted to float32.
@@ -56,29 +60,31 @@ def load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceData
     )  # fmt: skip
     bad: list[Path] = []
     modes: dict[Path, str] = {}
-    for p in files:  # headers only: the common mode must be known before decoding
+    sizes: dict[Path, tuple[int, int]] = {}  # (height, width) as viewers show the image
+    for p in files:  # headers only: the common mode and size must be known before decoding
         try:
             with Image.open(p) as im:
-                modes[p] = im.mode
+                modes[p], sizes[p] = im.mode, _upright_size(im)
         except Exception:
             bad.append(p)
     mode = "L" if modes and all(m in GREY_MODES for m in modes.values()) else "RGB"
     readable = list(modes)
-    shape = (image_size, image_size) if mode == "L" else (image_size, image_size, 3)  # of one image, uint8
+    size = _target_size(root, sizes, image_size)  # (H, W)
+    shape = size if mode == "L" else (*size, 3)  # of one image, uint8
 
     streamed = should_stream(stream, len(readable) * math.prod(shape))
     if streamed:
         stacked, kept, failed = _decoded_folder(root, readable, mode, image_size, shape)
     else:
-        pixels: list[np.ndarray] = []  # each [S, S] or [S, S, 3] uint8
+        pixels: list[np.ndarray] = []  # each [H, W] or [H, W, 3] uint8
         kept, failed = [], []
         for p, decoded in zip(readable, _decode_all(readable, mode, image_size, f"decoding {root.name or root}")):
-            if decoded is None:
+            if decoded is None or decoded.shape != shape:  # a header that lies about the size
                 failed.append(p)
             else:
                 pixels.append(decoded)
                 kept.append(p)
-        stacked = np.stack(pixels) if pixels else None  # [N, S, S] or [N, S, S, 3] uint8
+        stacked = np.stack(pixels) if pixels else None  # [N, H, W] or [N, H, W, 3] uint8
     bad += failed
     if bad:
         names = ", ".join(str(p.relative_to(root)) for p in sorted(bad)[:20])
@@ -103,7 +109,7 @@ def load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceData
     else:
         classes = None
 
-    view = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)  # [N, C, S, S]
+    view = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)  # [N, C, H, W]
     if streamed:
         x = StreamedImages(view, 255.0, rows=rows)
     else:
@@ -111,7 +117,47 @@ def load_folder(root: Path, image_size: int, stream: str = "auto") -> SourceData
     return SourceData(x, y, "image", levels=256, classes=classes, grouped_by_class=y is not None)
 
 
-def _decode_all(files: list[Path], mode: str, image_size: int, description: str) -> Iterator[np.ndarray | None]:
+def _upright_size(im) -> tuple[int, int]:
+    """(height, width) of an opened image as viewers show it: its EXIF orientation 5 to 8 turns it by 90°.
+
+    Reads the EXIF block the header already holds (``im.info``), never the
+    pixels: ``getexif()`` would decode a whole PNG to look for it.
+    """
+    width, height = im.size
+    raw = im.info.get("exif")
+    if raw:
+        exif = Image.Exif()
+        exif.load(raw)
+        if exif.get(0x0112) in (5, 6, 7, 8):
+            return width, height
+    return height, width
+
+
+def _target_size(root: Path, sizes: dict[Path, tuple[int, int]], image_size: int | None) -> tuple[int, int]:
+    """(height, width) the images of a folder become: their shared size, or image_size x image_size.
+
+    A folder of several sizes without image_size is refused with the sizes it
+    holds; with image_size, a warning says how many images are resized and
+    from which sizes, so that no run trains on silently resized data.
+    """
+    counts: dict[tuple[int, int], int] = {}
+    for hw in sizes.values():
+        counts[hw] = counts.get(hw, 0) + 1
+    found = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    listed = ", ".join(f"{h}×{w} ({n})" for (h, w), n in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    if image_size is None:
+        if len(found) > 1:
+            raise UserError(f"the images of {root} have {len(found)} sizes (height×width: {listed}); pass "
+                            f"--image-size S to resize and centre-crop them all to S×S")
+        return found[0][0] if found else (1, 1)
+    resized = sum(n for hw, n in found if hw != (image_size, image_size))
+    if resized:
+        warnings.warn(f"--image-size {image_size}: resized and centre-cropped {resized} of {len(sizes)} images of "
+                      f"{root} to {image_size}×{image_size} (their sizes, height×width: {listed})", stacklevel=4)
+    return image_size, image_size
+
+
+def _decode_all(files: list[Path], mode: str, image_size: int | None, description: str) -> Iterator[np.ndarray | None]:
     """Each file's pixels (:func:`_decode`) in order, None for a file that cannot be decoded.
 
     Large folders are decoded on a few threads: Pillow releases the GIL while
@@ -166,11 +212,12 @@ def _ordered_map(fn, items: list, workers: int, in_flight: int) -> Iterator:
 GREY_MODES = ("1", "L", "LA", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-def _decode(path: Path, mode: str, image_size: int) -> np.ndarray:
-    """One image file as uint8 pixels [S, S] (mode L) or [S, S, 3] (RGB)."""
+def _decode(path: Path, mode: str, image_size: int | None) -> np.ndarray:
+    """One image file as uint8 pixels [H, W] (mode L) or [H, W, 3] (RGB): its own size, or S x S with S = image_size."""
     with Image.open(path) as im:
         upright = ImageOps.exif_transpose(im)  # a camera's portrait JPEG is stored sideways
-        return np.asarray(_resize_crop(_eight_bit(upright).convert(mode), image_size))
+        converted = _eight_bit(upright).convert(mode)
+        return np.asarray(converted if image_size is None else _resize_crop(converted, image_size))
 
 
 def _eight_bit(im):
@@ -192,7 +239,7 @@ def _eight_bit(im):
 DECODER = 2
 
 
-def _decoded_folder(root: Path, files: list[Path], mode: str, image_size: int,
+def _decoded_folder(root: Path, files: list[Path], mode: str, image_size: int | None,
                     shape: tuple[int, ...]) -> tuple[np.ndarray, list[Path], list[Path]]:
     """(pixels [N, *shape] uint8 memory-mapped, files decoded, files that failed) of an image folder.
 
@@ -206,7 +253,8 @@ def _decoded_folder(root: Path, files: list[Path], mode: str, image_size: int,
     listing = [(str(p.relative_to(root)), st.st_size, st.st_mtime_ns) for p, st in zip(files, stats)]
     # DECODER: how files become pixels (2: EXIF orientation applied); a change decodes cached folders again
     key = hashlib.sha256(json.dumps([str(root.resolve()), mode, image_size, DECODER, listing]).encode()).hexdigest()[:20]
-    cache = sources.CACHE_DIR.expanduser() / "folders" / f"{root.resolve().name or 'root'}-{image_size}px-{key}.npy"
+    size = "native" if image_size is None else f"{image_size}px"
+    cache = sources.CACHE_DIR.expanduser() / "folders" / f"{root.resolve().name or 'root'}-{size}-{key}.npy"
     index = cache.with_suffix(".json")
     if cache.is_file() and index.is_file():
         try:
@@ -222,7 +270,7 @@ def _decoded_folder(root: Path, files: list[Path], mode: str, image_size: int,
         pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), *shape))
         for i, decoded in enumerate(_decode_all(files, mode, image_size,
                                                 f"decoding {root.name or root} into {cache.parent}")):
-            if decoded is not None:
+            if decoded is not None and decoded.shape == shape:
                 pixels[len(kept)] = decoded
                 kept.append(i)
         pixels.flush()

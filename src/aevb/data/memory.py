@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, Subset, TensorDataset
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data._utils.collate import default_collate
 
-from aevb.data.datasets import Dataset
+from aevb.data.datasets import Dataset, split_count
 from aevb.errors import UserError
 
 IN_MEMORY = "in-memory"  # config.data of a run trained on data passed in memory
@@ -45,11 +45,15 @@ RERUN_ADVICE = ("save the array (numpy.save('train.npy', x)) and train with --da
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
-def memory_dataset(train: Any, test: Any = None, val: Any = None, *, read_by_batch: bool = True) -> Dataset:
+def memory_dataset(train: Any, test: Any = None, val: Any = None, *, read_by_batch: bool = True,
+                   val_split: float = 0) -> Dataset:
     """The :class:`Dataset` of data given in memory: ``train`` (required), ``test`` and ``val`` (optional).
 
     ``read_by_batch``: a training Dataset of another kind than tensors stays one (:class:`DatasetRows`);
     False reads it whole (evaluation, which classifies the codes of every training example).
+    ``val_split`` (a count, or a fraction of all the examples given, as ``--val-split`` is of a file's):
+    without ``val``, the validation examples taken from the end of ``train``, as a file's are from the end
+    of its training part.
     """
     x_train, y_train, levels = _training_examples(train) if read_by_batch else examples(train, "train")
     splits = {}
@@ -62,11 +66,28 @@ def memory_dataset(train: Any, test: Any = None, val: Any = None, *, read_by_bat
             raise UserError(f"{name}= holds {_described(split_levels)} values and train= {_described(levels)} ones; "
                             f"pass splits of one data set")
         splits[name] = (x, y)
+    if val is None and val_split:
+        given = len(x_train) + (0 if splits["test"][0] is None else len(splits["test"][0]))
+        x_train, y_train, splits["val"] = _split_off(x_train, y_train, split_count(val_split, given, "val_split"))
     x_test, y_test = splits["test"]
     if x_test is None:
         x_test = torch.empty(0, *x_train.shape[1:])
     return Dataset(IN_MEMORY, x_train, x_test, splits["val"][0], y_train, y_test, splits["val"][1],
                    kind="image" if len(x_train.shape) == 4 else "tabular", levels=levels)
+
+
+def _split_off(x: torch.Tensor | DatasetRows, y: torch.Tensor | None, count: int):
+    """(x, y) of ``train=`` less its last ``count`` examples, and those as the validation split (x, y)."""
+    n = len(x)
+    if count >= n:
+        raise UserError(f"--val-split takes {count} of the {n} examples of train=, leaving none to train on; pass "
+                        f"a smaller --val-split, or val= yourself")
+    if isinstance(x, DatasetRows):
+        rest = Subset(x.dataset, range(n - count))
+        val = examples(Subset(x.dataset, range(n - count, n)), "val")[:2]
+        return DatasetRows(rest, workers=x.workers, collate_fn=x.collate_fn, device=x.device), None, val
+    held = (x[n - count:], None if y is None else y[n - count:])
+    return x[:n - count], None if y is None else y[:n - count], held
 
 
 def origin(train: Any, test: Any = None, val: Any = None) -> dict[str, Any]:

@@ -34,15 +34,19 @@ class Position:
     epoch: int = 0
     batch: int = 0  # batches done in the current epoch
     perm: torch.Tensor | None = None  # the current epoch's order, [N] int64
+    best: float | None = None  # the lowest validation loss (−ELBO; an AE: reconstruction) at an epoch's end
+    best_epoch: int = 0  # the epoch that reached it (early stopping counts the epochs since)
 
 
 def write_checkpoint(path: Path, model: Model, optimizer: torch.optim.Optimizer, position: Position,
                      shuffle: torch.Generator, model_kwargs: dict, settings: dict | None = None,
-                     examples: int | None = None) -> None:
+                     examples: int | None = None, lr_schedule: Any = None) -> None:
     """The whole training state in one safetensors file.
 
     ``settings`` (the run's config) and ``examples`` (the number of training
-    examples) are what a resume is checked against.
+    examples) are what a resume is checked against; ``lr_schedule`` (anything
+    with a JSON-able ``state_dict()``: the learning-rate scheduler) is
+    restored with the rest.
     """
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
     optim_state = optimizer.state_dict()
@@ -59,7 +63,8 @@ def write_checkpoint(path: Path, model: Model, optimizer: torch.optim.Optimizer,
     meta = {
         "step": position.step, "epoch": position.epoch, "batch": position.batch,
         "param_groups": optim_state["param_groups"], "model_kwargs": model_kwargs, "config": settings,
-        "examples": examples,
+        "examples": examples, "best": position.best, "best_epoch": position.best_epoch,
+        "lr_schedule": None if lr_schedule is None else lr_schedule.state_dict(),
     }
     write_safetensors(path, tensors, metadata={"format": "aevb-checkpoint", "meta": json.dumps(meta)})
 
@@ -113,7 +118,7 @@ def _check_unchanged(path: Path, meta: dict, config: RunConfig) -> None:
 
 
 def restore(path: Path, model: Model, optimizer: torch.optim.Optimizer, shuffle: torch.Generator,
-            config: RunConfig, examples: int) -> Position:
+            config: RunConfig, examples: int, lr_schedule: Any = None) -> Position:
     """Load the training state of ``path`` into ``model``, ``optimizer`` and ``shuffle``; the position to go on from.
 
     Everything that would otherwise fail later, or silently train on from a
@@ -145,9 +150,13 @@ def restore(path: Path, model: Model, optimizer: torch.optim.Optimizer, shuffle:
         step = int(meta["step"])
         _check_optimizer_state(optimizer, optim_state, step)
         optimizer.load_state_dict(optim_state)
+        if lr_schedule is not None and meta.get("lr_schedule") is not None:
+            lr_schedule.load_state_dict(meta["lr_schedule"])
         torch.set_rng_state(state["rng.torch"])
         shuffle.set_state(state["rng.shuffle"])
-        position = Position(step, int(meta["epoch"]), int(meta["batch"]), perm)
+        best = meta.get("best")  # checkpoints from before aevb kept the best epoch have none
+        position = Position(step, int(meta["epoch"]), int(meta["batch"]), perm,
+                            None if best is None else float(best), int(meta.get("best_epoch") or 0))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a hand-edited or foreign file
         raise corrupt(f"its optimiser, random or position state cannot be read ({type(e).__name__}: {e})") from None
     cuda_states = [state[k] for k in sorted(state) if k.startswith("rng.cuda.")]

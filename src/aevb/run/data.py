@@ -1,8 +1,10 @@
 """A run's data: the data set its configuration names, the held-out splits prepared as in training, and the
-checks that the data fit the run (range for the likelihood, quantisation for --dequantize, the model's shape)."""
+checks that the data fit the run (range for the likelihood, quantisation for --dequantize, whether the likelihood
+scores the data honestly, the model's shape)."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,6 +62,48 @@ def check_data_range(config: RunConfig, dataset: Dataset) -> None:
         raise UserError(f"--likelihood {config.likelihood} models values in [0, 1], but {config.data} holds values "
                         f"from {low:.4g} to {high:.4g}; use --likelihood gaussian-learned, gaussian-diag or laplace-learned "
                         f"for real-valued data, or rescale it to [0, 1]")
+
+
+def check_likelihood_scores(config: RunConfig, dataset: Dataset) -> None:
+    """Refuse, or warn before training, where the likelihood's number would not be a likelihood of the data.
+
+    * a density unbounded at exact 0 and 1 (continuous Bernoulli) on data
+      holding such values: refused (its ELBO runs to +∞), unless dequantised;
+    * a density on quantised values (8-bit pixels, binarised images) not
+      dequantised: a warning (it is a density at those values, not their
+      probability, and may exceed any probability: no bits/dim).
+
+    A Bernoulli on grey values (the default on ``digits``, and the MNIST
+    recipe) is bounded and is said where its number is shown: the
+    evaluation's ``likelihood_note`` says what it is.
+    """
+    likelihood = LIKELIHOODS.get(config.likelihood)
+    name = f"--likelihood {config.likelihood}"
+    if config.dequantize:
+        return  # pixels (k + u)/levels: inside (0, 1), and a density's bits/dim bound the 8-bit data's
+    if likelihood.unbounded_at_endpoints and (config.binarize != "none" or _holds_endpoints(dataset)):
+        if config.binarize != "none":
+            fix = "for binary images use --likelihood bernoulli"
+        elif dataset.levels:
+            fix = "add --dequantize to train on pixels spread inside their levels, (k + u)/levels, strictly inside (0, 1)"
+        else:
+            fix = "rescale the values strictly inside (0, 1), or use --likelihood gaussian-learned"
+        raise UserError(f"{name} has no bounded density at exactly 0 or 1, and {config.data} holds such values"
+                        f"{' (binarised)' if config.binarize != 'none' else ''}: its ELBO would grow without bound "
+                        f"as the decoder's logits run off; {fix}")
+    quantised = config.binarize != "none" or dataset.levels
+    if not likelihood.discrete and likelihood.normalized and quantised:
+        levels = 2 if config.binarize != "none" else dataset.levels
+        warnings.warn(f"{name} is a density, and {config.data} holds {levels}-level values: its log p(x) is a density "
+                      f"at those values, not their probability (it can exceed any probability), and has no bits/dim; add "
+                      f"--dequantize (without --binarize) to score it as a likelihood of the pixels", stacklevel=3)
+
+
+def _holds_endpoints(dataset: Dataset) -> bool:
+    """Whether the training data hold a value exactly 0 or 1 (streamed 8-bit pixels: assumed, as images do)."""
+    if isinstance(dataset.train, StreamedImages):
+        return True
+    return bool(((dataset.train == 0) | (dataset.train == 1)).any())
 
 
 def check_dequantize(config: RunConfig, dataset: Dataset | None = None) -> int | None:

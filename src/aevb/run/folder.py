@@ -27,6 +27,7 @@ from aevb.errors import UserError
 from aevb.registry import DATASETS
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
+BEST_CHECKPOINT = Path("checkpoints") / "best.safetensors"  # the epoch's end with the best validation ELBO so far
 RUN_OUTPUTS = ("config.json", "data.json", "metrics.jsonl", "eval.json", "report.html", "checkpoints", "model", "images",
                "tensorboard", "export")
 RUN_FILE_SUFFIXES = (".png", ".json", ".jsonl", ".safetensors", ".html", ".tmp", ".pt2", ".onnx")  # what a run writes in those folders

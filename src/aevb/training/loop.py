@@ -18,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -37,13 +39,14 @@ from aevb.data.datasets import Dataset
 from aevb.data.memory import IN_MEMORY, DatasetRows, memory_dataset, origin
 from aevb.data.streaming import StreamedImages, mean_example
 from aevb.errors import NonFiniteLossError, UserError
-from aevb.io import write_json
+from aevb.io import atomic_write, write_json
 from aevb.model.base import LossOutput, Model, build_model
 from aevb.model.precision import matmul_dtype
 from aevb.run.checkpoints import Position, restore, write_checkpoint
-from aevb.run.data import check_data_range, check_dequantize, held_out, load_dataset
+from aevb.run.data import check_data_range, check_dequantize, check_likelihood_scores, held_out, load_dataset
 from aevb.run.device import resolve_device
-from aevb.run.folder import CHECKPOINT, make_run_dir, new_run_dir, with_absolute_paths
+from aevb.run.folder import BEST_CHECKPOINT, CHECKPOINT, make_run_dir, new_run_dir, with_absolute_paths
+from aevb.training.lr_schedules import LRSchedule, make_lr_schedule
 from aevb.training.interrupt import Interrupted, StopRequest, stop_on_sigint
 from aevb.training.metrics import MetricsLog, StepTerms, check_loggers
 from aevb.training.schedules import make_schedule
@@ -71,7 +74,7 @@ def train(config: RunConfig, train: Any = None, test: Any = None, *, val: Any = 
     """
     given = None
     if train is not None:
-        given = memory_dataset(train, test, val)
+        given = memory_dataset(train, test, val, val_split=config.val_split if val is None else 0)
         config = dataclasses.replace(config, data=IN_MEMORY)
     elif test is not None or val is not None:
         raise UserError("test= and val= are splits of data given as train=; pass train= too, or name the data in "
@@ -92,14 +95,21 @@ def train(config: RunConfig, train: Any = None, test: Any = None, *, val: Any = 
     shuffle = torch.Generator().manual_seed(config.seed)
 
     data = TrainingData.load(config, device, given)
+    if config.early_stopping and data.eval_name != "val":
+        raise UserError(f"--early-stopping {config.early_stopping} watches the validation ELBO, and {config.data} has "
+                        f"no validation split: add --val-split (0.1: a tenth of the examples), never the test set")
     model_kwargs = config.model_kwargs(data.dataset.data_shape)
     model = build_model(config.model, **model_kwargs).to(device)
     if resume is None and config.output_bias == "data-mean":
         model.init_output_bias(mean_example(data.train))
+    if resume is None and config.likelihood_scale is None:  # a learned scale starts from the data, not at 1
+        model.likelihood.start_scale(data.residuals())
     optimizer = _make_optimizer(model, config, device)
+    total_steps = config.steps or config.epochs * math.ceil(data.examples / config.batch_size)
+    lr_schedule = make_lr_schedule(optimizer, config, total_steps, has_validation=data.eval_name == "val")
     loss_of = _make_loss(model, config, device)
     if resume is not None:
-        position = restore(run_dir / CHECKPOINT, model, optimizer, shuffle, config, data.examples)
+        position = restore(run_dir / CHECKPOINT, model, optimizer, shuffle, config, data.examples, lr_schedule)
     else:
         position = Position()
         run_dir = make_run_dir(run_dir, config, force)
@@ -110,7 +120,7 @@ def train(config: RunConfig, train: Any = None, test: Any = None, *, val: Any = 
 
     trainer = Trainer(config=config, run_dir=run_dir, model=model, optimizer=optimizer, loss_of=loss_of,
                       data=data, position=position, shuffle=shuffle, step_dtype=step_dtype,
-                      model_kwargs=model_kwargs)
+                      model_kwargs=model_kwargs, lr_schedule=lr_schedule)
     if resume is not None:
         trainer.check_steps_left()
         # the new length, before training: a run interrupted from here resumes toward it
@@ -138,7 +148,7 @@ class TrainingData:
     levels: int | None  # the data's quantisation levels under --dequantize, else None
     eval_name: str  # "val", or "test" where the run has no validation split
     eval_x: torch.Tensor | None  # [M, *data_shape] that split, validated at every epoch's end
-    holdout: torch.Tensor | None  # [≤10, *data_shape] test images (one a class) pictured while training
+    holdout: torch.Tensor | None  # [≤10, *data_shape] images of that split (one a class) pictured while training
 
     @classmethod
     def load(cls, config: RunConfig, device: torch.device, given: Dataset | None = None) -> TrainingData:
@@ -146,16 +156,16 @@ class TrainingData:
         dataset = given if given is not None else load_dataset(config)
         levels = check_dequantize(config, dataset)
         check_data_range(config, dataset)
+        check_likelihood_scores(config, dataset)
         x_train = dataset.train
         if config.binarize == "threshold":
             x_train = transforms.binarize(x_train, "threshold")
         x_train = x_train.to(device)
         eval_name = "val" if dataset.val is not None else "test"
-        x_eval, _ = held_out(dataset, config, eval_name)
-        holdout = None
-        if dataset.kind == "image" and dataset.test is not None and len(dataset.test):
-            x_test, y_test = held_out(dataset, config, "test")
-            holdout = x_test[transforms.holdout_indices(y_test, 10, num_examples=len(x_test))].to(device)
+        x_eval, y_eval = held_out(dataset, config, eval_name)
+        holdout = None  # pictured from the validation split where there is one: the test set is for aevb eval
+        if dataset.kind == "image" and x_eval is not None and len(x_eval):
+            holdout = x_eval[transforms.holdout_indices(y_eval, 10, num_examples=len(x_eval))].to(device)
         return cls(dataset, x_train, device, config.binarize, levels, eval_name, x_eval, holdout)
 
     @property
@@ -171,6 +181,19 @@ class TrainingData:
             return
         for begin in range(start * batch_size, len(order), batch_size):
             yield self.batch(order[begin:begin + batch_size])
+
+    def residuals(self, rows: int = 4096) -> torch.Tensor:
+        """The first ``rows`` training examples as training sees them, less the mean example: [rows, *data_shape].
+
+        Dequantised with a seeded generator of their own, so that the global
+        one draws the same noise whether or not a scale is started from them.
+        """
+        x = self.train[: min(rows, self.examples)].to(self.device)  # streamed images: read and converted
+        if self.binarize != "none":
+            x = transforms.binarize(x, self.binarize, torch.Generator(device=x.device).manual_seed(1234))
+        if self.levels:
+            x = transforms.dequantize(x, self.levels, torch.Generator(device=x.device).manual_seed(1234))
+        return x - mean_example(self.train).to(x.device)
 
     def batch(self, index: torch.Tensor) -> torch.Tensor:
         """The training examples at ``index`` [b]: [b, *data_shape], binarised or dequantised afresh."""
@@ -201,6 +224,7 @@ class Trainer:
     shuffle: torch.Generator  # draws each epoch's order
     step_dtype: torch.dtype | None  # of the step's multiplies; None: fp32
     model_kwargs: dict  # the model's arguments, stored in the checkpoint
+    lr_schedule: LRSchedule | None = None  # --lr-schedule's scheduler; None: a constant rate
 
     def __post_init__(self) -> None:
         config = self.config
@@ -212,6 +236,7 @@ class Trainer:
         self.picture_epochs = max(1, math.ceil(self.total_steps / self.steps_per_epoch) // 10)
         self.terms = StepTerms(config.log_every)
         self.last_log_time, self.last_log_step = time.perf_counter(), self.position.step
+        self.val_loss: float | None = None  # the last validation −ELBO (an AE: reconstruction), for plateau
         self.log: MetricsLog | None = None  # and the progress bar, while fit runs
         self.bar = None
 
@@ -257,7 +282,7 @@ class Trainer:
 
     def _run_epochs(self, ctrl_c: StopRequest) -> None:
         position = self.position
-        while position.step < self.total_steps:
+        while position.step < self.total_steps and not self.stops_early():
             if position.perm is None:
                 position.perm = torch.randperm(self.data.examples, generator=self.shuffle).to(self.data.device)
             batches = self.data.batches(position.perm, position.batch, self.config.batch_size)
@@ -268,6 +293,9 @@ class Trainer:
             if position.batch < self.steps_per_epoch:
                 break  # --steps reached mid-epoch
             self.end_epoch()
+        if self.stops_early() and self.bar is not None:
+            self.bar.write(f"early stopping: no better validation ELBO for {self.config.early_stopping} epochs "
+                           f"after epoch {position.best_epoch} ({BEST_CHECKPOINT})")
         self.flush_log()
         if position.batch:  # stopped mid-epoch by --steps
             self.save_checkpoint()
@@ -282,6 +310,8 @@ class Trainer:
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
+        if self.lr_schedule is not None:
+            self.lr_schedule.after_step()
         self.terms.add(out)
         position.step += 1
         position.batch += 1
@@ -333,16 +363,31 @@ class Trainer:
         position.epoch += 1
         position.batch = 0
         position.perm = None
+        improved = False
         if self.data.eval_x is not None and len(self.data.eval_x):
-            self.validate()
+            improved = self.validate()
+            if self.lr_schedule is not None and self.data.eval_name == "val":
+                self.lr_schedule.after_epoch(self.val_loss)
         if self.data.holdout is not None and not self.config.image_every and position.epoch % self.picture_epochs == 0:
             reconstruction_grid(self.model, self.data.holdout,
                                 self.run_dir / "images" / f"reconstructions-epoch{position.epoch:03d}.png")
         self.save_checkpoint()
+        if improved:  # the checkpoint just written, kept beside the last
+            atomic_write(self.run_dir / BEST_CHECKPOINT,
+                         lambda tmp: shutil.copyfile(self.run_dir / CHECKPOINT, tmp))
         self.last_log_time = time.perf_counter()  # images_per_s counts training steps, not epoch-end work
 
-    def validate(self) -> None:
-        """The mean ELBO terms of the held-out split, recorded; non-finite ones stop the run before a checkpoint."""
+    def stops_early(self) -> bool:
+        """Whether --early-stopping's patience has run out: that many epochs without a better validation ELBO."""
+        patience, position = self.config.early_stopping, self.position
+        return bool(patience) and position.best is not None and position.epoch - position.best_epoch >= patience
+
+    def validate(self) -> bool:
+        """The mean ELBO terms of the held-out split, recorded; non-finite ones stop the run before a checkpoint.
+
+        Returns whether the validation split's loss (−ELBO; an AE's
+        reconstruction term) is the best yet; the test split chooses nothing.
+        """
         name, step = self.data.eval_name, self.position.step
         terms = mean_elbo_terms(self.model, self.data.eval_x, self.config.eval_batch_size)
         self.log.write({"step": step, "epoch": self.position.epoch, **{f"{name}_{k}": v for k, v in terms.items()}})
@@ -355,10 +400,19 @@ class Trainer:
             )
         if self.bar is not None:
             self.bar.write(epoch_line(self.position.epoch, name, terms))
+        if name != "val":
+            return False
+        loss = -terms["elbo"] if "elbo" in terms else terms["reconstruction"]
+        self.val_loss = loss
+        position = self.position
+        if position.best is not None and not loss < position.best:
+            return False
+        position.best, position.best_epoch = loss, position.epoch
+        return True
 
     def save_checkpoint(self) -> None:
         write_checkpoint(self.run_dir / CHECKPOINT, self.model, self.optimizer, self.position, self.shuffle,
-                         self.model_kwargs, self.config.to_dict(), self.data.examples)
+                         self.model_kwargs, self.config.to_dict(), self.data.examples, self.lr_schedule)
 
     def _kept_message(self) -> str:
         if (self.run_dir / CHECKPOINT).is_file():
@@ -376,12 +430,22 @@ class Trainer:
 
 
 def _make_optimizer(model: Model, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    kwargs = dict(lr=config.lr, betas=tuple(config.adam_betas))
-    # fused Adam is one kernel per step instead of several per parameter
-    try:
-        return optim.Adam(model.parameters(), **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(model.parameters(), foreach=True, **kwargs)
+    """The optimiser of --optimizer: for adam, the fused Adam of aevb.acceleration.optim (the fast path)."""
+    betas, decay = tuple(config.adam_betas), config.weight_decay
+    if config.optimizer == "adam":
+        # fused Adam is one kernel per step instead of several per parameter
+        try:
+            return optim.Adam(model.parameters(), lr=config.lr, betas=betas, weight_decay=decay)
+        except (RuntimeError, TypeError):
+            return torch.optim.Adam(model.parameters(), foreach=True, lr=config.lr, betas=betas, weight_decay=decay)
+    warnings.warn(f"--optimizer {config.optimizer}: torch's {OPTIMIZER_CLASSES[config.optimizer].__name__} "
+                  f"(foreach), not the fused Adam of the default (--optimizer adam), which steps faster", stacklevel=2)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=betas, weight_decay=decay, foreach=True)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=decay, foreach=True)
+
+
+OPTIMIZER_CLASSES = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}  # the choices off the fused path
 
 
 def _first_line(error: BaseException) -> str:
