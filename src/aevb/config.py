@@ -88,7 +88,7 @@ class RunConfig:
     arch: str = _opt("mlp", "encoder/decoder network: a registered one or the import path of a function of yours like theirs, my_package.nets:build (see aevb.model.networks), which config.json records and every command that opens the run imports", group="model", choices=NETWORKS)
     latent_dim: int = _opt(20, "dimension of z", group="model", metavar="D", low=1, below=LAYER_SIZES)
     hidden: list[int] | None = _opt(None, "hidden sizes, comma-separated (mlp default 400; conv: its linear layer)", group="model", metavar="N[,N…]", low=1, below=LAYER_SIZES)
-    likelihood_scale: float | None = _opt(None, "fixed σ of gaussian / scale of laplace (default 1), or initial value of the learned ones (default: the one that best fits the training data around their mean)", group="model", metavar="S", above=0)
+    likelihood_scale: float | None = _opt(None, "fixed σ of gaussian / scale of laplace, or initial value of the learned ones (default: the one that best fits the training data around their mean, recorded in config.json; 1 with gaussian is the MSE loss)", group="model", metavar="S", above=0)
     posterior_scale: str = _opt("log-variance", "what the encoder outputs for the Gaussian posterior's scale: log σ² (trains faster under Adam) or log σ (models from before aevb had the choice)", group="model", choices=POSTERIOR_SCALES)
     # -- training -----------------------------------------------------------
     beta_warmup: int = _opt(0, "steps over which β rises linearly from 0 to --beta (0: constant)", group="training", metavar="STEPS", low=0, requires="beta")

@@ -99,6 +99,12 @@ class Likelihood(nn.Module):
         """
         return None
 
+    @classmethod
+    def data_scale(cls, residuals: torch.Tensor) -> float | None:
+        """The scale most likely for ``residuals`` = x − mean [N, *data_shape], floored; None for a family with
+        no one scale (``aevb train`` starts a learned scale, and sets a fixed one, at it unless given)."""
+        return None
+
     def start_scale(self, residuals: torch.Tensor) -> None:
         """Start a learned scale at the one most likely for ``residuals`` = x − mean [N, *data_shape]; else nothing.
 
@@ -306,6 +312,16 @@ class ContinuousBernoulliLikelihood(Likelihood):
         return _independent(LogitContinuousBernoulli(logits=params, validate_args=False), event_dims)
 
 
+def _root_mean_square(residuals: torch.Tensor) -> float:
+    """A Gaussian's maximum-likelihood σ for zero-located residuals [N, ...]: σ² = their mean square."""
+    return float(residuals.pow(2).mean().sqrt())
+
+
+def _mean_absolute(residuals: torch.Tensor) -> float:
+    """A Laplace's maximum-likelihood scale for zero-located residuals [N, ...]: b = their mean |r|."""
+    return float(residuals.abs().mean())
+
+
 class _FixedScale(_LocationFamily):
     """A location family (``family``: Normal or Laplace) with one fixed scale for all dimensions."""
 
@@ -323,6 +339,10 @@ class _FixedScale(_LocationFamily):
 
     def scale_summary(self) -> tuple[str, float]:
         return self.family_name, self.scale
+
+    @classmethod
+    def data_scale(cls, residuals: torch.Tensor) -> float:
+        return max(cls.most_likely_scale(residuals.double()), SCALE_FLOOR)
 
     def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
         return _independent(self.family(params, self.scale, validate_args=False), event_dims)
@@ -382,10 +402,9 @@ class _LearnedScale(_LocationFamily):
     def scale_summary(self) -> tuple[str, float]:
         return self.family_name, float(self.scale.detach())
 
-    @staticmethod
-    def most_likely_scale(residuals: torch.Tensor) -> float:
-        """The family's maximum-likelihood scale for zero-located residuals [N, ...]."""
-        raise NotImplementedError
+    @classmethod
+    def data_scale(cls, residuals: torch.Tensor) -> float:
+        return max(cls.most_likely_scale(residuals.double()), SCALE_FLOOR)
 
     @torch.no_grad()
     def start_scale(self, residuals: torch.Tensor) -> None:
@@ -403,6 +422,7 @@ class GaussianLikelihood(_FixedScale):
 
     family = Normal
     family_name = "gaussian"
+    most_likely_scale = staticmethod(_root_mean_square)
 
 
 @LIKELIHOODS.register("gaussian-learned")
@@ -411,10 +431,7 @@ class LearnedGaussianLikelihood(_LearnedScale):
 
     family = Normal
     family_name = "gaussian"
-
-    @staticmethod
-    def most_likely_scale(residuals: torch.Tensor) -> float:
-        return float(residuals.pow(2).mean().sqrt())  # σ² = mean squared residual
+    most_likely_scale = staticmethod(_root_mean_square)
 
 
 class OptimalScaleNormal(Normal):
@@ -514,6 +531,7 @@ class LaplaceLikelihood(_FixedScale):
 
     family = Laplace
     family_name = "laplace"
+    most_likely_scale = staticmethod(_mean_absolute)
 
 
 @LIKELIHOODS.register("laplace-learned")
@@ -522,7 +540,4 @@ class LearnedLaplaceLikelihood(_LearnedScale):
 
     family = Laplace
     family_name = "laplace"
-
-    @staticmethod
-    def most_likely_scale(residuals: torch.Tensor) -> float:
-        return float(residuals.abs().mean())  # b = mean absolute residual
+    most_likely_scale = staticmethod(_mean_absolute)

@@ -42,6 +42,7 @@ from aevb.errors import NonFiniteLossError, UserError
 from aevb.io import atomic_write, write_json
 from aevb.model.base import LossOutput, Model, build_model
 from aevb.model.precision import matmul_dtype
+from aevb.registry import LIKELIHOODS
 from aevb.run.checkpoints import Position, restore, write_checkpoint
 from aevb.run.data import check_data_range, check_dequantize, check_likelihood_scores, held_out, load_dataset
 from aevb.run.device import resolve_device
@@ -98,12 +99,17 @@ def train(config: RunConfig, train: Any = None, test: Any = None, *, val: Any = 
     if config.early_stopping and data.eval_name != "val":
         raise UserError(f"--early-stopping {config.early_stopping} watches the validation ELBO, and {config.data} has "
                         f"no validation split: add --val-split (0.1: a tenth of the examples), never the test set")
+    if resume is None and config.likelihood_scale is None:
+        # a likelihood's one scale, fixed or learned, starts at the one that fits the data around their mean
+        # (a σ of 1 on pixels in [0, 1] weighs the reconstruction so little that the KL shuts the latent
+        # units); recorded as --likelihood-scale, so config.json re-runs it and a resume rebuilds it
+        scale = LIKELIHOODS.get(config.likelihood).data_scale(data.residuals())
+        if scale is not None:
+            config = dataclasses.replace(config, likelihood_scale=scale)
     model_kwargs = config.model_kwargs(data.dataset.data_shape)
     model = build_model(config.model, **model_kwargs).to(device)
     if resume is None and config.output_bias == "data-mean":
         model.init_output_bias(mean_example(data.train))
-    if resume is None and config.likelihood_scale is None:  # a learned scale starts from the data, not at 1
-        model.likelihood.start_scale(data.residuals())
     optimizer = _make_optimizer(model, config, device)
     total_steps = config.steps or config.epochs * math.ceil(data.examples / config.batch_size)
     lr_schedule = make_lr_schedule(optimizer, config, total_steps, has_validation=data.eval_name == "val")
