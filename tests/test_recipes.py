@@ -105,15 +105,15 @@ def test_the_refusal_comes_before_a_run_folder_is_made(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name,most_likely", [("gaussian-learned", lambda r: r.pow(2).mean().sqrt()),
-                                              ("laplace-learned", lambda r: r.abs().mean())])
-def test_a_learned_scale_starts_at_the_most_likely_one_for_the_data(name, most_likely):
+                                              ("laplace-learned", lambda r: r.abs().mean()),
+                                              ("gaussian", lambda r: r.pow(2).mean().sqrt()),
+                                              ("laplace", lambda r: r.abs().mean())])
+def test_a_scale_from_the_data_is_the_most_likely_one(name, most_likely):
     residuals = torch.randn(500, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.2
-    head = LIKELIHOODS.get(name)()
-    assert float(head.scale.detach()) == 1.0
-    head.start_scale(residuals)
-    assert float(head.scale.detach()) == pytest.approx(float(most_likely(residuals)), rel=1e-6)
-    head.start_scale(torch.zeros(10, 3))  # constant data: the floor, never σ = 0
-    assert float(head.scale.detach()) == pytest.approx(SCALE_FLOOR)
+    head = LIKELIHOODS.get(name)
+    assert head.data_scale(residuals) == pytest.approx(float(most_likely(residuals)), rel=1e-6)
+    assert head.data_scale(torch.zeros(10, 3)) == pytest.approx(SCALE_FLOOR)  # constant data: the floor, never σ = 0
+    assert LIKELIHOODS.get("bernoulli").data_scale(residuals) is None
 
 
 def _trained(run: Path, *args) -> dict:

@@ -20,8 +20,9 @@ what evaluation, the figures and training read of it:
 * :meth:`Likelihood.scale_summary` where one scale serves every dimension;
 * :meth:`Likelihood.params_for_mean` where the mean is invertible (the decoder's
   last bias then starts at the data's average image);
-* :meth:`Likelihood.start_scale` where a scale is learned (it then starts at
-  the scale that best fits the data around that average, not at 1);
+* :meth:`Likelihood.data_scale` where one scale serves every dimension
+  (``aevb train`` then starts at the scale that best fits the data around
+  that average, not at 1);
 * :meth:`Likelihood.extra_config`: its constructor arguments for ``config.json``.
 
 A learned scale is log-parametrised and floored (:data:`SCALE_FLOOR`).
@@ -102,19 +103,16 @@ class Likelihood(nn.Module):
     @classmethod
     def data_scale(cls, residuals: torch.Tensor) -> float | None:
         """The scale most likely for ``residuals`` = x − mean [N, *data_shape], floored; None for a family with
-        no one scale (``aevb train`` starts a learned scale, and sets a fixed one, at it unless given)."""
-        return None
+        no one scale.
 
-    def start_scale(self, residuals: torch.Tensor) -> None:
-        """Start a learned scale at the one most likely for ``residuals`` = x − mean [N, *data_shape]; else nothing.
-
-        A learned σ that starts at 1 on images in [0, 1] weighs the
-        reconstruction 10–100 times less than it will end up weighing it, and
-        the KL term shuts the latent units meanwhile (a folder of 32×32
-        shapes ended with 1 active unit of 16, at 9.2 bits/dim).  Starting at
-        the σ of the data around their mean, which the decoder's bias starts
+        ``aevb train`` starts a learned scale, and sets a fixed one, at it unless given: a σ of 1 on images
+        in [0, 1] weighs the reconstruction 10–100 times less than it will end up weighing it, and the KL
+        term shuts the latent units meanwhile (a folder of 32×32 shapes ended with 1 active unit of 16, at
+        9.2 bits/dim).  Starting at the σ of the data around their mean, which the decoder's bias starts
         at, gives the reconstruction its weight from the first step.
         """
+        return None
+
 
 
 class _LocationFamily(Likelihood):
@@ -405,11 +403,6 @@ class _LearnedScale(_LocationFamily):
     @classmethod
     def data_scale(cls, residuals: torch.Tensor) -> float:
         return max(cls.most_likely_scale(residuals.double()), SCALE_FLOOR)
-
-    @torch.no_grad()
-    def start_scale(self, residuals: torch.Tensor) -> None:
-        scale = max(self.most_likely_scale(residuals.double()), self.floor)
-        self.log_scale.fill_(math.log(scale))
 
     def forward(self, params: torch.Tensor, event_dims: int) -> Distribution:
         scale = self.scale.to(params.dtype)
