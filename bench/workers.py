@@ -393,18 +393,21 @@ def _eval_model(model_path: str | None, device: str):
 @worker
 def aevb_ll(model_path: str | None = None, k: int = 5000, n_images: int = 2000, batch_size: int = 500,
             device: str = "cpu", patches: list | None = None, precision: str = "fp32") -> dict:
-    """model.log_likelihood(x, n_samples=k) over the last n_images test images, in batches.
+    """model.log_likelihood(x, n_samples=k) over the last n_images test images, in batches, with the process
+    settings that aevb eval (aevb.evaluate) applies: freed memory kept, subnormal floats flushed.
 
     ``precision``: of the sampler's multiplies, as ``aevb eval --precision``.
     """
     from aevb.acceleration.bf16 import resolve_precision
+    from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
     from aevb.model.precision import matmul_dtype
 
+    keep_freed_memory()
     torch.manual_seed(0)
     _, x_test = load_mnist()
     x = x_test[-n_images:].to(device)
     model = _eval_model(model_path, device)
-    with applied(patches), matmul_dtype(resolve_precision(precision, torch.device(device))):
+    with applied(patches), denormals_flushed(), matmul_dtype(resolve_precision(precision, torch.device(device))):
         model.log_likelihood(x[:2], n_samples=64)  # warm-up
         sync(device)
         start = time.perf_counter()
@@ -443,6 +446,7 @@ def ll_memory(model_path: str | None = None, k: int = 1000, n_images: int = 100,
               device: str = "cpu", patches: list | None = None) -> dict:
     """Peak resident memory added by one importance-sampled evaluation of n_images at k samples."""
     torch.manual_seed(0)
+    keep_freed_memory()
     _, x_test = load_mnist()
     x = x_test[-n_images:].to(device)
     model = _eval_model(model_path, device)
@@ -556,9 +560,11 @@ def ab_loop(epochs: int = 3, rounds: int = 3, device: str = "cpu") -> dict:
 
 @worker
 def ab_eval(k: int = 1000, n_images: int = 100, rounds: int = 5, device: str = "cpu", model_path: str | None = None) -> dict:
-    """Importance-sampled log-likelihood variants, interleaved, on the same model and images."""
+    """Importance-sampled log-likelihood variants, interleaved, on the same model and images, with aevb eval's
+    process settings (freed memory kept, subnormals flushed) for every variant."""
     import aevb.model.objectives as O
     from aevb.acceleration.bf16 import bf16_is_native
+    from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
     from aevb.model.precision import matmul_dtype
     from prototypes import fast_log_likelihood
 
@@ -587,7 +593,7 @@ def ab_eval(k: int = 1000, n_images: int = 100, rounds: int = 5, device: str = "
         variants["library, bf16 multiplies"] = bf16(lambda: model.log_likelihood(x, n_samples=k))
     del O
     times = {name: [] for name in variants}
-    with torch.no_grad():
+    with torch.no_grad(), denormals_flushed():
         for fn in variants.values():
             fn()
         for _ in range(rounds):
