@@ -96,6 +96,12 @@ def start(device: torch.device) -> Workers:
     return Workers(rank, world_size, local_rank, joined=True)
 
 
+def barrier(workers: Workers) -> None:
+    """Wait for every rank (a worker that tore the group down while another still used it aborted at exit)."""
+    if workers.distributed:
+        dist.barrier()
+
+
 def stop(workers: Workers) -> None:
     if workers.joined and dist.is_initialized():
         dist.destroy_process_group()

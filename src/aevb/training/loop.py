@@ -87,7 +87,9 @@ def train(config: RunConfig, train: Any = None, test: Any = None, *, val: Any = 
     device = resolve_device(config.device)
     workers = distributed.start(device)  # one worker unless torchrun started this process
     try:
-        return _train(config, given, train, test, val, resume, force, progress, device, workers)
+        result = _train(config, given, train, test, val, resume, force, progress, device, workers)
+        distributed.barrier(workers)  # rank 0 exports while the others are done: none leaves the group before it
+        return result
     finally:
         distributed.stop(workers)
 
