@@ -33,6 +33,8 @@ from aevb.run.folder import CHECKPOINT
 from aevb.training.distributed import Workers, check_shares
 from conftest import aevb_cli
 
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch has no torch.distributed")
+
 WEIGHT_TOLERANCE = 1e-5  # max |Δ| of any weight; measured ≤ 1e-7
 ELBO_TOLERANCE = 1e-4  # nats
 # fp32: a bf16 multiply's rounding depends on its number of rows (oneDNN's blocking), and Adam's first steps,
@@ -64,7 +66,12 @@ def _torchrun(*arguments: str, launch: tuple[str, ...]) -> subprocess.Popen:
 
 
 def _finish(*workers: subprocess.Popen) -> None:
-    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    try:
+        outputs = [w.communicate(timeout=300)[0] for w in workers]
+    except subprocess.TimeoutExpired:
+        for w in workers:  # a hung group must not outlive the test
+            w.kill()
+        raise
     assert all(w.returncode == 0 for w in workers), "\n".join(outputs)[-3000:]
 
 
