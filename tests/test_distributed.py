@@ -83,12 +83,17 @@ def two_processes(*arguments: str) -> None:
                                           "--master_port", str(port))))
 
 
-def two_nodes(*arguments: str) -> None:
+def _nodes(*arguments: str, second: tuple[str, ...] = ()) -> list[subprocess.Popen]:
+    """Two one-worker nodes; ``second``: options only the second is given."""
     endpoint = f"127.0.0.1:{_free_port()}"
-    nodes = [_torchrun(*arguments, launch=("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
-                                           "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "aevb-test"))
-             for rank in (0, 1)]
-    _finish(*nodes)
+    return [_torchrun(*arguments, *(second if rank else ()),
+                      launch=("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
+                              "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "aevb-test"))
+            for rank in (0, 1)]
+
+
+def two_nodes(*arguments: str) -> None:
+    _finish(*_nodes(*arguments))
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -138,6 +143,14 @@ def test_two_processes_train_as_one_on_the_mnist_split(tmp_path, arch):
     assert aevb_cli("train", *arguments, "--out", str(tmp_path / "one")) == 0
     two_processes(*arguments, "--out", str(tmp_path / "two"))
     assert_same_training(tmp_path / "one", tmp_path / "two")
+
+
+def test_nodes_started_with_other_options_stop_with_one_message_on_each(tmp_path):
+    nodes = _nodes(*SMALL, "--model", "vae", "--epochs", "1", "--out", str(tmp_path / "run"), second=("--lr", "0.01"))
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode != 0 for node in nodes)
+    assert all("workers were started with different options (--lr)" in output for output in outputs), outputs[0][-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_with_as_many_workers_is_bit_exact_and_with_fewer_goes_on(tmp_path):

@@ -140,6 +140,20 @@ def agree(workers: Workers, check: Callable[[], Any]) -> Any:
     return result
 
 
+def check_same_config(workers: Workers, settings: dict) -> None:
+    """Every worker must have been started with the same configuration (``settings``: the run's config as a
+    dict): nodes started with other options would train other runs under one name."""
+    if not workers.distributed:
+        return
+    everyone = gathered(workers, settings)
+    first = everyone[0]
+    differing = sorted({k for other in everyone[1:] for k in set(first) | set(other) if other.get(k) != first.get(k)})
+    if differing:
+        raise UserError(f"the {workers.world_size} workers were started with different options "
+                        f"({', '.join('--' + k.replace('_', '-') for k in differing)}); run the same aevb train "
+                        f"command on every node")
+
+
 def from_rank0(workers: Workers, value: Any) -> Any:
     """Rank 0's ``value`` on every rank (a picklable object)."""
     if not workers.distributed:

@@ -97,6 +97,7 @@ def train(config: RunConfig, train: Any = None, test: Any = None, *, val: Any = 
 def _train(config: RunConfig, given: Dataset | None, train: Any, test: Any, val: Any, resume: str | Path | None,
            force: bool, progress: bool, device: torch.device, workers: Workers) -> tuple[Model, Path]:
     device = distributed.worker_device(device, workers)
+    distributed.check_same_config(workers, config.to_dict())  # a collective: every rank raises the same message
     # the accelerations (aevb.acceleration) are chosen here and nowhere else: the multiplies' dtype (refused
     # before the data load where the device lacks it), the optimiser and the loss below
     # bf16 where it pays; None: fp32.  Rank 0's choice for all (auto times a multiply, and the ranks must agree)
