@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -153,7 +154,8 @@ def train(config_file, resume, force, quiet, **flags):
     from aevb.training.loop import train as run_training
 
     model, run_dir = run_training(config, resume=resume, force=force, progress=not quiet)
-    click.echo(f"run folder: {run_dir}  (model in {run_dir}/model, pictures in {run_dir}/images)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        click.echo(f"run folder: {run_dir}  (model in {run_dir}/model, pictures in {run_dir}/images)")
 
 
 # ---------------------------------------------------------------------------

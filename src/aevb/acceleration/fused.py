@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from aevb.model import objectives
+from aevb.model import noise, objectives
 from aevb.model.base import LossOutput
 from aevb.model.layers import Linear, cast, lowered
 from aevb.model.likelihoods import BernoulliLikelihood, bernoulli_log_prob, bernoulli_log_prob_grad
@@ -188,7 +188,7 @@ def _sample(params: torch.Tensor, n_samples: int, scale_param: str):
     loc, log_scale = loc_and_log_scale(params, scale_param)  # each [B, D], as the posterior reads them
     scale = log_scale.exp()
     shape = loc.shape if n_samples == 1 else (n_samples, *loc.shape)
-    eps = torch.randn(shape, dtype=loc.dtype, device=loc.device)  # the draw of Normal.rsample
+    eps = noise.randn(shape, -2, dtype=loc.dtype, device=loc.device)  # the draw of Normal.rsample (LogScaleNormal's)
     return loc, scale, log_scale, eps, loc + eps * scale
 
 

@@ -34,7 +34,8 @@ def binarize(x: torch.Tensor, mode: str, generator: torch.Generator | None = Non
     raise UserError(f"unknown binarization {mode!r}; choose one of: {', '.join(BINARIZE_MODES)}")
 
 
-def dequantize(x: torch.Tensor, levels: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def dequantize(x: torch.Tensor, levels: int, generator: torch.Generator | None = None,
+               uniform: torch.Tensor | None = None) -> torch.Tensor:
     """Uniformly dequantised pixels (k + u) / levels, u ~ U[0, 1), of x = k / (levels − 1) (any shape).
 
     The bins [k, k + 1) / levels tile [0, 1], one a level, and each holds its
@@ -43,13 +44,14 @@ def dequantize(x: torch.Tensor, levels: int, generator: torch.Generator | None =
     E_u[−log p((k + u) / levels)] + log levels ≥ −log P_k: the bits per
     dimension of a continuous likelihood on dequantised data bound those of
     the discrete data from above (Theis et al. 2016).  The generator must
-    live on x's device; without one the global generator draws u.  Streamed
+    live on x's device; without one the global generator draws u, unless
+    ``uniform`` (x's shape) is u itself (the trainer's rows of a global batch).  Streamed
     images are dequantised batch by batch, as they are read.
     """
     if isinstance(x, StreamedImages):
         return x.transformed(lambda batch: dequantize(batch, levels, generator))
     k = (x * (levels - 1)).round_()
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    u = uniform if uniform is not None else torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return (k + u).div_(levels)
 
 

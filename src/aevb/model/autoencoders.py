@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from aevb.errors import UserError
+from aevb.model import noise
 from aevb.model.base import LossOutput, Model, _posterior_stats
 from aevb.options import Option, as_argument
 from aevb.registry import MODELS
@@ -108,10 +109,14 @@ class DenoisingAE(AE):
     def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x̃ [B, *data_shape], a corrupted copy of x (seeded by ``generator`` if given)."""
         def uniform():
+            if generator is None:  # the trainer's rows of a global batch, or the global generator
+                return noise.rand(x.shape, 0, device=x.device, dtype=x.dtype)
             return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
         if self.corruption == "gaussian":
-            return x + self.noise_level * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            eps = (noise.randn(x.shape, 0, device=x.device, dtype=x.dtype) if generator is None
+                   else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+            return x + self.noise_level * eps
         if self.corruption == "masking":
             return torch.where(uniform() < self.noise_level, torch.zeros_like(x), x)
         hit, salt = uniform() < self.noise_level, uniform() < 0.5
@@ -213,7 +218,8 @@ class ContractiveAE(AE):
             directions = [torch.nn.functional.one_hot(torch.tensor(d), code.shape[-1]).to(code).expand_as(code)
                           for d in range(code.shape[-1])]
         else:
-            directions = [torch.randn_like(code) for _ in range(self.jacobian_projections)]
+            directions = [noise.randn(code.shape, 0, dtype=code.dtype, device=code.device)
+                          for _ in range(self.jacobian_projections)]
         total = code.new_zeros(())
         for v in directions:  # each [B, D]
             (vjp,) = torch.autograd.grad(code, inputs, grad_outputs=v, create_graph=True)  # [B, *data_shape]

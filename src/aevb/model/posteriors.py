@@ -27,6 +27,7 @@ from torch.distributions import Distribution, Independent, Normal, constraints, 
 
 from aevb.config import POSTERIOR_SCALES
 from aevb.errors import UserError
+from aevb.model import noise
 from aevb.registry import POSTERIORS
 
 
@@ -117,6 +118,15 @@ class LogScaleNormal(Normal):
         # Normal.__init__ would broadcast the two again (two more ops a step)
         self.loc, self.log_scale, self.scale = loc, log_scale, log_scale.exp()
         Distribution.__init__(self, loc.shape, validate_args=False)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Normal's reparameterised draw; inside :func:`aevb.model.noise.batch_rows` its noise is the rows of this
+        process's examples (the examples run over dimension −2 of loc [..., B, D])."""
+        if not noise.active():
+            return super().rsample(sample_shape)
+        shape = self._extended_shape(sample_shape)
+        eps = noise.randn(shape, -2, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + eps * self.scale
 
     def expand(self, batch_shape, _instance=None):
         new = Normal.expand(self, batch_shape, self._get_checked_instance(LogScaleNormal, _instance))

@@ -1,7 +1,8 @@
 """Checkpoints: the whole training state in one safetensors file, and resuming from it.
 
 A checkpoint holds everything that decides the future of a run: the
-weights, the optimiser's moments, the global and shuffling RNG states, the
+weights, the optimiser's moments, the global RNG state of every worker (and
+the world size) and the shuffling RNG state, the
 epoch's permutation and the position in it (tensors), and the step, the
 optimiser's settings, the model's arguments and the run's configuration
 (JSON metadata).  So a resumed run continues bit for bit on CPU, and a
@@ -40,8 +41,12 @@ class Position:
 
 def write_checkpoint(path: Path, model: Model, optimizer: torch.optim.Optimizer, position: Position,
                      shuffle: torch.Generator, model_kwargs: dict, settings: dict | None = None,
-                     examples: int | None = None, lr_schedule: Any = None) -> None:
+                     examples: int | None = None, lr_schedule: Any = None,
+                     rng_states: list[torch.Tensor] | None = None) -> None:
     """The whole training state in one safetensors file.
+
+    ``rng_states``: the global RNG state of every worker of a run across
+    processes, rank 0's first (default: this process's alone).
 
     ``settings`` (the run's config) and ``examples`` (the number of training
     examples) are what a resume is checked against; ``lr_schedule`` (anything
@@ -53,7 +58,10 @@ def write_checkpoint(path: Path, model: Model, optimizer: torch.optim.Optimizer,
     for index, state in optim_state["state"].items():
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tensors["rng.torch"] = torch.get_rng_state()
+    rng_states = rng_states or [torch.get_rng_state()]
+    tensors["rng.torch"] = rng_states[0]
+    for rank, rng_state in enumerate(rng_states[1:], start=1):
+        tensors[f"rng.torch.rank{rank}"] = rng_state
     tensors["rng.shuffle"] = shuffle.get_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -65,6 +73,7 @@ def write_checkpoint(path: Path, model: Model, optimizer: torch.optim.Optimizer,
         "param_groups": optim_state["param_groups"], "model_kwargs": model_kwargs, "config": settings,
         "examples": examples, "best": position.best, "best_epoch": position.best_epoch,
         "lr_schedule": None if lr_schedule is None else lr_schedule.state_dict(),
+        "world_size": len(rng_states),
     }
     write_safetensors(path, tensors, metadata={"format": "aevb-checkpoint", "meta": json.dumps(meta)})
 
@@ -118,14 +127,17 @@ def _check_unchanged(path: Path, meta: dict, config: RunConfig) -> None:
 
 
 def restore(path: Path, model: Model, optimizer: torch.optim.Optimizer, shuffle: torch.Generator,
-            config: RunConfig, examples: int, lr_schedule: Any = None) -> Position:
+            config: RunConfig, examples: int, lr_schedule: Any = None, rank: int = 0,
+            world_size: int = 1) -> Position:
     """Load the training state of ``path`` into ``model``, ``optimizer`` and ``shuffle``; the position to go on from.
 
     Everything that would otherwise fail later, or silently train on from a
     state that is not the run's, is a UserError here: a config or training
     data other than the run's (``examples``: the number of training examples
     now), non-finite weights, missing or malformed optimiser state, a shuffle
-    order that is not one of the data.
+    order that is not one of the data.  Worker ``rank`` of ``world_size``
+    takes its own global RNG state where the run had as many workers, else
+    rank 0's.
     """
     state, meta = read_checkpoint(path)
     _check_unchanged(path, meta, config)
@@ -152,7 +164,8 @@ def restore(path: Path, model: Model, optimizer: torch.optim.Optimizer, shuffle:
         optimizer.load_state_dict(optim_state)
         if lr_schedule is not None and meta.get("lr_schedule") is not None:
             lr_schedule.load_state_dict(meta["lr_schedule"])
-        torch.set_rng_state(state["rng.torch"])
+        same_workers = int(meta.get("world_size", 1)) == world_size
+        torch.set_rng_state(state[f"rng.torch.rank{rank}" if rank and same_workers else "rng.torch"])
         shuffle.set_state(state["rng.shuffle"])
         best = meta.get("best")  # checkpoints from before aevb kept the best epoch have none
         position = Position(step, int(meta["epoch"]), int(meta["batch"]), perm,

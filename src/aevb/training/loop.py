@@ -11,6 +11,10 @@ The loop never reads a value back from the device except every
 buffer and checked (finite?) and logged in one transfer.  A checkpoint holds
 everything that decides the future of the run (:mod:`aevb.run.checkpoints`),
 so a resumed run continues bit for bit on CPU.
+
+Under ``torchrun`` the workers train one model together
+(:mod:`aevb.training.distributed`: what is global, what is per rank, and why
+the result does not depend on their number); rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from aevb.data.memory import IN_MEMORY, DatasetRows, memory_dataset, origin
 from aevb.data.streaming import StreamedImages, mean_example
 from aevb.errors import NonFiniteLossError, UserError
 from aevb.io import atomic_write, write_json
+from aevb.model import noise
 from aevb.model.base import LossOutput, Model, build_model
 from aevb.model.precision import matmul_dtype
 from aevb.registry import LIKELIHOODS
@@ -47,9 +52,11 @@ from aevb.run.checkpoints import Position, restore, write_checkpoint
 from aevb.run.data import check_data_range, check_dequantize, check_likelihood_scores, held_out, load_dataset
 from aevb.run.device import resolve_device
 from aevb.run.folder import BEST_CHECKPOINT, CHECKPOINT, make_run_dir, new_run_dir, with_absolute_paths
+from aevb.training import distributed
+from aevb.training.distributed import Workers
 from aevb.training.lr_schedules import LRSchedule, make_lr_schedule
 from aevb.training.interrupt import Interrupted, StopRequest, stop_on_sigint
-from aevb.training.metrics import MetricsLog, StepTerms, check_loggers
+from aevb.training.metrics import MetricsLog, NoLog, StepTerms, check_loggers
 from aevb.training.schedules import make_schedule
 from aevb.training.validation import epoch_line, mean_elbo_terms
 
@@ -82,20 +89,39 @@ def train(config: RunConfig, train: Any = None, test: Any = None, *, val: Any = 
                         "the config (data=...)")
     keep_freed_memory()  # process-wide, at the entry point (and the subnormals flushed around the loop: fit)
     device = resolve_device(config.device)
+    workers = distributed.start(device)  # one worker unless torchrun started this process
+    try:
+        result = _train(config, given, train, test, val, resume, force, progress, device, workers)
+        distributed.barrier(workers)  # rank 0 exports while the others are done: none leaves the group before it
+        return result
+    finally:
+        distributed.stop(workers)
+
+
+def _train(config: RunConfig, given: Dataset | None, train: Any, test: Any, val: Any, resume: str | Path | None,
+           force: bool, progress: bool, device: torch.device, workers: Workers) -> tuple[Model, Path]:
+    device = distributed.worker_device(device, workers)
+    distributed.check_same_config(workers, config.to_dict())  # a collective: every rank raises the same message
     # the accelerations (aevb.acceleration) are chosen here and nowhere else: the multiplies' dtype (refused
     # before the data load where the device lacks it), the optimiser and the loss below
-    step_dtype = resolve_precision(config.precision, device)  # bf16 where it pays; None: fp32
-    if resume is not None:
-        run_dir = _run_to_resume(resume)
-    else:
+    # bf16 where it pays; None: fp32.  Rank 0's choice for all (auto times a multiply, and the ranks must agree)
+    step_dtype = distributed.from_rank0(workers, resolve_precision(config.precision, device))
+    def checked_run_dir() -> Path:
+        if resume is not None:
+            return _run_to_resume(resume)
         check_model_options(config)
         check_dequantize(config)
-        run_dir = new_run_dir(config, force)  # made only once the data and the model have loaded
-    check_loggers(config)
+        # made only once the data and the model have loaded (by rank 0; every rank checks it before any makes it)
+        return new_run_dir(config, force)
+
+    run_dir = distributed.agree(workers, checked_run_dir)
+    if workers.writes:
+        check_loggers(config)
     torch.manual_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
 
-    data = TrainingData.load(config, device, given)
+    data = distributed.agree(workers, lambda: TrainingData.load(config, device, given))
+    distributed.agree(workers, lambda: distributed.check_shares(workers, data.examples, config.batch_size))
     if config.early_stopping and data.eval_name != "val":
         raise UserError(f"--early-stopping {config.early_stopping} watches the validation ELBO, and {config.data} has "
                         f"no validation split: add --val-split (0.1: a tenth of the examples), never the test set")
@@ -113,26 +139,32 @@ def train(config: RunConfig, train: Any = None, test: Any = None, *, val: Any = 
     optimizer = _make_optimizer(model, config, device)
     total_steps = config.steps or config.epochs * math.ceil(data.examples / config.batch_size)
     lr_schedule = make_lr_schedule(optimizer, config, total_steps, has_validation=data.eval_name == "val")
-    loss_of = _make_loss(model, config, device)
+    loss_of = distributed.data_parallel(model, _make_loss(model, config, device), device, workers)
     if resume is not None:
-        position = restore(run_dir / CHECKPOINT, model, optimizer, shuffle, config, data.examples, lr_schedule)
+        position = distributed.agree(workers, lambda: restore(run_dir / CHECKPOINT, model, optimizer, shuffle, config,
+                                                              data.examples, lr_schedule, workers.rank,
+                                                              workers.world_size))
     else:
         position = Position()
-        run_dir = make_run_dir(run_dir, config, force)
+        if workers.writes:
+            run_dir = make_run_dir(run_dir, config, force)
+            write_json(run_dir / "config.json", with_absolute_paths(config).to_dict())
+            if given is not None:
+                write_json(run_dir / "data.json", origin(train, test, val))
+        run_dir = distributed.from_rank0(workers, run_dir)
         config = with_absolute_paths(config)
-        write_json(run_dir / "config.json", config.to_dict())
-        if given is not None:
-            write_json(run_dir / "data.json", origin(train, test, val))
 
     trainer = Trainer(config=config, run_dir=run_dir, model=model, optimizer=optimizer, loss_of=loss_of,
                       data=data, position=position, shuffle=shuffle, step_dtype=step_dtype,
-                      model_kwargs=model_kwargs, lr_schedule=lr_schedule)
+                      model_kwargs=model_kwargs, lr_schedule=lr_schedule, workers=workers)
     if resume is not None:
-        trainer.check_steps_left()
-        # the new length, before training: a run interrupted from here resumes toward it
-        write_json(run_dir / "config.json", config.to_dict())
-    trainer.fit(MetricsLog(run_dir, config, position.step if resume is not None else None), progress)
-    trainer.export()
+        distributed.agree(workers, trainer.check_steps_left)
+        if workers.writes:  # the new length, before training: a run interrupted from here resumes toward it
+            write_json(run_dir / "config.json", config.to_dict())
+    log = MetricsLog(run_dir, config, position.step if resume is not None else None) if workers.writes else NoLog()
+    trainer.fit(log, progress and workers.writes)
+    if workers.writes:
+        trainer.export()
     return model, run_dir
 
 
@@ -179,14 +211,14 @@ class TrainingData:
         return self.train.shape[0]
 
     def batches(self, order: torch.Tensor, start: int, batch_size: int) -> Iterator[torch.Tensor]:
-        """The epoch's batches [b, *data_shape] of the examples in ``order`` [N], from the ``start``-th on, each
-        binarised or dequantised afresh as it is taken (a user's Dataset: read ahead by its DataLoader's workers)."""
+        """The epoch's global batches of the examples in ``order`` [N], from the ``start``-th on: each the indices
+        [b] of its examples, or for a user's Dataset the examples [b, *data_shape] themselves (read ahead by its
+        DataLoader's workers).  :meth:`rows` takes a worker's rows of one."""
         if isinstance(self.train, DatasetRows):
-            for x in self.train.batches(order, start, batch_size):
-                yield self._prepared(x)
+            yield from self.train.batches(order, start, batch_size)
             return
         for begin in range(start * batch_size, len(order), batch_size):
-            yield self.batch(order[begin:begin + batch_size])
+            yield order[begin:begin + batch_size]
 
     def residuals(self, rows: int = 4096) -> torch.Tensor:
         """The first ``rows`` training examples as training sees them, less the mean example: [rows, *data_shape].
@@ -201,18 +233,25 @@ class TrainingData:
             x = transforms.dequantize(x, self.levels, torch.Generator(device=x.device).manual_seed(1234))
         return x - mean_example(self.train).to(x.device)
 
-    def batch(self, index: torch.Tensor) -> torch.Tensor:
-        """The training examples at ``index`` [b]: [b, *data_shape], binarised or dequantised afresh."""
-        # index_select copies whole rows (2.5× faster than x_train[index] for 128 images); streamed images index
-        x = self.train.index_select(0, index) if torch.is_tensor(self.train) else self.train[index]
+    def rows(self, batch: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The examples ``start:stop`` of a global batch from :meth:`batches`: [stop − start, *data_shape], binarised
+        or dequantised afresh (inside :func:`aevb.model.noise.batch_rows`: with the rows of the batch's noise)."""
+        whole = stop - start == len(batch)
+        if isinstance(self.train, DatasetRows):
+            x = batch if whole else batch[start:stop]
+        else:
+            index = batch if whole else batch[start:stop]
+            # index_select copies whole rows (2.5× faster than x_train[index] for 128 images); streamed images index
+            x = self.train.index_select(0, index) if torch.is_tensor(self.train) else self.train[index]
         return self._prepared(x)
 
     def _prepared(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, *data_shape] binarised (dynamic) or dequantised afresh."""
         if self.binarize == "dynamic":
-            x = torch.bernoulli(x)
+            # bernoulli(p) is u < p for u ~ U[0, 1): the u of noise.rand are the example's wherever it is computed
+            x = (noise.rand(x.shape, 0, dtype=x.dtype, device=x.device) < x).to(x.dtype)
         if self.levels:
-            x = transforms.dequantize(x, self.levels)
+            x = transforms.dequantize(x, self.levels, uniform=noise.rand(x.shape, 0, dtype=x.dtype, device=x.device))
         return x
 
 
@@ -231,9 +270,11 @@ class Trainer:
     step_dtype: torch.dtype | None  # of the step's multiplies; None: fp32
     model_kwargs: dict  # the model's arguments, stored in the checkpoint
     lr_schedule: LRSchedule | None = None  # --lr-schedule's scheduler; None: a constant rate
+    workers: Workers = Workers()  # this process among torchrun's workers (one of one: the single-process run)
 
     def __post_init__(self) -> None:
         config = self.config
+        self.noise = distributed.step_generator(self.data.device)  # reseeded by (seed, step) at every step
         self.steps_per_epoch = math.ceil(self.data.examples / config.batch_size)
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
         self.beta_at = make_schedule(config.beta_schedule, beta=config.beta, warmup=config.beta_warmup,
@@ -291,7 +332,7 @@ class Trainer:
         while position.step < self.total_steps and not self.stops_early():
             if position.perm is None:
                 position.perm = torch.randperm(self.data.examples, generator=self.shuffle).to(self.data.device)
-            batches = self.data.batches(position.perm, position.batch, self.config.batch_size)
+            batches = self.data.batches(position.perm, position.batch, self.config.batch_size)  # global batches
             while position.batch < self.steps_per_epoch and position.step < self.total_steps:
                 self.step(next(batches))
                 self.after_step(stop=ctrl_c.requested)
@@ -306,19 +347,26 @@ class Trainer:
         if position.batch:  # stopped mid-epoch by --steps
             self.save_checkpoint()
 
-    def step(self, x: torch.Tensor) -> None:
-        """One optimiser step on x [b, *data_shape], the next batch of the epoch's order."""
+    def step(self, batch: torch.Tensor) -> None:
+        """One optimiser step on this worker's rows of ``batch``, the next global batch of the epoch's order
+        (:meth:`TrainingData.batches`), with the noise of the step's seed."""
         position = self.position
-        with matmul_dtype(self.step_dtype):
-            out = self.loss_of(x, self.beta_at(position.step))
+        size = len(batch)
+        start, stop = self.workers.rows(size)
+        generator = distributed.seed_step(self.noise, self.config.seed, position.step)
+        with noise.batch_rows(generator, start, stop, size):
+            x = self.data.rows(batch, start, stop)
+            with matmul_dtype(self.step_dtype):
+                out = self.loss_of(x, self.beta_at(position.step))
+        share = self.workers.share(size)  # 1 but for an uneven split among workers
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        (out.loss if share == 1 else out.loss * share).backward()
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         if self.lr_schedule is not None:
             self.lr_schedule.after_step()
-        self.terms.add(out)
+        self.terms.add(out, (stop - start) / size if self.workers.distributed else 1)
         position.step += 1
         position.batch += 1
 
@@ -329,7 +377,7 @@ class Trainer:
             self.bar.update(1)
         if self.terms.full:
             self.flush_log()
-        if self.data.holdout is not None and image_every and step % image_every == 0:
+        if self.workers.writes and self.data.holdout is not None and image_every and step % image_every == 0:
             reconstruction_grid(self.model, self.data.holdout, self.run_dir / "images" / f"reconstructions-{step:07d}.png")
         if stop:
             self.flush_log()
@@ -339,7 +387,8 @@ class Trainer:
 
     def flush_log(self) -> None:
         """Read the steps' terms back (one transfer), stop on a non-finite one, else record their mean."""
-        values = self.terms.take()  # [steps since the last record, terms]
+        # [steps since the last record, terms], the ranks' rows weighted by their share and summed
+        values = self.terms.take(lambda rows: distributed.all_sum(self.workers, rows))
         if values is None:
             return
         position = self.position
@@ -374,11 +423,12 @@ class Trainer:
             improved = self.validate()
             if self.lr_schedule is not None and self.data.eval_name == "val":
                 self.lr_schedule.after_epoch(self.val_loss)
-        if self.data.holdout is not None and not self.config.image_every and position.epoch % self.picture_epochs == 0:
+        if (self.workers.writes and self.data.holdout is not None and not self.config.image_every
+                and position.epoch % self.picture_epochs == 0):
             reconstruction_grid(self.model, self.data.holdout,
                                 self.run_dir / "images" / f"reconstructions-epoch{position.epoch:03d}.png")
         self.save_checkpoint()
-        if improved:  # the checkpoint just written, kept beside the last
+        if improved and self.workers.writes:  # the checkpoint just written, kept beside the last
             atomic_write(self.run_dir / BEST_CHECKPOINT,
                          lambda tmp: shutil.copyfile(self.run_dir / CHECKPOINT, tmp))
         self.last_log_time = time.perf_counter()  # images_per_s counts training steps, not epoch-end work
@@ -417,8 +467,12 @@ class Trainer:
         return True
 
     def save_checkpoint(self) -> None:
-        write_checkpoint(self.run_dir / CHECKPOINT, self.model, self.optimizer, self.position, self.shuffle,
-                         self.model_kwargs, self.config.to_dict(), self.data.examples, self.lr_schedule)
+        """The checkpoint, by rank 0, with every rank's random state (a collective: every rank calls it)."""
+        rng_states = distributed.gathered(self.workers, torch.get_rng_state())
+        if self.workers.writes:
+            write_checkpoint(self.run_dir / CHECKPOINT, self.model, self.optimizer, self.position, self.shuffle,
+                             self.model_kwargs, self.config.to_dict(), self.data.examples, self.lr_schedule,
+                             rng_states)
 
     def _kept_message(self) -> str:
         if (self.run_dir / CHECKPOINT).is_file():

@@ -75,6 +75,16 @@ class MetricsLog:
             writer.close() if kind == "tb" else writer.finish()
 
 
+class NoLog:
+    """The metrics log of a worker other than rank 0, which writes nothing (rank 0 writes the reduced numbers)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class StepTerms:
     """The loss terms of the steps since the last record, on the device: [log_every, terms], one row a step."""
 
@@ -84,8 +94,11 @@ class StepTerms:
         self.names: tuple[str, ...] = ()
         self.filled = 0
 
-    def add(self, out: LossOutput) -> None:
+    def add(self, out: LossOutput, weight: float = 1) -> None:
+        """The step's terms; ``weight``: this worker's share of the global batch (its rows are summed over workers)."""
         row = out.as_tensor()
+        if weight != 1:
+            row = row * weight
         if self.rows is None:
             self.rows, self.names = row.new_zeros(self.log_every, row.numel()), out.names()
         self.rows[self.filled] = row
@@ -95,10 +108,12 @@ class StepTerms:
     def full(self) -> bool:
         return self.filled == self.log_every
 
-    def take(self) -> torch.Tensor | None:
-        """The rows filled since the last take, [filled, terms] on the CPU (one transfer); None if none."""
+    def take(self, reduce=None) -> torch.Tensor | None:
+        """The rows filled since the last take, [filled, terms] on the CPU (one transfer); None if none.
+        ``reduce``: applied to them on the device first (the sum over the workers)."""
         if self.filled == 0:
             return None
-        values = self.rows[:self.filled].cpu()
+        rows = self.rows[:self.filled]
+        values = (rows if reduce is None else reduce(rows.clone())).cpu()
         self.filled = 0
         return values
