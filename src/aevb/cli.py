@@ -191,10 +191,10 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device):
       aevb eval runs/mnist --iw-samples 1000
       aevb eval runs/mnist --precision fp32     # float32 importance sampler
     """
-    from aevb.analysis.evaluation import evaluate_run
-    from aevb.io import write_json
+    from aevb.analysis.evaluation import evaluate_run, write_eval
 
-    # eval.json is written after the table is shown: a run folder one may not write to still gets the figures
+    # eval.json is written after the table is shown: a run folder one may not write to (or that another
+    # process is writing) still gets the figures
     metrics = evaluate_run(run, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
                            progress=True, precision=precision, write=False)
     click.echo(format_metrics(metrics))
@@ -205,8 +205,7 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device):
         click.echo(f"warning: {metrics['collapse_warning']}", err=True)
     if metrics.get("likelihood_note"):
         click.echo(f"note: {metrics['likelihood_note']}")
-    write_json(Path(run) / "eval.json", metrics)
-    click.echo(f"written: {Path(run) / 'eval.json'}")
+    click.echo(f"written: {write_eval(run, metrics)}")
 
 
 def format_metrics(metrics: dict) -> str:
@@ -253,6 +252,7 @@ def sample(run, n, temperature, seed, out, device):
     """
     from aevb.analysis.figures import sample_grid
     from aevb.run.open import open_run
+    from aevb.run.owner import owning_if_in_run
 
     model = open_run(run, device).model
     _require_images(model, "sample")
@@ -260,7 +260,8 @@ def sample(run, n, temperature, seed, out, device):
         raise UserError(f"{run} holds an autoencoder ({model.name}), which has no prior to sample (its codes are not fitted to "
                         f"N(0, I)); train a VAE (--model vae) to sample, or use 'aevb reconstruct' / 'aevb explore'")
     path = Path(out) if out else Path(run) / "images" / f"samples-T{temperature:g}.png"
-    click.echo(f"written: {sample_grid(model, path, n=n, seed=seed, temperature=temperature)}")
+    with owning_if_in_run(path, "aevb sample"):
+        click.echo(f"written: {sample_grid(model, path, n=n, seed=seed, temperature=temperature)}")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -278,6 +279,7 @@ def reconstruct(run, n, out, device):
     from aevb.data.datasets import holdout_indices
     from aevb.analysis.figures import reconstruction_grid
     from aevb.run.open import open_run
+    from aevb.run.owner import owning_if_in_run
 
     opened = open_run(run, device)
     model = opened.model
@@ -286,7 +288,8 @@ def reconstruct(run, n, out, device):
     opened.check_data_shape(x)
     x = x[holdout_indices(y, n, num_examples=len(x))].to(next(model.parameters()).device)
     path = Path(out) if out else Path(run) / "images" / "reconstructions.png"
-    click.echo(f"written: {reconstruction_grid(model, x, path)}")
+    with owning_if_in_run(path, "aevb reconstruct"):
+        click.echo(f"written: {reconstruction_grid(model, x, path)}")
 
 
 def _require_images(model, command: str) -> None:
@@ -336,6 +339,7 @@ def interpolate(run, pairs, steps, out, device):
     from aevb.data.datasets import holdout_indices
     from aevb.analysis.figures import interpolation
     from aevb.run.open import open_run
+    from aevb.run.owner import owning_if_in_run
 
     opened = open_run(run, device)
     model = opened.model
@@ -347,7 +351,8 @@ def interpolate(run, pairs, steps, out, device):
     chosen = chosen[: len(chosen) // 2 * 2]
     x = x[chosen].to(next(model.parameters()).device)
     path = Path(out) if out else Path(run) / "images" / "interpolations.png"
-    interpolation(model, x[0::2], x[1::2], path, steps=steps)
+    with owning_if_in_run(path, "aevb interpolate"):
+        interpolation(model, x[0::2], x[1::2], path, steps=steps)
     click.echo(f"written: {path}")
 
 

@@ -27,6 +27,7 @@ from aevb.errors import UserError
 from aevb.io import write_json
 from aevb.model.base import Model
 from aevb.run.open import open_run
+from aevb.run.owner import own_run
 from aevb.model.objectives import elbo_terms, kl_per_dimension
 from aevb.acceleration.bf16 import resolve_precision
 from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
@@ -375,5 +376,14 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int
     metrics["data"] = config.data
     metrics["checkpoint_step"] = run.checkpoint_step  # set for a run still training
     if write:
-        write_json(run_dir / "eval.json", metrics)
+        write_eval(run_dir, metrics)
     return metrics
+
+
+def write_eval(run_dir: str | Path, metrics: dict) -> Path:
+    """Write ``RUN/eval.json``, owning the run folder while it writes (a UserError naming the process that owns it
+    otherwise: the evaluation itself only reads, and runs beside anything)."""
+    path = Path(run_dir) / "eval.json"
+    with own_run(run_dir, "aevb eval"):
+        write_json(path, metrics)
+    return path

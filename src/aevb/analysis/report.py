@@ -12,6 +12,7 @@ fetched from anywhere, readable on a phone and printable.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import math
@@ -23,10 +24,11 @@ import torch
 from aevb.analysis.evaluation import evaluate_run
 from aevb.analysis.gallery import ExploreOptions, FigureContext, NotDrawn, plan_figures
 from aevb.errors import UserError
-from aevb.io import write_text
+from aevb.io import loads_json, write_text
 from aevb.registry import FIGURES
 from aevb.run.folder import CHECKPOINT
-from aevb.run.open import open_run
+from aevb.run.open import Run, open_run
+from aevb.run.owner import own_run, owning_if_in_run
 
 
 def explore_run(run_dir: str | Path, *, grid_range: float | None = None, directions: str = "auto",
@@ -40,17 +42,21 @@ def explore_run(run_dir: str | Path, *, grid_range: float | None = None, directi
     and {figure: reason} for the figures left out.
     """
     run = open_run(run_dir, device)
+    with own_run(run.path, "aevb explore"):
+        return _draw_figures(run, ExploreOptions(grid_range, directions, grid_size, pairs, steps, top_dims), seed)
+
+
+def _draw_figures(run: Run, options: ExploreOptions, seed: int) -> tuple[list[Path], dict[str, str]]:
     run_dir, model = run.path, run.model
     model.eval()
     plan = plan_figures(model, run_dir)
-    if directions == "auto":
-        directions = "coords" if model.latent_dim == 2 else "pca"
+    if options.directions == "auto":
+        options = dataclasses.replace(options, directions="coords" if model.latent_dim == 2 else "pca")
     dataset = run.dataset
     x, y = run.held_out("test")
     if x is None or not len(x):
         raise UserError(f"{run_dir} has no test split to draw; train with --test-split")
-    context = FigureContext(model, x.to(model.device), y, dataset.classes, run_dir,
-                            ExploreOptions(grid_range, directions, grid_size, pairs, steps, top_dims), seed)
+    context = FigureContext(model, x.to(model.device), y, dataset.classes, run_dir, options, seed)
     images_dir = run_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -324,9 +330,15 @@ def write_report(run_dir: str | Path, *, iw_samples: int = 1000, device: str = "
     """
 
     run = open_run(run_dir, device="cpu")  # a UserError if this is not a run folder
+    with own_run(run.path, "aevb report"):
+        return _write_report(run, iw_samples=iw_samples, device=device, out=out, echo=echo, explore_args=explore_args)
+
+
+def _write_report(run: Run, *, iw_samples: int, device: str, out: str | Path | None,
+                  echo: Callable[[str], None] | None, explore_args: dict | None) -> Path:
     run_dir = run.path
     echo = echo or (lambda message: None)
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    config = loads_json((run_dir / "config.json").read_bytes())  # read by open_run already: a table of options
     eval_path = run_dir / "eval.json"
     metrics = None
     trained = _trained_at(run_dir)
@@ -334,7 +346,7 @@ def write_report(run_dir: str | Path, *, iw_samples: int = 1000, device: str = "
         echo("eval.json is older than the model; evaluating again")
     elif eval_path.is_file():
         try:
-            metrics = json.loads(eval_path.read_text(encoding="utf-8"))
+            metrics = loads_json(eval_path.read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError):
             metrics = None
         if not isinstance(metrics, dict):
@@ -355,5 +367,6 @@ def write_report(run_dir: str | Path, *, iw_samples: int = 1000, device: str = "
         echo(f"drawing the figures ({', '.join(missing)} missing or older than the model)")
         _, skipped = explore_run(run_dir, device=device, **(explore_args or {}))
     path = Path(out) if out else run_dir / "report.html"
-    write_text(path, render_report(run_dir, config, metrics, skipped))
+    with owning_if_in_run(path, "aevb report"):  # -o into another run's folder: that one's too
+        write_text(path, render_report(run_dir, config, metrics, skipped))
     return path

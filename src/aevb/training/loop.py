@@ -19,6 +19,7 @@ import logging
 import math
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -41,7 +42,8 @@ from aevb.registry import MODELS
 from aevb.run.checkpoints import Position, restore, write_checkpoint
 from aevb.run.data import check_data_range, check_dequantize, held_out, load_dataset
 from aevb.run.device import resolve_device
-from aevb.run.folder import CHECKPOINT, make_run_dir, new_run_dir, with_absolute_paths
+from aevb.run.folder import CHECKPOINT, RUN_PATHS, NewRun, with_absolute_paths
+from aevb.run.owner import OwnedRun, own_run
 from aevb.training.interrupt import Interrupted, StopRequest, stop_on_sigint
 from aevb.training.metrics import MetricsLog, StepTerms, check_loggers
 from aevb.training.schedules import make_schedule
@@ -58,54 +60,67 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     must be the one the run was trained with (``open_run(resume).config``)
     but for ``epochs``, ``steps`` and ``device``: more epochs or steps train
     further.  A run that finished training but not its export is exported.
+    The run folder is this process's alone while it trains
+    (:mod:`aevb.run.owner`); under ``force`` the run it replaces is kept
+    aside until the new one's first checkpoint, and back if it fails before.
     """
-    keep_freed_memory()  # process-wide, at the entry point (and the subnormals flushed around the loop: fit)
-    device = resolve_device(config.device)
-    # the accelerations (aevb.acceleration) are chosen here and nowhere else: the multiplies' dtype (refused
-    # before the data load where the device lacks it), the optimiser and the loss below
-    step_dtype = resolve_precision(config.precision, device)  # bf16 where it pays; None: fp32
-    if resume is not None:
-        run_dir = _run_to_resume(resume)
-    else:
-        check_model_options(config)
-        check_dequantize(config)
-        run_dir = new_run_dir(config, force)  # made only once the data and the model have loaded
-    check_loggers(config)
-    torch.manual_seed(config.seed)
-    shuffle = torch.Generator().manual_seed(config.seed)
+    with ExitStack() as owning:
+        if resume is not None:
+            run_dir = Path(resume)
+            folder = owning.enter_context(own_run(_existing_run(run_dir), "aevb train --resume"))
+            folder.check_paths(RUN_PATHS)
+            _run_to_resume(run_dir)
+        else:
+            check_model_options(config)
+            check_dequantize(config)
+            new_run = owning.enter_context(NewRun(config, force))  # made only once the data and the model have loaded
+        keep_freed_memory()  # process-wide, at the entry point (and the subnormals flushed around the loop: fit)
+        device = resolve_device(config.device)
+        # the accelerations (aevb.acceleration) are chosen here and nowhere else: the multiplies' dtype (refused
+        # before the data load where the device lacks it), the optimiser and the loss below
+        step_dtype = resolve_precision(config.precision, device)  # bf16 where it pays; None: fp32
+        check_loggers(config)
+        torch.manual_seed(config.seed)
+        shuffle = torch.Generator().manual_seed(config.seed)
 
-    data = TrainingData.load(config, device)
-    model_kwargs = config.model_kwargs(data.dataset.data_shape)
-    model = build_model(config.model, **model_kwargs).to(device)
-    if resume is None and config.output_bias == "data-mean":
-        model.init_output_bias(mean_example(data.train))
-    optimizer = _make_optimizer(model, config, device)
-    loss_of = _make_loss(model, config, device)
-    if resume is not None:
-        position = restore(run_dir / CHECKPOINT, model, optimizer, shuffle, config, data.examples)
-    else:
-        position = Position()
-        run_dir = make_run_dir(run_dir, config, force)
-        config = with_absolute_paths(config)
-        write_json(run_dir / "config.json", config.to_dict())
+        data = TrainingData.load(config, device)
+        model_kwargs = config.model_kwargs(data.dataset.data_shape)
+        model = build_model(config.model, **model_kwargs).to(device)
+        if resume is None and config.output_bias == "data-mean":
+            model.init_output_bias(mean_example(data.train))
+        optimizer = _make_optimizer(model, config, device)
+        loss_of = _make_loss(model, config, device)
+        if resume is not None:
+            position = restore(run_dir / CHECKPOINT, model, optimizer, shuffle, config, data.examples)
+        else:
+            position = Position()
+            folder = new_run.start()
+            run_dir = folder.path
+            config = with_absolute_paths(config)
+            write_json(run_dir / "config.json", config.to_dict())
 
-    trainer = Trainer(config=config, run_dir=run_dir, model=model, optimizer=optimizer, loss_of=loss_of,
-                      data=data, position=position, shuffle=shuffle, step_dtype=step_dtype,
-                      model_kwargs=model_kwargs)
-    if resume is not None:
-        trainer.check_steps_left()
-        # the new length, before training: a run interrupted from here resumes toward it
-        write_json(run_dir / "config.json", config.to_dict())
-    trainer.fit(MetricsLog(run_dir, config, position.step if resume is not None else None), progress)
-    trainer.export()
+        trainer = Trainer(config=config, run_dir=run_dir, model=model, optimizer=optimizer, loss_of=loss_of,
+                          data=data, position=position, shuffle=shuffle, step_dtype=step_dtype,
+                          model_kwargs=model_kwargs, folder=folder)
+        if resume is not None:
+            trainer.check_steps_left()
+            # the new length, before training: a run interrupted from here resumes toward it
+            write_json(run_dir / "config.json", config.to_dict())
+        trainer.fit(MetricsLog(folder, config, position.step if resume is not None else None), progress)
+        trainer.export()
     return model, run_dir
 
 
-def _run_to_resume(resume: str | Path) -> Path:
-    run_dir = Path(resume)
+def _existing_run(run_dir: Path) -> Path:
+    """``run_dir`` if it is a folder (a UserError naming it otherwise), before the folder is owned."""
+    if not run_dir.is_dir():
+        raise UserError(f"cannot resume {run_dir}: no such run folder; pass a folder written by 'aevb train'")
+    return run_dir
+
+
+def _run_to_resume(run_dir: Path) -> None:
     if not (run_dir / CHECKPOINT).is_file():
         raise UserError(f"cannot resume {run_dir}: it has no checkpoint ({CHECKPOINT}); start a new run instead")
-    return run_dir
 
 
 @dataclass
@@ -167,6 +182,7 @@ class Trainer:
     shuffle: torch.Generator  # draws each epoch's order
     step_dtype: torch.dtype | None  # of the step's multiplies; None: fp32
     model_kwargs: dict  # the model's arguments, stored in the checkpoint
+    folder: OwnedRun  # the run folder, this process's while it trains
 
     def __post_init__(self) -> None:
         config = self.config
@@ -325,6 +341,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         write_checkpoint(self.run_dir / CHECKPOINT, self.model, self.optimizer, self.position, self.shuffle,
                          self.model_kwargs, self.config.to_dict(), self.data.examples)
+        self.folder.checkpointed()  # the first one ends the keeping of a run that --force replaces
 
     def _kept_message(self) -> str:
         if (self.run_dir / CHECKPOINT).is_file():
