@@ -209,7 +209,9 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device):
 
 
 def format_metrics(metrics: dict) -> str:
+    weights = {"model": "exported model", "checkpoint": "last checkpoint (unfinished run)"}.get(metrics.get("weights"), "")
     rows = [
+        ("training step of the weights", metrics.get("step"), weights),
         ("test examples", metrics.get("examples"), ""),
         ("negative ELBO", metrics.get("neg_elbo"), "nats"),
         ("  reconstruction −E[log p(x|z)]", metrics.get("reconstruction_nll"), "nats"),
@@ -254,7 +256,9 @@ def sample(run, n, temperature, seed, out, device):
     from aevb.run.open import open_run
     from aevb.run.owner import owning_if_in_run
 
-    model = open_run(run, device).model
+    opened = open_run(run, device)
+    model = opened.model
+    click.echo(f"model: {opened.provenance}")
     _require_images(model, "sample")
     if not model.has_kl:
         raise UserError(f"{run} holds an autoencoder ({model.name}), which has no prior to sample (its codes are not fitted to "
@@ -283,6 +287,7 @@ def reconstruct(run, n, out, device):
 
     opened = open_run(run, device)
     model = opened.model
+    click.echo(f"model: {opened.provenance}")
     _require_images(model, "reconstruct")
     x, y = opened.held_out("test")
     opened.check_data_shape(x)
@@ -343,6 +348,7 @@ def interpolate(run, pairs, steps, out, device):
 
     opened = open_run(run, device)
     model = opened.model
+    click.echo(f"model: {opened.provenance}")
     _require_images(model, "interpolate")
     x, y = opened.held_out("test")
     chosen = holdout_indices(y, 2 * pairs, num_examples=len(x))
@@ -385,7 +391,7 @@ def explore(run, grid_range, directions, grid_size, pairs, top_dims, seed, devic
     from aevb.analysis.report import explore_run
 
     written, skipped = explore_run(run, grid_range=grid_range, directions=directions, grid_size=grid_size,
-                                   pairs=pairs, top_dims=top_dims, device=device, seed=seed)
+                                   pairs=pairs, top_dims=top_dims, device=device, seed=seed, echo=click.echo)
     for name, reason in skipped.items():
         click.echo(f"skipped {name}: {reason}")
     for path in written:

@@ -375,6 +375,9 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = 5000, batch_size: int
                        classes=dataset.classes, precision=precision, dequantized=config.dequantize)
     metrics["data"] = config.data
     metrics["checkpoint_step"] = run.checkpoint_step  # set for a run still training
+    # which weights the numbers are of: the export or the last checkpoint, at which training step
+    metrics["weights"] = "model" if run.provenance.finished else "checkpoint"
+    metrics["step"] = run.provenance.step
     if write:
         write_eval(run_dir, metrics)
     return metrics

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -33,16 +32,19 @@ from aevb.run.owner import own_run, owning_if_in_run
 
 def explore_run(run_dir: str | Path, *, grid_range: float | None = None, directions: str = "auto",
                 grid_size: int = 15, pairs: int = 4, steps: int = 10, top_dims: int = 10,
-                device: str = "auto", seed: int = 0) -> tuple[list[Path], dict[str, str]]:
+                device: str = "auto", seed: int = 0,
+                echo: Callable[[str], None] | None = None) -> tuple[list[Path], dict[str, str]]:
     """Write every figure that fits the run into ``RUN/images/``.
 
     ``directions``: ``coords`` (z1, z2), ``pca`` (first two principal
     components of the test set's posterior means) or ``auto`` (coords for a
     2-dimensional latent space, pca otherwise).  Returns the paths written
-    and {figure: reason} for the figures left out.
+    and {figure: reason} for the figures left out; ``echo`` is told which
+    weights (and training step) the figures show.
     """
     run = open_run(run_dir, device)
     with own_run(run.path, "aevb explore"):
+        (echo or (lambda message: None))(f"model: {run.provenance}")
         return _draw_figures(run, ExploreOptions(grid_range, directions, grid_size, pairs, steps, top_dims), seed)
 
 
@@ -276,8 +278,10 @@ def report_images(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
     return known, others
 
 
-def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipped: dict[str, str]) -> str:
-    """The HTML text of the report (one page, no script, no external resource)."""
+def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipped: dict[str, str],
+                  provenance: str | None = None) -> str:
+    """The HTML text of the report (one page, no script, no external resource); ``provenance`` says which weights
+    (and training step) its numbers and figures are of."""
     run_dir = Path(run_dir)
     known, others = report_images(run_dir)
     entries = dict(FIGURES.items())
@@ -289,7 +293,8 @@ def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipp
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>",
-        f'<header><h1>{_e(title)}</h1><p class="meta">{_e(summary)}</p></header>',
+        f'<header><h1>{_e(title)}</h1><p class="meta">{_e(summary)}</p>'
+        + (f'<p class="meta">Model: {_e(provenance)}.</p>' if provenance else "") + "</header>",
     ]
     if metrics is not None:
         parts.append(_eval_section(metrics))
@@ -338,6 +343,8 @@ def _write_report(run: Run, *, iw_samples: int, device: str, out: str | Path | N
                   echo: Callable[[str], None] | None, explore_args: dict | None) -> Path:
     run_dir = run.path
     echo = echo or (lambda message: None)
+    provenance = run.provenance
+    echo(f"model: {provenance}")
     config = loads_json((run_dir / "config.json").read_bytes())  # read by open_run already: a table of options
     eval_path = run_dir / "eval.json"
     metrics = None
@@ -347,11 +354,14 @@ def _write_report(run: Run, *, iw_samples: int, device: str, out: str | Path | N
     elif eval_path.is_file():
         try:
             metrics = loads_json(eval_path.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except ValueError:  # bad JSON or not UTF-8
             metrics = None
         if not isinstance(metrics, dict):
             metrics = None
             echo(f"{eval_path} is unreadable; evaluating again")
+        elif "step" in metrics and metrics["step"] != provenance.step:
+            metrics = None
+            echo("eval.json is of the weights at another training step; evaluating again")
     if metrics is None:
         echo(f"evaluating with k = {iw_samples} importance samples")
         try:
@@ -368,5 +378,5 @@ def _write_report(run: Run, *, iw_samples: int, device: str, out: str | Path | N
         _, skipped = explore_run(run_dir, device=device, **(explore_args or {}))
     path = Path(out) if out else run_dir / "report.html"
     with owning_if_in_run(path, "aevb report"):  # -o into another run's folder: that one's too
-        write_text(path, render_report(run_dir, config, metrics, skipped))
+        write_text(path, render_report(run_dir, config, metrics, skipped, str(provenance)))
     return path

@@ -41,7 +41,7 @@ from torch.distributions import Distribution, Independent
 from aevb.model import objectives
 from aevb.config import RUN_OPTIONS
 from aevb.errors import UserError
-from aevb.io import write_json, write_safetensors
+from aevb.io import loads_json, write_json, write_safetensors
 from aevb.model.layers import cast
 from aevb.model.precision import at_least_float32
 from aevb.model.priors import build_prior
@@ -333,11 +333,17 @@ class Model(nn.Module):
         """[B, *data_shape]: mean of p(x|z) at the posterior mean z = E_q[z]."""
         return self.decode(self.encode(x).mean).mean
 
-    def save(self, path: str | Path) -> None:
-        """Write ``path/config.json`` and ``path/weights.safetensors`` (each atomically)."""
+    def save(self, path: str | Path, *, step: int | None = None) -> None:
+        """Write ``path/config.json`` and ``path/weights.safetensors`` (each atomically).
+
+        ``step``: the training step of the weights, recorded in config.json
+        (:func:`exported_step`) so that what is computed from them can say so.
+        """
         path = Path(path)
         config = {"format": FORMAT, "version": FORMAT_VERSION, "model": self.name, "args": self.config,
                   "dtype": str(self._dtype).removeprefix("torch.")}
+        if step is not None:
+            config["step"] = _whole(step, "step")
         try:
             json.dumps(config)  # before any file is written
         except (TypeError, ValueError) as e:
@@ -420,6 +426,18 @@ def plain(value: Any) -> Any:
     return value
 
 
+def exported_step(path: str | Path) -> int | None:
+    """The training step a saved model was exported at (``Model.save(path, step=…)``); None where not recorded."""
+    config_path = Path(path) / "config.json"
+    try:
+        step = loads_json(config_path.read_bytes()).get("step")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{config_path} is corrupt ({e}); re-export the model") from None
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+        raise UserError(f"{config_path} is corrupt: its step is {step!r}, not a count ≥ 0; re-export the model")
+    return step
+
+
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -439,7 +457,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         if not required.is_file():
             raise UserError(f"{path} is not a saved aevb model: {required.name} is missing")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = loads_json(config_path.read_bytes())
         name, args = config["model"], config["args"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise UserError(f"{config_path} is corrupt ({e}); re-export the model") from None

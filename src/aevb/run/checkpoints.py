@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from aevb.config import RunConfig
 from aevb.errors import UserError
-from aevb.io import write_safetensors
+from aevb.io import loads_json, write_safetensors
 from aevb.model.base import Model, build_model, legacy_model_args
 from aevb.run.folder import PATH_OPTIONS, resolved_path, with_absolute_paths
 
@@ -70,10 +70,29 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(metadata["meta"])
+        meta = loads_json(metadata["meta"])
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise UserError(f"checkpoint {path} is corrupt or unreadable ({e}); delete it and train again") from None
     return state, meta
+
+
+def checkpoint_step(path: Path) -> int:
+    """The training step of a checkpoint, from its header alone (no tensor is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = loads_json((f.metadata() or {})["meta"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"checkpoint {path} is corrupt or unreadable ({e}); delete it and train again") from None
+    return _count(meta, "step", path)
+
+
+def _count(meta: Any, field: str, path: Path) -> int:
+    """``meta[field]``, a whole number ≥ 0 (a UserError naming the checkpoint and the field otherwise)."""
+    value = meta.get(field) if isinstance(meta, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UserError(f"checkpoint {path} is corrupt: its {field} is {value!r}, not a count ≥ 0; delete the "
+                        f"run's checkpoints and train again")
+    return value
 
 
 def checkpoint_model(path: Path, model_name: str) -> tuple[Model, int | None]:

@@ -351,7 +351,7 @@ class Trainer:
     def export(self) -> None:
         """The trained model into RUN/model; for images, the final samples and reconstructions."""
         self.model.eval()
-        self.model.save(self.run_dir / "model")
+        self.model.save(self.run_dir / "model", step=self.position.step)
         if self.data.dataset.kind == "image":
             sample_grid(self.model, self.run_dir / "images" / "samples.png", n=64, seed=self.config.seed)
             if self.data.holdout is not None:
