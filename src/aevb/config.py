@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from aevb.errors import UserError
+from aevb.io import MAX_NESTING, loads_json, nesting
 from aevb.options import Option, as_flag
 from aevb.registry import DATASETS, LIKELIHOODS, MODELS, NETWORKS, SCHEDULES
 
@@ -233,9 +234,9 @@ def read_config_file(path: str | Path, *, template: bool = False) -> dict[str, A
         raise UserError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     try:
         if path.suffix == ".toml":
-            raw = tomllib.loads(text)
+            raw = _loads_toml(text)
         else:
-            raw = json.loads(text)
+            raw = loads_json(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise UserError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}") from None
     if not isinstance(raw, dict):
@@ -258,6 +259,18 @@ def read_config_file(path: str | Path, *, template: bool = False) -> dict[str, A
     if unknown:
         raise UserError(f"config file {path} has unknown options: {', '.join(unknown)}; see 'aevb train --help'")
     return {k: options[k].parse(v) for k, v in normalised.items()}
+
+
+def _loads_toml(text: str) -> dict[str, Any]:
+    """``tomllib.loads``; input nested more than ``MAX_NESTING`` levels is a ``TOMLDecodeError`` like any other bad
+    TOML."""
+    try:
+        value = tomllib.loads(text)
+    except RecursionError:
+        value = None
+    if value is None or nesting(value) > MAX_NESTING:
+        raise tomllib.TOMLDecodeError(f"nested more than {MAX_NESTING} levels deep") from None
+    return value
 
 
 def _as_read_now(values: dict[str, Any]) -> dict[str, Any]:

@@ -127,13 +127,39 @@ def unwritable(path: str | os.PathLike, exc: OSError) -> UserError:
     return UserError(f"cannot write {path} ({reason}); choose a writable location, or free space there")
 
 
+# deeper than any file aevb writes or reads (config files, model configs, checkpoint metadata nest a few levels):
+# deeper input is refused as it is read, before code that walks it recursively meets it
+MAX_NESTING = 32
+
+
 def loads_json(text: str | bytes) -> Any:
-    """``json.loads``, with input nested too deeply to parse a ``json.JSONDecodeError`` like any other bad JSON."""
+    """``json.loads``; input nested more than :data:`MAX_NESTING` levels is a ``json.JSONDecodeError`` like any
+    other bad JSON."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except RecursionError:
+        value = None
+        depth = None
+    else:
+        depth = nesting(value)
+    if depth is None or depth > MAX_NESTING:
         text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-        raise json.JSONDecodeError("nested too deeply to read", text, 0) from None
+        raise json.JSONDecodeError(f"nested more than {MAX_NESTING} levels deep", text, 0) from None
+    return value
+
+
+def nesting(value: Any) -> int:
+    """How many lists and tables ``value`` nests (0 for a number or a string), counted without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth + 1)
+            if deepest > MAX_NESTING:
+                return deepest
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -89,7 +89,7 @@ class Option:
             raise UserError(f"{spelled} needs a value")
         if self.choices is not None:
             if value not in self.choices:
-                raise UserError(f"unknown {spelled} {value!r}; choose one of: {', '.join(self.choices)}")
+                raise UserError(f"unknown {spelled} {shown(value)}; choose one of: {', '.join(self.choices)}")
             return value
         if self.kind in ("int", "float"):
             return self._number(value, spelled, value)
@@ -102,8 +102,8 @@ class Option:
         """One number of ``value`` checked: whole for an int option, finite, in range."""
         whole = self.kind in ("int", "list[int]")
         if isinstance(number, bool):
-            raise UserError(f"{spelled} must be a {'whole ' if whole else ''}number, got {value!r}")
-        not_a_number = ValueError(f"{spelled} must be a {'whole ' if whole else ''}number, got {value!r}")
+            raise UserError(f"{spelled} must be a {'whole ' if whole else ''}number, got {shown(value)}")
+        not_a_number = ValueError(f"{spelled} must be a {'whole ' if whole else ''}number, got {shown(value)}")
         if isinstance(number, str):  # text, or an object below: only code passes them (flags are parsed first)
             raise not_a_number
         try:
@@ -164,7 +164,16 @@ class Option:
                 return number
             return str(value)
         except (TypeError, ValueError):
-            raise UserError(f"{self.flag}: cannot read {value!r} as {self.kind}") from None
+            raise UserError(f"{self.flag}: cannot read {shown(value)} as {self.kind}") from None
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for a message, cut to ``limit`` characters: a value read from a file may be of any size."""
+    try:
+        text = repr(value)
+    except RecursionError:  # nested deeper than repr goes
+        text = f"<{type(value).__name__} nested too deeply to show>"
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _number_text(bound: float | None) -> str | None:

@@ -7,13 +7,13 @@ numbers it drew, so that tests can check what a picture means.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from aevb.analysis.figures import eval_mode, new_figure, save_figure
+from aevb.io import loads_json
 from aevb.model.base import Model
 from aevb.model.distributions import GaussianLikelihood, LaplaceLikelihood, OptimalGaussianLikelihood
 
@@ -26,14 +26,26 @@ SCALE_CURVES = {"gaussian": (GaussianLikelihood, "σ"), "laplace": (LaplaceLikel
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (blank or truncated lines are skipped)."""
+    """The records of a ``metrics.jsonl``: blank, truncated or foreign lines are skipped, and so is a record that
+    is not a step (a count ≥ 0) with numbers, as training writes them (an edited or damaged line)."""
     records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = loads_json(line)
+        except ValueError:
             continue
+        if isinstance(record, dict) and _is_count(record.get("step")) and all(
+                _is_number(value) for value in record.values()):
+            records.append(record)
     return records
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def training_curves(metrics: str | Path | list[dict], path: str | Path) -> dict:
@@ -46,7 +58,7 @@ def training_curves(metrics: str | Path | list[dict], path: str | Path) -> dict:
     Returns the plotted series.
     """
     records = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
-    train = [r for r in records if "loss" in r]
+    train = [r for r in records if all(k in r for k in ("loss", "reconstruction", "kl"))]
     split = next((s for s in ("val", "test") if any(f"{s}_reconstruction" in r for r in records)), None)
     held = [r for r in records if split and f"{split}_reconstruction" in r]
     series = {

@@ -39,11 +39,12 @@ from torch.distributions import Distribution, Independent
 
 
 from aevb.model import objectives
-from aevb.config import RUN_OPTIONS
+from aevb.config import LAYER_SIZES, RUN_OPTIONS
 from aevb.errors import UserError
 from aevb.io import loads_json, write_json, write_safetensors
 from aevb.model.layers import cast
 from aevb.model.precision import at_least_float32
+from aevb.model.weights import WeightsDoNotFit, check_finite, check_fits, check_list_lengths, read_header
 from aevb.model.priors import build_prior
 from aevb.options import Option, as_argument
 from aevb.registry import LIKELIHOODS, MODELS, NETWORKS, POSTERIORS
@@ -129,7 +130,7 @@ class Model(nn.Module):
         super().__init__()
         latent_dim, hidden = RUN_OPTIONS["latent_dim"].check(latent_dim), _sizes(hidden)
         likelihood_args, posterior_args = plain(likelihood_args or {}), plain(posterior_args or {})
-        self.data_shape = tuple(_whole(n, "data_shape") for n in data_shape)
+        self.data_shape = tuple(_size(n, "data_shape") for n in data_shape)
         self.latent_dim = latent_dim
         try:
             self.likelihood = LIKELIHOODS.get(likelihood)(**likelihood_args)
@@ -391,6 +392,14 @@ def _whole(value: Any, name: str) -> int:
     return int(value)
 
 
+def _size(value: Any, name: str) -> int:
+    """A size (of a layer, of the data): a whole number in [1, 2^31), whatever file or caller gave it."""
+    size = _whole(value, name)
+    if not 1 <= size < LAYER_SIZES:
+        raise UserError(f"{name} must be sizes in [1, 2^31), got {value!r}")
+    return size
+
+
 def _sample_count(n: Any, temperature: float) -> int:
     """``n`` as an int, after the checks every model's ``sample`` makes of its arguments."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
@@ -409,7 +418,7 @@ def _sizes(hidden: Sequence[int] | None) -> list[int] | None:
     """Hidden layer sizes as a list of ints (None or empty: the network's default)."""
     if hidden is None:
         return None
-    sizes = [_whole(h, "hidden") for h in list(hidden)]
+    sizes = [_size(h, "hidden") for h in list(hidden)]
     return sizes or None
 
 
@@ -466,8 +475,16 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     stored = _DTYPES.get(config.get("dtype", "float32"))
     if stored is None:
         raise UserError(f"{config_path} names an unknown dtype {config.get('dtype')!r}; re-export the model")
+    fix = "re-export the model"
+    # every size config.json gives is checked against the weights' header before anything is allocated
+    header = read_header(weights_path, fix)
     try:
-        model = build_model(name, **legacy_model_args(name, args)).to(stored)
+        args = legacy_model_args(name, args)
+        check_list_lengths(args, header, weights_path, str(config_path), fix)
+        checked = check_fits(lambda: build_model(name, **args), header, weights_path, str(config_path), dtype=stored)
+        model = build_model(name, **args).to(stored)
+    except WeightsDoNotFit:
+        raise
     except UserError as e:
         raise UserError(f"{config_path} describes no model aevb can build ({e}); re-export the model") from None
     except (ValueError, TypeError, AttributeError) as e:  # a hand-edited value: "latent_dim": "x"
@@ -476,17 +493,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         state = load_file(weights_path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{weights_path} is corrupt or unreadable ({e}); re-export the model") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong_shape:
-        details = "; ".join(
-            f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-            if keys
-        )
-        raise UserError(f"{weights_path} does not match {config_path} ({details}); the two files come from different models")
+    if not checked:  # a network that could not be built on the meta device: compared now
+        check_fits(lambda: model, read_header(weights_path, fix), weights_path, str(config_path))
+    check_finite(state, weights_path, "re-export the model from a run whose training did not diverge")
     model.load_state_dict(state)
     model.eval()
     if dtype is not None:

@@ -39,7 +39,7 @@ from aevb.io import write_json
 from aevb.model.base import LossOutput, Model, build_model
 from aevb.model.precision import matmul_dtype
 from aevb.registry import MODELS
-from aevb.run.checkpoints import Position, restore, write_checkpoint
+from aevb.run.checkpoints import Position, check_resumable, restore, write_checkpoint
 from aevb.run.data import check_data_range, check_dequantize, held_out, load_dataset
 from aevb.run.device import resolve_device
 from aevb.run.folder import CHECKPOINT, RUN_PATHS, NewRun, with_absolute_paths
@@ -85,6 +85,8 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
 
         data = TrainingData.load(config, device)
         model_kwargs = config.model_kwargs(data.dataset.data_shape)
+        if resume is not None:  # the run's checkpoint, its data and the sizes of its model, before any is built
+            check_resumable(run_dir / CHECKPOINT, config, model_kwargs, data.examples)
         model = build_model(config.model, **model_kwargs).to(device)
         if resume is None and config.output_bias == "data-mean":
             model.init_output_bias(mean_example(data.train))

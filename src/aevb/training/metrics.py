@@ -17,7 +17,7 @@ import torch
 
 from aevb.config import RunConfig
 from aevb.errors import UserError
-from aevb.io import check_write, write_text
+from aevb.io import check_write, loads_json, write_text
 from aevb.model.base import LossOutput
 from aevb.run.owner import OwnedRun
 
@@ -33,7 +33,7 @@ def check_loggers(config: RunConfig) -> None:
 def _record(line: str) -> dict | None:
     """One line of metrics.jsonl as a dict; None for a blank, cut-off or foreign line."""
     try:
-        record = json.loads(line)
+        record = loads_json(line)
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
