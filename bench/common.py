@@ -50,7 +50,7 @@ except ImportError:  # the pythae venv: use the project's source tree
 
 def mnist_uint8() -> np.ndarray:
     """The 10,000 MNIST test images, uint8 [10000, 28, 28], read with aevb's IDX reader."""
-    from aevb.data.datasets import read_idx
+    from aevb.data.files import read_idx
 
     return read_idx(MNIST_IMAGES)
 

@@ -32,14 +32,15 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def _is_fast_case(model) -> bool:
-    from aevb.model.distributions import BernoulliLikelihood, GaussianPosterior
+    from aevb.model.likelihoods import BernoulliLikelihood
+    from aevb.model.posteriors import GaussianPosterior
 
     return isinstance(model.likelihood, BernoulliLikelihood) and isinstance(model.posterior, GaussianPosterior)
 
 
 def _loc_log_scale(model, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(μ, log σ) [B, D] from the encoder's output, as the model's posterior reads it."""
-    from aevb.model.distributions import loc_and_log_scale
+    from aevb.model.posteriors import loc_and_log_scale
 
     return loc_and_log_scale(params, model.posterior.scale_param)
 

@@ -73,7 +73,7 @@ def matmul(device: str = "cpu", dtype: str = "float32") -> dict:
 
 def _subset_files(tmp: Path, n_train: int) -> tuple[Path, Path]:
     """.npy files holding the first n_train images then the 2,000 test images (and labels)."""
-    from aevb.data.datasets import read_idx
+    from aevb.data.files import read_idx
 
     images, labels = mnist_uint8(), read_idx(MNIST_LABELS)
     keep = np.r_[0:n_train, len(images) - N_TEST:len(images)]

@@ -43,6 +43,6 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _no_user_cache(tmp_path_factory, monkeypatch):
     """Keep what the loaders cache (decoded image folders) out of the user's ~/.cache."""
-    import aevb.data.datasets
+    import aevb.data.sources
 
-    monkeypatch.setattr(aevb.data.datasets, "CACHE_DIR", tmp_path_factory.getbasetemp() / "aevb-cache")
+    monkeypatch.setattr(aevb.data.sources, "CACHE_DIR", tmp_path_factory.getbasetemp() / "aevb-cache")

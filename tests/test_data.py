@@ -1,4 +1,4 @@
-"""Tests of aevb.data.datasets: registered data sets, file and folder readers, splits, binarisation."""
+"""Tests of aevb.data: registered data sets, file and folder readers, splits, binarisation."""
 
 from __future__ import annotations
 
@@ -13,14 +13,10 @@ from conftest import MNIST_IMAGES, MNIST_LABELS, requires_mnist
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from aevb.data.datasets import (
-    BINARIZE_MODES,
-    Dataset,
-    binarize,
-    holdout_indices,
-    load_data,
-    read_idx,
-)
+from aevb.config import BINARIZE_MODES
+from aevb.data.datasets import Dataset, load_data
+from aevb.data.files import read_idx
+from aevb.data.transforms import binarize, holdout_indices
 from aevb.errors import UserError
 from aevb.registry import DATASETS
 

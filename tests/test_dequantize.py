@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from aevb.data import datasets as data
+from aevb.data import transforms
 from aevb.analysis.evaluation import bits_per_dim
 from aevb.model.base import build_model
 from conftest import aevb_cli
@@ -20,12 +20,12 @@ def test_dequantized_pixels_fill_their_own_bins():
     levels = 256
     k = torch.arange(levels, dtype=torch.float32).repeat(200)  # every level, 200 times
     x = k / (levels - 1)
-    y = data.dequantize(x, levels, torch.Generator().manual_seed(0))
+    y = transforms.dequantize(x, levels, torch.Generator().manual_seed(0))
     assert torch.equal(torch.floor(y * levels), k)  # (k + u)/levels lies in [k, k + 1)/levels
     assert ((y >= 0) & (y < 1)).all()
     u = y * levels - k
     assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005  # U[0, 1)
-    again = data.dequantize(x, levels, torch.Generator().manual_seed(0))
+    again = transforms.dequantize(x, levels, torch.Generator().manual_seed(0))
     assert torch.equal(y, again)
 
 
@@ -35,7 +35,7 @@ def test_dequantized_density_bounds_each_level_probability():
     density = torch.distributions.Normal(torch.tensor(0.4, dtype=torch.float64), torch.tensor(0.02, dtype=torch.float64))
     k = torch.arange(levels, dtype=torch.float64)
     x = (k / (levels - 1)).repeat(20000, 1)  # [20000, 17]
-    y = data.dequantize(x, levels, torch.Generator().manual_seed(1))
+    y = transforms.dequantize(x, levels, torch.Generator().manual_seed(1))
     bound = -density.log_prob(y).mean(0) + math.log(levels)  # [17], nats
     mass = density.cdf((k + 1) / levels) - density.cdf(k / levels)
     exact = -mass.log()

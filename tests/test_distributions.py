@@ -14,14 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aevb.model.distributions import (
-    SCALE_FLOOR,
-    GaussianPosterior,
-    PointMassPosterior,
-    StandardNormal,
-    standard_normal,
-)
 from aevb.errors import UserError
+from aevb.model.likelihoods import SCALE_FLOOR
+from aevb.model.posteriors import GaussianPosterior, PointMassPosterior, StandardNormal, standard_normal
 from aevb.registry import LIKELIHOODS, POSTERIORS
 
 EXPECTED_LIKELIHOODS = [
@@ -221,7 +216,7 @@ def test_fast_bernoulli_log_prob_matches_torch_in_value_and_gradient():
     """
     from torch.distributions import Bernoulli
 
-    from aevb.model.distributions import FastBernoulli
+    from aevb.model.likelihoods import FastBernoulli
 
     gen = torch.Generator().manual_seed(3)
     logits = torch.cat([torch.randn(4, 3, 784, generator=gen) * 6,
@@ -582,7 +577,7 @@ def test_log_scale_normal_is_torchs_normal_that_keeps_log_sigma():
     """The posterior's Normal reads log σ where torch's takes log(σ): same values, gradients, samples and shapes."""
     from torch.distributions import Normal, kl_divergence
 
-    from aevb.model.distributions import LogScaleNormal
+    from aevb.model.posteriors import LogScaleNormal
 
     gen = torch.Generator().manual_seed(21)
     loc = torch.randn(5, 3, generator=gen, dtype=torch.float64)
@@ -617,7 +612,7 @@ def test_log_scale_normal_is_torchs_normal_that_keeps_log_sigma():
 def test_fast_bernoulli_is_a_bernoulli():
     from torch.distributions import Bernoulli
 
-    from aevb.model.distributions import FastBernoulli
+    from aevb.model.likelihoods import FastBernoulli
 
     logits = torch.randn(2, 3, 4)
     ours, torchs = FastBernoulli(logits=logits), Bernoulli(logits=logits)

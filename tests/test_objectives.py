@@ -304,7 +304,7 @@ def test_iwae_bound_with_one_sample_is_the_log_weight(digits_vae):
 def read_mnist_images(path: Path) -> np.ndarray:
     """uint8 [N, 28, 28]: the project's IDX reader if it exists, else a minimal one."""
     try:
-        from aevb.data.datasets import read_idx
+        from aevb.data.files import read_idx
     except ImportError:
         with gzip.open(path, "rb") as f:
             data = f.read()

@@ -203,10 +203,11 @@ class WobblyAE(AE):
 
 
 @pytest.fixture
-def wobbly(monkeypatch):
+def wobbly():
     MODELS.items()  # every built-in model imported, so that the registry's entries are its names
-    monkeypatch.setitem(MODELS._entries, "wobbly-ae", WobblyAE)
-    return "wobbly-ae"
+    MODELS.register("wobbly-ae")(WobblyAE)
+    yield "wobbly-ae"
+    MODELS.unregister("wobbly-ae")
 
 
 def test_a_model_registered_at_run_time_has_its_option_checked_and_passed(wobbly, tmp_path, capsys):
@@ -224,3 +225,16 @@ def test_a_model_registered_at_run_time_has_its_option_checked_and_passed(wobbly
     assert json.loads((run / "config.json").read_text())["wobble"] == 0.25
     model = aevb.load(run / "model")
     assert isinstance(model, WobblyAE) and model.wobble == 0.25
+
+
+def test_the_order_of_entries_does_not_depend_on_the_order_modules_are_imported_in():
+    """--help, config.json and error messages list models and options the same way in every process."""
+    import subprocess
+    import sys
+
+    code = ("import aevb.model.hierarchical, aevb.model.vae, aevb.model.autoencoders\n"
+            "from aevb.config import model_options\nfrom aevb.registry import MODELS\n"
+            "print((MODELS.names(), [o.name for o in model_options()]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str((MODELS.names(), [o.name for o in model_options()]))
+    assert MODELS.names()[:4] == ["ae", "dae", "sparse-ae", "cae"]

@@ -217,12 +217,13 @@ def test_explore_skips_image_figures_for_tabular_data(tmp_path, capsys):
     assert (out / "report.html").read_text().count(IMG) == 3
 
 
-def test_a_figure_registered_at_run_time_is_drawn_and_reported(tmp_path, monkeypatch):
+def test_a_figure_registered_at_run_time_is_drawn_and_reported(tmp_path, request):
     from aevb.analysis.figures import save_grid
     from aevb.analysis.gallery import IMAGES, Need, figure
     from aevb.analysis.report import explore_run, write_report
 
-    monkeypatch.setattr(FIGURES, "_entries", dict(FIGURES._entries))  # this test's entries go with it
+    for name in ("mean-image.png", "never.png"):  # this test's entries go with it
+        request.addfinalizer(lambda name=name: FIGURES.unregister(name))
     drawn = []
 
     @FIGURES.register("mean-image.png")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from aevb.data import datasets as data
+from aevb.data import folders, sources, streaming, transforms
 from aevb.errors import UserError
 from aevb.data.streaming import StreamedImages
 
@@ -63,10 +64,10 @@ def test_streamed_images_are_the_in_memory_floats(tmp_path, layout):
     assert train[index].dtype == torch.float32 and train[index].is_contiguous()
     torch.testing.assert_close(train.mean(0), memory.train.mean(0), rtol=0, atol=1e-6)
     for mode in ("threshold", "none"):
-        assert torch.equal(data.binarize(train, mode)[index], data.binarize(memory.train, mode)[index])
+        assert torch.equal(transforms.binarize(train, mode)[index], transforms.binarize(memory.train, mode)[index])
     # dequantised as read, with the same draws as the tensor when read in one batch
-    streamed_noise = data.dequantize(train, 256, torch.Generator().manual_seed(3)).load()
-    assert torch.equal(streamed_noise, data.dequantize(memory.train, 256, torch.Generator().manual_seed(3)))
+    streamed_noise = transforms.dequantize(train, 256, torch.Generator().manual_seed(3)).load()
+    assert torch.equal(streamed_noise, transforms.dequantize(memory.train, 256, torch.Generator().manual_seed(3)))
 
 
 def _folder(root: Path) -> Path:
@@ -89,7 +90,7 @@ def _folder(root: Path) -> Path:
 
 @pytest.mark.filterwarnings("ignore:skipped 1 image.s. outside the class subfolders")
 def test_streamed_image_folder_is_decoded_once_into_a_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(sources, "CACHE_DIR", tmp_path / "cache")
     root = _folder(tmp_path / "images")
     with pytest.warns(UserWarning):
         memory = data.load_data(str(root), stream="no", image_size=8, test_split=3)
@@ -107,13 +108,13 @@ def test_streamed_image_folder_is_decoded_once_into_a_cache(tmp_path, monkeypatc
     def no_decoding(*args):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(data, "_decode", no_decoding)
+    monkeypatch.setattr(folders, "_decode", no_decoding)
     with pytest.warns(UserWarning, match="broken.png"):  # still named, from the cache's index
         again = data.load_data(str(root), stream="yes", image_size=8, test_split=3)
     assert torch.equal(again.train.load(), memory.train)
     # a changed folder (or another size) is decoded again, into its own cache file
     monkeypatch.undo()
-    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(sources, "CACHE_DIR", tmp_path / "cache")
     from PIL import Image
 
     Image.new("RGB", (10, 10), (255, 0, 0)).save(root / "cats" / "new.png")
@@ -124,10 +125,10 @@ def test_streamed_image_folder_is_decoded_once_into_a_cache(tmp_path, monkeypatc
 
 
 def test_auto_decides_for_a_folder_before_decoding_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(sources, "CACHE_DIR", tmp_path / "cache")
     root = _folder(tmp_path / "images")
     sizes = []
-    monkeypatch.setattr(data, "_too_large_for_memory", lambda n_bytes: sizes.append(n_bytes) or True)
+    monkeypatch.setattr(streaming, "_too_large_for_memory", lambda n_bytes: sizes.append(n_bytes) or True)
     with pytest.warns(UserWarning):
         streamed = data.load_data(str(root), image_size=8, test_split=3)
     assert isinstance(streamed.train, StreamedImages)
@@ -159,13 +160,13 @@ def test_training_streamed_logs_the_same_losses_as_in_memory(tmp_path, one_threa
 def test_auto_streams_only_when_the_float32_copy_does_not_fit(tmp_path, monkeypatch):
     path = tmp_path / "x.npy"
     np.save(path, _digits_uint8())
-    assert not data._too_large_for_memory(1)
-    assert data._too_large_for_memory(1 << 60)
+    assert not streaming._too_large_for_memory(1)
+    assert streaming._too_large_for_memory(1 << 60)
     sizes = []
-    monkeypatch.setattr(data, "_too_large_for_memory", lambda n_bytes: sizes.append(n_bytes) or True)
+    monkeypatch.setattr(streaming, "_too_large_for_memory", lambda n_bytes: sizes.append(n_bytes) or True)
     assert isinstance(data.load_data(str(path)).train, StreamedImages)
     assert sizes == [1797 * 64 * 4]  # the float32 copy's size decides
-    monkeypatch.setattr(data, "_too_large_for_memory", lambda n_bytes: False)
+    monkeypatch.setattr(streaming, "_too_large_for_memory", lambda n_bytes: False)
     assert isinstance(data.load_data(str(path)).train, torch.Tensor)
 
 
@@ -215,10 +216,10 @@ def test_large_folders_decode_on_threads_in_file_order(tmp_path, monkeypatch):
         else:
             Image.fromarray(rng.integers(0, 256, (int(rng.integers(6, 20)), 11, 3), dtype=np.uint8)).save(path)
         files.append(path)
-    monkeypatch.setattr(data, "_usable_cores", lambda: 4)
-    threaded = list(data._decode_all(files, "RGB", 8, "test"))
-    monkeypatch.setattr(data, "_usable_cores", lambda: 1)
-    single = list(data._decode_all(files, "RGB", 8, "test"))
+    monkeypatch.setattr(folders, "_usable_cores", lambda: 4)
+    threaded = list(folders._decode_all(files, "RGB", 8, "test"))
+    monkeypatch.setattr(folders, "_usable_cores", lambda: 1)
+    single = list(folders._decode_all(files, "RGB", 8, "test"))
     assert len(threaded) == len(single) == 300
     assert [i for i, a in enumerate(threaded) if a is None] == [i for i in range(300) if i % 37 == 5]
     for a, b in zip(threaded, single):
@@ -238,7 +239,7 @@ def test_ordered_map_keeps_order_and_bounds_what_is_in_flight():
         return i * i
 
     out, ahead = [], []
-    for value in data._ordered_map(square, list(range(60)), workers=4, in_flight=8):
+    for value in folders._ordered_map(square, list(range(60)), workers=4, in_flight=8):
         time.sleep(0.003)  # a slow consumer: unbounded, the threads would run far ahead
         with lock:
             ahead.append(started[0] - len(out))

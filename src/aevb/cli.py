@@ -280,7 +280,7 @@ def reconstruct(run, n, out, device):
     Example:
       aevb reconstruct runs/vae-digits -n 10
     """
-    from aevb.data.datasets import holdout_indices
+    from aevb.data.transforms import holdout_indices
     from aevb.analysis.figures import reconstruction_grid
     from aevb.run.open import open_run
     from aevb.run.owner import owning_if_in_run
@@ -291,7 +291,7 @@ def reconstruct(run, n, out, device):
     _require_images(model, "reconstruct")
     x, y = opened.held_out("test")
     opened.check_data_shape(x)
-    x = x[holdout_indices(y, n, num_examples=len(x))].to(next(model.parameters()).device)
+    x = x[holdout_indices(y, n, num_examples=len(x))].to(model.device)
     path = Path(out) if out else Path(run) / "images" / "reconstructions.png"
     with owning_if_in_run(path, "aevb reconstruct"):
         click.echo(f"written: {reconstruction_grid(model, x, path)}")
@@ -341,7 +341,7 @@ def interpolate(run, pairs, steps, out, device):
       aevb interpolate runs/vae-digits
       aevb interpolate runs/mnist --pairs 6 --steps 12 -o interpolations.png
     """
-    from aevb.data.datasets import holdout_indices
+    from aevb.data.transforms import holdout_indices
     from aevb.analysis.figures import interpolation
     from aevb.run.open import open_run
     from aevb.run.owner import owning_if_in_run
@@ -355,7 +355,7 @@ def interpolate(run, pairs, steps, out, device):
     if len(chosen) < 2:
         raise UserError(f"{run} has fewer than two test images to interpolate between")
     chosen = chosen[: len(chosen) // 2 * 2]
-    x = x[chosen].to(next(model.parameters()).device)
+    x = x[chosen].to(model.device)
     path = Path(out) if out else Path(run) / "images" / "interpolations.png"
     with owning_if_in_run(path, "aevb interpolate"):
         interpolation(model, x[0::2], x[1::2], path, steps=steps)

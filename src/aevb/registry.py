@@ -29,19 +29,35 @@ from aevb.options import Option
 class Registry:
     def __init__(self, kind: str, module: str | tuple[str, ...], variable: str):
         self.kind = kind  # what an entry is, for messages: "likelihood"
-        # where entries are defined: "aevb.model.distributions", or several modules in order
+        # where entries are defined: "aevb.model.likelihoods", or several modules in order
         self.modules = (module,) if isinstance(module, str) else tuple(module)
         self.variable = variable  # the registry's name in that module: "LIKELIHOODS"
         self._entries: dict[str, Any] = {}
+        self._order: dict[str, tuple[int, int]] = {}  # name → (module's rank, registration count)
 
     def register(self, name: str) -> Callable[[Any], Any]:
         def decorator(obj: Any) -> Any:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = obj
+            self._order[name] = (self._rank(getattr(obj, "__module__", None)), len(self._order))
             return obj
 
         return decorator
+
+    def unregister(self, name: str) -> None:
+        """Remove entry ``name`` (one registered at run time, by a test or a notebook that redefines it)."""
+        self._entries.pop(name, None)
+        self._order.pop(name, None)
+
+    def _rank(self, module: str | None) -> int:
+        """Where entries of ``module`` come: in the order of ``self.modules``, then those registered elsewhere."""
+        return self.modules.index(module) if module in self.modules else len(self.modules)
+
+    def _names(self) -> list[str]:
+        """The entries' names in the declared order of their modules, each module's in definition order:
+        the same whatever order the modules were imported in."""
+        return sorted(self._entries, key=self._order.__getitem__)
 
     def _load(self) -> None:
         for module in self.modules:
@@ -56,7 +72,7 @@ class Registry:
             return self._entries[name]
         except KeyError:
             raise UserError(
-                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self._entries)}"
+                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self._names())}"
             ) from None
 
     def __contains__(self, name: object) -> bool:
@@ -67,17 +83,17 @@ class Registry:
 
     def items(self):
         self._load()
-        return self._entries.items()
+        return [(name, self._entries[name]) for name in self._names()]
 
     def names(self) -> list[str]:
         """Registered names, in definition order, without importing torch if avoidable."""
         if self._loaded():
-            return list(self._entries)
+            return self._names()
         try:
             names = [name for module in self.modules for name in _SOURCE.registered(module, self.variable)]
         except _Unreadable:
             self._load()
-            return list(self._entries)
+            return self._names()
         # and entries registered from elsewhere (a user's model), which exist once their module has run
         return names + [name for name in self._entries if name not in names]
 
@@ -242,11 +258,11 @@ def _registered_name(decorator: ast.AST, variable: str) -> str | None:
 
 _SOURCE = _Source()
 
-LIKELIHOODS = Registry("likelihood", "aevb.model.distributions", "LIKELIHOODS")
-POSTERIORS = Registry("posterior", "aevb.model.distributions", "POSTERIORS")
+LIKELIHOODS = Registry("likelihood", "aevb.model.likelihoods", "LIKELIHOODS")
+POSTERIORS = Registry("posterior", "aevb.model.posteriors", "POSTERIORS")
 NETWORKS = Registry("network", "aevb.model.networks", "NETWORKS")
 MODELS = Registry("model", ("aevb.model.autoencoders", "aevb.model.vae", "aevb.model.hierarchical"), "MODELS")
-DATASETS = Registry("data set", "aevb.data.datasets", "DATASETS")
+DATASETS = Registry("data set", "aevb.data.named", "DATASETS")
 SCHEDULES = Registry("beta schedule", "aevb.training.schedules", "SCHEDULES")
 PRIORS = Registry("prior", "aevb.model.priors", "PRIORS")
 FIGURES = Registry("figure", "aevb.analysis.gallery", "FIGURES")  # by file name in RUN/images/, in report order

@@ -20,8 +20,8 @@ rows, ḡ the gradient of the loss and each row's own x:
 
 (½ of the last for an encoder that outputs log σ²), and each Linear layer h' = relu(h Wᵀ + b) passes back ∂h = (∂h'·[h' > 0]) W,
 ∂W = (∂h'·[h' > 0])ᵀ h, ∂b = Σ_n ∂h'·[h' > 0].  The log-density and the KL
-are the library's own functions (:func:`~aevb.model.distributions.bernoulli_log_prob`,
-:func:`~aevb.model.distributions.standard_normal_kl`), and every layer multiplies
+are the library's own functions (:func:`~aevb.model.likelihoods.bernoulli_log_prob`,
+:func:`~aevb.model.posteriors.standard_normal_kl`), and every layer multiplies
 in the dtype its own ``forward`` would (bf16 under
 :func:`aevb.model.precision.matmul_dtype`), with the same casts, so values and
 gradients are those of ``model.loss`` to rounding (``tests/test_fused.py``).
@@ -47,15 +47,9 @@ from torch.nn.modules import module as torch_module
 
 from aevb.model import objectives
 from aevb.model.base import LossOutput
-from aevb.model.distributions import (
-    BernoulliLikelihood,
-    GaussianPosterior,
-    bernoulli_log_prob,
-    bernoulli_log_prob_grad,
-    loc_and_log_scale,
-    standard_normal_kl,
-)
 from aevb.model.layers import Linear, cast, lowered
+from aevb.model.likelihoods import BernoulliLikelihood, bernoulli_log_prob, bernoulli_log_prob_grad
+from aevb.model.posteriors import GaussianPosterior, loc_and_log_scale, standard_normal_kl
 from aevb.model.precision import at_least_float32
 from aevb.model.priors import StandardNormalPrior
 from aevb.model.vae import VAE

@@ -124,7 +124,7 @@ def bits_per_dim(nll: float, model: Model, x: torch.Tensor, levels: int | None, 
 
     * Binary data under a Bernoulli likelihood: nll / (n·ln 2).
     * Quantised data with ``levels`` levels, dequantised to (k + u)/levels
-      (:func:`aevb.data.dequantize`), under a density: each level's bin has
+      (:func:`aevb.data.transforms.dequantize`), under a density: each level's bin has
       width 1/levels, so (nll + n·ln levels) / (n·ln 2), an upper bound.
     * Otherwise None: a density at the quantised values themselves is no
       probability (it can exceed the inverse bin width, and the bits then go

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from aevb.analysis import figures, plots
-from aevb.data.datasets import holdout_indices
+from aevb.data.transforms import holdout_indices
 from aevb.model.base import Model
 from aevb.registry import FIGURES
 
@@ -102,7 +102,7 @@ class FigureContext:
 
     def examples(self, n: int) -> torch.Tensor:
         """Up to n test examples [≤ n, *data_shape]: one of each class in turn where there are labels,
-        else the first n (:func:`aevb.data.datasets.holdout_indices`)."""
+        else the first n (:func:`aevb.data.transforms.holdout_indices`)."""
         return self.x[holdout_indices(self.labels, n, num_examples=len(self.x)).to(self.x.device)]
 
 

@@ -15,7 +15,7 @@ import torch
 from aevb.analysis.figures import eval_mode, new_figure, save_figure
 from aevb.io import loads_json
 from aevb.model.base import Model
-from aevb.model.distributions import GaussianLikelihood, LaplaceLikelihood, OptimalGaussianLikelihood
+from aevb.model.likelihoods import GaussianLikelihood, LaplaceLikelihood, OptimalGaussianLikelihood
 
 # the fixed-scale heads whose NLL curves the likelihood figure draws, by the family names of
 # Likelihood.scale_summary, with the symbol of their scale
@@ -126,8 +126,8 @@ def likelihood_choice(model: Model, x: torch.Tensor, path: str | Path, n_points:
 
     Left: negative log-likelihood per dimension of the residuals r = x̂ − x of
     the model's reconstructions of x, against the scale, computed with the
-    library's :class:`~aevb.model.distributions.GaussianLikelihood` and
-    :class:`~aevb.model.distributions.LaplaceLikelihood`: the Gaussian curve has its
+    library's :class:`~aevb.model.likelihoods.GaussianLikelihood` and
+    :class:`~aevb.model.likelihoods.LaplaceLikelihood`: the Gaussian curve has its
     minimum at σ = √MSE (the σ that ``gaussian-optimal`` uses, whose value is
     marked), the Laplace one at b = mean |r|.  The model's own scale is marked
     where it has one (its likelihood's ``scale_summary``, returned as ``model_scale``).

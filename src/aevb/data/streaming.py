@@ -10,11 +10,11 @@ rows of each batch, with the arithmetic of the in-memory path, so training
 sees the same numbers (``tests/test_streaming.py`` trains both ways and
 compares every logged loss).
 
-:func:`aevb.data.load_data` chooses it (``stream="auto"``, ``aevb train
+:func:`aevb.data.datasets.load_data` chooses it (``stream="auto"``, ``aevb train
 --stream``) when the float32 copy would take more than half of the memory
-available.  Only the training split streams: the test and validation
-splits are loaded as tensors, since evaluation and the figures read them
-whole.  It supports what the training loop and the evaluation do with a
+available (:func:`should_stream`).  Only the training split streams: the
+test and validation splits are loaded as tensors, since evaluation and the
+figures read them whole.  It supports what the training loop and the evaluation do with a
 training set: ``len``, ``shape``, indexing by batch (slices, index tensors),
 ``to(device)``, ``mean(0)`` (:func:`mean_example`), and a transform applied
 per batch (binarisation, dequantisation: :meth:`StreamedImages.transformed`).  Loading
@@ -25,6 +25,7 @@ copied to the device one at a time (no worker processes or pinned memory).
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import numpy as np
@@ -32,6 +33,9 @@ import torch
 
 # rows converted at a time by mean(): bounded memory whatever the data set's size
 _CHUNK_ROWS = 4096
+# stream="auto" streams a training set whose float32 copy would take more than this
+# fraction of the memory available when the data are loaded
+STREAM_MEMORY_FRACTION = 0.5
 
 
 class StreamedImages:
@@ -141,3 +145,27 @@ def _as_numpy_index(index):
     if isinstance(index, list):
         return np.asarray(index)
     return index
+
+
+def should_stream(stream: str, n_values: int) -> bool:
+    """Whether ``stream`` (yes, no, auto) streams a training set of n_values pixel values."""
+    return stream == "yes" or (stream == "auto" and _too_large_for_memory(4 * n_values))  # 4: bytes of a float32
+
+
+def _too_large_for_memory(n_bytes: int) -> bool:
+    """Whether n_bytes exceed STREAM_MEMORY_FRACTION of the memory available now (False where unknown)."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:  # Linux: MemAvailable counts reclaimable caches
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return False
+    return n_bytes > STREAM_MEMORY_FRACTION * available

@@ -1,4 +1,4 @@
-"""The probability model: distributions, priors, networks and their layers, objectives, models.
+"""The probability model: likelihoods, posteriors, priors, networks and their layers, objectives, models.
 
 Owns the maths: a model is a prior p(z), an encoder returning q(z|x) and a
 decoder returning p(x|z), all ``torch.distributions``; every loss and metric

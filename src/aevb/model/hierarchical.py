@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
-from aevb.model.distributions import diagonal_normal
 from aevb.errors import UserError
 from aevb.model.base import LossOutput, _posterior_stats, _sample_count
+from aevb.model.posteriors import diagonal_normal
 from aevb.model.vae import BETA, LatentVariableModel
 from aevb.model.networks import _mlp
 from aevb.model.objectives import ElboTerms

@@ -57,16 +57,12 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
 # When a 4×4, stride-2 layer's weight gradient is one matrix multiply
 # (:func:`conv_weight_grad`) instead of oneDNN's kernel: in bf16 on the CPU,
 # between enough channels, where the patch matrix (a copy 16·C wide) stays
-# small.  Which kernel is faster depends on the CPU's bf16 hardware, so the
-# rule has two rows, each measured at batch 128 on a 2-core CPU (oneDNN's time
-# over the multiply's, cold cache; patch elements in brackets):
-# * AVX512-BF16 without AMX tiles, where oneDNN's bf16 weight-gradient kernels
-#   run these layers at a third of the speed of its forward convolution:
-#   C 16 → 32 on 14×14 (1.6M) 1.59×; 32 → 64 on 8×8 (1.0M) 1.65×;
-#   64 → 32 on 8×8 (2.1M) 1.56×; 32 → 64 on 14×14 (3.2M) 1.01×;
-#   32 → 32 on 16×16 (4.2M) 0.79×; 64 → 64 on 16×16 (8.4M) 0.61×.
-#   Rule: 16+ channels each side, at most 2M patch elements.  The MNIST conv
-#   VAE's step (two such layers) was 1.05× faster, interleaved.
+# small, and only on CPUs with AMX tiles (measured at batch 128 on a 2-core
+# CPU, oneDNN's time over the multiply's, cold cache; patch elements in brackets).
+# Without AMX (AVX512-BF16 alone) the multiply won layer by layer on one CPU
+# (16 → 32 on 14×14 1.59×) but not in the step: bench/accelerations.py measured
+# the MNIST conv VAE's bf16 step 0.94× and 0.99× with it on a 2-core AMD EPYC
+# (2026-12-06), after 1.00–1.15× in earlier runs, so oneDNN's kernel serves there.
 # * AMX, whose oneDNN kernels are fast on larger maps, so the map decides,
 #   whatever the batch: on 4×4 output maps with 32+ channels each side the
 #   multiply wins (32 → 32 1.22×, 32 → 64 1.58–1.68×, 64 → 32 1.46×,
@@ -78,13 +74,12 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
 #   Rule: 32+ channels each side, an output map of at most 16 positions, at
 #   most 8M patch elements (the largest measured).  The MNIST conv VAE's step
 #   (no layer by the multiply under this rule) was 1.11× faster than with the
-#   rule above (20 rounds, interleaved).
+#   non-AMX rule of then (16+ channels, at most 2M patch elements; 20 rounds,
+#   interleaved); the 64×64 RGB network's 64 → 64 layer 2.3× faster alone.
 # The input gradient and the transposed convolution as multiplies (2×2
 # windows of the padded input times a [4·C_in, 4·C_out] matrix) were 1.4×
 # faster on their own but 0.95× in the step: gathering the phases of the
 # output is a strided copy.
-MIN_MATMUL_CHANNELS = 16
-MAX_PATCH_ELEMENTS = 1 << 21
 MIN_MATMUL_CHANNELS_AMX = 32
 MAX_OUTPUT_POSITIONS_AMX = 16
 MAX_PATCH_ELEMENTS_AMX = 1 << 23
@@ -95,18 +90,16 @@ def weight_grad_by_matmul(x: torch.Tensor, patch_shape: tuple[int, int, int], ot
 
     ``patch_shape`` (C, H, W) is the tensor whose patches the multiply takes
     (a convolution's input, a transposed convolution's output),
-    ``other_channels`` the other side's.  The rule depends on whether the CPU
-    has AMX (:func:`aevb.precision.amx_usable`), as measured above.
+    ``other_channels`` the other side's.  Only where the CPU has AMX
+    (:func:`aevb.model.precision.amx_usable`), as measured above.
     """
-    if not (x.device.type == "cpu" and x.dtype == torch.bfloat16):
+    if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and precision.amx_usable()):
         return False
     c, h, w = patch_shape
     channels, positions = min(c, other_channels), (h // 2) * (w // 2)  # positions: of one image's output map
     patches = x.shape[0] * positions * 16 * c
-    if precision.amx_usable():
-        return (channels >= MIN_MATMUL_CHANNELS_AMX and positions <= MAX_OUTPUT_POSITIONS_AMX
-                and patches <= MAX_PATCH_ELEMENTS_AMX)
-    return channels >= MIN_MATMUL_CHANNELS and patches <= MAX_PATCH_ELEMENTS
+    return (channels >= MIN_MATMUL_CHANNELS_AMX and positions <= MAX_OUTPUT_POSITIONS_AMX
+            and patches <= MAX_PATCH_ELEMENTS_AMX)
 
 
 def conv_weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

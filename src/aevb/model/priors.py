@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
 
-from aevb.model.distributions import standard_normal
+from aevb.model.posteriors import standard_normal
 from aevb.model.precision import at_least_float32
 from aevb.registry import PRIORS
 

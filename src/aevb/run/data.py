@@ -8,21 +8,23 @@ from pathlib import Path
 import torch
 
 from aevb.config import RunConfig
-from aevb.data import datasets as data_module
+from aevb.data import transforms
+from aevb.data.datasets import Dataset, load_data
+from aevb.data.streaming import StreamedImages
 from aevb.errors import UserError
 from aevb.model.base import Model
 from aevb.registry import LIKELIHOODS
 
 
-def load_dataset(config: RunConfig) -> data_module.Dataset:
-    return data_module.load_data(
+def load_dataset(config: RunConfig) -> Dataset:
+    return load_data(
         config.data, labels=config.labels, data_dir=config.data_dir, test_split=config.test_split,
         val_split=config.val_split, shuffle=config.shuffle, seed=config.seed,
         image_size=config.image_size, download=config.download, stream=config.stream,
     )
 
 
-def held_out(dataset: data_module.Dataset, config: RunConfig, split: str = "test") -> tuple[torch.Tensor, torch.Tensor | None]:
+def held_out(dataset: Dataset, config: RunConfig, split: str = "test") -> tuple[torch.Tensor, torch.Tensor | None]:
     """The evaluation split, binarised or dequantised as in training.
 
     Dynamic binarisation and dequantisation draw the held-out set once with a
@@ -35,17 +37,17 @@ def held_out(dataset: data_module.Dataset, config: RunConfig, split: str = "test
         return None, None
     if config.binarize == "dynamic":
         generator = torch.Generator().manual_seed(1234)
-        x = data_module.binarize(x, "dynamic", generator)
+        x = transforms.binarize(x, "dynamic", generator)
     else:
-        x = data_module.binarize(x, config.binarize)
+        x = transforms.binarize(x, config.binarize)
     if config.dequantize:
-        x = data_module.dequantize(x, check_dequantize(config, dataset), torch.Generator().manual_seed(1234))
+        x = transforms.dequantize(x, check_dequantize(config, dataset), torch.Generator().manual_seed(1234))
     return x, y
 
 
-def check_data_range(config: RunConfig, dataset: data_module.Dataset) -> None:
+def check_data_range(config: RunConfig, dataset: Dataset) -> None:
     """A likelihood over [0, 1] (Bernoulli, continuous Bernoulli) refuses data outside it: its loss would have no bound."""
-    if not LIKELIHOODS.get(config.likelihood).unit_interval or isinstance(dataset.train, data_module.StreamedImages):
+    if not LIKELIHOODS.get(config.likelihood).unit_interval or isinstance(dataset.train, StreamedImages):
         return  # streamed data are 8-bit pixels, in [0, 1] by construction
     if config.binarize == "threshold":
         return  # x > 0.5 is 0 or 1 whatever x was
@@ -56,7 +58,7 @@ def check_data_range(config: RunConfig, dataset: data_module.Dataset) -> None:
                         f"for real-valued data, or rescale it to [0, 1]")
 
 
-def check_dequantize(config: RunConfig, dataset: data_module.Dataset | None = None) -> int | None:
+def check_dequantize(config: RunConfig, dataset: Dataset | None = None) -> int | None:
     """Refuse --dequantize where it means nothing; the number of levels of the data where it applies."""
     if not config.dequantize:
         return None

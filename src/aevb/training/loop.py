@@ -32,13 +32,13 @@ from aevb.acceleration.bf16 import resolve_precision
 from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
 from aevb.analysis.figures import reconstruction_grid, sample_grid
 from aevb.config import RunConfig, check_model_options
-from aevb.data import datasets as data_module
-from aevb.data.streaming import mean_example
+from aevb.data import transforms
+from aevb.data.datasets import Dataset
+from aevb.data.streaming import StreamedImages, mean_example
 from aevb.errors import NonFiniteLossError, UserError
 from aevb.io import write_json
 from aevb.model.base import LossOutput, Model, build_model
 from aevb.model.precision import matmul_dtype
-from aevb.registry import MODELS
 from aevb.run.checkpoints import Position, check_resumable, restore, write_checkpoint
 from aevb.run.data import check_data_range, check_dequantize, held_out, load_dataset
 from aevb.run.device import resolve_device
@@ -129,8 +129,8 @@ def _run_to_resume(run_dir: Path) -> None:
 class TrainingData:
     """The run's data as the loop uses them, prepared once before the model is built."""
 
-    dataset: data_module.Dataset
-    train: torch.Tensor | data_module.StreamedImages  # [N, *data_shape] on the device (streamed: read per batch)
+    dataset: Dataset
+    train: torch.Tensor | StreamedImages  # [N, *data_shape] on the device (streamed: read per batch)
     device: torch.device  # of the training batches
     binarize: str  # --binarize: "dynamic" draws every batch afresh
     levels: int | None  # the data's quantisation levels under --dequantize, else None
@@ -145,14 +145,14 @@ class TrainingData:
         check_data_range(config, dataset)
         x_train = dataset.train
         if config.binarize == "threshold":
-            x_train = data_module.binarize(x_train, "threshold")
+            x_train = transforms.binarize(x_train, "threshold")
         x_train = x_train.to(device)
         eval_name = "val" if dataset.val is not None else "test"
         x_eval, _ = held_out(dataset, config, eval_name)
         holdout = None
         if dataset.kind == "image" and dataset.test is not None and len(dataset.test):
             x_test, y_test = held_out(dataset, config, "test")
-            holdout = x_test[data_module.holdout_indices(y_test, 10, num_examples=len(x_test))].to(device)
+            holdout = x_test[transforms.holdout_indices(y_test, 10, num_examples=len(x_test))].to(device)
         return cls(dataset, x_train, device, config.binarize, levels, eval_name, x_eval, holdout)
 
     @property
@@ -166,7 +166,7 @@ class TrainingData:
         if self.binarize == "dynamic":
             x = torch.bernoulli(x)
         if self.levels:
-            x = data_module.dequantize(x, self.levels)
+            x = transforms.dequantize(x, self.levels)
         return x
 
 
@@ -178,7 +178,7 @@ class Trainer:
     run_dir: Path
     model: Model
     optimizer: torch.optim.Optimizer
-    loss_of: Callable[[torch.Tensor, float], LossOutput]  # model.loss, or its compiled form (_make_loss)
+    loss_of: Callable[[torch.Tensor, float], LossOutput]  # _make_loss: model.loss, the fused loss or a compiled one
     data: TrainingData
     position: Position  # where the run is: step, epoch, batch in the epoch's order
     shuffle: torch.Generator  # draws each epoch's order

@@ -17,7 +17,7 @@ def mean_elbo_terms(model: Model, x: torch.Tensor, batch_size: int = 1000) -> di
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model.device
     has_density = model.posterior.has_density
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for start in range(0, x.shape[0], batch_size):
