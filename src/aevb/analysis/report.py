@@ -52,12 +52,12 @@ def _draw_figures(run: Run, options: ExploreOptions, seed: int) -> tuple[list[Pa
     run_dir, model = run.path, run.model
     model.eval()
     plan = plan_figures(model, run_dir)
-    if options.directions == "auto":
-        options = dataclasses.replace(options, directions="coords" if model.latent_dim == 2 else "pca")
     dataset = run.dataset
     x, y = run.held_out("test")
     if x is None or not len(x):
         raise UserError(f"{run_dir} has no test split to draw; train with --test-split")
+    if options.directions == "auto":  # principal components of one posterior mean are none
+        options = dataclasses.replace(options, directions="coords" if model.latent_dim == 2 or len(x) < 2 else "pca")
     context = FigureContext(model, x.to(model.device), y, dataset.classes, run_dir, options, seed)
     images_dir = run_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)

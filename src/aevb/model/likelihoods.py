@@ -14,7 +14,8 @@ what evaluation, the figures and training read of it:
 
 * ``params_per_channel``: decoder outputs per data value (2 for a mean and a scale);
 * ``discrete`` (a mass function), ``normalized`` (log p(x) and bits/dim are
-  defined) and ``unit_interval`` (data in [0, 1] only);
+  defined), ``unit_interval`` (data in [0, 1] only) and ``takes_scale`` (its
+  constructor takes ``scale=``, which ``--likelihood-scale`` sets);
 * :meth:`Likelihood.scale_summary` where one scale serves every dimension;
 * :meth:`Likelihood.params_for_mean` where the mean is invertible (the decoder's
   last bias then starts at the data's average image);
@@ -72,6 +73,7 @@ class Likelihood(nn.Module):
     discrete = False  # a probability mass function (bits/dim need no bin width)
     normalized = True  # a normalised density or mass: log p(x) and bits/dim are defined
     unit_interval = False  # defined for data in [0, 1] only
+    takes_scale = False  # its constructor takes scale= (--likelihood-scale): one σ or b, fixed or initial
 
     def extra_config(self) -> dict:
         """Constructor arguments to store in ``config.json``."""
@@ -289,6 +291,7 @@ class _FixedScale(_LocationFamily):
 
     family: type[Distribution]
     family_name: str  # the name of the fixed-scale likelihood of this family, for scale_summary
+    takes_scale = True
 
     def __init__(self, scale: float = 1.0):
         super().__init__()
@@ -339,6 +342,7 @@ class _LearnedScale(_LocationFamily):
 
     family: type[Distribution]
     family_name: str  # the name of the fixed-scale likelihood of this family, for scale_summary
+    takes_scale = True
 
     def __init__(self, scale: float = 1.0, floor: float = SCALE_FLOOR):
         super().__init__()
