@@ -25,6 +25,7 @@ from aevb.io import loads_json, write_safetensors
 from aevb.model.base import Model, build_model, legacy_model_args
 from aevb.model.weights import (DTYPE_NAMES, WeightsDoNotFit, check_finite, check_fits, check_list_lengths,
                                  read_header)
+from aevb.options import shown
 from aevb.run.folder import PATH_OPTIONS, resolved_path, with_absolute_paths
 
 RESUMABLE = ("epochs", "steps", "device", "compile")  # what --resume may change
@@ -40,11 +41,13 @@ class Position:
 
 def write_checkpoint(path: Path, model: Model, optimizer: torch.optim.Optimizer, position: Position,
                      shuffle: torch.Generator, model_kwargs: dict, settings: dict | None = None,
-                     examples: int | None = None) -> None:
+                     examples: int | None = None, precision: dict[str, str] | None = None) -> None:
     """The whole training state in one safetensors file.
 
     ``settings`` (the run's config) and ``examples`` (the number of training
-    examples) are what a resume is checked against.
+    examples) are what a resume is checked against; ``precision`` is what
+    ``--precision`` resolved to on which kind of device (``{"device": "cpu",
+    "multiplies": "bf16"}``), which a resume on that kind takes again.
     """
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
     optim_state = optimizer.state_dict()
@@ -61,7 +64,7 @@ def write_checkpoint(path: Path, model: Model, optimizer: torch.optim.Optimizer,
     meta = {
         "step": position.step, "epoch": position.epoch, "batch": position.batch,
         "param_groups": optim_state["param_groups"], "model_kwargs": model_kwargs, "config": settings,
-        "examples": examples,
+        "examples": examples, "precision": precision,
     }
     write_safetensors(path, tensors, metadata={"format": "aevb-checkpoint", "meta": json.dumps(meta)})
 
@@ -119,6 +122,10 @@ def _checked_meta(metadata: dict, path: Path) -> dict:
                               ("config", (dict, type(None)), "a table")):
         if not isinstance(meta.get(field), kind):
             raise _corrupt(path, f"its {field} is {type(meta.get(field)).__name__}, not {name}")
+    precision = meta.get("precision")  # absent from checkpoints written before it was recorded
+    if precision is not None and not (isinstance(precision, dict) and precision.get("multiplies") in ("fp32", "bf16")
+                                      and isinstance(precision.get("device"), str)):
+        raise _corrupt(path, f"its precision is {shown(precision)}, not the kind of device and fp32 or bf16")
     return meta
 
 

@@ -28,6 +28,8 @@ from aevb.run.checkpoints import checkpoint_model, checkpoint_step
 from aevb.run.data import check_data_shape, held_out, load_dataset
 from aevb.run.device import resolve_device
 from aevb.run.folder import CHECKPOINT, read_run_config
+from aevb.run.manifest import PREVIOUS
+from aevb.run.owner import own_run
 
 
 class UnfinishedRunWarning(UserWarning):
@@ -127,13 +129,27 @@ def _warn_if_checkpoint_is_newer(run_dir: Path, export: Provenance, checkpoint: 
                       StaleModelWarning, stacklevel=5)
 
 
+def finish_interrupted_force(path: Path) -> None:
+    """Settle a folder where a killed ``--force`` left the earlier run aside (:func:`aevb.run.manifest.recover`),
+    where no other process owns it now and it may be written; a reader otherwise reads it as it is."""
+    try:
+        with own_run(path, "aevb (settling an interrupted --force)"):
+            pass
+    except UserError:  # owned by the --force run itself, still running; or read-only
+        pass
+
+
 def open_run(path: str | Path, device: str | torch.device | None = None) -> Run:
     """Open the run folder ``path``; ``device``: a ``--device`` name (``auto``, ``cpu``…), a torch device, or None.
 
     The configuration is read at once (a UserError unless ``path`` is a run
     folder), then the device is resolved (a UserError if it is not there).
     """
+    if isinstance(path, str) and not path.strip():  # Path("") is the current folder: never what was meant
+        raise UserError("the run folder to open is empty; pass the folder 'aevb train' wrote")
     path = Path(path)
+    if (path / PREVIOUS).is_dir():
+        finish_interrupted_force(path)
     config = read_run_config(path)
     if isinstance(device, str):
         device = resolve_device(device)

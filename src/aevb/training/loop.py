@@ -19,6 +19,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from aevb.errors import NonFiniteLossError, UserError
 from aevb.io import write_json
 from aevb.model.base import LossOutput, Model, build_model
 from aevb.model.precision import matmul_dtype
-from aevb.run.checkpoints import Position, check_resumable, restore, write_checkpoint
+from aevb.run.checkpoints import Position, check_resumable, read_meta, restore, write_checkpoint
 from aevb.run.data import check_data_range, check_dequantize, held_out, load_dataset
 from aevb.run.device import resolve_device
 from aevb.run.folder import CHECKPOINT, RUN_PATHS, NewRun, with_absolute_paths
@@ -66,10 +67,13 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
     """
     with ExitStack() as owning:
         if resume is not None:
+            if isinstance(resume, str) and not resume.strip():
+                raise UserError("--resume is empty; pass the folder of the run to continue")
             run_dir = Path(resume)
             folder = owning.enter_context(own_run(_existing_run(run_dir), "aevb train --resume"))
             folder.check_paths(RUN_PATHS)
             _run_to_resume(run_dir)
+            trained = read_meta(run_dir / CHECKPOINT)  # how the run was trained up to its checkpoint
         else:
             check_model_options(config)
             check_dequantize(config)
@@ -78,7 +82,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
         device = resolve_device(config.device)
         # the accelerations (aevb.acceleration) are chosen here and nowhere else: the multiplies' dtype (refused
         # before the data load where the device lacks it), the optimiser and the loss below
-        step_dtype = resolve_precision(config.precision, device)  # bf16 where it pays; None: fp32
+        step_dtype = _step_precision(config, device, trained if resume is not None else None)  # None: fp32
         check_loggers(config)
         torch.manual_seed(config.seed)
         shuffle = torch.Generator().manual_seed(config.seed)
@@ -106,11 +110,40 @@ def train(config: RunConfig, *, resume: str | Path | None = None, force: bool = 
                           model_kwargs=model_kwargs, folder=folder)
         if resume is not None:
             trainer.check_steps_left()
+            trainer.note_schedule_change(trained["config"])
             # the new length, before training: a run interrupted from here resumes toward it
             write_json(run_dir / "config.json", config.to_dict())
         trainer.fit(MetricsLog(folder, config, position.step if resume is not None else None), progress)
         trainer.export()
     return model, run_dir
+
+
+def _step_precision(config: RunConfig, device: torch.device, trained: dict | None) -> torch.dtype | None:
+    """The multiplies' dtype of the training step: bf16 where it pays (``--precision auto``), None for fp32.
+
+    A resumed run takes what ``auto`` resolved to when it was trained on that
+    kind of device (recorded in its checkpoint), rather than measuring again
+    and perhaps changing the arithmetic halfway; where the device now lacks
+    bf16 it says so and goes on in fp32.
+    """
+    recorded = (trained or {}).get("precision")
+    if config.precision != "auto" or recorded is None or recorded["device"] != device.type:
+        return resolve_precision(config.precision, device)
+    try:
+        return resolve_precision(recorded["multiplies"], device)
+    except UserError:
+        warnings.warn(f"the run trained with {recorded['multiplies']} multiplies (--precision auto), which this "
+                      f"{device.type} device lacks: it goes on with fp32 multiplies", PrecisionChangedWarning,
+                      stacklevel=3)
+        return None
+
+
+class PrecisionChangedWarning(UserWarning):
+    """A resumed run goes on with other multiplies than it was trained with."""
+
+
+class ScheduleChangedWarning(UserWarning):
+    """A resumed run's new length changes the β its trained steps had."""
 
 
 def _existing_run(run_dir: Path) -> Path:
@@ -210,6 +243,32 @@ class Trainer:
             raise UserError(f"{self.run_dir} has already trained {done} steps ({done / self.steps_per_epoch:.4g} "
                             f"epochs), {'more than' if total < done else 'as many as'} {asked} asks; "
                             f"pass a larger --epochs or --steps to train further")
+
+    def note_schedule_change(self, trained: dict | None) -> None:
+        """Warn where this run's new length gives the steps already trained another β than they had.
+
+        ``trained``: the configuration the checkpoint was written under.  A
+        schedule that spreads over the run (``cyclical``: its cycles) changes
+        with its length, so the run resumed is not the one it would have been
+        trained as from the start; said once, before training goes on.
+        """
+        if not trained:
+            return
+        length = trained.get("steps") or (trained.get("epochs") or 0) * self.steps_per_epoch
+        done = self.position.step
+        if not isinstance(length, int) or length == self.total_steps or not done:
+            return
+        config = self.config
+        before = make_schedule(config.beta_schedule, beta=config.beta, warmup=config.beta_warmup,
+                               cycles=config.beta_cycles, ratio=config.beta_ratio, total_steps=length)
+        probe = range(done) if done <= 10**5 else range(0, done, done // 10**5)  # every step, or 100,000 of them
+        changed = sum(before(step) != self.beta_at(step) for step in probe)
+        if changed:
+            share = f"{changed / len(probe):.0%}"
+            warnings.warn(f"--beta-schedule {config.beta_schedule} spreads over the whole run: with {self.total_steps} "
+                          f"steps instead of {length}, {share} of the {done} steps already trained would have had "
+                          f"another β, so this run differs from one trained to {self.total_steps} steps from the "
+                          f"start (a new run of that length is one)", ScheduleChangedWarning, stacklevel=2)
 
     def fit(self, log: MetricsLog, progress: bool) -> None:
         """Train from the position to the last step, recording into ``log`` (closed at the end)."""
@@ -341,8 +400,9 @@ class Trainer:
             self.bar.write(epoch_line(self.position.epoch, name, terms))
 
     def save_checkpoint(self) -> None:
+        precision = {"device": self.data.device.type, "multiplies": "fp32" if self.step_dtype is None else "bf16"}
         write_checkpoint(self.run_dir / CHECKPOINT, self.model, self.optimizer, self.position, self.shuffle,
-                         self.model_kwargs, self.config.to_dict(), self.data.examples)
+                         self.model_kwargs, self.config.to_dict(), self.data.examples, precision)
         self.folder.checkpointed()  # the first one ends the keeping of a run that --force replaces
 
     def _kept_message(self) -> str:
