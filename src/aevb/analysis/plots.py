@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from aevb.analysis.figures import eval_mode, new_figure, save_figure
-from aevb.io import loads_json
 from aevb.model.base import Model
 from aevb.model.likelihoods import GaussianLikelihood, LaplaceLikelihood, OptimalGaussianLikelihood
+from aevb.run.folder import metrics_record
 
 # the fixed-scale heads whose NLL curves the likelihood figure draws, by the family names of
 # Likelihood.scale_summary, with the symbol of their scale
@@ -26,26 +26,10 @@ SCALE_CURVES = {"gaussian": (GaussianLikelihood, "σ"), "laplace": (LaplaceLikel
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl``: blank, truncated or foreign lines are skipped, and so is a record that
-    is not a step (a count ≥ 0) with numbers, as training writes them (an edited or damaged line)."""
-    records = []
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = loads_json(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and _is_count(record.get("step")) and all(
-                _is_number(value) for value in record.values()):
-            records.append(record)
-    return records
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """The records of a ``metrics.jsonl``: blank, truncated, foreign or edited lines are skipped
+    (:func:`aevb.run.folder.metrics_record`)."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    return [record for line in lines if (record := metrics_record(line)) is not None]
 
 
 def training_curves(metrics: str | Path | list[dict], path: str | Path) -> dict:

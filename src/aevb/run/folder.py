@@ -30,6 +30,7 @@ from typing import Any
 
 from aevb.config import RunConfig, make_config, read_config_file
 from aevb.errors import UserError
+from aevb.io import loads_json
 from aevb.registry import DATASETS
 from aevb.run.manifest import CHECKPOINT_FILE, MANIFEST, PREVIOUS, Manifest
 from aevb.run.owner import LOCK_FILE, OWN_FILES, OwnedRun, own_run
@@ -195,6 +196,24 @@ def _missing_folders(path: Path) -> list[Path]:
             break
         missing.append(folder)
     return missing[::-1]
+
+
+def metrics_record(line: str) -> dict | None:
+    """One line of ``metrics.jsonl`` as training writes it: a table of numbers (or nulls) whose ``step`` is a count
+    ≥ 0; None for a blank, cut-off, foreign or edited line (which every reader skips)."""
+    try:
+        record = loads_json(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return None
+    if not all(value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+               for value in record.values()):
+        return None
+    return record
 
 
 def resolved_path(value: Any) -> Any:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from aevb.config import RunConfig
 from aevb.errors import UserError
-from aevb.io import check_write, loads_json, write_text
+from aevb.io import check_write, write_text
 from aevb.model.base import LossOutput
+from aevb.run.folder import metrics_record
 from aevb.run.owner import OwnedRun
 
 
@@ -30,21 +30,6 @@ def check_loggers(config: RunConfig) -> None:
             raise UserError(f"--{module} needs the {package} package: pip install {package}")
 
 
-def _record(line: str) -> dict | None:
-    """One line of metrics.jsonl as a dict; None for a blank, cut-off or foreign line."""
-    try:
-        record = loads_json(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _step(record: dict) -> float:
-    """The step of a record; a record without a step that is a whole number ≥ 0 comes after every step."""
-    step = record.get("step", 0)
-    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else math.inf
-
-
 class MetricsLog:
     """``metrics.jsonl`` plus the optional TensorBoard / W&B mirrors."""
 
@@ -54,7 +39,7 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():
             # drop records written after the checkpoint we resume from, and a line a kill cut short
             kept = [line for line in self.path.read_text(errors="replace").splitlines()
-                    if (record := _record(line)) is not None and _step(record) <= resume_step]
+                    if (record := metrics_record(line)) is not None and record["step"] <= resume_step]
             write_text(self.path, "".join(line + "\n" for line in kept))
         check_write(self.path)  # appended to, not written through aevb.io: checked and listed here
         self.file = open(self.path, "a", encoding="utf-8")
