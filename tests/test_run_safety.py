@@ -571,3 +571,14 @@ def test_a_resumed_run_keeps_the_precision_it_resolved(tmp_path, monkeypatch, ca
     assert aevb_cli("train", "--resume", run, "--steps", 8) == 0
     assert "trained with bf16 multiplies" in capsys.readouterr().err
     assert read_meta(run / CHECKPOINT)["precision"] == {"device": "cpu", "multiplies": "fp32"}
+
+
+def test_a_writer_that_owns_the_folder_for_a_moment_is_waited_for(run_copy, tmp_path, capsys):
+    """Two evals ending together: the second waits for the first's eval.json instead of failing."""
+    hold_briefly = HOLD.replace('"a test\'s writer"', '"aevb eval", brief=True').replace("time.sleep(300)",
+                                                                                        "time.sleep(4)")
+    ready = tmp_path / "ready"
+    holder = start_child(hold_briefly, run_copy, ready, ready=ready)
+    started = time.monotonic()
+    assert aevb_cli("eval", run_copy, "-k", 2) == 0  # its numbers take about a second; then it waited
+    assert 3 < time.monotonic() - started < 30 and holder.wait(timeout=60) == 0

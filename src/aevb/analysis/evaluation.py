@@ -387,6 +387,6 @@ def write_eval(run_dir: str | Path, metrics: dict) -> Path:
     """Write ``RUN/eval.json``, owning the run folder while it writes (a UserError naming the process that owns it
     otherwise: the evaluation itself only reads, and runs beside anything)."""
     path = Path(run_dir) / "eval.json"
-    with own_run(run_dir, "aevb eval"):
+    with own_run(run_dir, "aevb eval", brief=True):
         write_json(path, metrics)
     return path

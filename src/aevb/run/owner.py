@@ -39,11 +39,12 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from aevb.errors import UserError
-from aevb.io import checked_writes, is_temporary, unwritable
+from aevb.io import checked_writes, is_temporary, loads_json, unwritable
 from aevb.run import manifest as files
 from aevb.run.manifest import MANIFEST, PREVIOUS, Manifest
 
 LOCK_FILE = ".aevb-lock"
+BRIEF_WAIT = 30.0  # seconds another writer waits for an owner that writes a file or two (two evals ending together)
 OWN_FILES = (MANIFEST, LOCK_FILE)  # aevb's bookkeeping: never on the list
 
 try:
@@ -192,11 +193,14 @@ _owned_guard = threading.Lock()
 
 
 @contextmanager
-def own_run(path: str | os.PathLike, command: str) -> Iterator[OwnedRun]:
+def own_run(path: str | os.PathLike, command: str, *, brief: bool = False) -> Iterator[OwnedRun]:
     """Own the run folder ``path`` (which must exist) while inside; ``command`` names the owner to others.
 
-    A second process gets a :class:`RunInUseError` naming the owner's
-    process id at once; the same thread of this process owns it again.
+    ``brief``: owned only to write a file or two (eval.json, a picture), so
+    that another writer waits for it rather than being refused.  Another
+    process gets a :class:`RunInUseError` naming the owner's process id (at
+    once, or after waiting for a brief owner); the same thread of this
+    process owns it again.
     """
     path = Path(path)
     key = os.path.realpath(path)
@@ -215,7 +219,7 @@ def own_run(path: str | os.PathLike, command: str) -> Iterator[OwnedRun]:
         finally:
             held.depth -= 1
         return
-    fd = _lock(path, command)
+    fd = _lock(path, command, brief)
     try:
         run = OwnedRun(path, files.read_or_new(path))
         ownership = _Ownership(run, fd, threading.get_ident(), os.getpid())
@@ -246,17 +250,23 @@ def owner_of(path: str | os.PathLike) -> Path | None:
 
 @contextmanager
 def owning_if_in_run(path: str | os.PathLike, command: str) -> Iterator[None]:
-    """Own the run folder that ``path`` is in while inside (a picture written into a run); nothing otherwise."""
+    """Own the run folder that ``path`` is in while inside, briefly (a picture written into a run); nothing
+    otherwise."""
     run_dir = owner_of(path)
     if run_dir is None:
         yield
         return
-    with own_run(run_dir, command):
+    with own_run(run_dir, command, brief=True):
         yield
 
 
-def _lock(folder: Path, command: str) -> int:
-    """Open and lock ``folder/.aevb-lock``, record the holder in it; its descriptor."""
+def _lock(folder: Path, command: str, brief: bool) -> int:
+    """Open and lock ``folder/.aevb-lock``, record the holder in it; its descriptor.
+
+    A holder that owns the folder only for a moment (``brief``: a file being
+    written) is waited for, up to :data:`BRIEF_WAIT` seconds; any other is
+    named at once.
+    """
     lock_path = folder / LOCK_FILE
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -268,14 +278,21 @@ def _lock(folder: Path, command: str) -> int:
         if e.errno == errno.ENOENT:
             raise UserError(f"run folder not found: {folder}") from None
         raise unwritable(lock_path, e) from None
-    try:
-        _try_lock(fd)
-    except OSError:
-        holder = _holder(fd)
-        os.close(fd)
-        raise RunInUseError(f"run folder {folder} is in use by {holder}; one writer at a time: wait for it to finish "
-                            f"(or stop it), then run this again") from None
-    record = json.dumps({"pid": os.getpid(), "command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+    deadline = time.monotonic() + BRIEF_WAIT
+    while True:
+        try:
+            _try_lock(fd)
+            break
+        except OSError:
+            holder = _holder(fd)
+            if holder.get("brief") is True and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            os.close(fd)
+            raise RunInUseError(f"run folder {folder} is in use by {_describe(holder)}; one writer at a time: wait "
+                                f"for it to finish (or stop it), then run this again") from None
+    record = json.dumps({"pid": os.getpid(), "command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                         "brief": brief})
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, record.encode() + b"\n")
@@ -302,12 +319,19 @@ def _try_lock(fd: int) -> None:
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
 
 
-def _holder(fd: int) -> str:
-    """Who holds the lock, from its record: ``process 1234 (aevb train, since …)``."""
+def _holder(fd: int) -> dict:
+    """The holder's record in the lock file; empty where it has written none yet (or it is not aevb's)."""
     try:
         os.lseek(fd, 0, os.SEEK_SET)
-        record = json.loads(os.read(fd, 4096).decode("utf-8", "replace") or "{}")
-        pid, command, since = int(record["pid"]), str(record["command"]), str(record["since"])
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        record = loads_json(os.read(fd, 4096) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _describe(holder: dict) -> str:
+    """``process 1234 (aevb train, since …)``, from the holder's record."""
+    pid, command, since = holder.get("pid"), holder.get("command"), holder.get("since")
+    if not isinstance(pid, int) or not isinstance(command, str) or not isinstance(since, str):
         return "another process (it has not said which yet)"
-    return f"process {pid} ({command}, since {since})"
+    return f"process {pid} ({command[:80]}, since {since[:40]})"

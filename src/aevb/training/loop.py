@@ -227,7 +227,7 @@ class Trainer:
                                      cycles=config.beta_cycles, ratio=config.beta_ratio, total_steps=self.total_steps)
         # by default, reconstruction pictures at about ten epoch ends over the run
         self.picture_epochs = max(1, math.ceil(self.total_steps / self.steps_per_epoch) // 10)
-        self.terms = StepTerms(config.log_every)
+        self.terms = StepTerms(min(config.log_every, self.total_steps))  # a record at least at the run's end
         self.last_log_time, self.last_log_step = time.perf_counter(), self.position.step
         self.log: MetricsLog | None = None  # and the progress bar, while fit runs
         self.bar = None
