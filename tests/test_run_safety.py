@@ -582,3 +582,35 @@ def test_a_writer_that_owns_the_folder_for_a_moment_is_waited_for(run_copy, tmp_
     started = time.monotonic()
     assert aevb_cli("eval", run_copy, "-k", 2) == 0  # its numbers take about a second; then it waited
     assert 3 < time.monotonic() - started < 30 and holder.wait(timeout=60) == 0
+
+
+def test_a_force_killed_while_setting_the_earlier_run_aside_is_undone(run_copy, monkeypatch, capsys):
+    from aevb.run import manifest
+
+    before = snapshot(run_copy)
+    real_move, moved = manifest._move, []
+
+    def killed_midway(source, relative, target):
+        if len(moved) == 3:
+            raise KeyboardInterrupt  # as a kill: nothing after this runs
+        moved.append(relative)
+        return real_move(source, relative, target)
+
+    monkeypatch.setattr(manifest, "_move", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        set_aside(run_copy)
+    monkeypatch.undo()
+    assert (run_copy / PREVIOUS / ".aevb-setting-aside").is_file()
+    assert aevb_cli("sample", run_copy, "-o", run_copy.parent / "s.png") == 0  # the next command settles it
+    assert "put back the files" in capsys.readouterr().err
+    assert without_lock(snapshot(run_copy)) == without_lock(before)
+
+
+def test_a_folder_of_the_users_named_like_the_kept_run_is_left_alone(run_copy, capsys):
+    (run_copy / PREVIOUS).mkdir()
+    (run_copy / PREVIOUS / "mine.txt").write_text("mine")
+    assert aevb_cli("eval", run_copy, "-k", 2) == 0
+    assert (run_copy / PREVIOUS / "mine.txt").read_text() == "mine"
+    assert aevb_cli("train", "--out", run_copy, *SMALL, "--steps", 1, "--force") == 2
+    one_error_line(capsys, f"{run_copy / PREVIOUS} is in the way")
+    assert (run_copy / PREVIOUS / "mine.txt").read_text() == "mine"

@@ -30,6 +30,7 @@ from aevb.io import loads_json, replace_atomically, sync_folder
 
 MANIFEST = ".aevb-run.json"
 PREVIOUS = ".aevb-previous"  # the run that --force replaces, kept until the new run's first checkpoint
+SETTING_ASIDE = ".aevb-setting-aside"  # in PREVIOUS while its files are moved there: a folder of aevb's, not the user's
 FORMAT = "aevb-run-files"
 CHECKPOINT_FILE = "checkpoints/last.safetensors"  # the first one written ends the keeping of the previous run
 
@@ -195,11 +196,16 @@ def set_aside(folder: Path) -> Manifest:
     if manifest is None:
         raise UserError(f"{folder} is not a run folder aevb wrote (it has no {MANIFEST}); --force replaces only those")
     previous = folder / PREVIOUS
+    if os.path.lexists(previous):  # not aevb's (recover() has settled any of its own)
+        raise UserError(f"{previous} is in the way: aevb keeps the run that --force replaces there until the new one "
+                        f"has a checkpoint; move it elsewhere, then run this again")
     previous.mkdir()
+    (previous / SETTING_ASIDE).touch()  # so that a kill from here on is recognised, and undone, by recover()
     for relative in manifest.files:
         if _move(folder, relative, previous):
             _remove_empty_folders(folder, relative)
     os.replace(manifest.path, previous / MANIFEST)  # from here on the folder holds a run that began
+    os.unlink(previous / SETTING_ASIDE)
     sync_folder(folder)
     fresh = Manifest(folder)
     fresh.save()
@@ -262,9 +268,13 @@ def recover(folder: Path) -> str | None:
     previous = folder / PREVIOUS
     if not real_folder(folder, PurePosixPath(PREVIOUS)):
         return None
+    if own_file(previous, MANIFEST) is None and own_file(previous, SETTING_ASIDE) is None:
+        return None  # a folder of the user's that happens to have the name: not aevb's to touch
     if own_file(previous, MANIFEST) is None:  # killed while setting aside: the previous run is the folder's
         for relative in files_under(previous):
-            _move(previous, relative, folder)
+            if relative != SETTING_ASIDE:
+                _move(previous, relative, folder)
+        os.unlink(previous / SETTING_ASIDE)  # the last: a kill before it is finished by the next owner
         _remove_tree_if_empty(previous)
         return f"put back the files of the run in {folder} that an interrupted --force was setting aside"
     if own_file(folder, CHECKPOINT_FILE) is not None:
