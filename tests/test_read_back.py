@@ -228,11 +228,12 @@ def test_the_run_folders_other_files_are_read_back_with_checks(run_copy, capsys)
     assert aevb_cli("report", run_copy, "-k", 2) == 0
     assert isinstance(json.loads((run_copy / "eval.json").read_text()), dict)
     # the list of the run's files: corrupt, then --force is refused naming it
-    (run_copy / ".aevb-run.json").write_text('{"format": "aevb-run-files", "files": ["../../outside"]}')
+    listed = (run_copy / ".aevb-run.jsonl").read_text()
+    (run_copy / ".aevb-run.jsonl").write_text(listed + '"../../outside"\n"images/x.png"\n')
     assert aevb_cli("train", "--out", run_copy, *SMALL, "--steps", 1, "--force") == 2
-    one_error_line(capsys, ".aevb-run.json is corrupt", "files")
+    one_error_line(capsys, ".aevb-run.jsonl is corrupt", "no path inside the run folder")
     # the model's exported step
-    (run_copy / ".aevb-run.json").write_text('{"format": "aevb-run-files", "files": []}')
+    (run_copy / ".aevb-run.jsonl").write_text(listed)
     edit_json(run_copy / "model" / "config.json", lambda c: c.update(step=-1))
     assert aevb_cli("sample", run_copy) == 2
     one_error_line(capsys, "model/config.json is corrupt", "step is -1")
@@ -303,9 +304,9 @@ def test_deeply_nested_json_or_toml_is_one_line_wherever_it_is_read(run_copy, tm
             assert aevb_cli("report", run_copy, "-k", 2) == 0  # unreadable: evaluated again
             assert isinstance(json.loads((run_copy / "eval.json").read_text())["nll"], float)
         else:
-            (run_copy / ".aevb-run.json").write_text(f'{{"format": "aevb-run-files", "files": {nested}}}')
+            (run_copy / ".aevb-run.jsonl").write_text(f'{{"format": "aevb-run-files", "x": {nested}}}\n')
             assert aevb_cli("eval", run_copy, "-k", 2) == 2  # its write of eval.json owns the folder
-            one_error_line(capsys, ".aevb-run.json is corrupt", "nested more than")
+            one_error_line(capsys, ".aevb-run.jsonl is corrupt", "nested more than")
 
 
 @pytest.mark.parametrize("shape", [[0, 8, 8], [-1, 8, 8], [1, 0, 8], [1, 8, 2.5], [1, 8, True]])

@@ -614,3 +614,17 @@ def test_a_folder_of_the_users_named_like_the_kept_run_is_left_alone(run_copy, c
     assert aevb_cli("train", "--out", run_copy, *SMALL, "--steps", 1, "--force") == 2
     one_error_line(capsys, f"{run_copy / PREVIOUS} is in the way")
     assert (run_copy / PREVIOUS / "mine.txt").read_text() == "mine"
+
+
+def test_the_list_of_a_runs_files_survives_a_line_cut_short(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    listed = Manifest(folder)
+    listed.add("config.json")
+    listed.add("images/a.png")
+    with open(listed.path, "a") as f:
+        f.write('"images/b')  # killed while appending: the file was never written
+    assert Manifest.read(folder).files == ["config.json", "images/a.png"]
+    again = Manifest.read(folder)
+    again.add("images/c.png")
+    assert Manifest.read(folder).files == ["config.json", "images/a.png", "images/c.png"]

@@ -6,7 +6,7 @@
     RUN/model/                 the trained model (aevb.load), with the step it was exported at
     RUN/images/                reconstructions during training, samples at the end
     RUN/eval.json, RUN/report.html     written by ``aevb eval`` and ``aevb report``
-    RUN/.aevb-run.json         the list of the files the run wrote (:mod:`aevb.run.manifest`)
+    RUN/.aevb-run.jsonl        the list of the files the run wrote (:mod:`aevb.run.manifest`)
     RUN/.aevb-lock             held by the one process writing the folder (:mod:`aevb.run.owner`)
 
 A new run's folder is chosen (:func:`new_run_dir`) and, for ``--out``,

@@ -1,4 +1,4 @@
-"""What a run wrote: ``RUN/.aevb-run.json``, the list that makes a folder recognisably an aevb run.
+"""What a run wrote: ``RUN/.aevb-run.jsonl``, the list that makes a folder recognisably an aevb run.
 
 Every file written into a run folder by the process that owns it
 (:mod:`aevb.run.owner`) is added to the list before it is written, so the
@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from aevb.errors import UserError
 from aevb.io import loads_json, replace_atomically, sync_folder
 
-MANIFEST = ".aevb-run.json"
+MANIFEST = ".aevb-run.jsonl"
 PREVIOUS = ".aevb-previous"  # the run that --force replaces, kept until the new run's first checkpoint
 SETTING_ASIDE = ".aevb-setting-aside"  # in PREVIOUS while its files are moved there: a folder of aevb's, not the user's
 FORMAT = "aevb-run-files"
@@ -37,7 +37,13 @@ CHECKPOINT_FILE = "checkpoints/last.safetensors"  # the first one written ends t
 
 @dataclass
 class Manifest:
-    """The files a run wrote, as paths relative to its folder (``images/samples.png``), in the order written."""
+    """The files a run wrote, as paths relative to its folder (``images/samples.png``), in the order written.
+
+    On disk, JSON lines: ``{"format": "aevb-run-files"}``, then one path a
+    line.  A file is added by appending its line (flushed to the disk), so a
+    run of ten thousand pictures pays for each once; a line a kill cut short
+    is the last, and names a file that was never written.
+    """
 
     folder: Path
     files: list[str] = field(default_factory=list)
@@ -52,32 +58,65 @@ class Manifest:
         path = folder / MANIFEST
         if not os.path.lexists(path):
             return None
+        if os.path.islink(path):
+            raise _corrupt(path, "it is a link")
         try:
-            data = loads_json(path.read_bytes())
+            text = path.read_bytes().decode("utf-8")
+            lines = text.split("\n")
+            header = loads_json(lines[0])
         except (OSError, ValueError) as e:
             raise _corrupt(path, f"unreadable: {e}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise _corrupt(path, "its format is not " + repr(FORMAT))
-        files = data.get("files")
-        if not isinstance(files, list) or not all(isinstance(f, str) and _is_relative(f) for f in files):
-            raise _corrupt(path, "files is not a list of paths inside the run folder")
+        files = []
+        for number, line in enumerate(lines[1:], start=2):
+            if not line and number == len(lines):  # the newline that ends the last line
+                continue
+            try:
+                name = loads_json(line)
+            except ValueError:
+                if number == len(lines):  # cut short by a kill while it was appended: never written
+                    continue
+                raise _corrupt(path, f"line {number} is no JSON") from None
+            if not isinstance(name, str) or not _is_relative(name):
+                raise _corrupt(path, f"line {number} is no path inside the run folder")
+            files.append(name)
         return cls(folder, list(dict.fromkeys(files)))
 
     def add(self, relative: str) -> None:
-        """Put ``relative`` on the list (written at once, atomically) unless it is there."""
-        if relative not in self.files:
+        """Put ``relative`` on the list (appended, flushed to the disk) unless it is there; an OSError where it
+        cannot be written."""
+        if relative in self.files:
+            return
+        if not _ends_a_line(self.path):  # none yet, or a line a kill cut short at its end: written whole
             self.files.append(relative)
             self.save()
+            return
+        with open(self.path, "ab") as f:
+            f.write(json.dumps(relative).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.files.append(relative)
 
     def save(self) -> None:
-        """Write the list; an OSError where it cannot be written (the caller names the file it was for)."""
-        text = json.dumps({"format": FORMAT, "files": self.files}, indent=1) + "\n"
+        """Write the whole list, atomically; an OSError where it cannot be written."""
+        text = "".join(json.dumps(line) + "\n" for line in [{"format": FORMAT}, *self.files])
 
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
 
         replace_atomically(self.path, write)
+
+
+def _ends_a_line(path: Path) -> bool:
+    """Whether the file at ``path`` exists and ends with a newline."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except OSError:  # missing, or empty
+        return False
 
 
 def _corrupt(path: Path, what: str) -> UserError:
