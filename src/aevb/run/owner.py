@@ -127,8 +127,9 @@ class OwnedRun:
         path = self.real / relative
         if self._inside(path.parent) and (not os.path.islink(path) or self._inside(path)):
             return
-        link = next((self.real.joinpath(*relative.parts[:n]) for n in range(1, len(relative.parts) + 1)
-                     if os.path.islink(self.real.joinpath(*relative.parts[:n]))), path)
+        # the first part of the path that leads out: the link to name (a link within the folder may come before it)
+        link = next(step for step in (self.real.joinpath(*relative.parts[:n]) for n in range(1, len(relative.parts) + 1))
+                    if not self._inside(step))
         raise UserError(f"{self.path / link.relative_to(self.real)} is a link to {os.path.realpath(link)}, out of the "
                         f"run folder; aevb writes nothing through it: replace the link by a folder or file of the "
                         f"run's own, or use another run folder")
