@@ -628,3 +628,35 @@ def test_the_list_of_a_runs_files_survives_a_line_cut_short(tmp_path):
     again = Manifest.read(folder)
     again.add("images/c.png")
     assert Manifest.read(folder).files == ["config.json", "images/a.png", "images/c.png"]
+
+
+KILLED_WRITING = """
+import sys, time
+from pathlib import Path
+import safetensors.torch
+from aevb.cli import main
+ready = Path(sys.argv[1])
+real = safetensors.torch.save_file
+def save_file(tensors, filename, metadata=None):
+    if metadata and metadata.get("format") == "aevb-checkpoint" and metadata["meta"].find('"step": 39') >= 0:
+        with open(filename, "wb") as f:
+            f.write(b"half a checkpoint")
+        ready.touch()
+        time.sleep(300)
+    real(tensors, filename, metadata=metadata)
+safetensors.torch.save_file = save_file
+main(sys.argv[2:])
+"""
+
+
+def test_a_writer_killed_mid_checkpoint_leaves_the_last_one_and_its_litter_goes(run_copy, tmp_path):
+    shutil.rmtree(run_copy / "model")
+    before = (run_copy / CHECKPOINT).read_bytes()
+    ready = tmp_path / "ready"
+    kill(start_child(KILLED_WRITING, ready, "train", "--resume", run_copy, "--epochs", 3, "-q", ready=ready))
+    assert (run_copy / CHECKPOINT).read_bytes() == before  # the last whole checkpoint (step 26)
+    litter = [p.name for p in (run_copy / "checkpoints").iterdir() if p.name != "last.safetensors"]
+    assert litter and all(name.startswith(".aevb-tmp-") for name in litter)
+    assert aevb_cli("train", "--resume", run_copy, "--epochs", 3, "-q") == 0
+    assert os.listdir(run_copy / "checkpoints") == ["last.safetensors"]
+    assert read_meta(run_copy / CHECKPOINT)["step"] == 3 * STEPS_PER_EPOCH
