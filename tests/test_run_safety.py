@@ -286,6 +286,8 @@ def test_a_force_run_killed_before_its_first_checkpoint_is_undone_by_the_next_co
     proc = start_child(PAUSED_TRAIN, ready, "step", "train", "--out", run_copy, *SMALL, "--seed", 5, "--force",
                        ready=ready)
     assert (run_copy / PREVIOUS).is_dir()  # the earlier run aside, the new one begun
+    assert aevb_cli("eval", run_copy, "-k", 2) == 2  # a reader meanwhile is told why there is no model
+    one_error_line(capsys, "is being replaced by a run started with --force")
     kill(proc)
     assert aevb_cli("eval", run_copy, "-k", 2) == 0  # the next command that opens it puts the earlier run back
     assert "restored the earlier run" in capsys.readouterr().err

@@ -72,6 +72,10 @@ class Run:
             provenance = Provenance(export, exported_step(export), finished=True)
             _warn_if_checkpoint_is_newer(self.path, provenance, checkpoint)
             return model, provenance
+        if not checkpoint.is_file() and (self.path / PREVIOUS).is_dir():  # a --force run before its checkpoint
+            raise UserError(f"{self.path} is being replaced by a run started with --force, which has no checkpoint "
+                            f"yet (the earlier run is kept aside until it has); wait for its first checkpoint, or "
+                            f"stop it to have the earlier run back")
         if not checkpoint.is_file():
             raise UserError(f"{self.path} has neither a trained model nor a checkpoint; train it first")
         model, step = checkpoint_model(checkpoint, self.config.model)
