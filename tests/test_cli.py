@@ -239,10 +239,12 @@ def test_a_toml_config_file_sets_options(tmp_path):
 
 def test_force_overwrites_an_existing_run(run_copy):
     before = weights(run_copy)
-    # the user's own files in the run's folders stay; the old run's pictures do not
+    # the user's own files in the run's folders stay, even where they look like the run's; the old run's
+    # pictures do not (it wrote an epoch-2 picture, the one-epoch run that replaces it none)
     (run_copy / "images" / "photo.jpg").write_bytes(b"precious")
     (run_copy / "model" / "notes.txt").write_text("mine")
     (run_copy / "images" / "old-figure-of-aevb.png").write_bytes(b"")
+    assert (run_copy / "images" / "reconstructions-epoch002.png").is_file()
     assert aevb_cli("train", "--out", run_copy, *SMALL, "--epochs", 1, "--seed", 3, "--force") == 0
     assert json.loads((run_copy / "config.json").read_text())["seed"] == 3
     after = weights(run_copy)
@@ -252,7 +254,8 @@ def test_force_overwrites_an_existing_run(run_copy):
     assert read_checkpoint(run_copy / CHECKPOINT)[1]["step"] == 13
     assert (run_copy / "images" / "photo.jpg").read_bytes() == b"precious"
     assert (run_copy / "model" / "notes.txt").read_text() == "mine"
-    assert not (run_copy / "images" / "old-figure-of-aevb.png").exists()
+    assert (run_copy / "images" / "old-figure-of-aevb.png").exists()  # not the run's: aevb never wrote it
+    assert not (run_copy / "images" / "reconstructions-epoch002.png").exists()
 
 
 def test_a_model_refuses_images_of_another_size(run):
@@ -587,7 +590,7 @@ def test_running_out_of_memory_is_one_line(run, monkeypatch, capsys, tmp_path):
                            "memory: you tried to allocate 160000000000 bytes. Error code 12 (Cannot allocate memory)")
 
     monkeypatch.setattr(aevb.model.base.Model, "sample", too_big)
-    assert aevb_cli("sample", run, "-n", 10**8, "--out", tmp_path / "s.png") == 2
+    assert aevb_cli("sample", run, "-n", 2**16, "--out", tmp_path / "s.png") == 2  # the most -n takes
     _one_error_line(capsys, "not enough memory", "160000000000 bytes", "-n")
     # and torch's C++ stack is no part of a message on bad model sizes
     assert aevb_cli("train", "--latent-dim", 10**20, "--out", tmp_path / "huge", "-q") == 2

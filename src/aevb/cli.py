@@ -21,16 +21,70 @@ from pathlib import Path
 
 import click
 
-from aevb.config import IW_SAMPLES, PRECISIONS, SEED_RANGE, coerce, flag, make_config, read_config_file, run_options
+from aevb.config import (IW_SAMPLES, PRECISIONS, SEED_RANGE, coerce, flag, make_config, memory_options,
+                         read_config_file, run_options)
 from aevb.errors import UserError
 from aevb.options import Option
 from aevb.registry import DATASETS, Registry, is_import_path
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 SEED = click.IntRange(*SEED_RANGE)  # train's --seed is checked in RunConfig, for config files too
+# upper bounds of the options that multiply a command's memory: far above any use (a picture of 65,536 images,
+# a million importance samples an example), below what would be killed by the system before any error is seen
+PICTURES = click.IntRange(1, 2**16)  # images in one picture (-n): a 256 × 256 grid
+PATH_POINTS = click.IntRange(2, 2**12)  # points on an interpolated path
+SIDE = click.IntRange(2, 2**8)  # points on a side of the latent grid: 65,536 decoded images
+IW_SAMPLE_COUNT = click.IntRange(1, 2**20)
+BATCH = click.IntRange(1, 2**20)
+
+
+class GivenPath(click.Path):
+    """A path that must not be empty: '' is the current folder to the file system, never what was meant."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; give a path" + ("" if isinstance(param, click.Argument) else
+                                                 ", or leave the option out"), param, ctx)
+        return super().convert(value, param, ctx)
+
+
+MEMORY = "aevb.memory"  # ctx.meta key: the options (with values) that asked for the memory of the running command
+
+
+class Command(click.Command):
+    """A command that, run out of memory, says so in one line naming its options that asked for the memory.
+
+    ``memory``: the names of its parameters that multiply the memory it needs
+    (``iw_samples``); a command whose memory comes from elsewhere (train's run
+    options, from flags and config files) puts them, with their values, in
+    ``ctx.meta[MEMORY]``.
+    """
+
+    def __init__(self, *args, memory: tuple[str, ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.memory = memory
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (RuntimeError, MemoryError) as error:
+            if not out_of_memory(error):
+                raise
+            asked = ctx.meta.get(MEMORY)
+            if asked is None:
+                asked = [f"{_spelled(param)} {ctx.params[param.name]}" for param in self.params
+                         if param.name in self.memory and ctx.params.get(param.name) is not None]
+            raise UserError(memory_message(error, asked)) from None
+
+
+def _spelled(param: click.Parameter) -> str:
+    """A parameter as the user types it: its long flag, else its short one."""
+    return next((opt for opt in param.opts if opt.startswith("--")), param.opts[0])
 
 
 class Group(click.Group):
+    command_class = Command
+
     def list_commands(self, ctx):  # keep definition order, not alphabetical
         return list(self.commands)
 
@@ -90,7 +144,7 @@ def _click_option(option: Option) -> click.Option:
                         metavar=option.metavar)
 
 
-class RunCommand(click.Command):
+class RunCommand(Command):
     """A command that takes every run option as a flag besides its own.
 
     The flags are made when the command runs (or shows its help), from the
@@ -105,8 +159,8 @@ class RunCommand(click.Command):
 
 
 @cli.command(cls=RunCommand, context_settings=CONTEXT)
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of options (e.g. RUN/config.json); flags override it")
-@click.option("--resume", type=click.Path(file_okay=False), metavar="RUN", help="continue RUN from its last checkpoint (--epochs/--steps may be raised)")
+@click.option("--config", "config_file", type=GivenPath(dir_okay=False), help="TOML or JSON file of options (e.g. RUN/config.json); flags override it")
+@click.option("--resume", type=GivenPath(file_okay=False), metavar="RUN", help="continue RUN from its last checkpoint (--epochs/--steps may be raised)")
 @click.option("--force", is_flag=True, help="reuse an existing --out folder: first deletes the run there (its config, metrics, checkpoints, model and pictures; files of yours stay)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar and no per-epoch lines (metrics.jsonl still has every record)")
 def train(config_file, resume, force, quiet, **flags):
@@ -151,6 +205,7 @@ def train(config_file, resume, force, quiet, **flags):
         file_values = read_config_file(config_file, template=True) if config_file else {}
         config = make_config(file_values, **given)
 
+    click.get_current_context().meta[MEMORY] = memory_options(config)  # named if the run runs out of memory
     from aevb.training.loop import train as run_training
 
     model, run_dir = run_training(config, resume=resume, force=force, progress=not quiet)
@@ -163,7 +218,7 @@ def train(config_file, resume, force, quiet, **flags):
 
 
 def _run_argument(function):
-    return click.argument("run", type=click.Path(file_okay=False), metavar="RUN")(function)
+    return click.argument("run", type=GivenPath(file_okay=False), metavar="RUN")(function)
 
 
 def _device_option(function):
@@ -178,10 +233,10 @@ def _finite(ctx, param, value):
     return value
 
 
-@cli.command(name="eval", context_settings=CONTEXT)
+@cli.command(name="eval", context_settings=CONTEXT, memory=("iw_samples", "batch_size"))
 @_run_argument
-@click.option("--iw-samples", "-k", type=click.IntRange(min=1), default=IW_SAMPLES, show_default=True, help="importance samples per test example for log p(x) (an eval.json of the same weights with more is kept)")
-@click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True, help="test examples per batch")
+@click.option("--iw-samples", "-k", type=IW_SAMPLE_COUNT, default=IW_SAMPLES, show_default=True, help="importance samples per test example for log p(x) (an eval.json of the same weights with more is kept)")
+@click.option("--batch-size", type=BATCH, default=500, show_default=True, help="test examples per batch")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the Monte Carlo estimates")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="multiplies of the importance sampler: bf16 decodes the k samples about 2× faster where the "
@@ -207,7 +262,8 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device):
     """
     from aevb.analysis.evaluation import evaluate_run, save_evaluation
 
-    # eval.json is written after the table is shown: a run folder one may not write to still gets the figures
+    # eval.json is written after the table is shown: a run folder one may not write to (or that another
+    # process is writing) still gets the figures
     metrics = evaluate_run(run, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
                            progress=True, precision=precision, write=False)
     click.echo(format_metrics(metrics))
@@ -218,7 +274,7 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device):
         click.echo(f"warning: {metrics['collapse_warning']}", err=True)
     if metrics.get("likelihood_note"):
         click.echo(f"note: {metrics['likelihood_note']}")
-    kept = save_evaluation(Path(run), metrics)
+    kept = save_evaluation(Path(run), metrics)  # owning the run folder while it writes
     if kept is None:
         click.echo(f"written: {Path(run) / 'eval.json'}")
     else:
@@ -227,7 +283,9 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device):
 
 
 def format_metrics(metrics: dict) -> str:
+    weights = {"model": "exported model", "checkpoint": "last checkpoint (unfinished run)"}.get(metrics.get("weights"), "")
     rows = [
+        ("training step of the weights", metrics.get("step"), weights),
         ("test examples", metrics.get("examples"), ""),
         ("negative ELBO", metrics.get("neg_elbo"), "nats"),
         ("  reconstruction −E[log p(x|z)]", metrics.get("reconstruction_nll"), "nats"),
@@ -253,13 +311,13 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, memory=("n",))
 @_run_argument
-@click.option("-n", "n", type=click.IntRange(min=1), default=64, show_default=True, help="number of samples")
+@click.option("-n", "n", type=PICTURES, default=64, show_default=True, help="number of samples")
 @click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, callback=_finite, help="scale of z ~ N(0, T² I)")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--format", "file_format", type=click.Choice(["png", "npy", "csv"]), help="png: a grid of images; npy: the samples [n, *data_shape]; csv: a table's rows under its column names. A table's samples are in the units of its file  [default: png for images, csv for tables, or the suffix of --out]")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="file to write [default: RUN/images/samples-T<temperature>.png, or RUN/samples-T<temperature>.npy/.csv]")
+@click.option("--out", "-o", type=GivenPath(dir_okay=False), help="file to write [default: RUN/images/samples-T<temperature>.png, or RUN/samples-T<temperature>.npy/.csv]")
 @_device_option
 def sample(run, n, temperature, seed, file_format, out, device):
     """Draw samples from the prior: a PNG grid of the decoder means, or the samples as a .npy or .csv file.
@@ -272,9 +330,11 @@ def sample(run, n, temperature, seed, file_format, out, device):
       aevb sample runs/table -n 500 -o synthetic.csv       # rows in the CSV's units, under its header
     """
     from aevb.run.open import open_run
+    from aevb.run.owner import owning_if_in_run
 
     opened = open_run(run, device)
     model = opened.model
+    click.echo(f"model: {opened.provenance}")
     if not model.has_kl:
         raise UserError(f"{run} holds an autoencoder ({model.name}), which has no prior to sample (its codes are not fitted to "
                         f"N(0, I)); train a VAE (--model vae) to sample, or use 'aevb reconstruct' / 'aevb explore'")
@@ -288,14 +348,16 @@ def sample(run, n, temperature, seed, file_format, out, device):
 
         _require_images(model, "sample --format png")
         path = Path(out) if out else Path(run) / "images" / f"samples-T{temperature:g}.png"
-        click.echo(f"written: {sample_grid(model, path, n=n, seed=seed, temperature=temperature)}")
+        with owning_if_in_run(path, "aevb sample"):
+            click.echo(f"written: {sample_grid(model, path, n=n, seed=seed, temperature=temperature)}")
         return
     from aevb.analysis.outputs import write_samples
 
     generator = torch_generator(seed)
     samples = model.sample(n, generator=generator, temperature=temperature)  # [n, *data_shape]
     path = Path(out) if out else Path(run) / f"samples-T{temperature:g}.{file_format}"
-    click.echo(f"written: {write_samples(opened, samples, path)}")
+    with owning_if_in_run(path, "aevb sample"):
+        click.echo(f"written: {write_samples(opened, samples, path)}")
 
 
 def torch_generator(seed: int):
@@ -363,10 +425,10 @@ def export_command(run, out, no_onnx):
     click.echo(f"written: {folder / 'export.json'}")
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, memory=("n",))
 @_run_argument
-@click.option("-n", "n", type=click.IntRange(min=1), default=10, show_default=True, help="test images (one per class where labels exist); for a table, its first n test rows")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="PNG to write [default: RUN/images/reconstructions.png]; for a table, a .csv or .npy file of the test rows and their reconstructions in the file's units [default: RUN/reconstructions.csv]")
+@click.option("-n", "n", type=PICTURES, default=10, show_default=True, help="test images (one per class where labels exist); for a table, its first n test rows")
+@click.option("--out", "-o", type=GivenPath(dir_okay=False), help="PNG to write [default: RUN/images/reconstructions.png]; for a table, a .csv or .npy file of the test rows and their reconstructions in the file's units [default: RUN/reconstructions.csv]")
 @_device_option
 def reconstruct(run, n, out, device):
     """Write test images (top row) above their reconstructions (bottom row); for a table, the test rows and
@@ -379,22 +441,26 @@ def reconstruct(run, n, out, device):
     """
     from aevb.data.transforms import holdout_indices
     from aevb.run.open import open_run
+    from aevb.run.owner import owning_if_in_run
 
     opened = open_run(run, device)
     model = opened.model
+    click.echo(f"model: {opened.provenance}")
     x, y = opened.held_out("test")
     opened.check_data_shape(x)
     if len(model.data_shape) != 3:
         from aevb.analysis.outputs import write_reconstructions
 
         path = Path(out) if out else Path(run) / "reconstructions.csv"
-        click.echo(f"written: {write_reconstructions(opened, x[:n], path)}")
+        with owning_if_in_run(path, "aevb reconstruct"):
+            click.echo(f"written: {write_reconstructions(opened, x[:n], path)}")
         return
     from aevb.analysis.figures import reconstruction_grid
 
     x = x[holdout_indices(y, n, num_examples=len(x))].to(model.device)
     path = Path(out) if out else Path(run) / "images" / "reconstructions.png"
-    click.echo(f"written: {reconstruction_grid(model, x, path)}")
+    with owning_if_in_run(path, "aevb reconstruct"):
+        click.echo(f"written: {reconstruction_grid(model, x, path)}")
 
 
 def _require_images(model, command: str) -> None:
@@ -423,11 +489,11 @@ def format_diagnostics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, memory=("pairs", "steps"))
 @_run_argument
-@click.option("--pairs", type=click.IntRange(min=1), default=4, show_default=True, help="pairs of test images (of different classes where labels exist)")
-@click.option("--steps", type=click.IntRange(min=2), default=10, show_default=True, help="points on each path, ends included")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="PNG to write [default: RUN/images/interpolations.png]")
+@click.option("--pairs", type=PICTURES, default=4, show_default=True, help="pairs of test images (of different classes where labels exist)")
+@click.option("--steps", type=PATH_POINTS, default=10, show_default=True, help="points on each path, ends included")
+@click.option("--out", "-o", type=GivenPath(dir_okay=False), help="PNG to write [default: RUN/images/interpolations.png]")
 @_device_option
 def interpolate(run, pairs, steps, out, device):
     """Decode linear and spherical paths between the posterior means of test image pairs.
@@ -444,9 +510,11 @@ def interpolate(run, pairs, steps, out, device):
     from aevb.data.transforms import holdout_indices
     from aevb.analysis.figures import interpolation
     from aevb.run.open import open_run
+    from aevb.run.owner import owning_if_in_run
 
     opened = open_run(run, device)
     model = opened.model
+    click.echo(f"model: {opened.provenance}")
     _require_images(model, "interpolate")
     x, y = opened.held_out("test")
     chosen = holdout_indices(y, 2 * pairs, num_examples=len(x))
@@ -455,17 +523,18 @@ def interpolate(run, pairs, steps, out, device):
     chosen = chosen[: len(chosen) // 2 * 2]
     x = x[chosen].to(model.device)
     path = Path(out) if out else Path(run) / "images" / "interpolations.png"
-    interpolation(model, x[0::2], x[1::2], path, steps=steps)
+    with owning_if_in_run(path, "aevb interpolate"):
+        interpolation(model, x[0::2], x[1::2], path, steps=steps)
     click.echo(f"written: {path}")
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, memory=("grid_size", "pairs", "top_dims"))
 @_run_argument
 @click.option("--grid-range", type=click.FloatRange(min=0, min_open=True), metavar="R", callback=_finite, help="half-width of the latent grid in latent units [default: 2 for coords, 2 standard deviations of the projected posterior means for pca]")
-@click.option("--directions", type=click.Choice(["auto", "coords", "pca"]), default="auto", show_default=True, help="plane of the latent grid and scatter plot: z1,z2 (coords), the first two principal components of the posterior means (pca), or coords for a 2-D latent space and pca otherwise (auto)")
-@click.option("-n", "grid_size", type=click.IntRange(min=2), default=15, show_default=True, help="latent grid points per side")
-@click.option("--pairs", type=click.IntRange(min=1), default=4, show_default=True, help="interpolated pairs of test images")
-@click.option("--top-dims", type=click.IntRange(min=1), default=10, show_default=True, help="latent dimensions traversed (largest KL first)")
+@click.option("--directions", type=click.Choice(["auto", "coords", "pca"]), default="auto", show_default=True, help="plane of the latent grid and scatter plot: z1,z2 (coords), the first two principal components of the posterior means (pca), or coords for a 2-D latent space or a single test example and pca otherwise (auto)")
+@click.option("-n", "grid_size", type=SIDE, default=15, show_default=True, help="latent grid points per side")
+@click.option("--pairs", type=PICTURES, default=4, show_default=True, help="interpolated pairs of test images")
+@click.option("--top-dims", type=PICTURES, default=10, show_default=True, help="latent dimensions traversed (largest KL first)")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @_device_option
 def explore(run, grid_range, directions, grid_size, pairs, top_dims, seed, device):
@@ -488,17 +557,17 @@ def explore(run, grid_range, directions, grid_size, pairs, top_dims, seed, devic
     from aevb.analysis.report import explore_run
 
     written, skipped = explore_run(run, grid_range=grid_range, directions=directions, grid_size=grid_size,
-                                   pairs=pairs, top_dims=top_dims, device=device, seed=seed)
+                                   pairs=pairs, top_dims=top_dims, device=device, seed=seed, echo=click.echo)
     for name, reason in skipped.items():
         click.echo(f"skipped {name}: {reason}")
     for path in written:
         click.echo(f"written: {path}")
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, memory=("iw_samples",))
 @_run_argument
-@click.option("--iw-samples", "-k", type=click.IntRange(min=1), default=IW_SAMPLES, show_default=True, help="importance samples for the evaluation, if the run has no eval.json of its weights yet")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="HTML file to write [default: RUN/report.html]")
+@click.option("--iw-samples", "-k", type=IW_SAMPLE_COUNT, default=IW_SAMPLES, show_default=True, help="importance samples for the evaluation, if the run has no eval.json of its weights yet")
+@click.option("--out", "-o", type=GivenPath(dir_okay=False), help="HTML file to write [default: RUN/report.html]")
 @_device_option
 def report(run, iw_samples, out, device):
     """Write RUN/report.html: configuration, evaluation, curves and every figure, in one file.
@@ -523,12 +592,26 @@ def report(run, iw_samples, out, device):
 # ---------------------------------------------------------------------------
 
 
-def _out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is torch's report of an allocation that failed (CPU or GPU)."""
+# how torch, its C++ allocators and the devices' runtimes say that an allocation failed
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "std::bad_alloc", "bad_alloc", "Cannot allocate memory")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` reports an allocation that failed (Python's, torch's on the CPU or a GPU, C++'s)."""
+    if isinstance(error, MemoryError):
+        return True
     torch = sys.modules.get("torch")  # loaded by whatever ran out of memory; --help does not load it
     if torch is not None and isinstance(error, torch.OutOfMemoryError):
         return True
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in str(error) or "out of memory" in str(error))
+    return isinstance(error, RuntimeError) and any(words in str(error) for words in _OUT_OF_MEMORY)
+
+
+def memory_message(error: BaseException, asked: list[str]) -> str:
+    """One line: what could not be allocated, and the options (``--k 5000``) that asked for it."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    detail = detail.split("DefaultCPUAllocator: ")[-1]
+    fix = f"ask for less: a smaller {', '.join(asked)}" if asked else "free memory, or use a machine with more"
+    return f"not enough memory ({detail}); {fix}"
 
 
 def _notice(message, category, filename, lineno, file=None, line=None) -> None:
@@ -567,12 +650,10 @@ def _run(args: list[str]) -> None:
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
-    except (RuntimeError, MemoryError) as e:
-        if not (isinstance(e, MemoryError) or _out_of_memory(e)):
+    except (RuntimeError, MemoryError) as e:  # outside a command (each command names its own options)
+        if not out_of_memory(e):
             raise
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        click.echo(f"error: not enough memory ({detail.split('DefaultCPUAllocator: ')[-1]}); ask for less: a smaller "
-                   f"-n, --batch-size, --hidden or --latent-dim", err=True)
+        click.echo(f"error: {memory_message(e, [])}", err=True)
         sys.exit(UserError.exit_code)
     sys.exit(result if isinstance(result, int) else 0)
 

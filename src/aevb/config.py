@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from aevb.errors import UserError
-from aevb.options import Option, as_flag
+from aevb.io import MAX_NESTING, loads_json, nesting
+from aevb.options import COUNTS, Option, as_flag
 from aevb.registry import DATASETS, LIKELIHOODS, MODELS, NETWORKS, SCHEDULES
 
 if sys.version_info >= (3, 11):
@@ -78,7 +79,7 @@ class RunConfig:
     test_split: float = _opt(0.1, "held-out test examples: a count (2000) or a fraction (0.1), taken from the end in file order (an image folder with class subfolders: in a seeded random order, as with --shuffle)", group="data", metavar="N|F")
     val_split: float = _opt(0.1, "validation examples taken from the end of the training part (in the seeded order of --shuffle where given), whose ELBO is reported each epoch and chooses the best checkpoint (0: none; the test set is then reported each epoch, and chooses nothing)", group="data", metavar="N|F")
     shuffle: bool = _opt(False, "shuffle (seeded) before splitting instead of splitting in file order", group="data")
-    image_size: int | None = _opt(None, "resize and centre-crop the images of a folder to PX×PX (default: their own size, when all share one)", group="data", metavar="PX", low=1, high=MAX_IMAGE_SIZE)
+    image_size: int | None = _opt(None, "resize and centre-crop the images of a folder to PX×PX (default: their own size, when all share one)", group="data", metavar="PX", low=1, high=MAX_IMAGE_SIZE, memory=True)
     binarize: str = _opt("none", "binarise images for Bernoulli likelihoods: none, threshold (>0.5) or dynamic (resampled at every step)", group="data", choices=BINARIZE_MODES)
     dequantize: bool = _opt(False, "add uniform noise within each 8-bit level, (k + u)/256, to train and evaluate a continuous likelihood (gaussian*, laplace*, continuous-bernoulli) as a density over [0, 1]: bits/dim are then an upper bound on those of the 8-bit data, and only then reported; the noise is drawn afresh for every batch, once (seeded) for evaluation", group="data")
     stream: str = _opt("auto", "read the training images batch by batch from a memory-mapped .npy file (an image folder: from its 8-bit pixels, decoded once into ~/.cache/aevb/folders) instead of converting all of them to float32 up front: yes, no, or auto (when the float32 copy would take more than half of the available memory)", group="data", choices=STREAM_MODES)
@@ -86,8 +87,8 @@ class RunConfig:
     model: str = _opt("vae", "model", group="model", choices=MODELS)
     likelihood: str = _opt("bernoulli", "likelihood p(x|z)", group="model", choices=LIKELIHOODS)
     arch: str = _opt("mlp", "encoder/decoder network: a registered one or the import path of a function of yours like theirs, my_package.nets:build (see aevb.model.networks), which config.json records and every command that opens the run imports", group="model", choices=NETWORKS)
-    latent_dim: int = _opt(20, "dimension of z", group="model", metavar="D", low=1, below=LAYER_SIZES)
-    hidden: list[int] | None = _opt(None, "hidden sizes, comma-separated (mlp default 400; conv: its linear layer)", group="model", metavar="N[,N…]", low=1, below=LAYER_SIZES)
+    latent_dim: int = _opt(20, "dimension of z", group="model", metavar="D", low=1, below=LAYER_SIZES, memory=True)
+    hidden: list[int] | None = _opt(None, "hidden sizes, comma-separated (mlp default 400; conv: its linear layer)", group="model", metavar="N[,N…]", low=1, below=LAYER_SIZES, memory=True)
     likelihood_scale: float | None = _opt(None, "fixed σ of gaussian / scale of laplace, or initial value of the learned ones (default: the one that best fits the training data around their mean, recorded in config.json; 1 with gaussian is the MSE loss)", group="model", metavar="S", above=0)
     posterior_scale: str = _opt("log-variance", "what the encoder outputs for the Gaussian posterior's scale: log σ² (trains faster under Adam) or log σ (models from before aevb had the choice)", group="model", choices=POSTERIOR_SCALES)
     # -- training -----------------------------------------------------------
@@ -98,7 +99,7 @@ class RunConfig:
     epochs: int = _opt(10, "passes over the training data", group="training", low=1)
     early_stopping: int | None = _opt(None, "stop when the validation ELBO has not improved for this many epochs (needs a validation split, --val-split); the best epoch's checkpoint is kept in any case as checkpoints/best.safetensors", group="training", metavar="EPOCHS", low=1)
     steps: int | None = _opt(None, "stop after this many optimiser steps instead (overrides --epochs)", group="training", low=1)
-    batch_size: int = _opt(128, "examples per optimiser step", group="training", low=1)
+    batch_size: int = _opt(128, "examples per optimiser step", group="training", low=1, below=COUNTS, memory=True)
     optimizer: str = _opt("adam", "torch optimiser: adam (fused: the fast path), adamw (decoupled weight decay) or sgd (momentum 0.9)", group="training", choices=OPTIMIZERS)
     lr: float = _opt(3e-3, "learning rate (the peak of --lr-schedule)", group="training", above=0)
     adam_betas: list[float] = _opt((0.9, 0.999), "Adam β1,β2 (adam, adamw)", group="training", metavar="B1,B2")
@@ -113,9 +114,10 @@ class RunConfig:
     device: str = _opt("auto", "where to train: auto picks cuda, then mps, then cpu", group="training", choices=DEVICES)
     precision: str = _opt("auto", "multiplies of the training step: bf16 (bfloat16 matrix multiplies, and convolutions on GPUs; all else float32; see aevb.precision), fp32, or auto (bf16 where it is faster than fp32: CPUs with AMX or a bf16 multiply measured 1.5× faster, GPUs from Ampere on; else fp32); the test ELBO is always float32", group="training", choices=PRECISIONS)
     compile: bool = _opt(False, "compile the training loss with torch.compile (on the CPU it needs a C++ compiler): faster steps after a compile of several seconds, so it pays on long runs only; measured in bench/README.md", group="training")
-    log_every: int = _opt(50, "steps between metric records (values are read from the device only then)", group="training", metavar="STEPS", low=1)
+    log_every: int = _opt(50, "steps between metric records (values are read from the device only then)", group="training", metavar="STEPS", low=1, below=COUNTS, memory=True)
     image_every: int = _opt(0, "steps between reconstruction pictures (0: at about ten epoch ends over the run)", group="training", metavar="STEPS", low=0)
-    eval_batch_size: int = _opt(1000, "examples per batch for validation and evaluation", group="training", low=1)
+    eval_batch_size: int = _opt(1000, "examples per batch for validation and evaluation", group="training", low=1,
+                                below=COUNTS, memory=True)
     tensorboard: bool = _opt(False, "also log to TensorBoard (needs the tensorboard package)", group="training")
     wandb: bool = _opt(False, "also log to Weights & Biases (needs the wandb package)", group="training")
     out: str | None = _opt(None, "run folder (default runs/MODEL-DATA, numbered so nothing is overwritten)", group="training", metavar="DIR")
@@ -216,6 +218,19 @@ def run_options() -> dict[str, Option]:
     return {option.name: option for option in [*own[:first_training], *model_options(), *own[first_training:]]}
 
 
+def memory_options(config: RunConfig) -> list[str]:
+    """The options of this run that multiply the memory it needs (``Option.memory``), as ``--k 5000``: those of
+    its model and the run's own, the ones set away from their defaults first (for an out-of-memory message)."""
+    of_models = {option.name for option in model_options()}
+    of_this_model = {option.name for option in MODELS.options(config.model)}
+    asked = [(option, getattr(config, option.name)) for option in run_options().values()
+             if option.memory and (option.name not in of_models or option.name in of_this_model)]
+    asked = [(option, value) for option, value in asked if value is not None]
+    asked.sort(key=lambda entry: entry[1] == entry[0].default)  # stable: the ones given first
+    return [f"{option.flag} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+            for option, value in asked]
+
+
 def coerce(name: str, value: Any) -> Any:
     """Convert a value from the command line or a config file to the option's kind."""
     return run_options()[name].parse(value)
@@ -241,9 +256,9 @@ def read_config_file(path: str | Path, *, template: bool = False) -> dict[str, A
         raise UserError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     try:
         if path.suffix == ".toml":
-            raw = tomllib.loads(text)
+            raw = _loads_toml(text)
         else:
-            raw = json.loads(text)
+            raw = loads_json(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise UserError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}") from None
     if not isinstance(raw, dict):
@@ -266,6 +281,18 @@ def read_config_file(path: str | Path, *, template: bool = False) -> dict[str, A
     if unknown:
         raise UserError(f"config file {path} has unknown options: {', '.join(unknown)}; see 'aevb train --help'")
     return {k: options[k].parse(v) for k, v in normalised.items()}
+
+
+def _loads_toml(text: str) -> dict[str, Any]:
+    """``tomllib.loads``; input nested more than ``MAX_NESTING`` levels is a ``TOMLDecodeError`` like any other bad
+    TOML."""
+    try:
+        value = tomllib.loads(text)
+    except RecursionError:
+        value = None
+    if value is None or nesting(value) > MAX_NESTING:
+        raise tomllib.TOMLDecodeError(f"nested more than {MAX_NESTING} levels deep") from None
+    return value
 
 
 def _as_read_now(values: dict[str, Any]) -> dict[str, Any]:
@@ -319,3 +346,13 @@ def check_model_options(config: RunConfig) -> None:
                         f"drop {'it' if len(ignored) == 1 else 'them'} or choose a model that takes "
                         f"{'it' if len(ignored) == 1 else 'them'}")
     cls.check_options({option.name: getattr(config, option.name) for option in cls.options}, as_flag)
+    check_likelihood_options(config)
+
+
+def check_likelihood_options(config: RunConfig) -> None:
+    """Refuse --likelihood-scale for a likelihood without a scale (declared: ``Likelihood.takes_scale``), one line
+    naming it, before its constructor would refuse it naming none."""
+    if config.likelihood_scale is not None and not LIKELIHOODS.get(config.likelihood).takes_scale:
+        scaled = [name for name, family in LIKELIHOODS.items() if family.takes_scale]
+        raise UserError(f"--likelihood-scale does not apply to --likelihood {config.likelihood}, which has no scale; "
+                        f"drop it, or choose a likelihood with one: {', '.join(scaled)}")

@@ -22,6 +22,10 @@ from typing import Any, Collection
 from aevb.errors import UserError
 
 KINDS = ("str", "int", "float", "bool", "list[int]", "list[float]")
+# the upper bound of a count that multiplies memory (samples, components, batch rows): torch counts elements in
+# 64-bit integers, and beyond this its errors name no option; a request that does not fit memory below it is
+# a "not enough memory" naming the option (aevb.cli)
+COUNTS = 2147483648  # 2^31, written out: the models' declarations are read from their source as literals
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ class Option:
         requires: the option applies only to models that take this other option (the β schedules need β).
         group: data, model or training: where ``--help`` lists it.
         metavar: the value's name in ``--help`` (``LEVEL``).
+        memory: the option multiplies the memory a step asks for (``--k``, ``--batch-size``): a command that runs
+            out of memory names it, and its range has an upper bound.
     """
 
     name: str
@@ -56,6 +62,7 @@ class Option:
     requires: str | None = None
     group: str = "model"
     metavar: str | None = None
+    memory: bool = False
 
     def __post_init__(self):
         if not self.kind:
@@ -65,6 +72,8 @@ class Option:
             object.__setattr__(self, "kind", kind or "")
         if self.kind not in KINDS:
             raise ValueError(f"option {self.name!r}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.memory and self.high is None and self.below is None:
+            raise ValueError(f"option {self.name!r} multiplies memory: give it an upper bound (high= or below=)")
 
     @property
     def flag(self) -> str:
@@ -87,9 +96,11 @@ class Option:
             if self.optional:
                 return None
             raise UserError(f"{spelled} needs a value")
+        if _empty(value):
+            raise UserError(f"{spelled} is empty; give it a value, or leave it out for its default")
         if self.choices is not None:
             if value not in self.choices:
-                raise UserError(f"unknown {spelled} {value!r}; choose one of: {', '.join(self.choices)}")
+                raise UserError(f"unknown {spelled} {shown(value)}; choose one of: {', '.join(self.choices)}")
             return value
         if self.kind in ("int", "float"):
             return self._number(value, spelled, value)
@@ -102,8 +113,8 @@ class Option:
         """One number of ``value`` checked: whole for an int option, finite, in range."""
         whole = self.kind in ("int", "list[int]")
         if isinstance(number, bool):
-            raise UserError(f"{spelled} must be a {'whole ' if whole else ''}number, got {value!r}")
-        not_a_number = ValueError(f"{spelled} must be a {'whole ' if whole else ''}number, got {value!r}")
+            raise UserError(f"{spelled} must be a {'whole ' if whole else ''}number, got {shown(value)}")
+        not_a_number = ValueError(f"{spelled} must be a {'whole ' if whole else ''}number, got {shown(value)}")
         if isinstance(number, str):  # text, or an object below: only code passes them (flags are parsed first)
             raise not_a_number
         try:
@@ -134,11 +145,17 @@ class Option:
         return "any number"
 
     def parse(self, value: Any) -> Any:
-        """A value from the command line or a config file converted to the option's kind (not yet checked)."""
+        """A value from the command line or a config file converted to the option's kind (not yet checked).
+
+        An empty value (``--data ''``, ``out = ""``) is an error naming the option, never a default in disguise:
+        an empty path is the current folder to the file system, an empty list no layers.
+        """
         if value is None:
             if self.optional:
                 return None
             raise UserError(f"{self.flag} needs a value")
+        if _empty(value):
+            raise UserError(f"{self.flag} is empty; give it a value, or leave it out for its default")
         try:
             if self.kind.startswith("list["):
                 return _list(value, int if self.kind == "list[int]" else float)
@@ -164,7 +181,21 @@ class Option:
                 return number
             return str(value)
         except (TypeError, ValueError):
-            raise UserError(f"{self.flag}: cannot read {value!r} as {self.kind}") from None
+            raise UserError(f"{self.flag}: cannot read {shown(value)} as {self.kind}") from None
+
+
+def _empty(value: Any) -> bool:
+    """A string of nothing but spaces, or an empty list: no value at all."""
+    return (isinstance(value, str) and not value.strip()) or (isinstance(value, (list, tuple)) and not value)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for a message, cut to ``limit`` characters: a value read from a file may be of any size."""
+    try:
+        text = repr(value)
+    except RecursionError:  # nested deeper than repr goes
+        text = f"<{type(value).__name__} nested too deeply to show>"
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _number_text(bound: float | None) -> str | None:

@@ -28,10 +28,11 @@ import torch
 from aevb.data.memory import examples, memory_dataset
 from aevb.config import IW_SAMPLES
 from aevb.errors import UserError
-from aevb.io import write_json
+from aevb.io import loads_json, write_json
 from aevb.model.base import Model
 from aevb.run.folder import CHECKPOINT
 from aevb.run.open import open_run
+from aevb.run.owner import own_run
 from aevb.model.objectives import elbo_terms, kl_per_dimension
 from aevb.acceleration.bf16 import resolve_precision
 from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
@@ -411,6 +412,9 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, batch_siz
                        classes=dataset.classes, precision=precision, dequantized=config.dequantize)
     metrics["data"] = config.data
     metrics["checkpoint_step"] = run.checkpoint_step  # set for a run still training
+    # which weights the numbers are of: the export or the last checkpoint, at which training step
+    metrics["weights"] = "model" if run.provenance.finished else "checkpoint"
+    metrics["step"] = run.provenance.step
     if write:
         save_evaluation(run_dir, metrics)
     return metrics
@@ -429,8 +433,8 @@ def previous_evaluation(run_dir: Path) -> tuple[dict | None, bool]:
     if not path.is_file():
         return None, False
     try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        metrics = loads_json(path.read_bytes())
+    except (ValueError, OSError):  # bad JSON, not UTF-8, nested too deep, unreadable
         return None, False
     if not isinstance(metrics, dict):
         return None, False
@@ -447,5 +451,6 @@ def save_evaluation(run_dir: Path, metrics: dict) -> dict | None:
     previous, current = previous_evaluation(Path(run_dir))
     if previous is not None and current and (previous.get("iw_samples") or 0) > (metrics.get("iw_samples") or 0):
         return previous
-    write_json(Path(run_dir) / "eval.json", metrics)
+    with own_run(run_dir, "aevb eval", brief=True):  # the evaluation only read; writing needs the folder
+        write_json(Path(run_dir) / "eval.json", metrics)
     return None

@@ -212,13 +212,21 @@ def _interpolations(context: FigureContext, path: Path) -> None:
     figures.interpolation(context.model, ends[0::2], ends[1::2], path, steps=context.options.steps)
 
 
+def _plane_options(context: FigureContext) -> ExploreOptions:
+    """The options of a figure in a latent plane, whose principal components need two test examples."""
+    if context.options.directions == "pca" and len(context.x) < 2:
+        raise NotDrawn("the principal components of the posterior means need two test examples or more; "
+                       "pass --directions coords")
+    return context.options
+
+
 @FIGURES.register("latent-scatter.png")
 @figure("Posterior means of the test set",
         "Each test example at its posterior mean in the two latent directions of the grid, coloured by "
         "label where there are labels, with a few test images drawn at their positions.",
         needs=(PLANE,))
 def _latent_scatter(context: FigureContext, path: Path) -> None:
-    options = context.options
+    options = _plane_options(context)
     figures.latent_scatter(context.model, context.x, path, labels=context.labels, directions=options.directions,
                            classes=context.classes, grid_range=options.grid_range, seed=context.seed)
 
@@ -230,7 +238,7 @@ def _latent_scatter(context: FigureContext, path: Path) -> None:
         "posterior means.",
         needs=(IMAGES, PLANE))
 def _latent_grid(context: FigureContext, path: Path) -> None:
-    options = context.options
+    options = _plane_options(context)
     figures.latent_grid(context.model, context.x, path, n=options.grid_size, grid_range=options.grid_range,
                         directions=options.directions)
 

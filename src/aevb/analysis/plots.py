@@ -7,7 +7,6 @@ numbers it drew, so that tests can check what a picture means.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from aevb.analysis.figures import eval_mode, new_figure, save_figure
 from aevb.model.base import Model
 from aevb.model.likelihoods import GaussianLikelihood, LaplaceLikelihood, OptimalGaussianLikelihood
+from aevb.run.folder import metrics_record
 
 # the fixed-scale heads whose NLL curves the likelihood figure draws, by the family names of
 # Likelihood.scale_summary, with the symbol of their scale
@@ -26,14 +26,10 @@ SCALE_CURVES = {"gaussian": (GaussianLikelihood, "σ"), "laplace": (LaplaceLikel
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (blank or truncated lines are skipped)."""
-    records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    """The records of a ``metrics.jsonl``: blank, truncated, foreign or edited lines are skipped
+    (:func:`aevb.run.folder.metrics_record`)."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    return [record for line in lines if (record := metrics_record(line)) is not None]
 
 
 def training_curves(metrics: str | Path | list[dict], path: str | Path) -> dict:
@@ -46,7 +42,7 @@ def training_curves(metrics: str | Path | list[dict], path: str | Path) -> dict:
     Returns the plotted series.
     """
     records = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
-    train = [r for r in records if "loss" in r]
+    train = [r for r in records if all(k in r for k in ("loss", "reconstruction", "kl"))]
     split = next((s for s in ("val", "test") if any(f"{s}_reconstruction" in r for r in records)), None)
     held = [r for r in records if split and f"{split}_reconstruction" in r]
     series = {

@@ -12,8 +12,8 @@ fetched from anywhere, readable on a phone and printable.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
-import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -24,34 +24,42 @@ from aevb.analysis.evaluation import evaluate_run, previous_evaluation, trained_
 from aevb.config import IW_SAMPLES
 from aevb.analysis.gallery import ExploreOptions, FigureContext, NotDrawn, plan_figures
 from aevb.errors import UserError
-from aevb.io import write_text
+from aevb.io import loads_json, write_text
 from aevb.registry import FIGURES
 from aevb.run.folder import CHECKPOINT
-from aevb.run.open import open_run
+from aevb.run.open import Run, open_run
+from aevb.run.owner import own_run, owning_if_in_run
 
 
 def explore_run(run_dir: str | Path, *, grid_range: float | None = None, directions: str = "auto",
                 grid_size: int = 15, pairs: int = 4, steps: int = 10, top_dims: int = 10,
-                device: str = "auto", seed: int = 0) -> tuple[list[Path], dict[str, str]]:
+                device: str = "auto", seed: int = 0,
+                echo: Callable[[str], None] | None = None) -> tuple[list[Path], dict[str, str]]:
     """Write every figure that fits the run into ``RUN/images/``.
 
     ``directions``: ``coords`` (z1, z2), ``pca`` (first two principal
     components of the test set's posterior means) or ``auto`` (coords for a
     2-dimensional latent space, pca otherwise).  Returns the paths written
-    and {figure: reason} for the figures left out.
+    and {figure: reason} for the figures left out; ``echo`` is told which
+    weights (and training step) the figures show.
     """
     run = open_run(run_dir, device)
+    with own_run(run.path, "aevb explore"):
+        (echo or (lambda message: None))(f"model: {run.provenance}")
+        return _draw_figures(run, ExploreOptions(grid_range, directions, grid_size, pairs, steps, top_dims), seed)
+
+
+def _draw_figures(run: Run, options: ExploreOptions, seed: int) -> tuple[list[Path], dict[str, str]]:
     run_dir, model = run.path, run.model
     model.eval()
     plan = plan_figures(model, run_dir)
-    if directions == "auto":
-        directions = "coords" if model.latent_dim == 2 else "pca"
     dataset = run.dataset
     x, y = run.held_out("test")
     if x is None or not len(x):
         raise UserError(f"{run_dir} has no test split to draw; train with --test-split")
-    context = FigureContext(model, x.to(model.device), y, dataset.classes, run_dir,
-                            ExploreOptions(grid_range, directions, grid_size, pairs, steps, top_dims), seed)
+    if options.directions == "auto":  # principal components of one posterior mean are none
+        options = dataclasses.replace(options, directions="coords" if model.latent_dim == 2 or len(x) < 2 else "pca")
+    context = FigureContext(model, x.to(model.device), y, dataset.classes, run_dir, options, seed)
     images_dir = run_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -271,8 +279,10 @@ def report_images(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
     return known, others
 
 
-def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipped: dict[str, str]) -> str:
-    """The HTML text of the report (one page, no script, no external resource)."""
+def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipped: dict[str, str],
+                  provenance: str | None = None) -> str:
+    """The HTML text of the report (one page, no script, no external resource); ``provenance`` says which weights
+    (and training step) its numbers and figures are of."""
     run_dir = Path(run_dir)
     known, others = report_images(run_dir)
     entries = dict(FIGURES.items())
@@ -284,7 +294,8 @@ def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipp
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>",
-        f'<header><h1>{_e(title)}</h1><p class="meta">{_e(summary)}</p></header>',
+        f'<header><h1>{_e(title)}</h1><p class="meta">{_e(summary)}</p>'
+        + (f'<p class="meta">Model: {_e(provenance)}.</p>' if provenance else "") + "</header>",
     ]
     if metrics is not None:
         parts.append(_eval_section(metrics))
@@ -318,15 +329,27 @@ def write_report(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, device: s
     """
 
     run = open_run(run_dir, device="cpu")  # a UserError if this is not a run folder
+    with own_run(run.path, "aevb report"):
+        return _write_report(run, iw_samples=iw_samples, device=device, out=out, echo=echo, explore_args=explore_args)
+
+
+def _write_report(run: Run, *, iw_samples: int, device: str, out: str | Path | None,
+                  echo: Callable[[str], None] | None, explore_args: dict | None) -> Path:
     run_dir = run.path
     echo = echo or (lambda message: None)
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    provenance = run.provenance
+    echo(f"model: {provenance}")
+    config = loads_json((run_dir / "config.json").read_bytes())  # read by open_run already: a table of options
     metrics, current = previous_evaluation(run_dir)
     trained = trained_at(run_dir)
     if metrics is not None and not current:
         # the weights changed since: evaluate them again, with as many samples as that evaluation had
         iw_samples = max(iw_samples, metrics.get("iw_samples") or 0)
         echo("eval.json is older than the model; evaluating again")
+        metrics = None
+    elif metrics is not None and "step" in metrics and metrics["step"] != provenance.step:
+        iw_samples = max(iw_samples, metrics.get("iw_samples") or 0)
+        echo("eval.json is of the weights at another training step; evaluating again")
         metrics = None
     elif metrics is None and (run_dir / "eval.json").is_file():
         echo(f"{run_dir / 'eval.json'} is unreadable; evaluating again")
@@ -345,5 +368,6 @@ def write_report(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, device: s
         echo(f"drawing the figures ({', '.join(missing)} missing or older than the model)")
         _, skipped = explore_run(run_dir, device=device, **(explore_args or {}))
     path = Path(out) if out else run_dir / "report.html"
-    write_text(path, render_report(run_dir, config, metrics, skipped))
+    with owning_if_in_run(path, "aevb report"):  # -o into another run's folder: that one's too
+        write_text(path, render_report(run_dir, config, metrics, skipped, str(provenance)))
     return path

@@ -15,7 +15,7 @@ import torch
 from aevb.errors import UserError
 from aevb.model import noise
 from aevb.model.base import LossOutput, Model, _posterior_stats
-from aevb.options import Option, as_argument
+from aevb.options import COUNTS, Option, as_argument
 from aevb.registry import MODELS
 
 @MODELS.register("ae")
@@ -177,7 +177,7 @@ CONTRACTIVE_WEIGHT = Option("contractive_weight", 0.1, "cae: weight of the penal
 JACOBIAN = Option("jacobian", "auto", "cae: Jacobian norm exactly (one backward pass per code dimension), by random "
                   "projections, or auto (exact up to 16 code dimensions)", choices=("auto", "exact", "projections"))
 JACOBIAN_PROJECTIONS = Option("jacobian_projections", 1, "cae: random projections per example for --jacobian "
-                              "projections", low=1, metavar="N")
+                              "projections", low=1, below=COUNTS, metavar="N", memory=True)
 
 
 @MODELS.register("cae")

@@ -40,12 +40,13 @@ from torch.distributions import Distribution, Independent
 
 
 from aevb.model import objectives
-from aevb.config import RUN_OPTIONS
+from aevb.config import LAYER_SIZES, RUN_OPTIONS
 from aevb.errors import UserError
-from aevb.io import write_json, write_safetensors
+from aevb.io import loads_json, write_json, write_safetensors
 from aevb.model.layers import cast
 from aevb.model.networks import built_networks, check_network
 from aevb.model.precision import at_least_float32
+from aevb.model.weights import WeightsDoNotFit, check_finite, check_fits, check_list_lengths, read_header
 from aevb.model.priors import build_prior
 from aevb.options import Option, as_argument
 from aevb.registry import LIKELIHOODS, MODELS, NETWORKS, POSTERIORS, is_import_path
@@ -149,7 +150,7 @@ class Model(nn.Module):
         super().__init__()
         latent_dim, hidden = RUN_OPTIONS["latent_dim"].check(latent_dim), _sizes(hidden)
         likelihood_args, posterior_args = plain(likelihood_args or {}), plain(posterior_args or {})
-        self.data_shape = tuple(_whole(n, "data_shape") for n in data_shape)
+        self.data_shape = tuple(_size(n, "data_shape") for n in data_shape)
         self.latent_dim = latent_dim
         try:
             self.likelihood = LIKELIHOODS.get(likelihood)(**likelihood_args)
@@ -385,11 +386,17 @@ class Model(nn.Module):
         """[B, *data_shape]: mean of p(x|z) at the posterior mean z = E_q[z]."""
         return self.decode(self.encode(x).mean).mean
 
-    def save(self, path: str | Path) -> None:
-        """Write ``path/config.json`` and ``path/weights.safetensors`` (each atomically)."""
+    def save(self, path: str | Path, *, step: int | None = None) -> None:
+        """Write ``path/config.json`` and ``path/weights.safetensors`` (each atomically).
+
+        ``step``: the training step of the weights, recorded in config.json
+        (:func:`exported_step`) so that what is computed from them can say so.
+        """
         path = Path(path)
         config = {"format": FORMAT, "version": FORMAT_VERSION, "model": self.name, "args": self.config,
                   "dtype": str(self._dtype).removeprefix("torch.")}
+        if step is not None:
+            config["step"] = _whole(step, "step")
         try:
             json.dumps(config)  # before any file is written
         except (TypeError, ValueError) as e:
@@ -453,6 +460,14 @@ def _whole(value: Any, name: str) -> int:
     return int(value)
 
 
+def _size(value: Any, name: str) -> int:
+    """A size (of a layer, of the data): a whole number in [1, 2^31), whatever file or caller gave it."""
+    size = _whole(value, name)
+    if not 1 <= size < LAYER_SIZES:
+        raise UserError(f"{name} must be sizes in [1, 2^31), got {value!r}")
+    return size
+
+
 def _sample_count(n: Any, temperature: float) -> int:
     """``n`` as an int, after the checks every model's ``sample`` makes of its arguments."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
@@ -471,7 +486,7 @@ def _sizes(hidden: Sequence[int] | None) -> list[int] | None:
     """Hidden layer sizes as a list of ints (None or empty: the network's default)."""
     if hidden is None:
         return None
-    sizes = [_whole(h, "hidden") for h in list(hidden)]
+    sizes = [_size(h, "hidden") for h in list(hidden)]
     return sizes or None
 
 
@@ -486,6 +501,18 @@ def plain(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     return value
+
+
+def exported_step(path: str | Path) -> int | None:
+    """The training step a saved model was exported at (``Model.save(path, step=…)``); None where not recorded."""
+    config_path = Path(path) / "config.json"
+    try:
+        step = loads_json(config_path.read_bytes()).get("step")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{config_path} is corrupt ({e}); re-export the model") from None
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+        raise UserError(f"{config_path} is corrupt: its step is {step!r}, not a count ≥ 0; re-export the model")
+    return step
 
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -513,7 +540,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         if not required.is_file():
             raise UserError(f"{path} is not a saved aevb model: {required.name} is missing")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = loads_json(config_path.read_bytes())
         name, args = config["model"], config["args"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise UserError(f"{config_path} is corrupt ({e}); re-export the model") from None
@@ -534,8 +561,17 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
                         f"and decoder=")
     elif isinstance(args, dict) and is_import_path(args.get("arch")):
         NETWORKS.get(args["arch"])  # here, so that an import that fails says so, not "re-export the model"
+    fix = "re-export the model"
+    # every size config.json gives is checked against the weights' header before anything is allocated
+    header = read_header(weights_path, fix)
     try:
-        model = build_model(name, **legacy_model_args(name, args), **networks).to(stored)
+        args = legacy_model_args(name, args)
+        check_list_lengths(args, header, weights_path, str(config_path), fix)
+        checked = check_fits(lambda: build_model(name, **args, **networks), header, weights_path, str(config_path),
+                             dtype=stored)
+        model = build_model(name, **args, **networks).to(stored)
+    except WeightsDoNotFit:
+        raise
     except UserError as e:
         raise UserError(f"{config_path} describes no model aevb can build ({e}); re-export the model") from None
     except (ValueError, TypeError, AttributeError) as e:  # a hand-edited value: "latent_dim": "x"
@@ -544,17 +580,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         state = load_file(weights_path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{weights_path} is corrupt or unreadable ({e}); re-export the model") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong_shape:
-        details = "; ".join(
-            f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-            if keys
-        )
-        raise UserError(f"{weights_path} does not match {config_path} ({details}); the two files come from different models")
+    if not checked:  # a network that could not be built on the meta device: compared now
+        check_fits(lambda: model, read_header(weights_path, fix), weights_path, str(config_path))
+    check_finite(state, weights_path, "re-export the model from a run whose training did not diverge")
     model.load_state_dict(state)
     model.eval()
     if dtype is not None:

@@ -39,8 +39,9 @@ from aevb.model.precision import at_least_float32
 from aevb.options import Option
 from aevb.registry import MODELS
 
+# each layer is a network of its own, built before any weight is trained: more than this is a typing slip
 STOCHASTIC_LAYERS = Option("stochastic_layers", 2, "hvae: stochastic layers, each of --latent-dim dimensions", low=2,
-                           metavar="L")
+                           high=64, metavar="L", memory=True)
 
 
 @MODELS.register("hvae")

@@ -16,7 +16,8 @@ what evaluation, the figures and training read of it:
 * ``discrete`` (a mass function), ``normalized`` (log p(x) and bits/dim are
   defined), ``unit_interval`` (data in [0, 1] only) and
   ``unbounded_at_endpoints`` (its density has no bound at exactly 0 or 1, so
-  training refuses data holding those values);
+  training refuses data holding those values) and ``takes_scale`` (its
+  constructor takes ``scale=``, which ``--likelihood-scale`` sets);
 * :meth:`Likelihood.scale_summary` where one scale serves every dimension;
 * :meth:`Likelihood.params_for_mean` where the mean is invertible (the decoder's
   last bias then starts at the data's average image);
@@ -78,6 +79,7 @@ class Likelihood(nn.Module):
     normalized = True  # a normalised density or mass: log p(x) and bits/dim are defined
     unit_interval = False  # defined for data in [0, 1] only
     unbounded_at_endpoints = False  # the density has no bound at x = 0 or 1 as the parameters run off
+    takes_scale = False  # its constructor takes scale= (--likelihood-scale): one σ or b, fixed or initial
 
     def extra_config(self) -> dict:
         """Constructor arguments to store in ``config.json``."""
@@ -325,6 +327,7 @@ class _FixedScale(_LocationFamily):
 
     family: type[Distribution]
     family_name: str  # the name of the fixed-scale likelihood of this family, for scale_summary
+    takes_scale = True
 
     def __init__(self, scale: float = 1.0):
         super().__init__()
@@ -379,6 +382,7 @@ class _LearnedScale(_LocationFamily):
 
     family: type[Distribution]
     family_name: str  # the name of the fixed-scale likelihood of this family, for scale_summary
+    takes_scale = True
 
     def __init__(self, scale: float = 1.0, floor: float = SCALE_FLOOR):
         super().__init__()

@@ -10,13 +10,14 @@ import torch
 from aevb.errors import UserError
 from aevb.model import objectives
 from aevb.model.base import LossOutput, Model, _posterior_stats
-from aevb.options import Option
+from aevb.options import COUNTS, Option
 from aevb.registry import MODELS, PRIORS
 
 PRIOR = Option("prior", "standard", "prior p(z): standard normal, a learned mixture of Gaussians (mog) or the "
                "VampPrior (vamp)", choices=PRIORS)
 PRIOR_COMPONENTS = Option("prior_components", None, "components K of the mog prior (default 10) or pseudo-inputs of "
-                          "the vamp prior (default 100)", kind="int", low=1, metavar="K")
+                          "the vamp prior (default 100)", kind="int", low=1, below=COUNTS, metavar="K",
+                          memory=True)
 # the KL weight of the models whose loss is reconstruction + β·KL (VAE, HVAE); the run's β schedules need it
 BETA = Option("beta", 1.0, "weight of the KL term in the training loss (β-VAE); the reported ELBO always uses 1",
               low=0)
@@ -47,7 +48,8 @@ class LatentVariableModel(Model):
         return kwargs
 
 
-MC_SAMPLES = Option("mc_samples", 1, "Monte Carlo samples of z per example in the VAE loss", low=1, metavar="L")
+MC_SAMPLES = Option("mc_samples", 1, "Monte Carlo samples of z per example in the VAE loss", low=1, below=COUNTS,
+                    metavar="L", memory=True)
 FREE_BITS = Option("free_bits", 0.0, "free bits λ (Kingma et al. 2016): the training loss uses Σ_d max(λ, batch-mean "
                    "KL_d) per latent dimension d, in nats (0: off); VAE with a factorising prior", low=0, metavar="NATS")
 
@@ -94,7 +96,7 @@ class VAE(LatentVariableModel):
                           {"kl_free_bits": kl_floored.detach()})
 
 
-K = Option("k", 5, "importance samples of the IWAE bound", low=1)
+K = Option("k", 5, "importance samples of the IWAE bound", low=1, below=COUNTS, memory=True)
 
 
 @MODELS.register("iwae")

@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -48,10 +49,11 @@ from aevb.model import noise
 from aevb.model.base import LossOutput, Model, build_model
 from aevb.model.precision import matmul_dtype
 from aevb.registry import LIKELIHOODS
-from aevb.run.checkpoints import Position, restore, write_checkpoint
+from aevb.run.checkpoints import Position, check_resumable, read_meta, restore, write_checkpoint
 from aevb.run.data import check_data_range, check_dequantize, check_likelihood_scores, held_out, load_dataset
 from aevb.run.device import resolve_device
-from aevb.run.folder import BEST_CHECKPOINT, CHECKPOINT, make_run_dir, new_run_dir, with_absolute_paths
+from aevb.run.folder import BEST_CHECKPOINT, CHECKPOINT, RUN_PATHS, NewRun, with_absolute_paths
+from aevb.run.owner import OwnedRun, own_run
 from aevb.training import distributed
 from aevb.training.distributed import Workers
 from aevb.training.lr_schedules import LRSchedule, make_lr_schedule
@@ -78,7 +80,10 @@ def train(config: RunConfig, train: Any = None, test: Any = None, *, val: Any = 
     must be the one the run was trained with (``open_run(resume).config``)
     but for ``epochs``, ``steps`` and ``device``: more epochs or steps train
     further (a run on data in memory takes the same data again).  A run that
-    finished training but not its export is exported.
+    finished training but not its export is exported.  The run folder is this
+    process's alone while it trains (:mod:`aevb.run.owner`; rank 0's under
+    torchrun); under ``force`` the run it replaces is kept aside until the new
+    one's first checkpoint, and back if it fails before.
     """
     given = None
     if train is not None:
@@ -102,77 +107,127 @@ def _train(config: RunConfig, given: Dataset | None, train: Any, test: Any, val:
            force: bool, progress: bool, device: torch.device, workers: Workers) -> tuple[Model, Path]:
     device = distributed.worker_device(device, workers)
     distributed.check_same_config(workers, config.to_dict())  # a collective: every rank raises the same message
-    # the accelerations (aevb.acceleration) are chosen here and nowhere else: the multiplies' dtype (refused
-    # before the data load where the device lacks it), the optimiser and the loss below
-    # bf16 where it pays; None: fp32.  Rank 0's choice for all (auto times a multiply, and the ranks must agree)
-    step_dtype = distributed.from_rank0(workers, resolve_precision(config.precision, device))
-    def checked_run_dir() -> Path:
-        if resume is not None:
-            return _run_to_resume(resume)
-        check_model_options(config)
-        check_dequantize(config)
-        # made only once the data and the model have loaded (by rank 0; every rank checks it before any makes it)
-        return new_run_dir(config, force)
+    with ExitStack() as owning:
 
-    run_dir = distributed.agree(workers, checked_run_dir)
-    if workers.writes:
-        check_loggers(config)
-    torch.manual_seed(config.seed)
-    shuffle = torch.Generator().manual_seed(config.seed)
+        def claim() -> tuple[Path | None, OwnedRun | None, NewRun | None, dict | None]:
+            """The run folder, owned by rank 0 (the others read what it writes): to resume, or a new run's."""
+            if resume is not None:
+                if isinstance(resume, str) and not resume.strip():
+                    raise UserError("--resume is empty; pass the folder of the run to continue")
+                run_dir = Path(resume)
+                folder = None
+                if workers.writes:
+                    folder = owning.enter_context(own_run(_existing_run(run_dir), "aevb train --resume"))
+                    folder.check_paths(RUN_PATHS)
+                _run_to_resume(run_dir)
+                return run_dir, folder, None, read_meta(run_dir / CHECKPOINT)  # how it was trained up to there
+            check_model_options(config)
+            check_dequantize(config)
+            # made only once the data and the model have loaded
+            return None, None, owning.enter_context(NewRun(config, force)) if workers.writes else None, None
 
-    data = distributed.agree(workers, lambda: TrainingData.load(config, device, given))
-    distributed.agree(workers, lambda: distributed.check_shares(workers, data.examples, config.batch_size))
-    if config.early_stopping and data.eval_name != "val":
-        raise UserError(f"--early-stopping {config.early_stopping} watches the validation ELBO, and {config.data} has "
-                        f"no validation split: add --val-split (0.1: a tenth of the examples), never the test set")
-    if resume is None and config.likelihood_scale is None:
-        # a likelihood's one scale, fixed or learned, starts at the one that fits the data around their mean
-        # (a σ of 1 on pixels in [0, 1] weighs the reconstruction so little that the KL shuts the latent
-        # units); recorded as --likelihood-scale, so config.json re-runs it and a resume rebuilds it
-        scale = LIKELIHOODS.get(config.likelihood).data_scale(data.residuals())
-        if scale is not None:
-            config = dataclasses.replace(config, likelihood_scale=scale)
-    model_kwargs = config.model_kwargs(data.dataset.data_shape)
-    model = build_model(config.model, **model_kwargs).to(device)
-    if resume is None and config.output_bias == "data-mean":
-        model.init_output_bias(mean_example(data.train))
-    optimizer = _make_optimizer(model, config, device)
-    total_steps = config.steps or config.epochs * math.ceil(data.examples / config.batch_size)
-    lr_schedule = make_lr_schedule(optimizer, config, total_steps, has_validation=data.eval_name == "val")
-    loss_of = distributed.data_parallel(model, _make_loss(model, config, device), device, workers)
-    if resume is not None:
-        position = distributed.agree(workers, lambda: restore(run_dir / CHECKPOINT, model, optimizer, shuffle, config,
-                                                              data.examples, lr_schedule, workers.rank,
-                                                              workers.world_size))
-    else:
-        position = Position()
+        run_dir, folder, new_run, trained = distributed.agree(workers, claim)
+        # the accelerations (aevb.acceleration) are chosen here and nowhere else: the multiplies' dtype (refused
+        # before the data load where the device lacks it; rank 0's for all, as auto times a multiply and the
+        # ranks must agree), the optimiser and the loss below
+        step_dtype = distributed.from_rank0(workers, _step_precision(config, device, trained))  # None: fp32
         if workers.writes:
-            run_dir = make_run_dir(run_dir, config, force)
-            write_json(run_dir / "config.json", with_absolute_paths(config).to_dict())
-            if given is not None:
-                write_json(run_dir / "data.json", origin(train, test, val))
-        run_dir = distributed.from_rank0(workers, run_dir)
-        config = with_absolute_paths(config)
+            check_loggers(config)
+        torch.manual_seed(config.seed)
+        shuffle = torch.Generator().manual_seed(config.seed)
 
-    trainer = Trainer(config=config, run_dir=run_dir, model=model, optimizer=optimizer, loss_of=loss_of,
-                      data=data, position=position, shuffle=shuffle, step_dtype=step_dtype,
-                      model_kwargs=model_kwargs, lr_schedule=lr_schedule, workers=workers)
-    if resume is not None:
-        distributed.agree(workers, trainer.check_steps_left)
-        if workers.writes:  # the new length, before training: a run interrupted from here resumes toward it
-            write_json(run_dir / "config.json", config.to_dict())
-    log = MetricsLog(run_dir, config, position.step if resume is not None else None) if workers.writes else NoLog()
-    trainer.fit(log, progress and workers.writes)
-    if workers.writes:
-        trainer.export()
+        data = distributed.agree(workers, lambda: TrainingData.load(config, device, given))
+        distributed.agree(workers, lambda: distributed.check_shares(workers, data.examples, config.batch_size))
+        if config.early_stopping and data.eval_name != "val":
+            raise UserError(f"--early-stopping {config.early_stopping} watches the validation ELBO, and {config.data} "
+                            f"has no validation split: add --val-split (0.1: a tenth of the examples), never the test set")
+        if resume is None and config.likelihood_scale is None:
+            # a likelihood's one scale, fixed or learned, starts at the one that fits the data around their mean
+            # (a σ of 1 on pixels in [0, 1] weighs the reconstruction so little that the KL shuts the latent
+            # units); recorded as --likelihood-scale, so config.json re-runs it and a resume rebuilds it
+            scale = LIKELIHOODS.get(config.likelihood).data_scale(data.residuals())
+            if scale is not None:
+                config = dataclasses.replace(config, likelihood_scale=scale)
+        model_kwargs = config.model_kwargs(data.dataset.data_shape)
+        if resume is not None:  # the run's checkpoint, its data and the sizes of its model, before any is built
+            distributed.agree(workers, lambda: check_resumable(run_dir / CHECKPOINT, config, model_kwargs,
+                                                               data.examples))
+        model = build_model(config.model, **model_kwargs).to(device)
+        if resume is None and config.output_bias == "data-mean":
+            model.init_output_bias(mean_example(data.train))
+        optimizer = _make_optimizer(model, config, device)
+        total_steps = config.steps or config.epochs * math.ceil(data.examples / config.batch_size)
+        lr_schedule = make_lr_schedule(optimizer, config, total_steps, has_validation=data.eval_name == "val")
+        loss_of = distributed.data_parallel(model, _make_loss(model, config, device), device, workers)
+        if resume is not None:
+            position = distributed.agree(workers, lambda: restore(run_dir / CHECKPOINT, model, optimizer, shuffle,
+                                                                  config, data.examples, lr_schedule, workers.rank,
+                                                                  workers.world_size))
+        else:
+            position = Position()
+            if workers.writes:
+                folder = new_run.start()
+                run_dir = folder.path
+                write_json(run_dir / "config.json", with_absolute_paths(config).to_dict())
+                if given is not None:
+                    write_json(run_dir / "data.json", origin(train, test, val))
+            run_dir = distributed.from_rank0(workers, run_dir)
+            config = with_absolute_paths(config)
+
+        trainer = Trainer(config=config, run_dir=run_dir, model=model, optimizer=optimizer, loss_of=loss_of,
+                          data=data, position=position, shuffle=shuffle, step_dtype=step_dtype,
+                          model_kwargs=model_kwargs, folder=folder, lr_schedule=lr_schedule, workers=workers)
+        if resume is not None:
+            distributed.agree(workers, trainer.check_steps_left)
+            if workers.writes:
+                trainer.note_schedule_change(trained["config"])
+                # the new length, before training: a run interrupted from here resumes toward it
+                write_json(run_dir / "config.json", config.to_dict())
+        log = MetricsLog(folder, config, position.step if resume is not None else None) if workers.writes else NoLog()
+        trainer.fit(log, progress and workers.writes)
+        if workers.writes:
+            trainer.export()
     return model, run_dir
 
 
-def _run_to_resume(resume: str | Path) -> Path:
-    run_dir = Path(resume)
+def _step_precision(config: RunConfig, device: torch.device, trained: dict | None) -> torch.dtype | None:
+    """The multiplies' dtype of the training step: bf16 where it pays (``--precision auto``), None for fp32.
+
+    A resumed run takes what ``auto`` resolved to when it was trained on that
+    kind of device (recorded in its checkpoint), rather than measuring again
+    and perhaps changing the arithmetic halfway; where the device now lacks
+    bf16 it says so and goes on in fp32.
+    """
+    recorded = (trained or {}).get("precision")
+    if config.precision != "auto" or recorded is None or recorded["device"] != device.type:
+        return resolve_precision(config.precision, device)
+    try:
+        return resolve_precision(recorded["multiplies"], device)
+    except UserError:
+        warnings.warn(f"the run trained with {recorded['multiplies']} multiplies (--precision auto), which this "
+                      f"{device.type} device lacks: it goes on with fp32 multiplies", PrecisionChangedWarning,
+                      stacklevel=3)
+        return None
+
+
+class PrecisionChangedWarning(UserWarning):
+    """A resumed run goes on with other multiplies than it was trained with."""
+
+
+class ScheduleChangedWarning(UserWarning):
+    """A resumed run's new length changes the β its trained steps had."""
+
+
+def _existing_run(run_dir: Path) -> Path:
+    """``run_dir`` if it is a folder (a UserError naming it otherwise), before the folder is owned."""
+    if not run_dir.is_dir():
+        raise UserError(f"cannot resume {run_dir}: no such run folder; pass a folder written by 'aevb train'")
+    return run_dir
+
+
+def _run_to_resume(run_dir: Path) -> None:
     if not (run_dir / CHECKPOINT).is_file():
         raise UserError(f"cannot resume {run_dir}: it has no checkpoint ({CHECKPOINT}); start a new run instead")
-    return run_dir
 
 
 @dataclass
@@ -269,6 +324,7 @@ class Trainer:
     shuffle: torch.Generator  # draws each epoch's order
     step_dtype: torch.dtype | None  # of the step's multiplies; None: fp32
     model_kwargs: dict  # the model's arguments, stored in the checkpoint
+    folder: OwnedRun | None  # the run folder, this process's while it trains (rank 0's; None on the others)
     lr_schedule: LRSchedule | None = None  # --lr-schedule's scheduler; None: a constant rate
     workers: Workers = Workers()  # this process among torchrun's workers (one of one: the single-process run)
 
@@ -281,7 +337,7 @@ class Trainer:
                                      cycles=config.beta_cycles, ratio=config.beta_ratio, total_steps=self.total_steps)
         # by default, reconstruction pictures at about ten epoch ends over the run
         self.picture_epochs = max(1, math.ceil(self.total_steps / self.steps_per_epoch) // 10)
-        self.terms = StepTerms(config.log_every)
+        self.terms = StepTerms(min(config.log_every, self.total_steps))  # a record at least at the run's end
         self.last_log_time, self.last_log_step = time.perf_counter(), self.position.step
         self.val_loss: float | None = None  # the last validation −ELBO (an AE: reconstruction), for plateau
         self.log: MetricsLog | None = None  # and the progress bar, while fit runs
@@ -298,6 +354,32 @@ class Trainer:
             raise UserError(f"{self.run_dir} has already trained {done} steps ({done / self.steps_per_epoch:.4g} "
                             f"epochs), {'more than' if total < done else 'as many as'} {asked} asks; "
                             f"pass a larger --epochs or --steps to train further")
+
+    def note_schedule_change(self, trained: dict | None) -> None:
+        """Warn where this run's new length gives the steps already trained another β than they had.
+
+        ``trained``: the configuration the checkpoint was written under.  A
+        schedule that spreads over the run (``cyclical``: its cycles) changes
+        with its length, so the run resumed is not the one it would have been
+        trained as from the start; said once, before training goes on.
+        """
+        if not trained:
+            return
+        length = trained.get("steps") or (trained.get("epochs") or 0) * self.steps_per_epoch
+        done = self.position.step
+        if not isinstance(length, int) or length == self.total_steps or not done:
+            return
+        config = self.config
+        before = make_schedule(config.beta_schedule, beta=config.beta, warmup=config.beta_warmup,
+                               cycles=config.beta_cycles, ratio=config.beta_ratio, total_steps=length)
+        probe = range(done) if done <= 10**5 else range(0, done, done // 10**5)  # every step, or 100,000 of them
+        changed = sum(before(step) != self.beta_at(step) for step in probe)
+        if changed:
+            share = f"{changed / len(probe):.0%}"
+            warnings.warn(f"--beta-schedule {config.beta_schedule} spreads over the whole run: with {self.total_steps} "
+                          f"steps instead of {length}, {share} of the {done} steps already trained would have had "
+                          f"another β, so this run differs from one trained to {self.total_steps} steps from the "
+                          f"start (a new run of that length is one)", ScheduleChangedWarning, stacklevel=2)
 
     def fit(self, log: MetricsLog, progress: bool) -> None:
         """Train from the position to the last step, recording into ``log`` (closed at the end)."""
@@ -470,9 +552,11 @@ class Trainer:
         """The checkpoint, by rank 0, with every rank's random state (a collective: every rank calls it)."""
         rng_states = distributed.gathered(self.workers, torch.get_rng_state())
         if self.workers.writes:
+            precision = {"device": self.data.device.type, "multiplies": "fp32" if self.step_dtype is None else "bf16"}
             write_checkpoint(self.run_dir / CHECKPOINT, self.model, self.optimizer, self.position, self.shuffle,
                              self.model_kwargs, self.config.to_dict(), self.data.examples, self.lr_schedule,
-                             rng_states)
+                             rng_states, precision)
+            self.folder.checkpointed()  # the first one ends the keeping of a run that --force replaces
 
     def _kept_message(self) -> str:
         if (self.run_dir / CHECKPOINT).is_file():
@@ -482,7 +566,7 @@ class Trainer:
     def export(self) -> None:
         """The trained model into RUN/model; for images, the final samples and reconstructions."""
         self.model.eval()
-        self.model.save(self.run_dir / "model")
+        self.model.save(self.run_dir / "model", step=self.position.step)
         if self.data.dataset.kind == "image":
             sample_grid(self.model, self.run_dir / "images" / "samples.png", n=64, seed=self.config.seed)
             if self.data.holdout is not None:

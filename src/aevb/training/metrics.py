@@ -16,8 +16,10 @@ import torch
 
 from aevb.config import RunConfig
 from aevb.errors import UserError
-from aevb.io import write_text
+from aevb.io import check_write, write_text
 from aevb.model.base import LossOutput
+from aevb.run.folder import metrics_record
+from aevb.run.owner import OwnedRun
 
 
 def check_loggers(config: RunConfig) -> None:
@@ -28,34 +30,35 @@ def check_loggers(config: RunConfig) -> None:
             raise UserError(f"--{module} needs the {package} package: pip install {package}")
 
 
-def _record(line: str) -> dict | None:
-    """One line of metrics.jsonl as a dict; None for a blank, cut-off or foreign line."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
 class MetricsLog:
     """``metrics.jsonl`` plus the optional TensorBoard / W&B mirrors."""
 
-    def __init__(self, run_dir: Path, config: RunConfig, resume_step: int | None):
+    def __init__(self, folder: OwnedRun, config: RunConfig, resume_step: int | None):
+        run_dir = folder.path
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # drop records written after the checkpoint we resume from, and a line a kill cut short
             kept = [line for line in self.path.read_text(errors="replace").splitlines()
-                    if (record := _record(line)) is not None and record.get("step", 0) <= resume_step]
+                    if (record := metrics_record(line)) is not None and record["step"] <= resume_step]
             write_text(self.path, "".join(line + "\n" for line in kept))
+        check_write(self.path)  # appended to, not written through aevb.io: checked and listed here
         self.file = open(self.path, "a", encoding="utf-8")
         self.mirrors = []  # their packages were checked by train() before the run folder was made
+        # the folders the mirrors write files into themselves, with the files there before: the new ones are
+        # listed as the run's when the log closes
+        self.folder, self.watched = folder, []
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional package, only with --tensorboard
 
-            self.mirrors.append(("tb", SummaryWriter(str(run_dir / "tensorboard"))))
+            logs = run_dir / "tensorboard"
+            folder.check_folder(logs)
+            self.watched.append((logs, folder.files_in(logs)))
+            self.mirrors.append(("tb", SummaryWriter(str(logs))))
         if config.wandb:
             import wandb  # optional package, only with --wandb
 
+            folder.check_folder(run_dir / "wandb")
+            self.watched.append((run_dir / "wandb", folder.files_in(run_dir / "wandb")))
             self.mirrors.append(("wandb", wandb.init(project="aevb", config=config.to_dict(), dir=str(run_dir))))
 
     def write(self, record: dict) -> None:
@@ -73,6 +76,8 @@ class MetricsLog:
         self.file.close()
         for kind, writer in self.mirrors:
             writer.close() if kind == "tb" else writer.finish()
+        for logs, before in self.watched:
+            self.folder.record_new_files(logs, before)
 
 
 class NoLog:
