@@ -12,7 +12,6 @@ status 2 (130 for Ctrl-C).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -23,6 +22,7 @@ import click
 
 from aevb.config import (IW_SAMPLES, PRECISIONS, SEED_RANGE, coerce, flag, make_config, memory_options,
                          read_config_file, run_options)
+from aevb.cli.text import format_diagnostics, format_metrics, memory_message, out_of_memory
 from aevb.errors import UserError
 from aevb.options import Option
 from aevb.registry import DATASETS, Registry, is_import_path
@@ -282,35 +282,6 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device):
                    f"{kept['iw_samples']} importance samples, more precise than k = {iw_samples}")
 
 
-def format_metrics(metrics: dict) -> str:
-    weights = {"model": "exported model", "checkpoint": "last checkpoint (unfinished run)"}.get(metrics.get("weights"), "")
-    rows = [
-        ("training step of the weights", metrics.get("step"), weights),
-        ("test examples", metrics.get("examples"), ""),
-        ("negative ELBO", metrics.get("neg_elbo"), "nats"),
-        ("  reconstruction −E[log p(x|z)]", metrics.get("reconstruction_nll"), "nats"),
-        ("  KL(q(z|x) ‖ p(z))", metrics.get("kl"), "nats"),
-        (f"negative log-likelihood (k={metrics.get('iw_samples')}"
-         f"{', bf16' if metrics.get('iw_precision') == 'bf16' else ''})", metrics.get("nll"), "nats"),
-        ("ELBO gap", metrics.get("elbo_gap"), "nats"),
-        ("bits per dimension", metrics.get("bits_per_dim"), "bits"),
-        ("reconstruction MSE per dim", metrics.get("mse_per_dim"), ""),
-        ("active units", metrics.get("active_units"), f"of {metrics.get('latent_dim')}"),
-        ("mean posterior μ / σ", f"{metrics['posterior_mu']:.3f} / {metrics['posterior_sigma']:.3f}", ""),
-    ]
-    # hierarchical models: one KL term and one active-unit count per stochastic layer
-    for layer, (kl, active) in enumerate(zip(metrics.get("kl_per_layer") or [],
-                                             metrics.get("active_units_per_layer") or []), start=1):
-        rows.append((f"  layer z{layer}: KL / active units", f"{kl:.3f} / {active}", "nats / units"))
-    lines = []
-    for name, value, unit in rows:
-        if value is None or (name.startswith("negative log") and "nll" not in metrics):
-            continue
-        text = f"{value:.3f}" if isinstance(value, float) else str(value)
-        lines.append(f"{name:<40} {text:>12} {unit}")
-    return "\n".join(lines)
-
-
 @cli.command(context_settings=CONTEXT, memory=("n",))
 @_run_argument
 @click.option("-n", "n", type=PICTURES, default=64, show_default=True, help="number of samples")
@@ -469,26 +440,6 @@ def _require_images(model, command: str) -> None:
                         f"{model.data_shape[0]} numbers, not images")
 
 
-def format_diagnostics(metrics: dict) -> str:
-    """Representation accuracy and the per-class table of ``evaluate`` (empty without labels)."""
-    lines = []
-    if metrics.get("representation_accuracy") is not None:
-        lines.append(f"{'classifier accuracy on posterior means':<40} {metrics['representation_accuracy']:>12.3f} "
-                     f"logistic regression")
-        lines.append(f"{'':<40} {metrics['representation_knn_accuracy']:>12.3f} 5-nearest neighbours")
-        lines.append(f"{'':<40} {metrics['chance_accuracy']:>12.3f} chance (most common label)")
-    per_class = metrics.get("per_class")
-    if per_class:
-        keys = [k for k in ("reconstruction_nll", "neg_elbo", "nll") if k in per_class[0]]
-        names = {"reconstruction_nll": "reconstruction", "neg_elbo": "−ELBO", "nll": "NLL"}
-        lines.append("")
-        lines.append(f"{'per class (nats)':<16} {'examples':>8}" + "".join(f" {names[k]:>14}" for k in keys))
-        for row in per_class:
-            label = str(row.get("class", row["label"]))[:16]
-            lines.append(f"{label:<16} {row['examples']:>8}" + "".join(f" {row[k]:>14.3f}" for k in keys))
-    return "\n".join(lines)
-
-
 @cli.command(context_settings=CONTEXT, memory=("pairs", "steps"))
 @_run_argument
 @click.option("--pairs", type=PICTURES, default=4, show_default=True, help="pairs of test images (of different classes where labels exist)")
@@ -593,27 +544,6 @@ def report(run, iw_samples, out, device):
 
 
 # how torch, its C++ allocators and the devices' runtimes say that an allocation failed
-_OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "std::bad_alloc", "bad_alloc", "Cannot allocate memory")
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` reports an allocation that failed (Python's, torch's on the CPU or a GPU, C++'s)."""
-    if isinstance(error, MemoryError):
-        return True
-    torch = sys.modules.get("torch")  # loaded by whatever ran out of memory; --help does not load it
-    if torch is not None and isinstance(error, torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and any(words in str(error) for words in _OUT_OF_MEMORY)
-
-
-def memory_message(error: BaseException, asked: list[str]) -> str:
-    """One line: what could not be allocated, and the options (``--k 5000``) that asked for it."""
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    detail = detail.split("DefaultCPUAllocator: ")[-1]
-    fix = f"ask for less: a smaller {', '.join(asked)}" if asked else "free memory, or use a machine with more"
-    return f"not enough memory ({detail}); {fix}"
-
-
 def _notice(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one 'note:' line on stderr, without the source line Python shows."""
     click.echo(f"note: {message}", err=True)
@@ -656,7 +586,3 @@ def _run(args: list[str]) -> None:
         click.echo(f"error: {memory_message(e, [])}", err=True)
         sys.exit(UserError.exit_code)
     sys.exit(result if isinstance(result, int) else 0)
-
-
-if __name__ == "__main__":
-    main()
