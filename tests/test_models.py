@@ -79,7 +79,9 @@ def test_model_end_to_end(model_name, likelihood, arch, data_shape, tmp_path):
         assert out.kl == 0 and out.sigma == 0
         weights = {"sparsity": getattr(model, "sparsity_weight", 0.0),
                    "contractive": getattr(model, "contractive_weight", 0.0),
-                   "mmd": getattr(model, "mmd_weight", 0.0)}
+                   "mmd": getattr(model, "mmd_weight", 0.0),
+                   "code_norm": getattr(model, "rae_code_weight", 0.0),
+                   "decoder_penalty": getattr(model, "rae_decoder_weight", 0.0)}
         penalties = sum(weights[name] * value for name, value in out.extras.items())
         torch.testing.assert_close(out.loss.detach(), out.reconstruction + penalties)
     else:
