@@ -81,7 +81,10 @@ def test_model_end_to_end(model_name, likelihood, arch, data_shape, tmp_path):
                    "contractive": getattr(model, "contractive_weight", 0.0),
                    "mmd": getattr(model, "mmd_weight", 0.0),
                    "code_norm": getattr(model, "rae_code_weight", 0.0),
-                   "decoder_penalty": getattr(model, "rae_decoder_weight", 0.0)}
+                   "decoder_penalty": getattr(model, "rae_decoder_weight", 0.0),
+                   "commitment": getattr(model, "commitment_weight", 0.0),
+                   # the VQ-VAE's diagnostics, not penalties
+                   "perplexity": 0.0, "codebook_usage": 0.0, "restarted_codes": 0.0}
         penalties = sum(weights[name] * value for name, value in out.extras.items())
         torch.testing.assert_close(out.loss.detach(), out.reconstruction + penalties)
     else:

@@ -124,7 +124,8 @@ def test_the_run_configuration_collects_every_models_options():
                      "mc_samples", "free_bits", "k", "iwae_variant", "iwae_m", "ciwae_beta", "stochastic_layers", "mi_weight", "tc_weight",
                      "dimension_kl_weight", "tc_estimator", "gamma", "discriminator_hidden", "dip_type",
                      "lambda_offdiagonal", "lambda_diagonal", "mmd_weight", "kernel", "kernel_bandwidth",
-                     "info_alpha", "info_lambda"]
+                     "info_alpha", "info_lambda", "codebook_size", "code_dim", "commitment_weight", "ema_decay",
+                     "dead_code_threshold"]
     config = make_config(model="dae", noise_level="0.5")
     assert (config.noise_level, config.k, config.latent_dim) == (0.5, 5, 20)
     stored = config.to_dict()

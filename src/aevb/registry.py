@@ -314,7 +314,8 @@ LIKELIHOODS = Registry("likelihood", "aevb.model.likelihoods", "LIKELIHOODS")
 POSTERIORS = Registry("posterior", "aevb.model.posteriors", "POSTERIORS")
 NETWORKS = Registry("network", "aevb.model.networks", "NETWORKS", import_paths=True)
 MODELS = Registry("model", ("aevb.model.autoencoders", "aevb.model.vae", "aevb.model.hierarchical",
-                            "aevb.model.disentangling", "aevb.model.divergences"), "MODELS")
+                            "aevb.model.disentangling", "aevb.model.divergences",
+                            "aevb.model.vq"), "MODELS")
 DATASETS = Registry("data set", ("aevb.data.named", "aevb.data.shapes"), "DATASETS")
 SCHEDULES = Registry("beta schedule", "aevb.training.schedules", "SCHEDULES")
 PRIORS = Registry("prior", "aevb.model.priors", "PRIORS")

@@ -20,6 +20,8 @@ def format_metrics(metrics: dict) -> str:
         ("reconstruction MSE per dim", metrics.get("mse_per_dim"), ""),
         ("active units", metrics.get("active_units"), f"of {metrics.get('latent_dim')}"),
         ("mean posterior μ / σ", f"{metrics['posterior_mu']:.3f} / {metrics['posterior_sigma']:.3f}", ""),
+        ("codebook entries used (vq-vae)", metrics.get("codebook_usage"), f"of all {metrics.get('codebook_size')}"),
+        ("codebook perplexity", metrics.get("codebook_perplexity"), "entries in effective use"),
     ]
     # hierarchical models: one KL term and one active-unit count per stochastic layer
     for layer, (kl, active) in enumerate(zip(metrics.get("kl_per_layer") or [],
