@@ -43,7 +43,7 @@ def digits_images() -> np.ndarray:
 
 
 def test_registry_names():
-    assert DATASETS.names() == ["digits", "mnist", "fashion-mnist", "cifar10"]
+    assert DATASETS.names() == ["digits", "mnist", "fashion-mnist", "cifar10", "shapes"]
 
 
 def test_digits_loads():

@@ -194,3 +194,15 @@ def test_an_examples_noise_is_the_same_in_any_share_of_the_batch():
     for start, stop in ((0, 5), (5, 10), (3, 4)):
         part = drawn(start, stop)
         assert torch.equal(part[0], whole[0][:, start:stop]) and torch.equal(part[1], whole[1][start:stop])
+
+
+def test_a_loss_that_couples_the_batch_is_refused_over_processes(tmp_path):
+    """β-TCVAE's penalty is on each batch as a whole: split over workers it would be another loss."""
+    port = _free_port()
+    group = _torchrun(*SMALL, "--model", "dip-vae", "--epochs", "1", "--out", str(tmp_path / "run"),
+                      launch=("--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)))
+    output = group.communicate(timeout=300)[0]
+    assert group.returncode != 0
+    assert output.count("the dip-vae loss is a penalty on each batch as a whole") == 2, output[-2000:]
+    assert "aevb/training" not in output  # no traceback of the workers (torchrun prints its own)
+    assert not (tmp_path / "run").exists()

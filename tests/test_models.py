@@ -56,8 +56,10 @@ def last_layer(module: nn.Module) -> nn.Module:
                          ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_model_end_to_end(model_name, likelihood, arch, data_shape, tmp_path):
     torch.manual_seed(0)
+    # a model whose loss needs the training set's size (β-TCVAE) declares it; the trainer passes it, as here
+    sized = {"dataset_size": 1000} if MODELS.get(model_name).needs_dataset_size else {}
     model = aevb.build_model(model_name, data_shape=data_shape, latent_dim=LATENT, arch=arch,
-                             likelihood=likelihood)
+                             likelihood=likelihood, **sized)
     assert isinstance(model, MODELS.get(model_name))
     B = 4
     x = torch.rand(B, *data_shape)
@@ -76,7 +78,13 @@ def test_model_end_to_end(model_name, likelihood, arch, data_shape, tmp_path):
     if not model.has_kl:  # the AE family: no KL, a point-mass posterior, loss = reconstruction + penalties
         assert out.kl == 0 and out.sigma == 0
         weights = {"sparsity": getattr(model, "sparsity_weight", 0.0),
-                   "contractive": getattr(model, "contractive_weight", 0.0)}
+                   "contractive": getattr(model, "contractive_weight", 0.0),
+                   "mmd": getattr(model, "mmd_weight", 0.0),
+                   "code_norm": getattr(model, "rae_code_weight", 0.0),
+                   "decoder_penalty": getattr(model, "rae_decoder_weight", 0.0),
+                   "commitment": getattr(model, "commitment_weight", 0.0),
+                   # the VQ-VAE's diagnostics, not penalties
+                   "perplexity": 0.0, "codebook_usage": 0.0, "restarted_codes": 0.0}
         penalties = sum(weights[name] * value for name, value in out.extras.items())
         torch.testing.assert_close(out.loss.detach(), out.reconstruction + penalties)
     else:

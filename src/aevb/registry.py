@@ -313,8 +313,10 @@ _SOURCE = _Source()
 LIKELIHOODS = Registry("likelihood", "aevb.model.likelihoods", "LIKELIHOODS")
 POSTERIORS = Registry("posterior", "aevb.model.posteriors", "POSTERIORS")
 NETWORKS = Registry("network", "aevb.model.networks", "NETWORKS", import_paths=True)
-MODELS = Registry("model", ("aevb.model.autoencoders", "aevb.model.vae", "aevb.model.hierarchical"), "MODELS")
-DATASETS = Registry("data set", "aevb.data.named", "DATASETS")
+MODELS = Registry("model", ("aevb.model.autoencoders", "aevb.model.vae", "aevb.model.hierarchical",
+                            "aevb.model.disentangling", "aevb.model.divergences",
+                            "aevb.model.vq"), "MODELS")
+DATASETS = Registry("data set", ("aevb.data.named", "aevb.data.shapes"), "DATASETS")
 SCHEDULES = Registry("beta schedule", "aevb.training.schedules", "SCHEDULES")
 PRIORS = Registry("prior", "aevb.model.priors", "PRIORS")
 FIGURES = Registry("figure", "aevb.analysis.gallery", "FIGURES")  # by file name in RUN/images/, in report order

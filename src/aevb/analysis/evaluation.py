@@ -9,7 +9,8 @@ warning; for a model with several stochastic layers, the KL and active units
 of each layer).  Given the labels of x it adds the same numbers per class, and
 given a labelled training set the accuracy of a linear classifier and of
 k-nearest neighbours trained on the posterior means (how useful the
-representation is).
+representation is).  Data with known factors of variation (``shapes``) add
+the disentanglement scores of :mod:`aevb.analysis.disentanglement`.
 
 ``evaluate_run(run_dir)`` is the whole of ``aevb eval``: the run's model on
 the run's test split, with its labels and training split where it has them.
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aevb.analysis.disentanglement import disentanglement_metrics
 from aevb.data.memory import examples, memory_dataset
 from aevb.config import IW_SAMPLES
 from aevb.errors import UserError
@@ -376,9 +378,27 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
     return metrics
 
 
+@torch.no_grad()
+def factor_scores(model: Model, x: torch.Tensor, factors: torch.Tensor, names: list[str], *, seed: int = 0,
+                  examples: int = 10_000) -> dict[str, Any]:
+    """The disentanglement scores of the posterior means of x [N, ...] against their known factors [N, K].
+
+    As Locatello et al.: the representation is the posterior mean; the
+    scores that train a classifier use 2/3 of the examples to train it and
+    the rest to test it.
+    """
+    model.eval()
+    n = min(examples, x.shape[0])
+    chosen = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    codes = posterior_statistics(model, x[chosen])["mean"].double().cpu().numpy()  # [n, D]
+    scores = disentanglement_metrics(codes, factors[chosen].numpy(), seed=seed,
+                                     n_points=(2 * n) // 3, n_test=n - (2 * n) // 3)
+    return {**scores, "examples": n, "factors": list(names), "dci_predictor": "forest"}
+
+
 def evaluate_run(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, batch_size: int = 500, seed: int = 0,
                  device: str = "auto", progress: bool = False, precision: str = "auto", write: bool = True,
-                 test: Any = None, train: Any = None) -> dict:
+                 test: Any = None, train: Any = None, factor_examples: int = 10_000) -> dict:
     """Evaluate a run folder's model on its test split and write ``RUN/eval.json`` (unless ``write`` is False).
 
     An ``eval.json`` of the same weights with more importance samples is kept
@@ -387,6 +407,10 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, batch_siz
     The test split is binarised as in training; where the data have labels
     the per-class rows and the representation accuracy (classifiers trained
     on the posterior means of the training split) are included.
+
+    Where the data set knows the factors that made each example (``shapes``),
+    ``disentanglement`` holds :func:`factor_scores` on up to
+    ``factor_examples`` test examples.
 
     ``test`` (and ``train``, for the representation accuracy): data in memory, in any form
     :func:`aevb.train` takes, instead of those the run's configuration names (a run trained on data
@@ -410,6 +434,9 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, batch_siz
     metrics = evaluate(model, x, iw_samples=iw_samples, batch_size=batch_size, levels=dataset.levels,
                        progress=progress, labels=y, train_x=train_x, train_labels=train_y,
                        classes=dataset.classes, precision=precision, dequantized=config.dequantize)
+    if dataset.test_factors is not None and test is None and model.latent_dim > 1:
+        metrics["disentanglement"] = factor_scores(model, x, dataset.test_factors, dataset.factor_names,
+                                                   seed=seed, examples=factor_examples)
     metrics["data"] = config.data
     metrics["checkpoint_step"] = run.checkpoint_step  # set for a run still training
     # which weights the numbers are of: the export or the last checkpoint, at which training step

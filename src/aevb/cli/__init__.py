@@ -245,14 +245,18 @@ def _finite(ctx, param, value):
                    "test mean by 0.004, less than other samples would; auto: bf16 where it is faster (AMX CPUs, other CPUs where a bf16 "
                    "multiply measures 1.5× faster, Ampere+ GPUs), else "
                    "fp32; bf16: wherever bf16 is native. The ELBO and all other metrics are float32")
+@click.option("--factor-examples", type=click.IntRange(min=10), default=10_000, show_default=True, metavar="N",
+              help="test examples on which the disentanglement scores are computed, for data with known factors (shapes)")
 @_device_option
-def eval_command(run, iw_samples, batch_size, seed, precision, device):
+def eval_command(run, iw_samples, batch_size, seed, precision, device, factor_examples):
     """Evaluate a run on its test split; print a table and write RUN/eval.json.
 
     \b
     Reports the negative ELBO and its terms, the importance-sampled negative
     log-likelihood with k samples, bits per dimension for 8-bit or binary
-    image data, reconstruction error, KL per latent dimension and active units.
+    image data, reconstruction error, KL per latent dimension and active units;
+    on data with known factors of variation (shapes), the disentanglement
+    scores of Locatello et al. (2019).
 
     \b
     Examples:
@@ -265,7 +269,7 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device):
     # eval.json is written after the table is shown: a run folder one may not write to (or that another
     # process is writing) still gets the figures
     metrics = evaluate_run(run, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
-                           progress=True, precision=precision, write=False)
+                           progress=True, precision=precision, write=False, factor_examples=factor_examples)
     click.echo(format_metrics(metrics))
     diagnostics = format_diagnostics(metrics)
     if diagnostics:

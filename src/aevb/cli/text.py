@@ -20,6 +20,8 @@ def format_metrics(metrics: dict) -> str:
         ("reconstruction MSE per dim", metrics.get("mse_per_dim"), ""),
         ("active units", metrics.get("active_units"), f"of {metrics.get('latent_dim')}"),
         ("mean posterior μ / σ", f"{metrics['posterior_mu']:.3f} / {metrics['posterior_sigma']:.3f}", ""),
+        ("codebook entries used (vq-vae)", metrics.get("codebook_usage"), f"of all {metrics.get('codebook_size')}"),
+        ("codebook perplexity", metrics.get("codebook_perplexity"), "entries in effective use"),
     ]
     # hierarchical models: one KL term and one active-unit count per stochastic layer
     for layer, (kl, active) in enumerate(zip(metrics.get("kl_per_layer") or [],
@@ -42,6 +44,16 @@ def format_diagnostics(metrics: dict) -> str:
                      f"logistic regression")
         lines.append(f"{'':<40} {metrics['representation_knn_accuracy']:>12.3f} 5-nearest neighbours")
         lines.append(f"{'':<40} {metrics['chance_accuracy']:>12.3f} chance (most common label)")
+    scores = metrics.get("disentanglement")
+    if scores:
+        lines.append("")
+        lines.append(f"disentanglement against the factors {', '.join(scores['factors'])} "
+                     f"({scores['examples']} test examples; 0 worst, 1 best):")
+        for key, name in (("beta_vae_score", "β-VAE score (chance 1/K)"), ("factor_vae_score", "FactorVAE score (chance 1/K)"),
+                          ("mig", "mutual information gap"), ("dci_disentanglement", "DCI disentanglement"),
+                          ("dci_completeness", "DCI completeness"), ("dci_informativeness", "DCI informativeness"),
+                          ("sap", "SAP")):
+            lines.append(f"  {name:<38} {scores[key]:>12.3f}")
     per_class = metrics.get("per_class")
     if per_class:
         keys = [k for k in ("reconstruction_nll", "neg_elbo", "nll") if k in per_class[0]]

@@ -65,6 +65,11 @@ class Dataset:
     classes: list[str] | None = None  # classes[label] is the name of a label
     standardization: dict | None = None  # tabular: {"mean": [D], "std": [D]} of the train split
     columns: list[str] | None = None  # tabular: the column names of a CSV file's header
+    # the known factors of variation of each example (shapes): [N_split, K] int64, named by factor_names
+    train_factors: torch.Tensor | None = None
+    val_factors: torch.Tensor | None = None
+    test_factors: torch.Tensor | None = None
+    factor_names: list[str] | None = None
 
     def original_units(self, x: torch.Tensor) -> torch.Tensor:
         """Rows x [N, D] of this standardised table back in the units of the file (the inverse of the
@@ -208,7 +213,7 @@ def split_count(split: object, n: int, option: str) -> int:
 
 def _split(name: str, data: SourceData, *, test_split, val_split, shuffle: bool, seed: int) -> Dataset:
     """Split SourceData into train / val / test (from the end), standardising tabular data."""
-    x, y = data.x, data.y  # [N, *data_shape], [N]
+    x, y, factors = data.x, data.y, data.factors  # [N, *data_shape], [N], [N, K]
     n = len(x)
     if data.test_x is None:
         n_test = split_count(test_split, n, "test_split")
@@ -235,6 +240,7 @@ def _split(name: str, data: SourceData, *, test_split, val_split, shuffle: bool,
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # [N]
         x = take(perm)
         y = None if y is None else y[perm]
+        factors = None if factors is None else factors[perm]
 
     def part(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
         return None if t is None else t[start:stop]
@@ -247,6 +253,10 @@ def _split(name: str, data: SourceData, *, test_split, val_split, shuffle: bool,
         test, test_y = take(slice(n_train + n_val, n), held_out=True), part(y, n_train + n_val, n)
     else:
         test, test_y = data.test_x, data.test_y
+    # an official test set comes without factors: only sources that draw their own (shapes) have them
+    factor_splits = (None, None, None) if factors is None or data.test_x is not None else (
+        part(factors, 0, n_train), part(factors, n_train, n_train + n_val) if n_val else None,
+        part(factors, n_train + n_val, n))
 
     standardization = None
     if data.kind == "tabular":
@@ -272,4 +282,8 @@ def _split(name: str, data: SourceData, *, test_split, val_split, shuffle: bool,
         classes=None if data.classes is None else list(data.classes),
         standardization=standardization,
         columns=data.columns,
+        train_factors=factor_splits[0],
+        val_factors=factor_splits[1],
+        test_factors=factor_splits[2],
+        factor_names=None if factor_splits[2] is None else list(data.factor_names),
     )

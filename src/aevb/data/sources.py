@@ -40,3 +40,6 @@ class SourceData:
     # hold out the last classes alone, so the split always shuffles (seeded) first
     grouped_by_class: bool = False
     columns: list[str] | None = None  # a table's column names, from the header of its CSV file
+    # the known factors of variation that made each example (shapes): values 0..n_k − 1 [N, K] int64
+    factors: torch.Tensor | None = None
+    factor_names: list[str] | None = None

@@ -228,3 +228,51 @@ class ContractiveAE(AE):
 
     def penalties(self, inputs, code):
         return {"contractive": (self.contractive_weight, self.jacobian_norm(inputs, code))}
+
+
+RAE_CODE_WEIGHT = Option("rae_code_weight", 0.1, "rae: weight β of ½‖z‖², which keeps the codes near the origin for "
+                         "a density fitted to them after training", low=0, metavar="W")
+RAE_DECODER = Option("rae_decoder", "l2", "rae: regulariser of the decoder: l2 (the sum of its squared weights) or "
+                     "gradient (‖∂g/∂z‖²_F at the codes, by one random projection)", choices=("l2", "gradient"))
+RAE_DECODER_WEIGHT = Option("rae_decoder_weight", 1e-4, "rae: weight λ of the decoder's regulariser", low=0,
+                            metavar="W")
+
+
+@MODELS.register("rae")
+class RegularizedAE(AE):
+    """Regularised deterministic autoencoder (Ghosh et al. 2020): −log p(x|z = f(x)) + β·½‖z‖² + λ·R(decoder).
+
+    A VAE's noise smooths the decoder; the RAE asks for that smoothness
+    directly, with R the decoder's squared weights (RAE-L2) or the squared
+    Frobenius norm of its Jacobian at the codes (RAE-GP; E_v ‖vᵀJ‖² with
+    v ~ N(0, I) over the output, one projection a step).  It samples through
+    a density fitted to its codes after training ("ex-post density
+    estimation": a Gaussian mixture, ``aevb sample --sampler gmm``).
+    """
+
+    name = "rae"
+    options = (RAE_CODE_WEIGHT, RAE_DECODER, RAE_DECODER_WEIGHT)
+
+    def __init__(self, *args, rae_code_weight: float = RAE_CODE_WEIGHT.default, rae_decoder: str = RAE_DECODER.default,
+                 rae_decoder_weight: float = RAE_DECODER_WEIGHT.default, **kwargs):
+        super().__init__(*args, **kwargs)
+        options = self.check_options({"rae_code_weight": rae_code_weight, "rae_decoder": rae_decoder,
+                                      "rae_decoder_weight": rae_decoder_weight})
+        self.rae_code_weight, self.rae_decoder = options["rae_code_weight"], options["rae_decoder"]
+        self.rae_decoder_weight = options["rae_decoder_weight"]
+        self.config.update(options)
+
+    def decoder_penalty(self, code: torch.Tensor) -> torch.Tensor:
+        """R(decoder), a scalar: Σ w² over its weights, or the batch mean of ‖∂g(z)/∂z‖²_F at the codes [B, D]."""
+        if self.rae_decoder == "l2":
+            return sum(p.square().sum() for name, p in self.decoder.named_parameters() if not name.endswith("bias"))
+        if not code.requires_grad:  # encode under no_grad (evaluation): no slope to measure
+            return code.new_zeros(())
+        output = self._run(self.decoder, code)  # [B, k·C, ...]
+        direction = noise.randn(output.shape, 0, dtype=output.dtype, device=output.device)
+        (slope,) = torch.autograd.grad(output, code, grad_outputs=direction, create_graph=True)  # vᵀJ: [B, D]
+        return slope.square().sum(-1).mean()
+
+    def penalties(self, inputs, code):
+        return {"code_norm": (self.rae_code_weight, 0.5 * code.square().sum(-1).mean()),
+                "decoder_penalty": (self.rae_decoder_weight, self.decoder_penalty(code))}

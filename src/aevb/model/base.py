@@ -114,6 +114,11 @@ class Model(nn.Module):
     posterior_family: ClassVar[str] = "gaussian"
     name: ClassVar[str]
     has_kl: ClassVar[bool] = True  # a KL term that β, its schedules and free bits weigh
+    # the loss couples the examples of a batch (a penalty on the batch's aggregate posterior): a batch split
+    # over processes would give another loss, so such a model trains on one
+    batch_coupled: ClassVar[bool] = False
+    # the loss needs the number of training examples (β-TCVAE's estimator): the trainer passes dataset_size=
+    needs_dataset_size: ClassVar[bool] = False
     # the model's own options: constructor arguments of the same names, and flags of aevb train; declared
     # as literal Option(...) calls (or constants of them) so that --help reads them without importing torch
     options: ClassVar[tuple[Option, ...]] = ()

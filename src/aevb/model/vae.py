@@ -6,10 +6,13 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
+from torch.func import functional_call
 
 from aevb.errors import UserError
 from aevb.model import objectives
 from aevb.model.base import LossOutput, Model, _posterior_stats
+from aevb.model.precision import at_least_float32
 from aevb.options import COUNTS, Option
 from aevb.registry import MODELS, PRIORS
 
@@ -97,11 +100,39 @@ class VAE(LatentVariableModel):
 
 
 K = Option("k", 5, "importance samples of the IWAE bound", low=1, below=COUNTS, memory=True)
+IWAE_VARIANT = Option("iwae_variant", "iwae", "iwae: the bound trained (Rainforth et al. 2018): iwae, log mean of k "
+                      "weights; miwae, the mean of --iwae-m such bounds; ciwae, --ciwae-beta·ELBO + (1 − β)·IWAE; "
+                      "piwae, the decoder on the IWAE bound of m·k samples, the encoder on the MIWAE bound",
+                      choices=("iwae", "miwae", "ciwae", "piwae"))
+IWAE_M = Option("iwae_m", 1, "miwae, piwae: M, the number of k-sample bounds averaged (m·k samples in all)", low=1,
+                below=COUNTS, metavar="M", memory=True)
+CIWAE_BETA = Option("ciwae_beta", 0.5, "ciwae: weight β of the ELBO in the convex combination with the IWAE bound",
+                    low=0, high=1)
+
+
+class _Decoding(nn.Module):
+    """log p(x|z) + log p(z) of a model as a module's forward, so that torch.func can swap its weights."""
+
+    def __init__(self, model: Model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (at_least_float32(self.model.decode(z).log_prob(x.to(z.dtype)))
+                + at_least_float32(self.model.prior().log_prob(z)))
 
 
 @MODELS.register("iwae")
 class IWAE(LatentVariableModel):
     """Importance-weighted autoencoder (Burda et al. 2016): loss = −log (1/k) Σ_i w_i.
+
+    ``iwae_variant`` trains another bound on the same weights (Rainforth et
+    al. 2018, "Tighter variational bounds are not necessarily better"):
+    ``miwae`` the mean of M bounds of k weights each; ``ciwae`` β·ELBO +
+    (1 − β)·IWAE over the same k weights; ``piwae`` the generative model on
+    the IWAE bound of M·k weights and the encoder on the MIWAE bound of the
+    same weights (two decoder passes: one whose encoder side is constant, one
+    whose decoder weights are); its logged loss is the IWAE bound's.
 
     ``reconstruction`` and ``kl`` in its :class:`LossOutput` are the ELBO's
     terms at the posterior mean, logged for comparison with the VAE.  The
@@ -110,16 +141,40 @@ class IWAE(LatentVariableModel):
     """
 
     name = "iwae"
-    options = (*LatentVariableModel.options, K)
+    options = (*LatentVariableModel.options, K, IWAE_VARIANT, IWAE_M, CIWAE_BETA)
 
-    def __init__(self, *args, k: int = K.default, **kwargs):
+    def __init__(self, *args, k: int = K.default, iwae_variant: str = IWAE_VARIANT.default,
+                 iwae_m: int = IWAE_M.default, ciwae_beta: float = CIWAE_BETA.default, **kwargs):
         super().__init__(*args, **kwargs)
-        self.k = self.check_options({"k": k})["k"]
+        options = self.check_options({"k": k, "iwae_variant": iwae_variant, "iwae_m": iwae_m,
+                                      "ciwae_beta": ciwae_beta})
+        self.k, self.variant = options["k"], options["iwae_variant"]
+        self.m, self.ciwae_beta = options["iwae_m"], options["ciwae_beta"]
+        if self.variant == "piwae" and self.config["prior"] != "standard":
+            raise UserError("piwae trains the prior with the decoder and the encoder apart, which a learned prior "
+                            "(the VampPrior's pseudo-inputs go through the encoder) would mix: use --prior standard")
         self.config.update(k=self.k)
+        if self.variant != "iwae":  # only then, so configs of plain IWAEs stay as they were
+            self.config.update(iwae_variant=self.variant, iwae_m=self.m, ciwae_beta=self.ciwae_beta)
+
+    def bound(self, log_w: torch.Tensor) -> torch.Tensor:
+        """The trained bound [B] from log-weights [m·k, B] (the variant's; ``piwae``: the MIWAE bound)."""
+        if self.variant == "ciwae":
+            iwae = torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
+            return self.ciwae_beta * log_w.mean(0) + (1 - self.ciwae_beta) * iwae
+        groups = log_w.reshape(self.m if self.variant != "iwae" else 1, -1, log_w.shape[-1])  # [M, k, B]
+        return (torch.logsumexp(groups, 1) - math.log(groups.shape[1])).mean(0)
+
+    def samples(self) -> int:
+        """Importance samples per example in a step: m·k for miwae and piwae, else k."""
+        return self.k * self.m if self.variant in ("miwae", "piwae") else self.k
 
     def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
         posterior = self.encode(x)
-        bound = torch.logsumexp(objectives.log_weights(self, x, self.k, posterior), 0) - math.log(self.k)
+        if self.variant == "piwae":
+            bound = self._partitioned_bound(x, posterior)
+        else:
+            bound = self.bound(objectives.log_weights(self, x, self.samples(), posterior))
         with torch.no_grad():
             z = posterior.mean
             reconstruction = -self.decode(z).log_prob(x).float().mean()
@@ -131,3 +186,24 @@ class IWAE(LatentVariableModel):
             kl = kl.float().mean()
         mu, sigma = _posterior_stats(posterior)
         return LossOutput(-bound.mean(), reconstruction, kl, mu, sigma)
+
+    def _partitioned_bound(self, x: torch.Tensor, posterior) -> torch.Tensor:
+        """PIWAE: a value equal to the IWAE bound of m·k weights [B], whose gradient reaches the decoder and
+        the prior from that bound and the encoder from the MIWAE bound (Rainforth et al. 2018, §5)."""
+        z = posterior.rsample((self.samples(),))  # [m·k, B, D]
+        log_q = at_least_float32(posterior.log_prob(z))  # [m·k, B]
+        # the generative side: z and q(z|x) constants, the decoder's and prior's weights live
+        log_w_decoder = _Decoding(self)(z.detach(), x) - log_q.detach()
+        iwae = torch.logsumexp(log_w_decoder, 0) - math.log(log_w_decoder.shape[0])
+        # the inference side: the decoder's weights constants, z and q(z|x) live
+        decoding = _Decoding(self)
+        frozen = {name: p.detach() for name, p in decoding.named_parameters() if not name.startswith("model.encoder")}
+        log_w_encoder = functional_call(decoding, frozen, (z, x), strict=False) - log_q
+        miwae = self.bound_of_groups(log_w_encoder)
+        # the value of the IWAE bound, the gradients of the two
+        return iwae + (miwae - miwae.detach())
+
+    def bound_of_groups(self, log_w: torch.Tensor) -> torch.Tensor:
+        """The MIWAE bound [B] of log-weights [m·k, B]: m groups of k."""
+        groups = log_w.reshape(self.m, -1, log_w.shape[-1])
+        return (torch.logsumexp(groups, 1) - math.log(groups.shape[1])).mean(0)

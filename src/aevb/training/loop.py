@@ -47,7 +47,7 @@ from aevb.io import atomic_write, write_json
 from aevb.model import noise
 from aevb.model.base import LossOutput, Model, build_model
 from aevb.model.precision import matmul_dtype
-from aevb.registry import LIKELIHOODS
+from aevb.registry import LIKELIHOODS, MODELS
 from aevb.run.checkpoints import Position, check_resumable, read_meta, restore, write_checkpoint
 from aevb.run.data import check_dequantize
 from aevb.run.device import resolve_device
@@ -107,6 +107,9 @@ def _train(config: RunConfig, given: Dataset | None, train: Any, test: Any, val:
            force: bool, progress: bool, device: torch.device, workers: Workers) -> tuple[Model, Path]:
     device = distributed.worker_device(device, workers)
     distributed.check_same_config(workers, config.to_dict())  # a collective: every rank raises the same message
+    if MODELS.get(config.model).batch_coupled and workers.world_size > 1:  # on every rank alike
+        raise UserError(f"the {config.model} loss is a penalty on each batch as a whole, which a batch split over "
+                        f"{workers.world_size} processes would change: train it on one process (without torchrun)")
     with ExitStack() as owning:
 
         def claim() -> tuple[Path | None, OwnedRun | None, NewRun | None, dict | None]:
@@ -149,6 +152,8 @@ def _train(config: RunConfig, given: Dataset | None, train: Any, test: Any, val:
             if scale is not None:
                 config = dataclasses.replace(config, likelihood_scale=scale)
         model_kwargs = config.model_kwargs(data.dataset.data_shape)
+        if MODELS.get(config.model).needs_dataset_size:
+            model_kwargs["dataset_size"] = data.examples
         if resume is not None:  # the run's checkpoint, its data and the sizes of its model, before any is built
             distributed.agree(workers, lambda: check_resumable(run_dir / CHECKPOINT, config, model_kwargs,
                                                                data.examples))
