@@ -146,13 +146,21 @@ def host_syncs(run: Callable[[int], None], steps: int, device: torch.device) -> 
 
 
 def measure(name: str, device: torch.device, args) -> dict:
+    """One variant's row; a variant that fails (no bf16 here, no compiler, a CUDA graph refused) says why in it."""
+    try:
+        return _measure(name, device, args)
+    except Exception as error:  # noqa: BLE001 — reported, and the other variants still run
+        return {"variant": name, "device": device.type, "error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    finally:
+        if "compile" in name:
+            torch._dynamo.reset()
+
+
+def _measure(name: str, device: torch.device, args) -> dict:
     """Train one variant for args.steps steps in timed blocks; its throughput, host syncs and test −ELBO."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    try:
-        run, test_neg_elbo, info = VARIANTS[name](device, args)
-    except Exception as error:  # noqa: BLE001 — a variant this device cannot run (bf16, a compiler) is reported, not fatal
-        return {"variant": name, "device": device.type, "error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    run, test_neg_elbo, info = VARIANTS[name](device, args)
     blocks, done, syncs = [], 0, None
     start = time.perf_counter()
     while done < args.steps:
@@ -176,8 +184,6 @@ def measure(name: str, device: torch.device, args) -> dict:
               "test_neg_elbo": test_neg_elbo()}
     if device.type == "cuda":
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    if "compile" in name:
-        torch._dynamo.reset()
     return result
 
 
@@ -238,9 +244,11 @@ def main(argv: list[str] | None = None) -> dict:
               "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
               "tf32": torch.backends.cuda.matmul.allow_tf32, "batch_size": args.batch_size, "steps": args.steps,
               "block": args.block, "rows": []}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         print(f"{name} on {device.type} …", file=sys.stderr, flush=True)
         result["rows"].append(measure(name, device, args))
+        Path(args.out).write_text(json.dumps(result, indent=1))  # what is done survives a timeout
     cpu_steps = args.steps if args.cpu_steps is None else args.cpu_steps
     if device.type != "cpu" and cpu_steps:
         print("aevb on cpu (reference) …", file=sys.stderr, flush=True)
@@ -248,7 +256,6 @@ def main(argv: list[str] | None = None) -> dict:
         result["cpu_reference"] = measure("aevb", torch.device("cpu"), reference_args)
     elif device.type == "cpu":  # the aevb row is the CPU's own
         result["cpu_reference"] = next((r for r in result["rows"] if r["variant"] == "aevb"), None)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"single-device bench, {result['date']}, {result['gpu'] or result['cpu']}, torch {result['torch']}, "
           f"batch {args.batch_size}, {args.steps} steps a variant (blocks of {args.block})\n")

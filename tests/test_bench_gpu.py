@@ -54,3 +54,15 @@ def test_the_gpu_bench_runs_on_the_cpu_and_compares_like_with_like(gpu_bench, tm
 def test_the_gpu_bench_refuses_an_unknown_variant(gpu_bench, tmp_path):
     with pytest.raises(SystemExit):
         gpu_bench.main(["--device", "cpu", "--tiny", "--variants", "aevb,fastest", "--out", str(tmp_path / "x.json")])
+
+
+def test_a_variant_that_fails_is_a_row_that_says_why_and_the_others_run(gpu_bench, tmp_path, monkeypatch):
+    def refused(steps):
+        raise RuntimeError("CUDA graphs refused this step\nsecond line")
+
+    monkeypatch.setitem(gpu_bench.VARIANTS, "broken", lambda device, args: (refused, lambda: 0.0, {}))
+    result = gpu_bench.main(["--device", "cpu", "--tiny", "--variants", "broken,plain no-item",
+                             "--out", str(tmp_path / "gpu.json")])
+    broken, plain = result["rows"]
+    assert broken == {"variant": "broken", "device": "cpu", "error": "RuntimeError: CUDA graphs refused this step"}
+    assert "error" not in plain and plain["images_per_s"] > 0
