@@ -162,6 +162,20 @@ def summarise(runs: list[dict], batch_size: int, steps: int) -> dict:
     return out
 
 
+def compare(runs: dict[str, list[dict]], errors: dict[str, str], batch_size: int, steps: int) -> dict:
+    """One model's entry: the 1-process ("one") and N-process ("many") summaries, the efficiency, the raw runs."""
+    entry: dict = {kind: ({"error": errors[kind]} if kind in errors else summarise(runs[kind], batch_size, steps))
+                   for kind in ("one", "many")}
+    if runs["one"]:
+        info = runs["one"][0]
+        entry["info"] = {k: info[k] for k in ("data", "data_shape", "train_examples", "precision", "loss",
+                                              "gradient_elements")}
+    if "error" not in entry["one"] and "error" not in entry["many"]:
+        entry["efficiency"] = entry["many"]["images_per_s_sync"] / entry["one"]["images_per_s_sync"]
+    entry["raw"] = runs
+    return entry
+
+
 def table(result: dict) -> str:
     lines = []
     for arch, entry in result["archs"].items():
@@ -237,15 +251,7 @@ def main() -> None:
                     errors[kind] = run["error"]
                 else:
                     runs[kind].append(run)
-        entry = {kind: ({"error": errors[kind]} if kind in errors else summarise(runs[kind], args.batch_size, args.steps))
-                 for kind in runs}
-        if runs["one"]:
-            info = runs["one"][0]
-            entry["info"] = {k: info[k] for k in ("data", "data_shape", "train_examples", "precision", "loss",
-                                                  "gradient_elements")}
-        if "error" not in entry["one"] and "error" not in entry["many"]:
-            entry["efficiency"] = entry["many"]["images_per_s_sync"] / entry["one"]["images_per_s_sync"]
-        entry["raw"] = runs
+        entry = compare(runs, errors, args.batch_size, args.steps)
         result["archs"][arch] = entry
     result["loadavg_end"] = os.getloadavg()[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
