@@ -215,8 +215,10 @@ class ContractiveAE(AE):
         if exact is None:
             exact = self.jacobian == "exact" or (self.jacobian == "auto" and code.shape[-1] <= self.EXACT_UP_TO)
         if exact:
-            directions = [torch.nn.functional.one_hot(torch.tensor(d), code.shape[-1]).to(code).expand_as(code)
-                          for d in range(code.shape[-1])]
+            # the unit vectors made where the code is: one_hot of a CPU index was checked (two reads) and copied
+            # to the device at every step
+            basis = torch.eye(code.shape[-1], dtype=code.dtype, device=code.device)  # [D, D]
+            directions = [basis[d].expand_as(code) for d in range(code.shape[-1])]
         else:
             directions = [noise.randn(code.shape, 0, dtype=code.dtype, device=code.device)
                           for _ in range(self.jacobian_projections)]

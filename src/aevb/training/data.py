@@ -42,6 +42,9 @@ class TrainingData:
         x_train = x_train.to(device)
         eval_name = "val" if dataset.val is not None else "test"
         x_eval, y_eval = held_out(dataset, config, eval_name)
+        if x_eval is not None and torch.is_tensor(x_train):
+            # resident beside the training set, as it is validated at every epoch's end: copied once, not each time
+            x_eval = x_eval.to(device)
         holdout = None  # pictured from the validation split where there is one: the test set is for aevb eval
         if dataset.kind == "image" and x_eval is not None and len(x_eval):
             holdout = x_eval[transforms.holdout_indices(y_eval, 10, num_examples=len(x_eval))].to(device)
@@ -51,10 +54,19 @@ class TrainingData:
     def examples(self) -> int:
         return self.train.shape[0]
 
+    @property
+    def index_device(self) -> torch.device:
+        """Where an epoch's order indexes the training examples: the resident tensor's device; the CPU for
+        streamed files and a user's Dataset, whose rows are read on the host (an index on a GPU would be
+        copied back at every step, a host synchronisation)."""
+        return self.train.device if torch.is_tensor(self.train) else torch.device("cpu")
+
     def batches(self, order: torch.Tensor, start: int, batch_size: int) -> Iterator[torch.Tensor]:
         """The epoch's global batches of the examples in ``order`` [N], from the ``start``-th on: each the indices
         [b] of its examples, or for a user's Dataset the examples [b, *data_shape] themselves (read ahead by its
-        DataLoader's workers).  :meth:`rows` takes a worker's rows of one."""
+        DataLoader's workers).  :meth:`rows` takes a worker's rows of one.  ``order`` is copied to
+        :attr:`index_device` once here, not at every batch."""
+        order = order.to(self.index_device)
         if isinstance(self.train, DatasetRows):
             yield from self.train.batches(order, start, batch_size)
             return

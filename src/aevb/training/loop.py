@@ -338,7 +338,9 @@ class Trainer:
         position = self.position
         while position.step < self.total_steps and not self.stops_early():
             if position.perm is None:
-                position.perm = torch.randperm(self.data.examples, generator=self.shuffle).to(self.data.device)
+                # on the CPU, as a checkpoint keeps it (a resumed run's order is read back there too);
+                # batches() moves it to where the examples are indexed, once an epoch
+                position.perm = torch.randperm(self.data.examples, generator=self.shuffle)
             batches = self.data.batches(position.perm, position.batch, self.config.batch_size)  # global batches
             while position.batch < self.steps_per_epoch and position.step < self.total_steps:
                 self.step(next(batches))
