@@ -167,6 +167,13 @@ CASES = {  # the fused MLP VAE with the options that act at each step, and the r
     "dae": dict(model="dae", likelihood="gaussian"),
     "cae-sgd": dict(model="cae", likelihood="gaussian", optimizer="sgd"),
     "vae-adamw-step-schedule": dict(optimizer="adamw", lr_schedule="step"),
+    # the batch-penalised models of issue 34, and the VQ-VAE's codebook averages and restarts
+    "beta-tcvae-mss": dict(model="beta-tcvae", tc_estimator="mss"),
+    "factorvae": dict(model="factorvae", discriminator_hidden=[16]),
+    "wae-rbf": dict(model="wae", kernel="rbf"),
+    "vq-vae-restarts": dict(model="vq-vae", dead_code_threshold=0.5),
+    "rae-gradient": dict(model="rae", rae_decoder="gradient"),
+    "iwae-piwae": dict(model="iwae", iwae_variant="piwae", iwae_m=2),
 }
 
 

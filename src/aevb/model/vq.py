@@ -73,14 +73,14 @@ class VectorQuantizer(nn.Module):
         # Laplace smoothing, so that an entry with a vanishing count does not divide by zero
         count = (self.ema_count + self.epsilon) / (total + len(self.ema_count) * self.epsilon) * total
         self.codebook.copy_(self.ema_sum / count.unsqueeze(1))
-        dead = self.ema_count < self.dead_threshold
-        restarted = int(dead.sum())
-        if restarted:
-            chosen = vectors[order[torch.arange(restarted, device=vectors.device) % vectors.shape[0]]]
-            self.codebook[dead] = chosen
-            self.ema_sum[dead] = chosen
-            self.ema_count[dead] = 1.0
-        return torch.tensor(float(restarted))
+        # every entry gets a candidate, and only the dead ones take theirs: no count read back from the device
+        dead = (self.ema_count < self.dead_threshold).unsqueeze(1)  # [K, 1]
+        slots = torch.arange(len(self.ema_count), device=vectors.device) % vectors.shape[0]
+        candidate = vectors[order[slots]]  # [K, C]
+        self.codebook.copy_(torch.where(dead, candidate, self.codebook))
+        self.ema_sum.copy_(torch.where(dead, candidate, self.ema_sum))
+        self.ema_count.copy_(torch.where(dead.squeeze(1), torch.ones_like(self.ema_count), self.ema_count))
+        return dead.sum().float()
 
 
 def perplexity(index: torch.Tensor, codebook_size: int) -> torch.Tensor:
@@ -162,15 +162,15 @@ class VQVAE(Model):
         straight_through = z_e + (z_q - z_e).detach()  # the decoder's gradient passed to the encoder as it is
         reconstruction = -at_least_float32(self.decode(straight_through).log_prob(x.to(z_e.dtype))).mean()
         commitment = (z_e - z_q.detach()).square().sum(-1).mean()
-        restarted = torch.zeros(())
+        restarted = z_e.new_zeros(())
         if self.training and torch.is_grad_enabled():
             restarted = self.quantizer.update(z_e.detach().reshape(*index.shape, self.code_dim), index)
-        used = torch.unique(index).numel() / self.codebook_size
+        used = (torch.bincount(index.reshape(-1), minlength=self.codebook_size) > 0).float().mean()
         mu, sigma = _posterior_stats(PointMass(z_q, event_dims=1))
         return LossOutput(reconstruction + self.commitment_weight * commitment, reconstruction.detach(),
                           torch.zeros_like(reconstruction.detach()), mu, sigma,
                           {"commitment": commitment.detach(), "perplexity": perplexity(index, self.codebook_size),
-                           "codebook_usage": torch.tensor(used), "restarted_codes": restarted})
+                           "codebook_usage": used, "restarted_codes": restarted})
 
     @torch.no_grad()
     def sample_layers(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0,
