@@ -548,7 +548,7 @@ def test_mean_and_sample_shapes(name):
 
 
 def test_registered_posteriors():
-    assert {name for name, _ in POSTERIORS.items()} == {"gaussian", "point-mass"}
+    assert {name for name, _ in POSTERIORS.items()} == {"gaussian", "point-mass", "iaf", "planar"}
 
 
 def test_gaussian_posterior_from_mean_and_log_variance_or_log_scale():

@@ -121,7 +121,7 @@ def test_the_run_configuration_collects_every_models_options():
     assert names == ["corruption", "noise_level", "sparsity", "sparsity_weight", "sparsity_target",
                      "contractive_weight", "jacobian", "jacobian_projections", "rae_code_weight", "rae_decoder",
                      "rae_decoder_weight", "prior", "prior_components", "beta",
-                     "mc_samples", "free_bits", "k", "iwae_variant", "iwae_m", "ciwae_beta", "stochastic_layers", "mi_weight", "tc_weight",
+                     "mc_samples", "free_bits", "posterior_flow", "flow_steps", "flow_hidden", "k", "iwae_variant", "iwae_m", "ciwae_beta", "stochastic_layers", "mi_weight", "tc_weight",
                      "dimension_kl_weight", "tc_estimator", "gamma", "discriminator_hidden", "dip_type",
                      "lambda_offdiagonal", "lambda_diagonal", "mmd_weight", "kernel", "kernel_bandwidth",
                      "info_alpha", "info_lambda", "codebook_size", "code_dim", "commitment_weight", "ema_decay",

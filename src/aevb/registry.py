@@ -311,7 +311,7 @@ def _registered_name(decorator: ast.AST, variable: str) -> str | None:
 _SOURCE = _Source()
 
 LIKELIHOODS = Registry("likelihood", "aevb.model.likelihoods", "LIKELIHOODS")
-POSTERIORS = Registry("posterior", "aevb.model.posteriors", "POSTERIORS")
+POSTERIORS = Registry("posterior", ("aevb.model.posteriors", "aevb.model.flows"), "POSTERIORS")
 NETWORKS = Registry("network", "aevb.model.networks", "NETWORKS", import_paths=True)
 MODELS = Registry("model", ("aevb.model.autoencoders", "aevb.model.vae", "aevb.model.hierarchical",
                             "aevb.model.disentangling", "aevb.model.divergences",

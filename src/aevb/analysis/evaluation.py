@@ -54,7 +54,7 @@ def posterior_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000) 
     """
     device = model.device
     means, stds, kls = [], [], []
-    per_dimension = (model.posterior.has_density and model.prior_module.factorises
+    per_dimension = (model.posterior.has_density and model.posterior.factorises and model.prior_module.factorises
                      and model.stochastic_layers == 1)  # hierarchical: z_1's prior is p(z_1|z_2)
     prior = model.prior() if per_dimension else None
     for start in range(0, x.shape[0], batch_size):

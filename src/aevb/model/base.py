@@ -162,7 +162,9 @@ class Model(nn.Module):
         except (TypeError, ValueError) as e:
             raise UserError(f"bad likelihood_args for {likelihood!r}: {e}") from None
         try:
-            self.posterior = POSTERIORS.get(self.posterior_family)(**posterior_args)
+            posterior_class = POSTERIORS.get(self.posterior_family)
+            sized = {"latent_dim": latent_dim} if posterior_class.sized else {}
+            self.posterior = posterior_class(**sized, **posterior_args)
         except (TypeError, ValueError) as e:
             raise UserError(f"bad posterior_args for the {self.posterior_family!r} posterior: {e}") from None
         if (encoder is None) != (decoder is None):

@@ -76,6 +76,8 @@ class Posterior(nn.Module):
 
     params_per_latent = 1
     has_density = True
+    factorises = True  # a product over the latent dimensions, so that the KL splits per dimension
+    sized = False  # its constructor takes latent_dim (a flow's steps are built for it), which the model passes
 
     def extra_config(self) -> dict:
         """Constructor arguments to store with a saved model."""

@@ -26,6 +26,24 @@ BETA = Option("beta", 1.0, "weight of the KL term in the training loss (β-VAE);
               low=0)
 
 
+POSTERIOR_FLOW = Option("posterior_flow", "none", "vae, iwae: the Gaussian posterior through a normalising flow: none, "
+                        "iaf (inverse autoregressive, Kingma et al. 2016) or planar (Rezende & Mohamed 2015); its "
+                        "log-density is exact, its KL by Monte Carlo", choices=("none", "iaf", "planar"))
+FLOW_STEPS = Option("flow_steps", 2, "vae, iwae: steps of --posterior-flow", low=1, below=COUNTS, metavar="K")
+FLOW_HIDDEN = Option("flow_hidden", None, "vae, iwae: hidden units of each IAF step's masked network (default "
+                     "4·latent_dim)", kind="int", low=1, below=COUNTS, metavar="N")
+FLOW_OPTIONS = (POSTERIOR_FLOW, FLOW_STEPS, FLOW_HIDDEN)
+
+
+def flow_posterior(model_kwargs: dict[str, Any], posterior_flow: str, flow_steps: int,
+                   flow_hidden: int | None) -> tuple[str, dict[str, Any]]:
+    """(the posterior family, the model's kwargs with the flow's posterior_args) of a --posterior-flow choice."""
+    if posterior_flow == "none":
+        return "gaussian", model_kwargs
+    posterior_args = {**(model_kwargs.get("posterior_args") or {}), "steps": flow_steps, "hidden": flow_hidden}
+    return posterior_flow, {**model_kwargs, "posterior_args": posterior_args}
+
+
 class LatentVariableModel(Model):
     """A model with a Gaussian posterior and a KL to a registered prior.
 
@@ -72,15 +90,22 @@ class VAE(LatentVariableModel):
     """
 
     name = "vae"
-    options = (*LatentVariableModel.options, BETA, MC_SAMPLES, FREE_BITS)
+    options = (*LatentVariableModel.options, BETA, MC_SAMPLES, FREE_BITS, *FLOW_OPTIONS)
 
     def __init__(self, *args, beta: float = BETA.default, mc_samples: int = MC_SAMPLES.default,
-                 free_bits: float = FREE_BITS.default, **kwargs):
+                 free_bits: float = FREE_BITS.default, posterior_flow: str = POSTERIOR_FLOW.default,
+                 flow_steps: int = FLOW_STEPS.default, flow_hidden: int | None = FLOW_HIDDEN.default, **kwargs):
+        flow = self.check_options({"posterior_flow": posterior_flow, "flow_steps": flow_steps,
+                                   "flow_hidden": flow_hidden})
+        self.posterior_family, kwargs = flow_posterior(kwargs, **flow)
         super().__init__(*args, **kwargs)
+        if flow["posterior_flow"] != "none":  # only then, so configs of Gaussian VAEs stay as they were
+            self.config.update(flow)
         options = self.check_options({"beta": beta, "mc_samples": mc_samples, "free_bits": free_bits})
-        if options["free_bits"] and not self.prior_module.factorises:
+        if options["free_bits"] and not (self.prior_module.factorises and self.posterior.factorises):
             raise UserError(f"free bits are a KL floor per latent dimension, which the {self.config['prior']!r} "
-                            f"prior does not have; use --prior standard with --free-bits")
+                            f"prior or a flow posterior does not have; use --prior standard and no "
+                            f"--posterior-flow with --free-bits")
         self.beta, self.mc_samples, self.free_bits = options["beta"], options["mc_samples"], options["free_bits"]
         self.config.update(beta=self.beta, mc_samples=self.mc_samples)
         if self.free_bits:  # only then, so configs of models without free bits stay as they were
@@ -141,11 +166,18 @@ class IWAE(LatentVariableModel):
     """
 
     name = "iwae"
-    options = (*LatentVariableModel.options, K, IWAE_VARIANT, IWAE_M, CIWAE_BETA)
+    options = (*LatentVariableModel.options, K, IWAE_VARIANT, IWAE_M, CIWAE_BETA, *FLOW_OPTIONS)
 
     def __init__(self, *args, k: int = K.default, iwae_variant: str = IWAE_VARIANT.default,
-                 iwae_m: int = IWAE_M.default, ciwae_beta: float = CIWAE_BETA.default, **kwargs):
+                 iwae_m: int = IWAE_M.default, ciwae_beta: float = CIWAE_BETA.default,
+                 posterior_flow: str = POSTERIOR_FLOW.default, flow_steps: int = FLOW_STEPS.default,
+                 flow_hidden: int | None = FLOW_HIDDEN.default, **kwargs):
+        flow = self.check_options({"posterior_flow": posterior_flow, "flow_steps": flow_steps,
+                                   "flow_hidden": flow_hidden})
+        self.posterior_family, kwargs = flow_posterior(kwargs, **flow)
         super().__init__(*args, **kwargs)
+        if flow["posterior_flow"] != "none":
+            self.config.update(flow)
         options = self.check_options({"k": k, "iwae_variant": iwae_variant, "iwae_m": iwae_m,
                                       "ciwae_beta": ciwae_beta})
         self.k, self.variant = options["k"], options["iwae_variant"]
