@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 import aevb
+from aevb.analysis.evaluation import Shard, evaluate
 from aevb.errors import UserError
 from aevb.model import noise
 from aevb.run.checkpoints import read_checkpoint
@@ -63,8 +64,8 @@ def _environment() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
 
 
-def _torchrun(*arguments: str, launch: tuple[str, ...]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launch, "-m", "aevb.cli", "train", *arguments],
+def _torchrun(*arguments: str, launch: tuple[str, ...], command: str = "train") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launch, "-m", "aevb.cli", command, *arguments],
                             env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -78,10 +79,10 @@ def _finish(*workers: subprocess.Popen) -> None:
     assert all(w.returncode == 0 for w in workers), "\n".join(outputs)[-3000:]
 
 
-def two_processes(*arguments: str) -> None:
+def two_processes(*arguments: str, command: str = "train") -> None:
     port = _free_port()
-    _finish(_torchrun(*arguments, launch=("--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                                          "--master_port", str(port))))
+    _finish(_torchrun(*arguments, command=command, launch=("--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                                                           "--master_port", str(port))))
 
 
 def _nodes(*arguments: str, second: tuple[str, ...] = ()) -> list[subprocess.Popen]:
@@ -168,6 +169,57 @@ def test_resume_with_as_many_workers_is_bit_exact_and_with_fewer_goes_on(tmp_pat
     assert_same_training(tmp_path / "whole", tmp_path / "cut-again")
 
 
+def _numbers(value, path: str = "") -> dict:
+    """Every leaf of a JSON value by its path: {".nll": 26.4, ".per_class[0].nll": 28.2, …}."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _numbers(item, f"{path}.{key}").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _numbers(item, f"{path}[{i}]").items()}
+    return {path: value}
+
+
+def test_two_processes_evaluate_as_one(tmp_path):
+    """``torchrun … aevb eval``: the 180 test digits in global batches of 75 (the last: 30), each worker its rows
+    of each, gathered by rank 0; every number of eval.json as one process's (measured in fp32: identical bits;
+    asserted: 1e-6 relative).  fp32: bf16 multiplies round a row by how many rows its matrix has."""
+    assert aevb_cli("train", *SMALL, "--model", "vae", "--binarize", "dynamic", "--epochs", "1",
+                    "--out", str(tmp_path / "one")) == 0
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    evaluation = ("--iw-samples", "40", "--batch-size", "75", "--precision", "fp32", "--device", "cpu", "--seed", "3")
+    assert aevb_cli("eval", str(tmp_path / "one"), *evaluation) == 0
+    two_processes(str(tmp_path / "two"), *evaluation, command="eval")
+    one, two = (_numbers(json.loads((tmp_path / run / "eval.json").read_text())) for run in ("one", "two"))
+    assert one.keys() == two.keys() and one[".examples"] == 180 and one[".nll"] is not None
+    for key, value in one.items():
+        if isinstance(value, float):
+            assert abs(value - two[key]) <= 1e-6 * max(1.0, abs(value)), (key, value, two[key])
+        else:
+            assert value == two[key], key
+
+
+def test_a_shard_of_each_batch_gets_the_noise_it_gets_in_the_whole(one_thread):
+    """Evaluation by shards, simulated in one process: the per-example numbers each of 3 ranks computes are the
+    rows of one process's to float rounding (an encoder of 2 rows rounds otherwise than of 7), for batches of 7
+    (uneven shares; the last batch of 2 leaves a rank nothing)."""
+    model = aevb.VAE(data_shape=(1, 4, 4), latent_dim=2, arch="mlp", likelihood="bernoulli")
+    x = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def columns(shard: Shard) -> dict[str, list[torch.Tensor]]:
+        """What ``shard`` gives to be gathered: per column, [its rows of each batch]."""
+        given = []
+        gather = lambda value: given.append(value) or [value]  # noqa: E731
+        torch.manual_seed(5)
+        evaluate(model, x, iw_samples=20, batch_size=7, precision="fp32", shard=Shard(shard.rank, shard.count, gather))
+        return given[-1]
+
+    whole = columns(Shard())
+    ranks = [columns(Shard(rank, 3)) for rank in range(3)]
+    assert [len(r["log_px"][2]) for r in ranks] == [0, 1, 1]  # the last batch, of 2
+    for name, batches in whole.items():
+        for batch, values in enumerate(batches):
+            assert torch.allclose(torch.cat([r[name][batch] for r in ranks]), values, rtol=1e-5, atol=1e-6), name
+
+
 def test_a_batch_every_worker_can_share():
     check_shares(Workers(0, 2), examples=1617, batch_size=64)  # the last batch: 17 examples, 8 and 9
     with pytest.raises(UserError, match="cannot be shared by 4 workers"):
@@ -194,3 +246,4 @@ def test_an_examples_noise_is_the_same_in_any_share_of_the_batch():
     for start, stop in ((0, 5), (5, 10), (3, 4)):
         part = drawn(start, stop)
         assert torch.equal(part[0], whole[0][:, start:stop]) and torch.equal(part[1], whole[1][start:stop])
+
