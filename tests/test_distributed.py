@@ -375,8 +375,8 @@ with open(f"{sys.argv[1]}-reads-{rank}.txt", "w") as f:
 
 def test_two_processes_train_as_one_on_a_users_dataset_each_reading_its_share(tmp_path):
     """aevb.train(config, train=DataLoader(dataset)) in one process and under torchrun with 2: the same weights,
-    and each worker's Dataset was read for about half the examples of every epoch (its rows of each batch, the
-    mean example's chunks, the shape's first example)."""
+    and each worker's Dataset was read for half the examples of every epoch (its rows of each batch), its chunks of
+    the mean example and the first example (its shape)."""
     script = tmp_path / "train_dataset.py"
     script.write_text(DATASET_SCRIPT)
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=_environment(), text=True,
@@ -390,10 +390,11 @@ def test_two_processes_train_as_one_on_a_users_dataset_each_reading_its_share(tm
     assert_same_training(tmp_path / "one", tmp_path / "two")
     reads = [[int(i) for i in (tmp_path / f"two-reads-{rank}.txt").read_text().split()] for rank in (0, 1)]
     alone = [int(i) for i in (tmp_path / "one-reads-0.txt").read_text().split()]
-    # one process: 600 a epoch, 600 for the mean and 1 for the shape; a worker: its rows of each batch (each
-    # batch of 64 split 32 / 32, the last of 24 split 12 / 12) and its chunks of the mean (the only one: rank 0's)
-    assert len(alone) == 2 * 600 + 600 + 1
-    assert [len(r) for r in reads] == [2 * 300 + 600 + 1, 2 * 300 + 1]
+    # one process: 600 an epoch, 600 for the mean and the first example twice for its shape (when given, and when
+    # moved to the device); a worker: its rows of each batch (each batch of 64 split 32 / 32, the last of 24 split
+    # 12 / 12), its chunks of the mean (the only one of 600 rows: rank 0's) and the first example twice
+    assert len(alone) == 2 * 600 + 600 + 2
+    assert [len(r) for r in reads] == [2 * 300 + 600 + 2, 2 * 300 + 2]
 
 
 FOLDER_SCRIPT = """
