@@ -14,14 +14,33 @@ the disentanglement scores of :mod:`aevb.analysis.disentanglement`.
 
 ``evaluate_run(run_dir)`` is the whole of ``aevb eval``: the run's model on
 the run's test split, with its labels and training split where it has them.
+
+Under ``torchrun … aevb eval RUN`` the test set is shared by the workers
+(:class:`Shard`): the test set is cut into global batches of
+``batch_size`` examples, and rank r of W computes the per-example columns
+(reconstruction term, KL, importance-sampled log p(x), reconstruction
+errors) of rows ``r·b//W : (r+1)·b//W`` of each; every rank gathers the
+columns of all (an ``all_gather``, shares of any size), and rank 0 computes
+the rest (posterior statistics, classifiers) and writes ``eval.json``.  The
+numbers do not depend on the number of workers: each global batch's noise is
+drawn for the whole batch from a generator seeded by (the evaluation's seed,
+the batch's index), and each rank uses its rows of it (:mod:`aevb.model.noise`),
+so an example gets the same z's on 1 worker as on N (measured on a digits
+run, 1 worker against 2, in fp32: every number of eval.json the same bits;
+asserted to 1e-6, ``tests/test_distributed.py``; with bf16 multiplies, which
+round a row by how many rows its matrix has, the log-likelihood moved by
+1.3e-4 relative).  The single-process evaluation draws the same way, from a
+seed it takes from torch's global generator.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,7 +54,8 @@ from aevb.model.base import Model
 from aevb.run.folder import CHECKPOINT
 from aevb.run.open import open_run
 from aevb.run.owner import own_run
-from aevb.model.objectives import elbo_terms, kl_per_dimension
+from aevb.model import noise
+from aevb.model.objectives import DEFAULT_ROWS, elbo_terms, kl_per_dimension
 from aevb.acceleration.bf16 import resolve_precision
 from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
 from aevb.model.precision import matmul_dtype
@@ -204,6 +224,34 @@ def representation_accuracy(model: Model, train_x: torch.Tensor, train_labels: t
 # the metrics
 
 
+def _alone(value: Any) -> list[Any]:
+    return [value]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of an evaluation spread over torchrun's workers, and how the shares meet again.
+
+    One shard of one is the single-process evaluation.  ``gather(value)``
+    returns every rank's ``value`` (picklable), rank 0's first: a collective
+    every rank calls (the CLI makes it of :func:`aevb.training.distributed.gathered`).
+    """
+
+    rank: int = 0
+    count: int = 1
+    gather: Callable[[Any], list[Any]] = _alone
+
+    def rows(self, total: int) -> tuple[int, int]:
+        """This rank's rows ``start, stop`` of a global batch of ``total`` examples (as training takes them)."""
+        return self.rank * total // self.count, (self.rank + 1) * total // self.count
+
+
+def _batch_generator(device: torch.device, seed: int, index: int) -> torch.Generator:
+    """The generator of the ``index``-th global batch's noise: the same on every rank and for any number of them."""
+    digest = hashlib.blake2b(f"aevb-eval-noise:{seed}:{index}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & 0xFFFF_FFFF)
+
+
 def _per_class(labels: torch.Tensor, columns: dict[str, torch.Tensor], classes: list[str] | None) -> list[dict]:
     """Mean of each per-example column [N] within each label: one row per class."""
     labels = labels.reshape(-1).cpu()
@@ -222,8 +270,16 @@ def _per_class(labels: torch.Tensor, columns: dict[str, torch.Tensor], classes: 
 def evaluate(model: Model, x: torch.Tensor | Any, *, iw_samples: int = 5000, batch_size: int = 500,
              levels: int | None = None, progress: bool = False, labels: torch.Tensor | None = None,
              train_x: torch.Tensor | None = None, train_labels: torch.Tensor | None = None,
-             classes: list[str] | None = None, precision: str = "auto", dequantized: bool = False) -> dict:
+             classes: list[str] | None = None, precision: str = "auto", dequantized: bool = False,
+             shard: Shard = Shard()) -> dict | None:
     """Metrics of ``model`` on x [N, *data_shape] (already binarised or dequantised, as the model was trained).
+
+    The Monte Carlo estimates draw each global batch of ``batch_size``
+    examples' noise from a generator seeded by a seed taken from torch's
+    global generator (``torch.manual_seed`` before the call makes them
+    reproducible) and the batch's index.  ``shard``: this process's share
+    under torchrun (every rank holds the whole x and computes its rows of each
+    batch; the module's docstring); the metrics on rank 0, None on the others.
 
     ``dequantized`` says that x holds dequantised ``levels``-level pixels,
     which makes the bits per dimension of a density a bound (:func:`bits_per_dim`).
@@ -261,7 +317,7 @@ def evaluate(model: Model, x: torch.Tensor | Any, *, iw_samples: int = 5000, bat
         with denormals_flushed():
             return _evaluate(model, x, iw_samples=iw_samples, batch_size=batch_size, levels=levels,
                              progress=progress, labels=labels, train_x=train_x, train_labels=train_labels,
-                             classes=classes, precision=precision, dequantized=dequantized)
+                             classes=classes, precision=precision, dequantized=dequantized, shard=shard)
     finally:
         model.train(was_training)
 
@@ -269,9 +325,11 @@ def evaluate(model: Model, x: torch.Tensor | Any, *, iw_samples: int = 5000, bat
 def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int, levels: int | None,
               progress: bool, labels: torch.Tensor | None, train_x: torch.Tensor | None,
               train_labels: torch.Tensor | None, classes: list[str] | None, precision: str,
-              dequantized: bool) -> dict:
+              dequantized: bool, shard: Shard) -> dict | None:
     device = model.device
-    sampler_dtype = resolve_precision(precision, device)  # None: float32
+    # rank 0's choice for all: auto times a multiply, and the ranks must compute alike
+    sampler_dtype = shard.gather(resolve_precision(precision, device))[0]  # None: float32
+    seed = int(torch.randint(2**62, ()))  # the same on every rank: evaluate_run seeds torch on each alike
     n = x.shape[0]
     has_density = model.posterior.has_density
     normalized = model.likelihood.normalized
@@ -280,24 +338,37 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
         from tqdm.auto import tqdm  # looks for Jupyter when imported: only evaluations that show a bar pay for it
 
         batches = tqdm(batches, desc=f"evaluating (k={iw_samples})", unit="batch", leave=False)
-    # per-example columns [N], kept on the device until the end
-    columns: dict[str, list[torch.Tensor]] = {"reconstruction_nll": [], "kl": [], "log_px": [],
-                                               "squared": [], "absolute": []}
-    for start in batches:
-        xb = x[start:start + batch_size].to(device)
-        recon = model.reconstruct(xb)
-        columns["squared"].append((recon - xb).pow(2).flatten(1).sum(1).double())
-        columns["absolute"].append((recon - xb).abs().flatten(1).sum(1).double())
-        if has_density:
-            terms = elbo_terms(model, xb)
-            columns["reconstruction_nll"].append(terms.reconstruction.double())
-            columns["kl"].append(terms.kl.double())
-            if normalized:
-                with matmul_dtype(sampler_dtype):
-                    columns["log_px"].append(model.log_likelihood(xb, n_samples=iw_samples).double())
-        else:
-            columns["reconstruction_nll"].append(-model.decode(model.encode(xb).mean).log_prob(xb).double())
-    per_example = {name: torch.cat(values).cpu() for name, values in columns.items() if values}
+    # per-example columns of this rank's rows of each global batch: [b_r] a batch, kept on the device until the end
+    names = ["reconstruction_nll", "squared", "absolute"] + (["kl"] if has_density else []) + (
+        ["log_px"] if has_density and normalized else [])
+    columns: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for index, begin in enumerate(batches):
+        total = min(batch_size, n - begin)
+        start, stop = shard.rows(total)
+        if start == stop:  # a last batch smaller than the number of workers: none of it is this rank's
+            for values in columns.values():
+                values.append(torch.empty(0, dtype=torch.float64))
+            continue
+        # the samples' chunks of the global batch, not of this rank's rows: the draws must be the same
+        chunk_size = max(1, DEFAULT_ROWS // total)
+        with noise.batch_rows(_batch_generator(device, seed, index), start, stop, total):
+            xb = x[begin + start:begin + stop].to(device)
+            recon = model.reconstruct(xb)
+            columns["squared"].append((recon - xb).pow(2).flatten(1).sum(1).double())
+            columns["absolute"].append((recon - xb).abs().flatten(1).sum(1).double())
+            if has_density:
+                terms = elbo_terms(model, xb)
+                columns["reconstruction_nll"].append(terms.reconstruction.double())
+                columns["kl"].append(terms.kl.double())
+                if normalized:
+                    with matmul_dtype(sampler_dtype):
+                        columns["log_px"].append(
+                            model.log_likelihood(xb, n_samples=iw_samples, chunk_size=chunk_size).double())
+            else:
+                columns["reconstruction_nll"].append(-model.decode(model.encode(xb).mean).log_prob(xb).double())
+    per_example = _gathered_columns(shard, {name: [v.cpu() for v in values] for name, values in columns.items()})
+    if shard.rank:
+        return None  # rank 0 has the metrics
     means = {name: values.mean().item() for name, values in per_example.items()}
     rec, squared, absolute = means["reconstruction_nll"], means["squared"], means["absolute"]
     dims = math.prod(model.data_shape)
@@ -396,10 +467,22 @@ def factor_scores(model: Model, x: torch.Tensor, factors: torch.Tensor, names: l
     return {**scores, "examples": n, "factors": list(names), "dci_predictor": "forest"}
 
 
+def _gathered_columns(shard: Shard, columns: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-example columns [N] in the test set's order from every rank's ``columns`` (each a list over the
+    global batches of that rank's rows [b_r])."""
+    everyone = shard.gather(columns)
+    return {name: torch.cat([rank_columns[name][batch] for batch in range(len(values)) for rank_columns in everyone])
+            for name, values in columns.items()}
+
+
 def evaluate_run(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, batch_size: int = 500, seed: int = 0,
-                 device: str = "auto", progress: bool = False, precision: str = "auto", write: bool = True,
-                 test: Any = None, train: Any = None, factor_examples: int = 10_000) -> dict:
+                 device: str | torch.device = "auto", progress: bool = False, precision: str = "auto", write: bool = True,
+                 test: Any = None, train: Any = None, shard: Shard = Shard(),
+                 factor_examples: int = 10_000) -> dict | None:
     """Evaluate a run folder's model on its test split and write ``RUN/eval.json`` (unless ``write`` is False).
+
+    ``shard``: this process's share under torchrun (every rank reads the run and its test split, and
+    computes its rows; rank 0 gets the metrics and writes them, the others None).
 
     An ``eval.json`` of the same weights with more importance samples is kept
     (:func:`save_evaluation`); the metrics returned are this evaluation's.
@@ -433,7 +516,9 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, batch_siz
     torch.manual_seed(seed)
     metrics = evaluate(model, x, iw_samples=iw_samples, batch_size=batch_size, levels=dataset.levels,
                        progress=progress, labels=y, train_x=train_x, train_labels=train_y,
-                       classes=dataset.classes, precision=precision, dequantized=config.dequantize)
+                       classes=dataset.classes, precision=precision, dequantized=config.dequantize, shard=shard)
+    if metrics is None:
+        return None  # a rank other than 0: its rows are in rank 0's metrics
     if dataset.test_factors is not None and test is None and model.latent_dim > 1:
         metrics["disentanglement"] = factor_scores(model, x, dataset.test_factors, dataset.factor_names,
                                                    seed=seed, examples=factor_examples)

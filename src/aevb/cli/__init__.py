@@ -264,12 +264,31 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device, factor_ex
       aevb eval runs/mnist --iw-samples 1000
       aevb eval runs/mnist --precision fp32     # float32 importance sampler
     """
-    from aevb.analysis.evaluation import evaluate_run, save_evaluation
+    from aevb.analysis.evaluation import Shard, evaluate_run
+    from aevb.run.device import resolve_device
+    from aevb.training import distributed
+
+    # under torchrun the workers share the test set (aevb.analysis.evaluation.Shard); rank 0 shows and writes
+    chosen = resolve_device(device)
+    workers = distributed.start(chosen)  # one worker unless torchrun started this process
+    try:
+        shard = Shard(workers.rank, workers.world_size, lambda value: distributed.gathered(workers, value))
+        metrics = evaluate_run(run, iw_samples=iw_samples, batch_size=batch_size, seed=seed,
+                               device=distributed.worker_device(chosen, workers), progress=workers.writes,
+                               precision=precision, write=False, shard=shard, factor_examples=factor_examples)
+        if workers.writes:
+            _show_evaluation(run, metrics, iw_samples)
+        distributed.barrier(workers)  # rank 0 writes eval.json while the others wait in the group
+    finally:
+        distributed.stop(workers)
+
+
+def _show_evaluation(run: str, metrics: dict, iw_samples: int) -> None:
+    """The table of ``aevb eval``, then RUN/eval.json written."""
+    from aevb.analysis.evaluation import save_evaluation
 
     # eval.json is written after the table is shown: a run folder one may not write to (or that another
     # process is writing) still gets the figures
-    metrics = evaluate_run(run, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
-                           progress=True, precision=precision, write=False, factor_examples=factor_examples)
     click.echo(format_metrics(metrics))
     diagnostics = format_diagnostics(metrics)
     if diagnostics:

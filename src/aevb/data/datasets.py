@@ -118,6 +118,7 @@ def load_data(
     image_size: int | None = None,
     download: bool = False,
     stream: str = "auto",
+    part: tuple[int, int] = (0, 1),
 ) -> Dataset:
     """Load a registered data set, a data file or an image folder, and split it.
 
@@ -145,6 +146,10 @@ def load_data(
         converts them to float32 batch by batch (:mod:`aevb.data.streaming`);
         ``"no"`` converts everything up front; ``"auto"`` streams when the
         float32 copy would take more than half of the memory available.
+    part: (i, n): this process checks the values of a memory-mapped ``.npy``
+        file in its i-th of n parts of rows only (torchrun's worker i of n; the
+        others check theirs, and a value out of range in any part stops them
+        all): the file is read once over all of them.  (0, 1): the whole.
     """
     source = str(source)
     if stream not in STREAM_MODES:
@@ -177,7 +182,7 @@ def load_data(
         if image_size is not None and not path.is_dir():
             raise UserError(f"--image-size resizes the images of a folder; {source} is a file whose examples keep "
                             f"their shape: drop --image-size")
-        data = _load_path(path, labels, image_size, stream)
+        data = _load_path(path, labels, image_size, stream, part)
     return _split(source, data, test_split=test_split, val_split=val_split, shuffle=shuffle, seed=seed)
 
 
@@ -187,7 +192,8 @@ def read_examples(path: str | Path, labels: str | None = None, image_size: int |
     return _load_path(Path(path).expanduser(), labels, image_size, "no")
 
 
-def _load_path(path: Path, labels: str | None, image_size: int | None, stream: str = "auto") -> SourceData:
+def _load_path(path: Path, labels: str | None, image_size: int | None, stream: str = "auto",
+               part: tuple[int, int] = (0, 1)) -> SourceData:
     """SourceData of a data file (with an optional labels file) or an image folder."""
     if not path.exists():
         raise UserError(
@@ -198,7 +204,7 @@ def _load_path(path: Path, labels: str | None, image_size: int | None, stream: s
         if labels is not None:
             raise UserError(f"the labels of an image folder come from its subfolder names; drop --labels for {path}")
         return load_folder(path, image_size, stream)
-    return load_file(path, labels, stream)
+    return load_file(path, labels, stream, part)
 
 
 def split_count(split: object, n: int, option: str) -> int:

@@ -35,8 +35,13 @@ _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x
 _TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
 
 
-def load_file(path: Path, labels: str | None, stream: str = "auto") -> SourceData:
-    """SourceData of a data file (IDX, .npy, .npz, .csv); ``labels``: the path of a labels file, if any."""
+def load_file(path: Path, labels: str | None, stream: str = "auto", part: tuple[int, int] = (0, 1)) -> SourceData:
+    """SourceData of a data file (IDX, .npy, .npz, .csv); ``labels``: the path of a labels file, if any.
+
+    ``part`` (i, n): the values of a memory-mapped ``.npy`` file are checked (range, finite) in its i-th of n
+    parts of rows only, the other parts by other processes (torchrun's workers: each reads its share once);
+    other formats cannot be read by rows and are read and checked whole.
+    """
     mappable = _format_suffix(path) == ".npy" and path.suffix.lower() != ".gz"
     if stream == "yes" and not mappable:
         raise UserError(f"--stream yes reads a .npy file or an image folder batch by batch, not {path}; "
@@ -46,7 +51,7 @@ def load_file(path: Path, labels: str | None, stream: str = "auto") -> SourceDat
     where = str(path)
     if labels is not None:
         y, where = _read_labels(Path(labels).expanduser()), str(labels)
-    view, levels, scale = _image_view(x, str(path))
+    view, levels, scale = _image_view(x, str(path), part if isinstance(x, np.memmap) else (0, 1))
     if view is None:
         if stream == "yes":
             raise UserError(f"--stream yes is for images; {path} holds rows of a table [N, D]: drop --stream")
@@ -271,7 +276,8 @@ def _read_text(path: Path) -> np.ndarray:
     return array
 
 
-def _image_view(a: np.ndarray, where: str) -> tuple[np.ndarray | None, int | None, float | None]:
+def _image_view(a: np.ndarray, where: str,
+                part: tuple[int, int] = (0, 1)) -> tuple[np.ndarray | None, int | None, float | None]:
     """(pixels viewed as [N, C, H, W], levels, scale) of an array of examples; (None, None, None) for a table.
 
     uint8 (or integers 0..255 with ≥ 3 dims) are images / 255 (``scale``),
@@ -280,7 +286,8 @@ def _image_view(a: np.ndarray, where: str) -> tuple[np.ndarray | None, int | Non
     (1, 3, 4) → [N, C, H, W]; [N, C, H, W] kept.  2-D arrays [N, D] are
     tabular, except uint8 rows whose length is a square number (flattened
     images, e.g. 784 → [N, 1, 28, 28]).  Only views are taken, so a memory
-    map is read (in chunks) just for the range checks.
+    map is read (in chunks) just for the range checks, and only its rows of
+    ``part`` (i, n): the i-th of n parts, which another process checks otherwise.
     """
     if a.dtype.kind not in "biuf":
         raise UserError(f"{where} holds {a.dtype} values; the data must be numbers")
@@ -289,7 +296,7 @@ def _image_view(a: np.ndarray, where: str) -> tuple[np.ndarray | None, int | Non
             f"{where} holds an array of shape {list(a.shape)}; expected examples along the first "
             f"axis: [N, D] rows, or images [N, H, W], [N, H, W, C] or [N, C, H, W] (labels go in --labels)"
         )
-    lo, hi, finite = _range(a)
+    lo, hi, finite = _range(a, part)
     if not finite:
         raise UserError(f"{where} contains NaN or infinite values; remove or fill them")
     if a.ndim == 2:
@@ -314,12 +321,12 @@ def _image_view(a: np.ndarray, where: str) -> tuple[np.ndarray | None, int | Non
     if a.dtype.kind == "b":
         return a, 2, None
     if a.dtype.kind in "iu":
-        if lo < 0 or hi > 255:
+        if lo is not None and (lo < 0 or hi > 255):
             raise UserError(
                 f"{where}: integer pixel values must lie in 0..255, found {lo}..{hi}; rescale them to floats in [0, 1]"
             )
         return a, 256, 255.0
-    if lo < 0 or hi > 1:
+    if lo is not None and (lo < 0 or hi > 1):
         raise UserError(
             f"{where}: float pixel values must lie in [0, 1], found {lo:g}..{hi:g}; "
             f"rescale them (8-bit values: divide by 255)"
@@ -327,11 +334,13 @@ def _image_view(a: np.ndarray, where: str) -> tuple[np.ndarray | None, int | Non
     return a, None, None
 
 
-def _range(a: np.ndarray, rows: int = 4096) -> tuple:
-    """(min, max, all finite) of an array, a block of rows at a time (a memory map is never read whole)."""
+def _range(a: np.ndarray, part: tuple[int, int] = (0, 1), rows: int = 4096) -> tuple:
+    """(min, max, all finite) of an array's ``part`` (i, n: its i-th of n parts of rows; None, None, True where
+    that holds none), a block of rows at a time (a memory map is never read whole)."""
     lo, hi = None, None
-    for start in range(0, len(a), rows):
-        block = np.asarray(a[start:start + rows])
+    first, last = part[0] * len(a) // part[1], (part[0] + 1) * len(a) // part[1]
+    for start in range(first, last, rows):
+        block = np.asarray(a[start:min(start + rows, last)])
         if block.dtype.kind == "f" and not np.isfinite(block).all():
             return None, None, False
         lo = block.min() if lo is None else min(lo, block.min())

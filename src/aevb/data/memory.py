@@ -149,8 +149,11 @@ class DatasetRows:
         rows = range(len(self))[index] if isinstance(index, slice) else index.tolist()
         return self._x(self.collate_fn([self.dataset[i] for i in rows])).to(self.device)
 
-    def batches(self, order: torch.Tensor, start: int, batch_size: int) -> Iterator[torch.Tensor]:
-        """Batches [b, *shape] float32 on the device of ``order``'s examples from the ``start``-th batch on."""
+    def batches(self, order: torch.Tensor, start: int, batch_size: int,
+                share: Callable[[int], tuple[int, int]] | None = None) -> Iterator[torch.Tensor]:
+        """Batches [b, *shape] float32 on the device of ``order``'s examples from the ``start``-th batch on;
+        ``share(b)``: the rows ``start, stop`` of a batch of b examples that this process reads (torchrun's
+        worker's share: its Dataset's ``__getitem__`` is called for those alone), None: all of them."""
         if self._loader is None:  # one loader, whose workers persist over the epochs
             # the workers' seeds from a generator of the loader's own: drawn from torch's global one, they
             # would move every later draw of the run (z's noise), and a Dataset would not train as its tensors
@@ -158,8 +161,11 @@ class DatasetRows:
                                       collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda",
                                       persistent_workers=self.workers > 0, generator=torch.Generator().manual_seed(0))
         order = order.cpu()
-        self._order.batches = [order[i:i + batch_size].tolist() for i in range(start * batch_size, len(order),
-                                                                                batch_size)]
+        batches = (order[i:i + batch_size] for i in range(start * batch_size, len(order), batch_size))
+        if share is None:
+            self._order.batches = [batch.tolist() for batch in batches]
+        else:
+            self._order.batches = [batch[slice(*share(len(batch)))].tolist() for batch in batches]
         for batch in self._loader:
             yield self._x(batch).to(self.device, non_blocking=True)
 

@@ -26,7 +26,7 @@ copied to the device one at a time (no worker processes or pinned memory).
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -117,16 +117,30 @@ class StreamedImages:
                 f"device={self.device}{', transformed per batch' if self.transform is not None else ''})")
 
 
-def mean_example(x: torch.Tensor | StreamedImages) -> torch.Tensor:
+def mean_example(x: torch.Tensor | StreamedImages, part: tuple[int, int] = (0, 1),
+                 combine: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The mean of x [N, *shape] over examples, [*shape] float32 on x's device.
 
     Summed in float64 on the CPU a chunk of rows at a time, so memory stays
     bounded and a tensor and the streamed images of the same data give the
     same bits (a float32 ``x.mean(0)`` depends on torch's summation order).
+
+    ``part`` (i, n) with ``combine``: this process reads only the chunks i,
+    i + n, i + 2n, … and ``combine`` (a sum over the n processes: an
+    all-reduce) brings the others' chunk sums [chunks, *shape]; the chunk sums
+    are then added in order, so the mean has the same bits as one process's.
     """
+    starts = range(0, len(x), _CHUNK_ROWS)
+    if part == (0, 1):
+        sums: Iterable[torch.Tensor] = (x[start:start + _CHUNK_ROWS].cpu().double().sum(0) for start in starts)
+    else:
+        sums = torch.zeros((len(starts), *x.shape[1:]), dtype=torch.float64)  # [chunks, *shape], 0 but for ours
+        for chunk in range(part[0], len(starts), part[1]):
+            sums[chunk] = x[starts[chunk]:starts[chunk] + _CHUNK_ROWS].cpu().double().sum(0)
+        sums = combine(sums)
     total = torch.zeros(tuple(x.shape[1:]), dtype=torch.float64)
-    for start in range(0, len(x), _CHUNK_ROWS):
-        total += x[start:start + _CHUNK_ROWS].cpu().double().sum(0)
+    for chunk_sum in sums:
+        total += chunk_sum
     return (total / max(len(x), 1)).float().to(x.device)
 
 

@@ -19,14 +19,16 @@ from aevb.model.base import Model
 from aevb.registry import LIKELIHOODS
 
 
-def load_dataset(config: RunConfig) -> Dataset:
+def load_dataset(config: RunConfig, part: tuple[int, int] = (0, 1)) -> Dataset:
+    """The data set ``config`` names; ``part`` (i, n): the share of a memory-mapped file's rows this process
+    checks (:func:`aevb.data.datasets.load_data`)."""
     if config.data == IN_MEMORY:
         raise UserError(f"this run was trained on data passed in memory (aevb.train(config, train=...)), which its "
                         f"config.json does not hold; {RERUN_ADVICE}")
     return load_data(
         config.data, labels=config.labels, data_dir=config.data_dir, test_split=config.test_split,
         val_split=config.val_split, shuffle=config.shuffle, seed=config.seed,
-        image_size=config.image_size, download=config.download, stream=config.stream,
+        image_size=config.image_size, download=config.download, stream=config.stream, part=part,
     )
 
 

@@ -1,8 +1,47 @@
-"""The run's data as the training loop takes them: loaded once, each step's rows binarised or dequantised afresh."""
+"""The run's data as the training loop takes them: loaded once, each step's rows binarised or dequantised afresh.
+
+What each of torchrun's workers reads (every worker draws the same order of
+the whole training set each epoch, and takes its rows of each global batch:
+:mod:`aevb.training.distributed`; its rows differ from epoch to epoch, so
+over a run a worker's rows cover the whole set):
+
+* a user's Dataset (``aevb.train(config, train=dataset)``): a worker's
+  DataLoader is given only its rows of each global batch, so its
+  ``__getitem__`` is called for its share alone, read ahead by its loader's
+  worker processes, with the epoch's order set before each epoch (the
+  distributed sampler's ``set_epoch``);
+* a memory-mapped ``.npy`` file and a streamed image folder
+  (:mod:`aevb.data.streaming`): a worker reads (pages in) only its rows of
+  each batch; at load, it checks the values of its part of the file alone
+  (:func:`aevb.data.datasets.load_data`'s ``part``; a bad value in any part
+  stops every worker with one message).  A streamed folder's images are
+  decoded into their cache file by one worker a machine, while the others
+  wait (:func:`_load_dataset`); every worker reads the images' headers;
+* the data set's mean example (the decoder's first bias,
+  ``--output-bias data-mean``): each worker sums its chunks of rows, an
+  all-reduce adds them, to the same bits as one process
+  (:meth:`TrainingData.mean_example`); the first 4,096 rows, from which a
+  likelihood's one scale starts, are read by every worker, only for a
+  likelihood that has one;
+* data held in memory (the registered sets, IDX, ``.npz``, ``.csv``, a
+  ``.npy`` not streamed, an image folder not streamed): read whole by every
+  worker, since those formats cannot be read by rows (compressed, text,
+  decoded images) and a worker's rows change every epoch; a worker then
+  copies only its rows of each batch.  The registered sets are small enough
+  that this is right (digits: 1,797 images of 8×8; MNIST, Fashion-MNIST:
+  70,000 of 28×28, 220 MB as float32; CIFAR-10: 60,000 of 32×32×3, 740 MB);
+  a larger data set is streamed (``--stream yes``: a ``.npy`` file, or an
+  image folder decoded once into its cache);
+* the validation and test splits: read whole by every worker, which
+  validates on all of them (the same numbers on every rank, which choose the
+  best checkpoint alike); ``aevb eval`` under torchrun shares their
+  computation, not their reading (:mod:`aevb.analysis.evaluation`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -13,7 +52,10 @@ from aevb.data.datasets import Dataset
 from aevb.data.memory import DatasetRows
 from aevb.data.streaming import StreamedImages, mean_example
 from aevb.model import noise
+from aevb.registry import DATASETS
 from aevb.run.data import check_data_range, check_dequantize, check_likelihood_scores, held_out, load_dataset
+from aevb.training import distributed
+from aevb.training.distributed import Workers
 
 
 @dataclass
@@ -28,11 +70,13 @@ class TrainingData:
     eval_name: str  # "val", or "test" where the run has no validation split
     eval_x: torch.Tensor | None  # [M, *data_shape] that split, validated at every epoch's end
     holdout: torch.Tensor | None  # [≤10, *data_shape] images of that split (one a class) pictured while training
+    workers: Workers = Workers()  # this process among torchrun's workers: which rows of a batch it reads
 
     @classmethod
-    def load(cls, config: RunConfig, device: torch.device, given: Dataset | None = None) -> TrainingData:
+    def load(cls, config: RunConfig, device: torch.device, given: Dataset | None = None,
+             workers: Workers = Workers()) -> TrainingData:
         """The data ``config`` names, or the data set ``given`` in memory (:func:`aevb.data.memory.memory_dataset`)."""
-        dataset = given if given is not None else load_dataset(config)
+        dataset = given if given is not None else _load_dataset(config, workers)
         levels = check_dequantize(config, dataset)
         check_data_range(config, dataset)
         check_likelihood_scores(config, dataset)
@@ -48,7 +92,7 @@ class TrainingData:
         holdout = None  # pictured from the validation split where there is one: the test set is for aevb eval
         if dataset.kind == "image" and x_eval is not None and len(x_eval):
             holdout = x_eval[transforms.holdout_indices(y_eval, 10, num_examples=len(x_eval))].to(device)
-        return cls(dataset, x_train, device, config.binarize, levels, eval_name, x_eval, holdout)
+        return cls(dataset, x_train, device, config.binarize, levels, eval_name, x_eval, holdout, workers)
 
     @property
     def examples(self) -> int:
@@ -61,17 +105,21 @@ class TrainingData:
         copied back at every step, a host synchronisation)."""
         return self.train.device if torch.is_tensor(self.train) else torch.device("cpu")
 
-    def batches(self, order: torch.Tensor, start: int, batch_size: int) -> Iterator[torch.Tensor]:
-        """The epoch's global batches of the examples in ``order`` [N], from the ``start``-th on: each the indices
-        [b] of its examples, or for a user's Dataset the examples [b, *data_shape] themselves (read ahead by its
-        DataLoader's workers).  :meth:`rows` takes a worker's rows of one.  ``order`` is copied to
-        :attr:`index_device` once here, not at every batch."""
-        order = order.to(self.index_device)
+    def batches(self, order: torch.Tensor, start: int, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """The epoch's global batches of the examples in ``order`` [N], from the ``start``-th on: each as its
+        number of examples b and this worker's share of it, the indices [b_r] of its rows (:meth:`Workers.rows`),
+        or for a user's Dataset those examples [b_r, *data_shape] themselves, read by this worker alone (ahead,
+        by its DataLoader's workers).  :meth:`rows` makes the share the examples a step takes."""
+        order = order.to(self.index_device)  # once here, not at every batch
+        begins = range(start * batch_size, len(order), batch_size)
+        totals = (min(batch_size, len(order) - begin) for begin in begins)
         if isinstance(self.train, DatasetRows):
-            yield from self.train.batches(order, start, batch_size)
+            share = self.workers.rows if self.workers.distributed else None
+            yield from zip(totals, self.train.batches(order, start, batch_size, share))
             return
-        for begin in range(start * batch_size, len(order), batch_size):
-            yield order[begin:begin + batch_size]
+        for begin, total in zip(begins, totals):
+            first, last = self.workers.rows(total)
+            yield total, order[begin + first:begin + last]
 
     def residuals(self, rows: int = 4096) -> torch.Tensor:
         """The first ``rows`` training examples as training sees them, less the mean example: [rows, *data_shape].
@@ -84,19 +132,26 @@ class TrainingData:
             x = transforms.binarize(x, self.binarize, torch.Generator(device=x.device).manual_seed(1234))
         if self.levels:
             x = transforms.dequantize(x, self.levels, torch.Generator(device=x.device).manual_seed(1234))
-        return x - mean_example(self.train).to(x.device)
+        return x - self.mean_example().to(x.device)
 
-    def rows(self, batch: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """The examples ``start:stop`` of a global batch from :meth:`batches`: [stop − start, *data_shape], binarised
-        or dequantised afresh (inside :func:`aevb.model.noise.batch_rows`: with the rows of the batch's noise)."""
-        whole = stop - start == len(batch)
+    def rows(self, share: torch.Tensor) -> torch.Tensor:
+        """This worker's examples of a global batch from its share of :meth:`batches`: [b_r, *data_shape],
+        binarised or dequantised afresh (inside :func:`aevb.model.noise.batch_rows`: with the rows of the batch's
+        noise)."""
         if isinstance(self.train, DatasetRows):
-            x = batch if whole else batch[start:stop]
+            x = share
         else:
-            index = batch if whole else batch[start:stop]
-            # index_select copies whole rows (2.5× faster than x_train[index] for 128 images); streamed images index
-            x = self.train.index_select(0, index) if torch.is_tensor(self.train) else self.train[index]
+            # index_select copies whole rows (2.5× faster than x_train[index] for 128 images); streamed images
+            # read only these rows
+            x = self.train.index_select(0, share) if torch.is_tensor(self.train) else self.train[share]
         return self._prepared(x)
+
+    def mean_example(self) -> torch.Tensor:
+        """The training set's mean example [*data_shape]; under torchrun each worker reads its chunks of rows."""
+        if not self.workers.distributed:
+            return mean_example(self.train)
+        combine = lambda sums: distributed.all_sum(self.workers, sums.to(self.device)).cpu()  # noqa: E731
+        return mean_example(self.train, (self.workers.rank, self.workers.world_size), combine)
 
     def _prepared(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, *data_shape] binarised (dynamic) or dequantised afresh."""
@@ -106,3 +161,22 @@ class TrainingData:
         if self.levels:
             x = transforms.dequantize(x, self.levels, uniform=noise.rand(x.shape, 0, dtype=x.dtype, device=x.device))
         return x
+
+
+def _load_dataset(config: RunConfig, workers: Workers) -> Dataset:
+    """The data set ``config`` names, each worker checking its part of a memory-mapped file's values.
+
+    An image folder that may stream is decoded once into a cache file of its pixels (:mod:`aevb.data.folders`):
+    under torchrun by one worker a machine (``LOCAL_RANK`` 0) while the others wait, and then map it.
+    """
+    part = (workers.rank, workers.world_size)
+    folder = config.data not in DATASETS and config.stream != "no" and Path(config.data).expanduser().is_dir()
+    if not (workers.distributed and folder):
+        return load_dataset(config, part=part)
+    if workers.local_rank != 0:
+        distributed.barrier(workers)  # until the cache is written
+        return load_dataset(config, part=part)
+    try:
+        return load_dataset(config, part=part)
+    finally:  # a failure too: the others then fail alike, and agree() says it once
+        distributed.barrier(workers)

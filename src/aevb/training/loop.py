@@ -41,7 +41,6 @@ from aevb.analysis.figures import reconstruction_grid, sample_grid
 from aevb.config import RunConfig, check_model_options
 from aevb.data.datasets import Dataset
 from aevb.data.memory import IN_MEMORY, memory_dataset, origin
-from aevb.data.streaming import mean_example
 from aevb.errors import NonFiniteLossError, UserError
 from aevb.io import atomic_write, write_json
 from aevb.model import noise
@@ -139,12 +138,12 @@ def _train(config: RunConfig, given: Dataset | None, train: Any, test: Any, val:
         torch.manual_seed(config.seed)
         shuffle = torch.Generator().manual_seed(config.seed)
 
-        data = distributed.agree(workers, lambda: TrainingData.load(config, device, given))
+        data = distributed.agree(workers, lambda: TrainingData.load(config, device, given, workers))
         distributed.agree(workers, lambda: distributed.check_shares(workers, data.examples, config.batch_size))
         if config.early_stopping and data.eval_name != "val":
             raise UserError(f"--early-stopping {config.early_stopping} watches the validation ELBO, and {config.data} "
                             f"has no validation split: add --val-split (0.1: a tenth of the examples), never the test set")
-        if resume is None and config.likelihood_scale is None:
+        if resume is None and config.likelihood_scale is None and LIKELIHOODS.get(config.likelihood).takes_scale:
             # a likelihood's one scale, fixed or learned, starts at the one that fits the data around their mean
             # (a σ of 1 on pixels in [0, 1] weighs the reconstruction so little that the KL shuts the latent
             # units); recorded as --likelihood-scale, so config.json re-runs it and a resume rebuilds it
@@ -159,7 +158,7 @@ def _train(config: RunConfig, given: Dataset | None, train: Any, test: Any, val:
                                                                data.examples))
         model = build_model(config.model, **model_kwargs).to(device)
         if resume is None and config.output_bias == "data-mean":
-            model.init_output_bias(mean_example(data.train))
+            model.init_output_bias(data.mean_example())
         optimizer = _make_optimizer(model, config, device)
         total_steps = config.steps or config.epochs * math.ceil(data.examples / config.batch_size)
         lr_schedule = make_lr_schedule(optimizer, config, total_steps, has_validation=data.eval_name == "val")
@@ -356,15 +355,15 @@ class Trainer:
         if position.batch:  # stopped mid-epoch by --steps
             self.save_checkpoint()
 
-    def step(self, batch: torch.Tensor) -> None:
-        """One optimiser step on this worker's rows of ``batch``, the next global batch of the epoch's order
-        (:meth:`TrainingData.batches`), with the noise of the step's seed."""
+    def step(self, batch: tuple[int, torch.Tensor]) -> None:
+        """One optimiser step on this worker's rows of the next global batch of the epoch's order: ``batch``,
+        its size and this worker's share (:meth:`TrainingData.batches`), with the noise of the step's seed."""
         position = self.position
-        size = len(batch)
+        size, share = batch
         start, stop = self.workers.rows(size)
         generator = distributed.seed_step(self.noise, self.config.seed, position.step)
         with noise.batch_rows(generator, start, stop, size):
-            x = self.data.rows(batch, start, stop)
+            x = self.data.rows(share)
             with matmul_dtype(self.step_dtype):
                 out = self.loss_of(x, self.beta_at(position.step))
         share = self.workers.share(size)  # 1 but for an uneven split among workers
