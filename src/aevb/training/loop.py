@@ -377,7 +377,10 @@ class Trainer:
         step, image_every = self.position.step, self.config.image_every
         if self.bar is not None:
             self.bar.update(1)
-        if self.terms.full:
+        if self.checkpoint_due():
+            self.flush_log()  # a record at each checkpoint: a run resumed from it logs what an unbroken one does
+            self.save_checkpoint()
+        elif self.terms.full:
             self.flush_log()
         if self.workers.writes and self.data.holdout is not None and image_every and step % image_every == 0:
             reconstruction_grid(self.model, self.data.holdout, self.run_dir / "images" / f"reconstructions-{step:07d}.png")
@@ -386,6 +389,13 @@ class Trainer:
             self.save_checkpoint()
             raise Interrupted(f"interrupted at step {step}; checkpoint saved, "
                               f"continue with: aevb train --resume {self.run_dir}")
+
+    def checkpoint_due(self) -> bool:
+        """Whether --checkpoint-every asks for a checkpoint after this step (an epoch's end, and the run's, write
+        their own)."""
+        every, position = self.config.checkpoint_every, self.position
+        return (bool(every) and position.step % every == 0 and position.batch < self.steps_per_epoch
+                and position.step < self.total_steps)
 
     def flush_log(self) -> None:
         """Read the steps' terms back (one transfer), stop on a non-finite one, else record their mean."""
