@@ -29,7 +29,7 @@ from aevb.model.weights import (DTYPE_NAMES, WeightsDoNotFit, check_finite, chec
 from aevb.options import shown
 from aevb.run.folder import PATH_OPTIONS, resolved_path, with_absolute_paths
 
-RESUMABLE = ("epochs", "steps", "device", "compile", "checkpoint_every")  # what --resume may change
+RESUMABLE = ("epochs", "steps", "device", "compile", "checkpoint_every", "join_timeout")  # what --resume may change
 
 
 @dataclass

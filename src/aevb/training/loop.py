@@ -28,6 +28,7 @@ import time
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,7 +95,7 @@ def train(config: RunConfig, train: Any = None, test: Any = None, *, val: Any = 
                         "the config (data=...)")
     keep_freed_memory()  # process-wide, at the entry point (and the subnormals flushed around the loop: fit)
     device = resolve_device(config.device)
-    workers = distributed.start(device)  # one worker unless torchrun started this process
+    workers = distributed.start(device, timedelta(seconds=config.join_timeout))  # one unless torchrun started us
     try:
         result = _train(config, given, train, test, val, resume, force, progress, device, workers)
         distributed.barrier(workers)  # rank 0 exports while the others are done: none leaves the group before it
