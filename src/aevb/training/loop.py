@@ -80,8 +80,8 @@ def train(config: RunConfig, train: Any = None, test: Any = None, *, val: Any = 
 
     ``resume``: a run folder to continue from its last checkpoint.  ``config``
     must be the one the run was trained with (``open_run(resume).config``)
-    but for ``epochs``, ``steps``, ``device``, ``compile`` and
-    ``checkpoint_every``: more epochs or steps train further (a run on data in
+    but for :data:`~aevb.run.checkpoints.RESUMABLE` (``epochs``, ``steps``,
+    ``device``, …): more epochs or steps train further (a run on data in
     memory takes the same data again).  A run that finished training but not
     its export is exported.  ``resume="auto"`` (the string; a folder named
     auto is ``Path("auto")``): continue ``config.out`` where it has a
