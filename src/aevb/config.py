@@ -115,6 +115,8 @@ class RunConfig:
     precision: str = _opt("auto", "multiplies of the training step: bf16 (bfloat16 matrix multiplies, and convolutions on GPUs; all else float32; see aevb.precision), fp32, or auto (bf16 where it is faster than fp32: CPUs with AMX or a bf16 multiply measured 1.5× faster, GPUs from Ampere on; else fp32); the test ELBO is always float32", group="training", choices=PRECISIONS)
     compile: bool = _opt(False, "compile the training loss with torch.compile (on the CPU it needs a C++ compiler): faster steps after a compile of several seconds, so it pays on long runs only; measured in bench/README.md", group="training")
     log_every: int = _opt(50, "steps between metric records (values are read from the device only then)", group="training", metavar="STEPS", low=1, below=COUNTS, memory=True)
+    join_timeout: int = _opt(120, "seconds a worker of torchrun waits for the others to join its process group before it stops with a message (they start together: one missing by then stopped before, or runs another command); collectives wait 10 minutes", group="training", metavar="SECONDS", low=1)
+    checkpoint_every: int = _opt(0, "steps between checkpoints within an epoch, besides the one at each epoch's end (0: at epoch ends only): what a restart (--resume auto) trains again at most", group="training", metavar="STEPS", low=0)
     image_every: int = _opt(0, "steps between reconstruction pictures (0: at about ten epoch ends over the run)", group="training", metavar="STEPS", low=0)
     eval_batch_size: int = _opt(1000, "examples per batch for validation and evaluation", group="training", low=1,
                                 below=COUNTS, memory=True)

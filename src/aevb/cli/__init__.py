@@ -160,7 +160,7 @@ class RunCommand(Command):
 
 @cli.command(cls=RunCommand, context_settings=CONTEXT)
 @click.option("--config", "config_file", type=GivenPath(dir_okay=False), help="TOML or JSON file of options (e.g. RUN/config.json); flags override it")
-@click.option("--resume", type=GivenPath(file_okay=False), metavar="RUN", help="continue RUN from its last checkpoint (--epochs/--steps may be raised)")
+@click.option("--resume", type=GivenPath(file_okay=False), metavar="RUN|auto", help="continue RUN from its last checkpoint (--epochs/--steps may be raised); auto: continue --out where it has a checkpoint and start it where not, so the same command can be run again after a crash (torchrun --max-restarts restarts it in every worker): a run started with other options is refused, a finished one left as it is (a folder named auto: ./auto)")
 @click.option("--force", is_flag=True, help="reuse an existing --out folder: first deletes the run there (its config, metrics, checkpoints, model and pictures; files of yours stay)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar and no per-epoch lines (metrics.jsonl still has every record)")
 def train(config_file, resume, force, quiet, **flags):
@@ -177,11 +177,13 @@ def train(config_file, resume, force, quiet, **flags):
       aevb train --model iwae --k 50 --binarize dynamic
       aevb train --config runs/mnist/config.json --out runs/mnist-again   # reproduce
       aevb train --resume runs/mnist --epochs 20                           # continue
+      aevb train --out runs/x --checkpoint-every 100 --resume auto         # start, or continue after a crash
     """
     given = {k: v for k, v in flags.items() if v is not None}
+    auto = resume == "auto"
     if resume and force:
         raise UserError("--force makes a new run over an old one; --resume continues a run: drop one of them")
-    if resume:
+    if resume and not auto:
         from aevb.run.checkpoints import RESUMABLE as resumable
         from aevb.run.folder import PATH_OPTIONS, resolved_path
         from aevb.run.open import open_run

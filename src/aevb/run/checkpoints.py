@@ -29,7 +29,7 @@ from aevb.model.weights import (DTYPE_NAMES, WeightsDoNotFit, check_finite, chec
 from aevb.options import shown
 from aevb.run.folder import PATH_OPTIONS, resolved_path, with_absolute_paths
 
-RESUMABLE = ("epochs", "steps", "device", "compile")  # what --resume may change
+RESUMABLE = ("epochs", "steps", "device", "compile", "checkpoint_every", "join_timeout")  # what --resume may change
 
 
 @dataclass
@@ -192,7 +192,7 @@ def _check_unchanged(path: Path, meta: dict, config: RunConfig) -> None:
         detail = ", ".join(f"{k}: {saved[k]!r} → {now[k]!r}" for k in changed)
         raise UserError(f"the configuration to resume {path.parent.parent} with differs from the one its checkpoint "
                         f"was trained with ({detail}); --resume continues a run as it was trained (only "
-                        f"{', '.join('--' + k for k in RESUMABLE)} may change): undo the change in its config.json, "
+                        f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change): undo the change in its config.json, "
                         f"or start a new run with --config")
 
 

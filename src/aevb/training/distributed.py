@@ -2,9 +2,13 @@
 
 torchrun starts the workers and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`start` joins them into one process
-group (gloo on the CPU, NCCL on CUDA, with a timeout, so a missing worker
-ends the run with an error instead of a hang).  Without torchrun, or with one
-worker, nothing here runs a collective: the run is the single-process run.
+group (gloo on the CPU, NCCL on CUDA).  Two timeouts end a run that would
+otherwise hang: joining (``--join-timeout``, 2 minutes: the workers start
+together, so one missing by then stopped before it joined, and the others
+say so instead of waiting) and each collective afterwards (:data:`TIMEOUT`:
+a worker that died mid-run; torchrun restarts the group sooner where it
+sees the death).  Without torchrun, or with one worker, nothing here runs a
+collective: the run is the single-process run.
 
 World-size independence, the design: the same configuration trains the same
 model on 1 process or on N, to float rounding.
@@ -45,7 +49,7 @@ from torch import nn
 
 from aevb.errors import UserError
 
-TIMEOUT = timedelta(minutes=10)  # of every collective: a worker that died or never came ends the run, not hangs it
+TIMEOUT = timedelta(minutes=10)  # of every collective: a worker that died ends the run, not hangs it
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,13 @@ class Workers:
         return self.world_size * (stop - start) / batch
 
 
-def start(device: torch.device) -> Workers:
-    """Join torchrun's workers (from its environment variables); a single worker where torchrun did not start us."""
+def start(device: torch.device, join_timeout: timedelta = timedelta(minutes=2)) -> Workers:
+    """Join torchrun's workers (from its environment variables); a single worker where torchrun did not start us.
+
+    A worker that cannot join them within ``join_timeout`` (one of them
+    stopped before, another address or port) stops with a UserError; the
+    collectives of the group then wait up to :data:`TIMEOUT`.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Workers()
@@ -88,12 +97,33 @@ def start(device: torch.device) -> Workers:
         torch.cuda.set_device(local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     try:
-        dist.init_process_group(backend, timeout=TIMEOUT)
+        # init_process_group's own env:// rendezvous, but for the prefix: a group that torchrun restarts
+        # (--max-restarts) meets in the store the one before it met in, whose keys (its workers' addresses, dead
+        # now) are still there; each incarnation keys its own (measured: a restarted worker was refused by the
+        # address of the killed one)
+        store, rank, world_size = next(dist.rendezvous("env://", rank, world_size, timeout=join_timeout))
+        store.set_timeout(join_timeout)
+        store = dist.PrefixStore(f"aevb/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/default_pg", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=join_timeout)
     except (RuntimeError, ValueError) as error:
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f"worker {rank} of {world_size} could not join the others at "
-                        f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({error}); check "
-                        f"torchrun's --rdzv_endpoint / --master_addr and that every node runs the same command") from None
+                        f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+                        f"{join_timeout.total_seconds():g} s (--join-timeout; {cause[:300]}): a worker that stopped "
+                        f"before joining says why in its node's log; else check torchrun's --rdzv_endpoint / "
+                        f"--master_addr and that every node runs the same command") from None
+    # joining is quick, a collective may wait for rank 0 writing a checkpoint or the export: the longer timeout
+    _set_timeout(TIMEOUT)
     return Workers(rank, world_size, local_rank, joined=True)
+
+
+def _set_timeout(timeout: timedelta) -> None:
+    """The default group's timeout of its collectives from now on (``dist.set_timeout``; torch before it: the
+    private setter it replaced)."""
+    setter = getattr(dist, "set_timeout", None)
+    if setter is None:
+        from torch.distributed.distributed_c10d import _set_pg_timeout as setter
+    setter(timeout)
 
 
 def barrier(workers: Workers) -> None:

@@ -28,6 +28,7 @@ import time
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,6 +53,7 @@ from aevb.run.data import check_dequantize
 from aevb.run.device import resolve_device
 from aevb.run.folder import BEST_CHECKPOINT, CHECKPOINT, RUN_PATHS, NewRun, with_absolute_paths
 from aevb.run.owner import OwnedRun, own_run
+from aevb.run.restart import AUTO, continue_or_start
 from aevb.training import distributed
 from aevb.training.distributed import Workers
 from aevb.training.lr_schedules import LRSchedule, make_lr_schedule
@@ -77,12 +79,18 @@ def train(config: RunConfig, train: Any = None, test: Any = None, *, val: Any = 
 
     ``resume``: a run folder to continue from its last checkpoint.  ``config``
     must be the one the run was trained with (``open_run(resume).config``)
-    but for ``epochs``, ``steps`` and ``device``: more epochs or steps train
-    further (a run on data in memory takes the same data again).  A run that
-    finished training but not its export is exported.  The run folder is this
-    process's alone while it trains (:mod:`aevb.run.owner`; rank 0's under
-    torchrun); under ``force`` the run it replaces is kept aside until the new
-    one's first checkpoint, and back if it fails before.
+    but for :data:`~aevb.run.checkpoints.RESUMABLE` (``epochs``, ``steps``,
+    ``device``, …): more epochs or steps train further (a run on data in
+    memory takes the same data again).  A run that finished training but not
+    its export is exported.  ``resume="auto"`` (the string; a folder named
+    auto is ``Path("auto")``): continue ``config.out`` where it has a
+    checkpoint, else start it, so that the same call run again after a crash
+    (or by ``torchrun --max-restarts``) goes on where the run got to
+    (:mod:`aevb.run.restart`); a run it finds finished is returned as it is.
+    The run folder is this process's alone while it trains
+    (:mod:`aevb.run.owner`; rank 0's under torchrun); under ``force`` the run
+    it replaces is kept aside until the new one's first checkpoint, and back
+    if it fails before.
     """
     given = None
     if train is not None:
@@ -91,21 +99,37 @@ def train(config: RunConfig, train: Any = None, test: Any = None, *, val: Any = 
     elif test is not None or val is not None:
         raise UserError("test= and val= are splits of data given as train=; pass train= too, or name the data in "
                         "the config (data=...)")
+    auto = isinstance(resume, str) and resume == AUTO
     keep_freed_memory()  # process-wide, at the entry point (and the subnormals flushed around the loop: fit)
     device = resolve_device(config.device)
-    workers = distributed.start(device)  # one worker unless torchrun started this process
+    workers = distributed.start(device, timedelta(seconds=config.join_timeout))  # one unless torchrun started us
     try:
-        result = _train(config, given, train, test, val, resume, force, progress, device, workers)
+        distributed.check_same_config(workers, config.to_dict())  # a collective: every rank raises the same message
+        if auto:
+            resume, config, force = _continue_or_start(config, force, workers)
+        result = _train(config, given, train, test, val, resume, force, progress, device, workers, auto)
         distributed.barrier(workers)  # rank 0 exports while the others are done: none leaves the group before it
         return result
     finally:
         distributed.stop(workers)
 
 
+def _continue_or_start(config: RunConfig, force: bool, workers: Workers) -> tuple[Path | None, RunConfig, bool]:
+    """``resume="auto"``: the run folder to continue (None: a new run), the configuration, and whether a new run
+    replaces one that stopped before its first checkpoint; every worker must find the folder in the same state."""
+    restart = distributed.agree(workers, lambda: continue_or_start(config, force))
+    continues = distributed.gathered(workers, restart.resume is not None)
+    if len(set(continues)) > 1:
+        found = ", ".join(f"worker {rank} {'a checkpoint' if c else 'none'}" for rank, c in enumerate(continues))
+        raise UserError(f"--resume auto: the workers do not see the same run folder {config.out} ({found}); put "
+                        f"--out on a file system that every node sees")
+    return restart.resume, restart.config, restart.replace
+
+
 def _train(config: RunConfig, given: Dataset | None, train: Any, test: Any, val: Any, resume: str | Path | None,
-           force: bool, progress: bool, device: torch.device, workers: Workers) -> tuple[Model, Path]:
+           force: bool, progress: bool, device: torch.device, workers: Workers, auto: bool = False
+           ) -> tuple[Model, Path]:
     device = distributed.worker_device(device, workers)
-    distributed.check_same_config(workers, config.to_dict())  # a collective: every rank raises the same message
     if MODELS.get(config.model).batch_coupled and workers.world_size > 1:  # on every rank alike
         raise UserError(f"the {config.model} loss is a penalty on each batch as a whole, which a batch split over "
                         f"{workers.world_size} processes would change: train it on one process (without torchrun)")
@@ -182,7 +206,15 @@ def _train(config: RunConfig, given: Dataset | None, train: Any, test: Any, val:
                           data=data, position=position, shuffle=shuffle, step_dtype=step_dtype,
                           model_kwargs=model_kwargs, folder=folder, lr_schedule=lr_schedule, workers=workers)
         if resume is not None:
+            if auto and trainer.finished():  # the same command run again: its run is done
+                if workers.writes:
+                    warnings.warn(f"--resume auto: {run_dir} has trained all its {position.step} steps and is "
+                                  f"exported; nothing left to do", ContinuedRunWarning, stacklevel=2)
+                return model, run_dir
             distributed.agree(workers, trainer.check_steps_left)
+            if auto and workers.writes:  # said in the log of every restart
+                warnings.warn(f"--resume auto: continuing {run_dir} from its checkpoint at step {position.step} of "
+                              f"{trainer.total_steps}", ContinuedRunWarning, stacklevel=2)
             if workers.writes:
                 trainer.note_schedule_change(trained["config"])
                 # the new length, before training: a run interrupted from here resumes toward it
@@ -216,6 +248,10 @@ def _step_precision(config: RunConfig, device: torch.device, trained: dict | Non
 
 class PrecisionChangedWarning(UserWarning):
     """A resumed run goes on with other multiplies than it was trained with."""
+
+
+class ContinuedRunWarning(UserWarning):
+    """``--resume auto`` found a checkpoint: the run goes on from it (or is finished)."""
 
 
 class ScheduleChangedWarning(UserWarning):
@@ -266,6 +302,10 @@ class Trainer:
         self.val_loss: float | None = None  # the last validation −ELBO (an AE: reconstruction), for plateau
         self.log: MetricsLog | None = None  # and the progress bar, while fit runs
         self.bar = None
+
+    def finished(self) -> bool:
+        """Whether the run has trained all its steps and written its export."""
+        return self.position.step == self.total_steps and (self.run_dir / "model" / "config.json").is_file()
 
     def check_steps_left(self) -> None:
         """A resumed run must have steps left to train, or its export left to write."""
@@ -383,7 +423,10 @@ class Trainer:
         step, image_every = self.position.step, self.config.image_every
         if self.bar is not None:
             self.bar.update(1)
-        if self.terms.full:
+        if self.checkpoint_due():
+            self.flush_log()  # a record at each checkpoint: a run resumed from it logs what an unbroken one does
+            self.save_checkpoint()
+        elif self.terms.full:
             self.flush_log()
         if self.workers.writes and self.data.holdout is not None and image_every and step % image_every == 0:
             reconstruction_grid(self.model, self.data.holdout, self.run_dir / "images" / f"reconstructions-{step:07d}.png")
@@ -392,6 +435,13 @@ class Trainer:
             self.save_checkpoint()
             raise Interrupted(f"interrupted at step {step}; checkpoint saved, "
                               f"continue with: aevb train --resume {self.run_dir}")
+
+    def checkpoint_due(self) -> bool:
+        """Whether --checkpoint-every asks for a checkpoint after this step (an epoch's end, and the run's, write
+        their own)."""
+        every, position = self.config.checkpoint_every, self.position
+        return (bool(every) and position.step % every == 0 and position.batch < self.steps_per_epoch
+                and position.step < self.total_steps)
 
     def flush_log(self) -> None:
         """Read the steps' terms back (one transfer), stop on a non-finite one, else record their mean."""
