@@ -1,4 +1,12 @@
-"""The report's HTML: one self-contained page of a run's evaluation, figures and configuration.
+"""The report's HTML: one self-contained page of a run's result, evaluation, figures and configuration.
+
+The page opens with the headline a first reader needs (what was trained on
+what, for how long, where, and the one number that matters, with its
+meaning; :mod:`aevb.analysis.summary`), a note where the run was still
+improving when it stopped, then the evaluation, the figures, the pictures
+taken during training (labelled with their epoch), the options set away
+from their defaults (all of them folded away) and, folded away too, the
+technical details (which weights, the multiplies' precision).
 
 :func:`render_report` writes the text that :func:`aevb.analysis.report.write_report`
 saves as ``RUN/report.html``: every PNG embedded as a data URI, no script,
@@ -9,10 +17,15 @@ printable.
 from __future__ import annotations
 
 import base64
+import datetime
+import hashlib
 import html
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+from aevb.analysis.gallery import TRAINING_SERIES, describe_picture
+from aevb.analysis.summary import Headline, Improvement, RunFacts, changed_options, headline_number
 from aevb.registry import FIGURES
 
 
@@ -44,7 +57,6 @@ EVAL_ROWS = [
     ("kl", "KL(q(z|x) ‖ p(z))", "nats", "analytic"),
     ("nll", "negative log-likelihood", "nats", "importance-sampled, k samples per example"),
     ("iw_samples", "importance samples k", "", ""),
-    ("iw_precision", "importance sampler's multiplies", "", "bf16: bfloat16 matrix multiplies, all else float32"),
     ("elbo_gap", "ELBO gap", "nats", "negative ELBO − negative log-likelihood"),
     ("bits_per_dim", "bits per dimension", "bits", "for discrete (8-bit or binary) data"),
     ("mse_per_dim", "reconstruction MSE per dimension", "", "at the posterior mean"),
@@ -91,6 +103,17 @@ figcaption{font-size:.9rem;color:#4a5365;margin-top:6px}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:16px}
 .gallery figure{margin:0}
 code{font-size:.9em;background:#f0f2f5;padding:0 3px;border-radius:3px}
+.lead{font-size:1.05rem;margin:.2em 0 .6em;overflow-wrap:anywhere}
+.headline{display:flex;flex-wrap:wrap;align-items:baseline;gap:4px 14px;background:#fff;border:1px solid #dfe3e8;
+ border-left:5px solid #3d72c4;border-radius:8px;padding:12px 16px;margin:12px 0}
+.headline .number{font-size:2rem;font-weight:650;font-variant-numeric:tabular-nums}
+.headline .label{font-weight:600}
+.headline p{flex-basis:100%;margin:0;color:#4a5365;font-size:.92rem}
+.improving{background:#e8f4ea;border-left:4px solid #2f8a46;padding:8px 12px;margin:8px 0 12px}
+details{margin:.6em 0}
+summary{cursor:pointer;color:#3d5f99;font-weight:600}
+.series{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:12px}
+.series figure{margin:0}
 @media (max-width:600px){
  body{font-size:15px}
  main{padding:8px}
@@ -98,9 +121,12 @@ code{font-size:.9em;background:#f0f2f5;padding:0 3px;border-radius:3px}
  h1{font-size:1.3rem}
  th,td{padding:3px 5px}
  .note,.wide{display:none}
+ .headline .number{font-size:1.6rem}
 }
 @media print{
  body{background:#fff;font-size:11pt}
+ details{display:block}
+ details>*{display:block}
  main{max-width:none;padding:0}
  section{border:none;border-radius:0;padding:0;margin:0 0 12pt}
  .scroll{overflow:visible}
@@ -137,14 +163,25 @@ def _table(rows: list[list[str]], header: list[str] | None = None, classes: dict
     return "".join(out)
 
 
+def _options_table(items: list[tuple[str, object]]) -> str:
+    return _table([[f"<code>{_e(k)}</code>", _e(_format(v))] for k, v in items], classes={1: "val"})
+
+
 def _config_section(config: dict) -> str:
+    """The options set away from their defaults, then all of them folded away."""
+    changed = changed_options(config)
     items = [(k, v) for k, v in config.items() if k != "format"]
     half = math.ceil(len(items) / 2)
-    tables = [_table([[f"<code>{_e(k)}</code>", _e(_format(v))] for k, v in part], classes={1: "val"})
-              for part in (items[:half], items[half:])]
-    return ('<section id="config"><h2>Configuration</h2>'
-            '<p class="meta">From <code>config.json</code>; <code>aevb train --config RUN/config.json</code> '
-            'reproduces the run.</p><div class="columns">' + "".join(tables) + "</div></section>")
+    every = "".join(_options_table(part) for part in (items[:half], items[half:]))
+    if changed:
+        chosen = (f'<p class="meta">The options set away from their defaults ({len(changed)} of {len(items)}):</p>'
+                  + _options_table(list(changed.items())))
+    else:
+        chosen = '<p class="meta">Every option at its default.</p>'
+    return ('<section id="config"><h2>Configuration</h2>' + chosen
+            + f'<details><summary>All {len(items)} options</summary><p class="meta">From <code>config.json</code>; '
+            '<code>aevb train --config RUN/config.json</code> reproduces the run.</p>'
+            f'<div class="columns">{every}</div></details></section>')
 
 
 def _eval_section(metrics: dict) -> str:
@@ -203,52 +240,180 @@ def _eval_section(metrics: dict) -> str:
 def _figure_html(path: Path, title: str, caption: str, pixel: bool = False) -> str:
     cls = ' class="pixel"' if pixel else ""
     text = f"<strong>{_e(title)}.</strong> {_e(caption)}" if caption else _e(title)
-    return (f'<figure><img src="{_data_uri(path)}"{cls} alt="{_e(title)}" loading="lazy">'
+    return (f'<figure><img src="{_data_uri(path)}"{cls} alt="{_e(title)}">'
             f"<figcaption>{text}</figcaption></figure>")
 
 
-def report_images(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
-    """The PNGs of ``RUN/images/`` the report embeds: (explore's figures in order, all the others)."""
+@dataclass
+class Pictures:
+    """The PNGs of ``RUN/images/`` as the report shows them."""
+
+    figures: list[Path]  # the registry's figures, in its order
+    series: list[tuple[Path, str]]  # the reconstructions during training, in order, with their captions
+    others: list[tuple[Path, str]]  # any other picture, with a caption (its file name where it is of no known kind)
+    repeated: dict[str, str]  # left out: file name → the picture on the page that shows the same
+
+
+def report_images(run_dir: str | Path) -> Pictures:
+    """The PNGs of ``RUN/images/`` the report embeds, and those it leaves out as repeats of one it shows.
+
+    A picture repeats another where a known kind says so (``samples.png``: the
+    prior samples figure shows the same draws) or where its bytes are another's.
+    """
     images = Path(run_dir) / "images"
     present = {p.name: p for p in sorted(images.glob("*.png"))} if images.is_dir() else {}
-    known = [present[n] for n in FIGURES.names() if n in present]
-    others = [p for n, p in present.items() if n not in FIGURES]
-    return known, others
+    figures = [present[n] for n in FIGURES.names() if n in present]
+    shown = {hashlib.sha256(p.read_bytes()).hexdigest(): p.name for p in figures}
+    series, others, repeated = [], [], {}
+    ordered = []
+    for name, path in present.items():
+        if name in FIGURES:
+            continue
+        kind = describe_picture(name)
+        if kind is not None and kind[0].shown_by in present:
+            repeated[name] = kind[0].shown_by
+            continue
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest in shown:
+            repeated[name] = shown[digest]
+            continue
+        shown[digest] = name
+        ordered.append((path, kind))
+    for path, kind in ordered:
+        if kind is None:
+            others.append((path, f"images/{path.name}"))
+        elif kind[0].series == TRAINING_SERIES:
+            series.append((kind[0].order(kind[1]), path, kind[0].caption(kind[1])))
+        else:
+            others.append((path, kind[0].caption(kind[1])))
+    series.sort(key=lambda entry: entry[0])
+    return Pictures(figures, [(path, caption) for _, path, caption in series], others, repeated)
+
+
+def _number(value: float) -> str:
+    return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+
+
+def _facts_sentence(facts: RunFacts) -> str:
+    """What was trained on what, for how long and where, in one sentence of plain text."""
+    shape = "×".join(map(str, facts.data_shape))
+    data = f"{facts.data} ({f'{facts.examples:,} training examples of ' if facts.examples else ''}{shape})"
+    length = ""
+    if facts.epochs is not None and facts.steps is not None:
+        epochs = f"{facts.epochs:.3g}" if facts.epochs != int(facts.epochs) else f"{int(facts.epochs)}"
+        length = f" for {epochs} epoch{'' if facts.epochs == 1 else 's'} ({facts.steps:,} steps)"
+    where = ""
+    if facts.device:
+        where = f" on {facts.device}" + (f" ({facts.workers} processes)" if facts.workers > 1 else "")
+    state = "" if facts.finished else " It has not finished training: these are its last checkpoint's weights."
+    return (f"A {facts.model.upper()} (likelihood {facts.likelihood}, network {facts.arch}, {facts.latent_dim} latent "
+            f"dimension{'' if facts.latent_dim == 1 else 's'}, {facts.parameters:,} parameters) trained on "
+            f"{data}{length}{where}.{state}")
+
+
+def _headline_html(headline: Headline | None) -> str:
+    if headline is None:
+        return ('<div class="headline"><span class="label">No evaluation</span><p>The run could not be evaluated '
+                'on a test split; train with --test-split to have one.</p></div>')
+    return (f'<div class="headline" id="headline"><span class="number">{_e(_number(headline.value))}</span>'
+            f'<span>nats per example</span><span class="label">{_e(headline.label)}</span>'
+            f"<p>{_e(headline.meaning)}.</p></div>")
+
+
+SPLIT_NAMES = {"val": "validation", "test": "test"}
+
+
+def _improving_html(improvement: Improvement, run_dir: Path) -> str:
+    losses = " → ".join(f"{loss:.4g}" for loss in improvement.losses)
+    epochs = f"{improvement.epochs[0]} to {improvement.epochs[-1]}"
+    return (f'<div class="improving" id="still-improving"><strong>Still improving when it stopped.</strong> '
+            f"The {SPLIT_NAMES.get(improvement.split, improvement.split)} {improvement.measure} fell at every epoch end from epoch {epochs} ({_e(losses)} nats, "
+            f"{improvement.drop:.3g} nats in all): a longer run would likely fit better, "
+            f"<code>aevb train --resume {_e(str(run_dir))} --epochs N</code> continues it.</div>")
+
+
+def _details_section(facts: RunFacts | None, metrics: dict | None, provenance: str | None,
+                     repeated: dict[str, str]) -> str:
+    """What an expert may want and a first reader need not: which weights, the precision of the multiplies."""
+    rows = []
+    if provenance:
+        rows.append(["weights", _e(provenance)])
+    if facts is not None:
+        if facts.multiplies:
+            rows.append(["training step's multiplies", _e(_multiplies(facts.multiplies))])
+        if facts.workers > 1:
+            rows.append(["processes (torchrun)", str(facts.workers)])
+        rows.append(["report written with", _e(", ".join(f"{k} {v}" for k, v in facts.versions.items()))])
+    if metrics is not None and metrics.get("iw_precision"):
+        rows.append(["importance sampler's multiplies", _e(_multiplies(metrics["iw_precision"]))])
+    for name, shown_by in repeated.items():
+        rows.append([f"not shown: images/{_e(name)}", f"the same as images/{_e(shown_by)}"])
+    if not rows:
+        return ""
+    return ('<section id="details"><details><summary>Technical details</summary>'
+            + _table(rows, classes={1: "val"}) + "</details></section>")
+
+
+def _multiplies(value: str) -> str:
+    return {"bf16": "bf16: bfloat16 matrix multiplies (8 bits of mantissa), everything else float32",
+            "fp32": "fp32: float32 throughout"}.get(value, value)
 
 
 def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipped: dict[str, str],
-                  provenance: str | None = None) -> str:
-    """The HTML text of the report (one page, no script, no external resource); ``provenance`` says which weights
-    (and training step) its numbers and figures are of."""
+                  provenance: str | None = None, facts: RunFacts | None = None,
+                  improvement: Improvement | None = None) -> str:
+    """The HTML text of the report (one page, no script, no external resource).
+
+    ``provenance`` says which weights (and training step) its numbers and
+    figures are of; ``facts`` are the headline's (:func:`aevb.analysis.summary.run_facts`);
+    ``improvement``: the run was still improving when it stopped
+    (:func:`aevb.analysis.summary.still_improving`).
+    """
     run_dir = Path(run_dir)
-    known, others = report_images(run_dir)
+    pictures = report_images(run_dir)
     entries = dict(FIGURES.items())
     title = f"aevb run {run_dir.resolve().name}"
-    summary = (f"{config.get('model', '?')} · {config.get('likelihood', '?')} likelihood · {config.get('arch', '?')} "
-               f"network · {config.get('latent_dim', '?')} latent dimensions · data {config.get('data', '?')}")
+    if facts is not None:
+        lead = _facts_sentence(facts)
+    else:
+        lead = (f"{config.get('model', '?')} · {config.get('likelihood', '?')} likelihood · {config.get('arch', '?')} "
+                f"network · {config.get('latent_dim', '?')} latent dimensions · data {config.get('data', '?')}")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    when = [f"trained {facts.trained:%Y-%m-%d %H:%M} UTC" if facts and facts.trained else None,
+            *([f"{k} {v}" for k, v in facts.versions.items()] if facts else []),
+            f"report written {now:%Y-%m-%d %H:%M} UTC"]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>",
-        f'<header><h1>{_e(title)}</h1><p class="meta">{_e(summary)}</p>'
-        + (f'<p class="meta">Model: {_e(provenance)}.</p>' if provenance else "") + "</header>",
+        f'<header><h1>{_e(title)}</h1><p class="lead">{_e(lead)}</p>',
+        _headline_html(headline_number(metrics) if metrics is not None else None),
+        f'<p class="meta">{_e(" · ".join(w for w in when if w))}</p></header>',
     ]
+    if improvement is not None:
+        parts.append(_improving_html(improvement, run_dir))
     if metrics is not None:
         parts.append(_eval_section(metrics))
-    parts.append(_config_section(config))
     parts.append('<section id="figures"><h2>Figures</h2>')
-    for path in known:
+    for path in pictures.figures:
         entry = entries[path.name]
         parts.append(_figure_html(path, entry.title, entry.caption, pixel=entry.pixelated))
     if skipped:
         notes = "; ".join(f"{entries[n].title.lower()}: {reason}" for n, reason in skipped.items() if n in entries)
         parts.append(f'<p class="meta">Not drawn for this run — {_e(notes)}.</p>')
     parts.append("</section>")
-    if others:
-        parts.append('<section id="more"><h2>More pictures from the run</h2><div class="gallery">')
-        for path in others:
-            parts.append(_figure_html(path, f"images/{path.name}", "", pixel=True))
+    if pictures.series:
+        parts.append(f'<section id="training-pictures"><h2>{_e(TRAINING_SERIES)}</h2>'
+                     '<p class="meta">Held-out images of the validation split (top rows) above their reconstructions '
+                     '(bottom rows), as training went on.</p><div class="series">')
+        parts.extend(_figure_html(path, caption, "", pixel=True) for path, caption in pictures.series)
         parts.append("</div></section>")
+    if pictures.others:
+        parts.append('<section id="more"><h2>More pictures from the run</h2><div class="gallery">')
+        parts.extend(_figure_html(path, caption, "", pixel=True) for path, caption in pictures.others)
+        parts.append("</div></section>")
+    parts.append(_config_section(config))
+    parts.append(_details_section(facts, metrics, provenance, pictures.repeated))
     parts.append('<p class="meta">Written by <code>aevb report</code>.</p></main></body></html>')
     return "\n".join(parts) + "\n"

@@ -20,6 +20,8 @@ from aevb.analysis.evaluation import evaluate_run, previous_evaluation, trained_
 from aevb.config import IW_SAMPLES
 from aevb.analysis.gallery import ExploreOptions, FigureContext, NotDrawn, plan_figures
 from aevb.analysis.page import render_report
+from aevb.analysis.plots import read_metrics
+from aevb.analysis.summary import run_facts, still_improving
 from aevb.errors import UserError
 from aevb.io import loads_json, write_text
 from aevb.registry import FIGURES
@@ -127,5 +129,7 @@ def _write_report(run: Run, *, iw_samples: int, device: str, out: str | Path | N
         _, skipped = explore_run(run_dir, device=device, **(explore_args or {}))
     path = Path(out) if out else run_dir / "report.html"
     with owning_if_in_run(path, "aevb report"):  # -o into another run's folder: that one's too
-        write_text(path, render_report(run_dir, config, metrics, skipped, str(provenance)))
+        records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+        write_text(path, render_report(run_dir, config, metrics, skipped, str(provenance), facts=run_facts(run),
+                                       improvement=still_improving(records)))
     return path
