@@ -223,7 +223,7 @@ def _check_headline(text: str, run: Path, metrics: dict) -> None:
     model = aevb.load(run / "model")
     header = text[text.index("<header>"):text.index("</header>")]
     parameters = sum(p.numel() for p in model.parameters())
-    assert (f"A VAE (likelihood bernoulli, network mlp, 2 latent dimensions, {parameters:,} parameters) trained on "
+    assert (f">VAE (likelihood bernoulli, network mlp, 2 latent dimensions, {parameters:,} parameters) trained on "
             f"digits (1,437 training examples of 1×8×8) for 1 epoch (12 steps) on cpu.") in header
     assert f'<span class="number">{metrics["nll"]:,.4g}</span>' in header and "test negative log-likelihood" in header
     assert f"k = {metrics['iw_samples']} samples" in header and "Lower is better" in header

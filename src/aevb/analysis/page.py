@@ -112,7 +112,7 @@ code{font-size:.9em;background:#f0f2f5;padding:0 3px;border-radius:3px}
 .improving{background:#e8f4ea;border-left:4px solid #2f8a46;padding:8px 12px;margin:8px 0 12px}
 details{margin:.6em 0}
 summary{cursor:pointer;color:#3d5f99;font-weight:600}
-.series{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:12px}
+.series{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,420px),1fr));gap:12px}
 .series figure{margin:0}
 @media (max-width:600px){
  body{font-size:15px}
@@ -306,15 +306,16 @@ def _facts_sentence(facts: RunFacts) -> str:
     if facts.device:
         where = f" on {facts.device}" + (f" ({facts.workers} processes)" if facts.workers > 1 else "")
     state = "" if facts.finished else " It has not finished training: these are its last checkpoint's weights."
-    return (f"A {facts.model.upper()} (likelihood {facts.likelihood}, network {facts.arch}, {facts.latent_dim} latent "
+    return (f"{facts.model.upper()} (likelihood {facts.likelihood}, network {facts.arch}, {facts.latent_dim} latent "
             f"dimension{'' if facts.latent_dim == 1 else 's'}, {facts.parameters:,} parameters) trained on "
             f"{data}{length}{where}.{state}")
 
 
 def _headline_html(headline: Headline | None) -> str:
     if headline is None:
-        return ('<div class="headline"><span class="label">No evaluation</span><p>The run could not be evaluated '
-                'on a test split; train with --test-split to have one.</p></div>')
+        return ('<div class="headline" id="headline"><span class="label">No evaluation</span><p>The run could not be '
+                'evaluated (aevb report said why; a run without a test split has nothing to evaluate on: train '
+                'with --test-split).</p></div>')
     return (f'<div class="headline" id="headline"><span class="number">{_e(_number(headline.value))}</span>'
             f'<span>nats per example</span><span class="label">{_e(headline.label)}</span>'
             f"<p>{_e(headline.meaning)}.</p></div>")
