@@ -6,7 +6,7 @@ meaning; :mod:`aevb.analysis.summary`), a note where the run was still
 improving when it stopped, then the evaluation, the figures, the pictures
 taken during training (labelled with their epoch), the options set away
 from their defaults (all of them folded away) and, folded away too, the
-technical details (which weights, the multiplies' precision).
+technical details (the multiplies' precision, versions); the weights' training step stays in view.
 
 :func:`render_report` writes the text that :func:`aevb.analysis.report.write_report`
 saves as ``RUN/report.html``: every PNG embedded as a data URI, no script,
@@ -333,12 +333,9 @@ def _improving_html(improvement: Improvement, run_dir: Path) -> str:
             f"<code>aevb train --resume {_e(str(run_dir))} --epochs N</code> continues it.</div>")
 
 
-def _details_section(facts: RunFacts | None, metrics: dict | None, provenance: str | None,
-                     repeated: dict[str, str]) -> str:
-    """What an expert may want and a first reader need not: which weights, the precision of the multiplies."""
+def _details_section(facts: RunFacts | None, metrics: dict | None, repeated: dict[str, str]) -> str:
+    """What an expert may want and a first reader need not: the precision of the multiplies, versions, repeats."""
     rows = []
-    if provenance:
-        rows.append(["weights", _e(provenance)])
     if facts is not None:
         if facts.multiplies:
             rows.append(["training step's multiplies", _e(_multiplies(facts.multiplies))])
@@ -390,7 +387,8 @@ def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipp
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>",
         f'<header><h1>{_e(title)}</h1><p class="lead">{_e(lead)}</p>',
         _headline_html(headline_number(metrics) if metrics is not None else None),
-        f'<p class="meta">{_e(" · ".join(w for w in when if w))}</p></header>',
+        f'<p class="meta">{_e(" · ".join(w for w in when if w))}</p>'
+        + (f'<p class="meta">Model: {_e(provenance)}.</p>' if provenance else "") + "</header>",
     ]
     if improvement is not None:
         parts.append(_improving_html(improvement, run_dir))
@@ -415,6 +413,6 @@ def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipp
         parts.extend(_figure_html(path, caption, "", pixel=True) for path, caption in pictures.others)
         parts.append("</div></section>")
     parts.append(_config_section(config))
-    parts.append(_details_section(facts, metrics, provenance, pictures.repeated))
+    parts.append(_details_section(facts, metrics, pictures.repeated))
     parts.append('<p class="meta">Written by <code>aevb report</code>.</p></main></body></html>')
     return "\n".join(parts) + "\n"
