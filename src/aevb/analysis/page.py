@@ -6,7 +6,7 @@ meaning; :mod:`aevb.analysis.summary`), a note where the run was still
 improving when it stopped, then the evaluation, the figures, the pictures
 taken during training (labelled with their epoch), the options set away
 from their defaults (all of them folded away) and, folded away too, the
-technical details (the multiplies' precision, versions); the weights' training step stays in view.
+technical details (the multiplies' precision); the weights' training step stays in view.
 
 :func:`render_report` writes the text that :func:`aevb.analysis.report.write_report`
 saves as ``RUN/report.html``: every PNG embedded as a data URI, no script,
@@ -341,7 +341,6 @@ def _details_section(facts: RunFacts | None, metrics: dict | None, repeated: dic
             rows.append(["training step's multiplies", _e(_multiplies(facts.multiplies))])
         if facts.workers > 1:
             rows.append(["processes (torchrun)", str(facts.workers)])
-        rows.append(["report written with", _e(", ".join(f"{k} {v}" for k, v in facts.versions.items()))])
     if metrics is not None and metrics.get("iw_precision"):
         rows.append(["importance sampler's multiplies", _e(_multiplies(metrics["iw_precision"]))])
     for name, shown_by in repeated.items():
@@ -377,9 +376,9 @@ def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipp
         lead = (f"{config.get('model', '?')} · {config.get('likelihood', '?')} likelihood · {config.get('arch', '?')} "
                 f"network · {config.get('latent_dim', '?')} latent dimensions · data {config.get('data', '?')}")
     now = datetime.datetime.now(datetime.timezone.utc)
+    versions = f" with {' and '.join(f'{k} {v}' for k, v in facts.versions.items())}" if facts else ""
     when = [f"trained {facts.trained:%Y-%m-%d %H:%M} UTC" if facts and facts.trained else None,
-            *([f"{k} {v}" for k, v in facts.versions.items()] if facts else []),
-            f"report written {now:%Y-%m-%d %H:%M} UTC"]
+            f"report written {now:%Y-%m-%d %H:%M} UTC{versions}"]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
