@@ -1,8 +1,9 @@
 """Shared test helpers: the real MNIST test set and a marker to skip without it, the CLI run
-in-process, and one torch thread for modules of small tensors."""
+in-process, one torch thread for modules of small tensors, and a headless Chromium."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,21 @@ def _no_user_cache(tmp_path_factory, monkeypatch):
     import aevb.data.sources
 
     monkeypatch.setattr(aevb.data.sources, "CACHE_DIR", tmp_path_factory.getbasetemp() / "aevb-cache")
+
+
+# the system's Chromium (apt-get install chromium), offline: Playwright's own browser download cannot reach its servers
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """A headless Chromium driven by Playwright (a ``Browser``: ``chromium.new_page()``), shared by the session."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -92,6 +92,8 @@ def test_latent_scatter_places_posterior_means(tmp_path, digits):
     out = figures.latent_scatter(model, x, tmp_path / "coords.png", labels=y, directions="coords", n_images=8)
     assert torch.allclose(out["points"], means[:, :2], atol=1e-6)
     assert 1 <= len(out["image_indices"]) <= 8
+    assert out["panels"] == 2  # the points alone, and beside them the images that would hide them
+    assert figures.latent_scatter(model, x, tmp_path / "none.png", n_images=0)["panels"] == 1
     out = figures.latent_scatter(model, x, tmp_path / "pca.png", directions="pca")
     assert torch.allclose(out["points"], (means - means.mean(0)) @ out["axes"].T, atol=1e-5)
     for name in ("coords.png", "pca.png"):
@@ -178,6 +180,10 @@ def test_training_curves_read_metrics(tmp_path):
     _assert_png(tmp_path / "curves.png")
     assert out["step"] == [10, 20, 40] and out["neg_elbo"] == [49.0, 41.0, 35.5]
     assert out["eval_split"] == "test" and out["eval_step"] == [20] and out["eval_neg_elbo"] == [42.0]
+    # a run of two epochs is drawn by epoch, the held-out dots at whole epochs; one under an epoch by step
+    assert out["x_label"] == "epoch" and out["x"] == [0.5, 1.0, 2.0] and out["eval_x"] == [1]
+    short = plots.training_curves([{**r, "epoch": r["epoch"] / 4} for r in records], tmp_path / "short.png")
+    assert short["x_label"] == "step" and short["x"] == [10, 20, 40] and short["eval_x"] == [20]
 
 
 @pytest.mark.parametrize("likelihood", ["gaussian", "gaussian-learned", "laplace"])

@@ -2,7 +2,7 @@
 whose collapsed dimensions are known by construction, the representation
 classifier, per-class rows, and `aevb explore / interpolate / report / eval`
 end to end on a tiny digits run (the report embeds every PNG of the run and
-fetches nothing); a headless-Chromium screenshot where Chromium is installed."""
+fetches nothing); the page in headless Chromium at a desktop's and a phone's width."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import json
 import math
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +20,12 @@ import torch
 from PIL import Image
 
 import aevb
+import aevb.config
 from aevb.cli import main
 from aevb.data.datasets import load_data
 from aevb.analysis.evaluation import classifier_accuracy, collapse_warning, evaluate
 from aevb.registry import FIGURES
 
-REPO = Path(__file__).resolve().parents[1]
 IMG = '<img src="data:image/png;base64,'
 
 
@@ -181,16 +179,23 @@ def test_report_explore_interpolate_and_eval_end_to_end(run, capsys):
     run_cli("report", run)
 
     text = report.read_text(encoding="utf-8")
-    pngs = sorted((run / "images").glob("*.png"))
-    assert text.count(IMG) == len(pngs) > len(FIGURES.names()) - 1  # every picture of the run
+    # every picture of the run but samples.png, whose draws the prior samples figure shows again
+    every = sorted((run / "images").glob("*.png"))
+    pngs = [p for p in every if p.name != "samples.png"]
+    assert text.count(IMG) == len(pngs) == len(every) - 1 and len(every) > len(FIGURES.names()) - 1
+    assert "not shown: images/samples.png</td><td class=\"val\">the same as images/prior-samples.png" in text
     for data, path in zip(sorted(_embedded_pngs(text)), sorted(p.read_bytes() for p in pngs)):
         assert data == path
         with Image.open(io.BytesIO(data)) as image:
             image.verify()
+    # pictures captioned by what they are, not by file name; the one of no known kind by its name
+    assert "<figcaption>After epoch 1</figcaption>" in text and "reconstructions-epoch" not in text
+    assert "<figcaption>images/interp-extra.png</figcaption>" in text
     assert not re.search(r"https?://", text) and "<script" not in text.lower() and "<link" not in text.lower()
     assert '<meta name="viewport"' in text and "@media print" in text and "max-width" in text
     metrics = json.loads((run / "eval.json").read_text())
     assert f"{metrics['neg_elbo']:.4g}" in text and "Per class (nats" in text and "<code>latent_dim</code>" in text
+    _check_headline(text, run, metrics)
 
     capsys.readouterr()
     run_cli("eval", run, "-k", "30")
@@ -211,6 +216,82 @@ def test_report_explore_interpolate_and_eval_end_to_end(run, capsys):
     os.utime(run / "eval.json", (0, 0))
     run_cli("report", run, "-k", "5")
     assert json.loads((run / "eval.json").read_text())["iw_samples"] == 30
+
+
+def _check_headline(text: str, run: Path, metrics: dict) -> None:
+    """The report's first lines: what was trained on what, for how long, where; the number that matters."""
+    model = aevb.load(run / "model")
+    header = text[text.index("<header>"):text.index("</header>")]
+    parameters = sum(p.numel() for p in model.parameters())
+    assert (f">VAE (likelihood bernoulli, network mlp, 2 latent dimensions, {parameters:,} parameters) trained on "
+            f"digits (1,437 training examples of 1×8×8) for 1 epoch (12 steps) on cpu.") in header
+    assert f'<span class="number">{metrics["nll"]:,.4g}</span>' in header and "test negative log-likelihood" in header
+    assert f"k = {metrics['iw_samples']} samples" in header and "Lower is better" in header
+    assert f"torch {torch.__version__}" in header and re.search(r"trained 20\d\d-\d\d-\d\d \d\d:\d\d UTC", header)
+    # the options chosen, the full list folded away; the multiplies' precision among the technical details
+    config = text[text.index('id="config"'):]
+    chosen = config[:config.index("<details>")]
+    assert all(f"<code>{k}</code>" in chosen for k in ("latent_dim", "hidden", "epochs"))
+    assert "<code>lr</code>" not in chosen and "<code>out</code>" not in chosen
+    assert "<summary>All " in config and "<code>lr</code>" in config
+    details = text[text.index('id="details"'):]
+    assert "importance sampler's multiplies" in details and "multiplies" not in text[:text.index('id="details"')]
+    assert 'id="still-improving"' not in text  # one epoch: nothing to compare
+
+
+def test_still_improving_is_a_validation_loss_falling_at_each_of_the_last_epochs():
+    from aevb.analysis.summary import still_improving
+
+    def records(losses, split="val", key="elbo"):
+        return [{"step": 10 * (e + 1), "epoch": e + 1, f"{split}_{key}": -v if key == "elbo" else v}
+                for e, v in enumerate(losses)] + [{"step": 5, "epoch": 0.5, "loss": 1.0}]
+
+    falling = still_improving(records([90.0, 80.0, 75.0, 72.0, 71.0]))
+    assert falling.split == "val" and falling.epochs == [2, 3, 4, 5] and falling.losses == [80.0, 75.0, 72.0, 71.0]
+    assert falling.drop == pytest.approx(9.0) and falling.measure == "−ELBO"
+    assert still_improving(records([90.0, 80.0])).epochs == [1, 2]  # two epochs: the one fall there is
+    assert still_improving(records([90.0, 80.0, 70.0, 71.0])) is None  # rose at the end: it had stopped
+    assert still_improving(records([90.0, 70.0, 72.0, 71.0, 70.5])) is None  # a rise among the last three
+    assert still_improving(records([50.0, 49.999, 49.998, 49.997])) is None  # falling by less than 0.1%: flat
+    assert still_improving(records([90.0])) is None and still_improving([]) is None
+    # no validation split: the test split's; an autoencoder: its reconstruction term
+    assert still_improving(records([5.0, 4.0, 3.0], split="test")).split == "test"
+    assert still_improving(records([5.0, 4.0], key="reconstruction")).measure == "reconstruction term"
+    # a resumed run that logged an epoch again: the later record counts
+    again = records([90.0, 80.0, 75.0]) + [{"step": 30, "epoch": 3, "val_elbo": -85.0}]
+    assert still_improving(again) is None
+
+
+def test_the_report_says_when_the_run_was_still_improving(tmp_path):
+    from aevb.analysis.page import render_report
+    from aevb.analysis.summary import Improvement
+
+    config = aevb.config.make_config(latent_dim=3).to_dict()
+    note = Improvement("val", [2, 3, 4], [80.0, 75.0, 72.0])
+    text = render_report(tmp_path, config, None, {}, improvement=note)
+    assert ('<strong>Still improving when it stopped.</strong> The validation −ELBO fell at every epoch end from '
+            'epoch 2 to 4 (80 → 75 → 72 nats, 8 nats in all)') in text
+    assert 'id="still-improving"' not in render_report(tmp_path, config, None, {})
+
+
+def test_headline_number_is_the_nll_else_the_elbo_else_the_reconstruction():
+    from aevb.analysis.summary import headline_number
+
+    assert headline_number({"nll": 80.0, "neg_elbo": 85.0, "iw_samples": 50}).key == "nll"
+    assert "k = 50" in headline_number({"nll": 80.0, "neg_elbo": 85.0, "iw_samples": 50}).meaning
+    assert headline_number({"nll": None, "neg_elbo": 85.0}).key == "neg_elbo"
+    assert "upper bound" in headline_number({"nll": None, "neg_elbo": 85.0}).meaning
+    assert headline_number({"reconstruction_nll": 12.0}).label == "test reconstruction term"
+    assert headline_number({"nll": float("nan"), "neg_elbo": float("inf")}) is None
+
+
+def test_changed_options_are_those_away_from_their_defaults():
+    from aevb.analysis.summary import changed_options
+
+    assert changed_options(aevb.config.make_config().to_dict()) == {}
+    config = aevb.config.make_config(latent_dim=3, hidden="64,32", adam_betas="0.9,0.999", seed=1, out="x").to_dict()
+    assert list(changed_options(config).items()) == [("latent_dim", 3), ("hidden", [64, 32]), ("seed", 1)]
+    assert changed_options({**config, "from_a_newer_aevb": 1})["from_a_newer_aevb"] == 1
 
 
 def test_explore_skips_image_figures_for_tabular_data(tmp_path, capsys):
@@ -258,19 +339,38 @@ def test_a_figure_registered_at_run_time_is_drawn_and_reported(tmp_path, request
     text = write_report(run, iw_samples=5, device="cpu").read_text(encoding="utf-8")
     # among the figures (not the training's other pictures), after the built-in ones, with its caption
     assert "<strong>Mean test image.</strong> The average of the held-out images." in text
-    assert text.index("Latent traversals") < text.index("Mean test image") < text.index('id="more"')
+    assert text.index("Latent traversals") < text.index("Mean test image") < text.index('id="training-pictures"')
     assert "never drawn: no run has it" in text  # the missing one says why
-    assert text.count(IMG) == len(list((run / "images").glob("*.png")))
+    assert text.count(IMG) == len([p for p in (run / "images").glob("*.png") if p.name != "samples.png"])
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)")
-def test_report_renders_in_headless_chromium(run, tmp_path):
+@pytest.mark.parametrize("width", [1280, 390])  # a desktop, and a phone in portrait
+def test_report_renders_in_headless_chromium(run, tmp_path, chromium, width):
+    """Every picture loads, nothing is wider than the window, and the folded sections unfold."""
     if not (run / "report.html").exists():
         run_cli("report", run, "-k", "5")
-    subprocess.run(["sh", str(REPO / "scripts" / "screenshot_report.sh"), str(run), str(tmp_path)],
-                   check=True, capture_output=True, timeout=120)
-    for name, width in (("report-desktop.png", 1200), ("report-phone.png", 390)):
-        with Image.open(tmp_path / name) as image:
-            assert image.size[0] == width
-            # something was drawn: not a blank page
-            assert np.unique(np.asarray(image.convert("L").resize((64, 64)))).size > 8
+    page = chromium.new_page(viewport={"width": width, "height": 900})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    requests = []
+    page.on("request", lambda request: requests.append(request.url))
+    try:
+        page.goto((run / "report.html").resolve().as_uri())
+        page.wait_for_load_state("load")
+        for summary in page.locator("summary").all():  # the folded sections count too
+            summary.click()
+        images = page.evaluate("""[...document.images].map(i => ({alt: i.alt, complete: i.complete,
+                                                                  natural: i.naturalWidth, shown: i.clientWidth}))""")
+        assert len(images) == page.content().count(IMG) > 5
+        assert all(i["complete"] and i["natural"] > 0 and i["shown"] > 0 for i in images), images
+        widths = page.evaluate("[document.documentElement.scrollWidth, document.body.scrollWidth, window.innerWidth]")
+        assert max(widths[:2]) <= widths[2] == width, f"horizontal overflow at {width} px: {widths}"
+        assert page.locator("#headline").is_visible() and page.locator("#config details table").first.is_visible()
+        page.screenshot(path=str(tmp_path / f"report-{width}.png"), full_page=True)
+    finally:
+        page.close()
+    with Image.open(tmp_path / f"report-{width}.png") as image:
+        assert image.size[0] == width
+        assert np.unique(np.asarray(image.convert("L").resize((64, 64)))).size > 8  # a page drawn, not blank
+    assert not errors and all(url.startswith(("file:", "data:")) for url in requests), (errors, requests)

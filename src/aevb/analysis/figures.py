@@ -395,10 +395,11 @@ def latent_scatter(model, x: torch.Tensor, path: str | Path, labels: torch.Tenso
                    grid_range: float | None = None, seed: int = 0) -> dict:
     """The posterior means of x in two latent directions, coloured by label where given.
 
-    For image data, ``n_images`` of the inputs (seeded, spread apart) are
-    drawn at their positions; the dashed rectangle is the region that
+    For image data, a second panel beside the first draws ``n_images`` of the
+    inputs (seeded, spread apart) at their positions, which would hide the
+    points under them in one panel; the dashed rectangle is the region that
     :func:`latent_grid` decodes with the same arguments.  Returns ``points``
-    [N, 2], ``origin``, ``axes`` and ``image_indices``.
+    [N, 2], ``origin``, ``axes``, ``image_indices`` and the number of ``panels``.
     """
     import matplotlib
     from matplotlib.colors import Normalize
@@ -410,8 +411,10 @@ def latent_scatter(model, x: torch.Tensor, path: str | Path, labels: torch.Tenso
     origin, axes = latent_directions(means, directions)
     points = project(means, origin, axes).cpu()  # [N, 2]
     ru, rv = grid_extent(points, directions, grid_range)
-    fig = new_figure(7.5, 6.5)
-    ax = fig.add_subplot()
+    with_images = _is_image(model) and n_images > 0 and points.shape[0] > 0
+    # images hide the points under them: the points alone on the left, the images at theirs beside them
+    fig = new_figure(13.5, 6.2) if with_images else new_figure(7.5, 6.5)
+    panels = fig.subplots(1, 2, sharex=True, sharey=True) if with_images else [fig.add_subplot()]
     size = max(2.0, min(12.0, 4000 / max(points.shape[0], 1)))
     colors = None
     if labels is not None:
@@ -423,17 +426,22 @@ def latent_scatter(model, x: torch.Tensor, path: str | Path, labels: torch.Tenso
         else:  # more classes than a qualitative map has colours: spread them over a continuous one
             cmap = matplotlib.colormaps["turbo"]
             colors = {value: cmap(k / (len(values) - 1)) for k, value in enumerate(values)}
-        for value in values:
-            mask = labels == value
-            name = classes[value] if classes is not None and 0 <= value < len(classes) else str(value)
-            ax.scatter(points[mask, 0], points[mask, 1], s=size, color=colors[value], alpha=0.7,
-                       linewidths=0, label=name)
-        ax.legend(title="label", fontsize=8, title_fontsize=8, markerscale=12 / size ** 0.5, loc="upper left",
-                  bbox_to_anchor=(1.01, 1), frameon=False)
-    else:
-        ax.scatter(points[:, 0], points[:, 1], s=size, color="#3b6fb6", alpha=0.6, linewidths=0)
+    for ax, alpha in zip(panels, (0.7, 0.25)):
+        if colors is not None:
+            for value in colors:
+                mask = labels == value
+                name = classes[value] if classes is not None and 0 <= value < len(classes) else str(value)
+                ax.scatter(points[mask, 0], points[mask, 1], s=size, color=colors[value], alpha=alpha,
+                           linewidths=0, label=name)
+        else:
+            ax.scatter(points[:, 0], points[:, 1], s=size, color="#3b6fb6", alpha=alpha * 6 / 7, linewidths=0)
+    if colors is not None:
+        panels[-1].legend(title="label", fontsize=8, title_fontsize=8, markerscale=12 / size ** 0.5,
+                          loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+        for handle in panels[-1].get_legend().legend_handles:
+            handle.set_alpha(0.9)
     image_indices: list[int] = []
-    if _is_image(model) and n_images > 0 and points.shape[0]:
+    if with_images:
         span = float((points.max(0).values - points.min(0).values).norm())
         image_indices = _spread_indices(points, n_images, 0.09 * span, seed)
         zoom = 26 / x.shape[-2]
@@ -442,18 +450,23 @@ def latent_scatter(model, x: torch.Tensor, path: str | Path, labels: torch.Tenso
             array = image[0].numpy() if image.shape[0] == 1 else image[:3].permute(1, 2, 0).numpy()
             box = OffsetImage(array, zoom=zoom, cmap="gray", norm=Normalize(0, 1), interpolation="nearest")
             edge = colors[int(labels[i])] if colors is not None else "#555555"
-            ax.add_artist(AnnotationBbox(box, (float(points[i, 0]), float(points[i, 1])), frameon=True,
-                                         pad=0.1, bboxprops={"edgecolor": edge, "linewidth": 1.5}))
-    if _is_image(model):  # the latent grid is drawn for images only
-        ax.add_patch(Rectangle((-ru, -rv), 2 * ru, 2 * rv, fill=False, linestyle="--", linewidth=0.8,
-                               edgecolor="#444444"))
+            panels[1].add_artist(AnnotationBbox(box, (float(points[i, 0]), float(points[i, 1])), frameon=True,
+                                                pad=0.1, bboxprops={"edgecolor": edge, "linewidth": 1.5}))
     name_u, name_v = _axis_names(directions)
-    ax.set_xlabel(name_u)
-    ax.set_ylabel(name_v)
+    for ax in panels:
+        if _is_image(model):  # the latent grid is drawn for images only
+            ax.add_patch(Rectangle((-ru, -rv), 2 * ru, 2 * rv, fill=False, linestyle="--", linewidth=0.8,
+                                   edgecolor="#444444"))
+        ax.set_xlabel(name_u)
+    panels[0].set_ylabel(name_v)
     grid_note = "; dashed: the latent grid's range" if _is_image(model) else ""
-    ax.set_title(f"posterior means of {points.shape[0]} test examples ({name_u}, {name_v}){grid_note}", fontsize=9)
+    panels[0].set_title(f"posterior means of {points.shape[0]} test examples ({name_u}, {name_v}){grid_note}",
+                        fontsize=9)
+    if with_images:
+        panels[1].set_title(f"{len(image_indices)} of the test images at their posterior means", fontsize=9)
     save_figure(fig, path)
-    return {"points": points, "origin": origin.cpu(), "axes": axes.cpu(), "image_indices": image_indices}
+    return {"points": points, "origin": origin.cpu(), "axes": axes.cpu(), "image_indices": image_indices,
+            "panels": len(panels)}
 
 
 # -- denoising -------------------------------------------------------------------

@@ -25,6 +25,7 @@ numbers); the draw functions here only choose their arguments.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -175,7 +176,8 @@ SHOWN_EXAMPLES = 10
 @FIGURES.register("training-curves.png")
 @figure("Training curves",
         "Training loss, reconstruction term and KL averaged over logged steps (lines), and the held-out "
-        "ELBO terms at epoch ends (dots), in nats per example; below right the mean posterior μ and σ.",
+        "ELBO terms at epoch ends (dots), in nats per example, by epoch (by step for a run shorter than one "
+        "epoch); below right the mean posterior μ and σ.",
         needs=(METRICS,))
 def _training_curves(context: FigureContext, path: Path) -> None:
     plots.training_curves(context.run_dir / "metrics.jsonl", path)
@@ -223,7 +225,7 @@ def _plane_options(context: FigureContext) -> ExploreOptions:
 @FIGURES.register("latent-scatter.png")
 @figure("Posterior means of the test set",
         "Each test example at its posterior mean in the two latent directions of the grid, coloured by "
-        "label where there are labels, with a few test images drawn at their positions.",
+        "label where there are labels; for images, a few test images drawn at their positions beside it.",
         needs=(PLANE,))
 def _latent_scatter(context: FigureContext, path: Path) -> None:
     options = _plane_options(context)
@@ -280,3 +282,48 @@ def _layer_variation(context: FigureContext, path: Path) -> None:
         needs=(REAL_VALUES,))
 def _likelihood_choice(context: FigureContext, path: Path) -> None:
     plots.likelihood_choice(context.model, context.x[:LIKELIHOOD_EXAMPLES], path)  # the test split's residuals
+
+
+# ---------------------------------------------------------------------------
+# the other pictures of a run folder: what training and the commands write into RUN/images/ besides the figures
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A kind of picture that is no figure of the registry, known by its file name (``pattern``, a regex).
+
+    ``caption(match)`` is what the report says of it; ``series`` groups the
+    pictures of one kind (the reconstructions during training, ordered by
+    ``order(match)``); ``shown_by``: a figure that shows the same (the report
+    then leaves the picture out).
+    """
+
+    pattern: str
+    caption: Callable[[re.Match], str]
+    series: str = ""
+    order: Callable[[re.Match], float] = lambda match: 0.0
+    shown_by: str | None = None
+
+    def match(self, name: str) -> re.Match | None:
+        return re.fullmatch(self.pattern, name)
+
+
+# the names training/loop.py and the commands of aevb.cli give their pictures
+TRAINING_SERIES = "Reconstructions during training"
+PICTURES = (
+    Picture(r"reconstructions-epoch(\d+)\.png", lambda m: f"After epoch {int(m[1])}", TRAINING_SERIES,
+            lambda m: float(m[1])),
+    Picture(r"reconstructions-(\d+)\.png", lambda m: f"After step {int(m[1])}", TRAINING_SERIES, lambda m: float(m[1])),
+    Picture(r"samples\.png", lambda m: "Samples from the prior at the end of training.",
+            shown_by="prior-samples.png"),
+    Picture(r"samples-T(.+)\.png", lambda m: f"Samples from the prior at temperature {m[1]} (aevb sample)."),
+)
+
+
+def describe_picture(name: str) -> tuple[Picture, re.Match] | None:
+    """The kind of a picture of ``RUN/images/`` that is no figure, with the match of its name; None if unknown."""
+    for picture in PICTURES:
+        match = picture.match(name)
+        if match is not None:
+            return picture, match
+    return None

@@ -33,14 +33,19 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def training_curves(metrics: str | Path | list[dict], path: str | Path) -> dict:
-    """Loss, reconstruction term, KL and posterior statistics against optimiser steps.
+    """Loss, reconstruction term, KL and posterior statistics against epochs (steps for a run under one epoch).
 
     ``metrics``: a ``metrics.jsonl`` path or its records.  Training records
     (averages over the logged steps) are lines; the held-out ELBO terms
     logged at epoch ends (``val_*`` or ``test_*``) are dots.  All in nats per
     example; the training loss includes β and is the IWAE bound for IWAE.
-    Returns the plotted series.
+    The horizontal axis counts epochs (``x_label``), where the validation
+    dots fall at whole numbers, once the run has trained a whole epoch; a
+    shorter run's, optimiser steps.  Returns the plotted series (``x`` and
+    ``eval_x`` on that axis).
     """
+    from matplotlib.ticker import MaxNLocator
+
     records = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
     train = [r for r in records if all(k in r for k in ("loss", "reconstruction", "kl"))]
     split = next((s for s in ("val", "test") if any(f"{s}_reconstruction" in r for r in records)), None)
@@ -60,6 +65,10 @@ def training_curves(metrics: str | Path | list[dict], path: str | Path) -> dict:
         "eval_reconstruction": [r.get(f"{split}_reconstruction") for r in held],
         "eval_kl": [r.get(f"{split}_kl") for r in held],
     }
+    epochs = [r.get("epoch") for r in train + held]
+    by_epoch = bool(train) and all(isinstance(e, (int, float)) for e in epochs) and max(epochs) >= 1
+    axis = "epoch" if by_epoch else "step"
+    series.update({"x_label": axis, "x": [r[axis] for r in train], "eval_x": [r[axis] for r in held]})
     fig = new_figure(10, 6.8)
     panels = fig.subplots(2, 2, sharex=True)
     # markers where there are few points, so a one-epoch run still shows something
@@ -76,7 +85,7 @@ def training_curves(metrics: str | Path | list[dict], path: str | Path) -> dict:
         if ax.has_data():
             ax.legend(fontsize=8)
 
-    steps, eval_steps = series["step"], series["eval_step"]
+    steps, eval_steps = series["x"], series["eval_x"]
     draw(panels[0, 0], "training loss and negative ELBO (nats)", [
         ("training loss (minimised)", steps, series["loss"], train_style),
         ("training −ELBO = reconstruction + KL", steps, series["neg_elbo"], {**train_style, "linestyle": "--"}),
@@ -97,7 +106,9 @@ def training_curves(metrics: str | Path | list[dict], path: str | Path) -> dict:
         *([("β", steps, series["beta"], {**train_style, "linestyle": ":"})] if len(set(betas)) > 1 else []),
     ])
     for ax in panels[1]:
-        ax.set_xlabel("optimiser step")
+        ax.set_xlabel("epoch" if by_epoch else "optimiser step")
+        if by_epoch:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # 1, 2, 3 epochs: not 1.25
     save_figure(fig, path)
     return series
 

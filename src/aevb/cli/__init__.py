@@ -25,10 +25,19 @@ from aevb.config import (IW_SAMPLES, PRECISIONS, SEED_RANGE, coerce, flag, make_
 from aevb.cli.text import format_diagnostics, format_metrics, memory_message, out_of_memory
 from aevb.errors import UserError
 from aevb.options import Option
-from aevb.registry import DATASETS, Registry, is_import_path
+from aevb.registry import DATASETS, MODELS, Registry, is_import_path
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-SEED = click.IntRange(*SEED_RANGE)  # train's --seed is checked in RunConfig, for config files too
+
+
+class SeedRange(click.IntRange):
+    """A seed's range, which ``--help`` writes as powers of two rather than in twenty digits."""
+
+    def _describe_range(self) -> str:
+        return "-2^63 ≤ x ≤ 2^64 − 1"
+
+
+SEED = SeedRange(*SEED_RANGE)  # train's --seed is checked in RunConfig, for config files too
 # upper bounds of the options that multiply a command's memory: far above any use (a picture of 65,536 images,
 # a million importance samples an example), below what would be killed by the system before any error is seen
 PICTURES = click.IntRange(1, 2**16)  # images in one picture (-n): a 256 × 256 grid
@@ -134,10 +143,15 @@ def _click_option(option: Option) -> click.Option:
     help_text = option.help
     if option.name == "data":
         help_text += f" [registered: {', '.join(DATASETS.names())}]"
+    notes = []
     if option.default is not None and option.default is not False:
         default = option.default
-        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-        help_text += f"  [default: {shown}]"
+        notes.append(f"default: {','.join(map(str, default)) if isinstance(default, (list, tuple)) else default}")
+    if option.choices is None and option.kind in ("int", "float", "list[int]", "list[float]") \
+            and option.range_text() != "any number":
+        notes.append(option.range_text())  # ≥ 1, in [0, 1), in [-2^63, 2^64)
+    if notes:
+        help_text += f"  [{'; '.join(notes)}]"
     if option.kind == "bool":
         return click.Option([f"{option.flag}/--no-{flag(option.name)}", option.name], default=None, help=help_text)
     return click.Option([option.flag, option.name], type=_click_type(option), default=None, help=help_text,
@@ -149,13 +163,46 @@ class RunCommand(Command):
 
     The flags are made when the command runs (or shows its help), from the
     options of the models registered by then, so that a model registered
-    at run time brings its flags; reading them imports no torch.
+    at run time brings its flags; reading them imports no torch.  ``--help``
+    lists them in the groups the options declare (``Option.group``: data,
+    model, training), the options of particular models apart, each saying
+    which models take it.
     """
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         params = [*self.params, *map(_click_option, run_options().values())]
         help_option = self.get_help_option(ctx)
         return params if help_option is None else [*params, help_option]
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        options = run_options()
+        takers: dict[str, list[str]] = {}  # a model's option: the models that take it
+        for model in MODELS.names():
+            for option in MODELS.options(model):
+                takers.setdefault(option.name, []).append(model)
+        sections: dict[str, list[tuple[str, str]]] = {title: [] for title in HELP_SECTIONS.values()}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            option = options.get(param.name) if isinstance(param, click.Option) else None
+            if option is None:
+                sections[HELP_SECTIONS[None]].append(record)
+            elif option.name in takers:
+                sections[HELP_SECTIONS["models"]].append(
+                    (record[0], f"{record[1]}  [--model {', '.join(takers[option.name])}]"))
+            else:
+                sections[HELP_SECTIONS[option.group]].append(record)
+        for title, records in sections.items():
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+
+# the sections of `aevb train --help`, by Option.group (None: the command's own options; models: the options of
+# particular models), in the order shown
+HELP_SECTIONS = {None: "Options", "data": "Data", "model": "Model", "models": "Options of particular models",
+                 "training": "Training"}
 
 
 @cli.command(cls=RunCommand, context_settings=CONTEXT)
@@ -311,7 +358,7 @@ def _show_evaluation(run: str, metrics: dict, iw_samples: int) -> None:
 @_run_argument
 @click.option("-n", "n", type=PICTURES, default=64, show_default=True, help="number of samples")
 @click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, callback=_finite, help="scale of z ~ N(0, T² I)")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the draws: the same seed, the same samples")
 @click.option("--format", "file_format", type=click.Choice(["png", "npy", "csv"]), help="png: a grid of images; npy: the samples [n, *data_shape]; csv: a table's rows under its column names. A table's samples are in the units of its file  [default: png for images, csv for tables, or the suffix of --out]")
 @click.option("--out", "-o", type=GivenPath(dir_okay=False), help="file to write [default: RUN/images/samples-T<temperature>.png, or RUN/samples-T<temperature>.npy/.csv]")
 @_device_option
@@ -511,7 +558,7 @@ def interpolate(run, pairs, steps, out, device):
 @click.option("-n", "grid_size", type=SIDE, default=15, show_default=True, help="latent grid points per side")
 @click.option("--pairs", type=PICTURES, default=4, show_default=True, help="interpolated pairs of test images")
 @click.option("--top-dims", type=PICTURES, default=10, show_default=True, help="latent dimensions traversed (largest KL first)")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="seed of every random draw of the figures (prior samples, the images shown)")
 @_device_option
 def explore(run, grid_range, directions, grid_size, pairs, top_dims, seed, device):
     """Write every figure of a run into RUN/images/ and print their paths.

@@ -23,7 +23,6 @@ import dataclasses
 import logging
 import math
 import shutil
-import sys
 import time
 import warnings
 from contextlib import ExitStack
@@ -60,6 +59,7 @@ from aevb.training.lr_schedules import LRSchedule, make_lr_schedule
 from aevb.training.data import TrainingData
 from aevb.training.interrupt import Interrupted, StopRequest, stop_on_sigint
 from aevb.training.metrics import MetricsLog, NoLog, StepTerms, check_loggers
+from aevb.training.progress import ProgressBar
 from aevb.training.schedules import make_schedule
 from aevb.training.validation import epoch_line, mean_elbo_terms
 
@@ -367,11 +367,8 @@ class Trainer:
                 self.bar.close()
             log.close()
 
-    def _progress_bar(self):
-        from tqdm.auto import tqdm  # looks for Jupyter when imported: only runs that show a bar pay for it
-
-        return tqdm(total=self.total_steps, initial=self.position.step, unit="step", dynamic_ncols=True,
-                    desc=f"{self.config.model} {self.data.dataset.name}", file=sys.stderr)
+    def _progress_bar(self) -> ProgressBar:
+        return ProgressBar(self.run_dir.name, self.total_steps, self.position.step, self.steps_per_epoch)
 
     def _run_epochs(self, ctrl_c: StopRequest) -> None:
         position = self.position
@@ -422,7 +419,7 @@ class Trainer:
         """The progress bar, a record every log_every steps, pictures every image_every; ``stop``: Ctrl-C was pressed."""
         step, image_every = self.position.step, self.config.image_every
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(step)
         if self.checkpoint_due():
             self.flush_log()  # a record at each checkpoint: a run resumed from it logs what an unbroken one does
             self.save_checkpoint()
@@ -465,8 +462,7 @@ class Trainer:
                   "images_per_s": images_per_s}
         self.log.write(record)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.2f}", rec=f"{record['reconstruction']:.2f}",
-                                 kl=f"{record['kl']:.2f}", img_s=f"{record['images_per_s']:.0f}")
+            self.bar.show(record, position.step)
         self.last_log_time, self.last_log_step = now, position.step
 
     def end_epoch(self) -> None:
