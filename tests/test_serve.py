@@ -451,6 +451,19 @@ def test_aevb_serve_prints_its_address_and_stops_on_sigint(digits_run):
             process.wait()
 
 
+def test_the_listening_socket_says_it_is_tcp_so_answers_are_not_held_back():
+    # asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets whose protocol is IPPROTO_TCP; on one
+    # made with protocol 0, a response's headers and body, written apart, wait 40 ms for a delayed ACK
+    from aevb.serve.server import bind
+
+    with bind() as sock:
+        assert sock.proto == socket.IPPROTO_TCP
+        with socket.create_connection(sock.getsockname()) as client:
+            accepted, _ = sock.accept()
+            with accepted:
+                assert accepted.proto == socket.IPPROTO_TCP
+
+
 def test_a_port_in_use_is_refused_with_a_way_out(digits_run, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
