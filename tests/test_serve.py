@@ -31,6 +31,7 @@ pytest.importorskip("starlette", reason="aevb serve needs the serve extra (pip i
 pytest.importorskip("uvicorn", reason="aevb serve needs the serve extra (pip install 'aevb[serve]')")
 
 import aevb  # noqa: E402
+from aevb.registry import MODELS  # noqa: E402
 from aevb.run.open import open_run  # noqa: E402
 from aevb.serve.app import body_limit, create_app  # noqa: E402
 from aevb.serve.explorer import Explorer  # noqa: E402
@@ -145,6 +146,28 @@ def test_sliders_put_the_active_dimensions_first_each_by_its_kl():
         assert d["score_name"] == "KL" and d["low"] <= -3 and d["high"] >= 3
 
 
+CASES = [(name, "standard") for name in MODELS.names()] + [("vae", "mog"), ("vae", "vamp")]
+
+
+@pytest.mark.parametrize("name,prior", CASES, ids=lambda v: str(v))
+def test_every_model_and_prior_is_explored(name, prior):
+    torch.manual_seed(0)
+    model_class = MODELS.get(name)
+    kwargs = {"prior": prior} if model_class.has_kl else {}
+    model = aevb.build_model(name, data_shape=(1, 8, 8), latent_dim=3, arch="mlp", hidden=[16], **kwargs).eval()
+    explorer = Explorer(model, torch.rand(30, 1, 8, 8), torch.arange(30) % 3)
+    state = json.loads(json.dumps(explorer.state(), allow_nan=False))  # strict JSON: what the page gets
+    assert sorted(d["dim"] for d in state["dims"]) == [0, 1, 2]
+    assert len(state["planes"]["pca"]["points"]) == 30
+    z = [0.3, -0.2, 1.0]
+    assert_decodes(model, explorer.decode(torch.tensor(z))["output"]["png"], z)
+    assert state["samplers"] == (["prior"] if model.has_kl else [])
+    if model.has_kl:
+        draws = explorer.draw("prior", 4, seed=1)
+        for output, z in zip(draws["outputs"], draws["z"]):
+            assert_decodes(model, output["png"], z)
+
+
 # -- the API over HTTP -----------------------------------------------------------------------------
 
 
@@ -253,14 +276,21 @@ def test_the_body_limit_holds_without_a_declared_length_and_other_paths_answer_4
     assert request(server + "api/decode", {"z": [1, 2, 3, 4]})[0] == 200
 
 
-def test_a_tables_decoded_row_is_in_the_units_of_its_file(tmp_path):
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory):
+    """A run on a CSV table of 4 columns in very different units."""
+    folder = tmp_path_factory.mktemp("serve-table")
     rng = np.random.default_rng(0)
     table = rng.normal(size=(200, 2)) @ rng.normal(size=(2, 4)) * [1, 10, 100, 1000] + [5, -50, 0, 3000]
-    np.savetxt(tmp_path / "table.csv", table, delimiter=",", header="a,b,c,d", comments="")
-    out = tmp_path / "run"
-    assert aevb_cli("train", "--data", tmp_path / "table.csv", "--likelihood", "gaussian", "--latent-dim", "2",
+    np.savetxt(folder / "table.csv", table, delimiter=",", header="a,b,c,d", comments="")
+    out = folder / "run"
+    assert aevb_cli("train", "--data", folder / "table.csv", "--likelihood", "gaussian", "--latent-dim", "2",
                     "--hidden", "16", "--epochs", "1", "-q", "--out", out) == 0
-    run = open_run(out)
+    return out
+
+
+def test_a_tables_decoded_row_is_in_the_units_of_its_file(table_run):
+    run = open_run(table_run)
     explorer = Explorer.from_run(run)
     with running(create_app(explorer)) as url:
         status, state = request(url + "api/state")
@@ -409,6 +439,36 @@ def test_the_explorer_in_headless_chromium(chromium, server, explorer):
 
         assert errors == []
         assert requests and all(url.startswith(server) or url.startswith("data:") for url in requests), requests
+    finally:
+        page.close()
+
+
+def test_a_table_in_headless_chromium(chromium, table_run):
+    run = open_run(table_run)
+    explorer = Explorer.from_run(run)
+    page = chromium.new_page(viewport={"width": 1280, "height": 1000})
+    errors = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        with running(create_app(explorer)) as url:
+            page.goto(url)
+            page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+            box = page.locator("#plane .scatterlayer path.point").nth(3).bounding_box()
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.wait_for_selector("#tooltip-row table")  # hovering a row shows the row
+            assert page.locator("#tooltip-row th").all_inner_texts() == ["a", "b", "c", "d"]
+            page.mouse.move(5, 5)
+            x, y = _empty_spot(page)
+            page.mouse.click(x, y)
+            page.wait_for_function("() => document.getElementById('decoded-caption').textContent.includes('of the plane')")
+            z = json.loads(page.get_attribute("#decoded table", "data-z"))
+            shown = [float(v) for v in page.locator("#decoded td").all_inner_texts()]
+            with torch.no_grad():
+                expected = run.dataset.original_units(run.model.decode(torch.tensor([z])).mean)[0]
+            assert shown == pytest.approx(expected.tolist(), rel=1e-3)  # 4 significant digits on the page
+            assert page.locator("#draws table").count() == 16
+        assert errors == []
     finally:
         page.close()
 

@@ -162,17 +162,24 @@ async function showTooltip(index, event) {
   const tooltip = $("tooltip"), s = page.state;
   const label = s.labels ? `label ${labelName(s.labels[index])}` : "";
   $("tooltip-text").textContent = `test example ${index} ${label}`;
-  const img = $("tooltip-image");
+  const img = $("tooltip-image"), row = $("tooltip-row");
+  tooltip.style.left = `${event.clientX + 14}px`;
+  tooltip.style.top = `${event.clientY + 14}px`;
+  tooltip.hidden = false;
   if (s.kind === "image") {
     img.hidden = false;
     img.src = `/api/thumbnails/${index}`;
     img.dataset.index = index;
-  } else {
-    img.hidden = true;
+    return;
   }
-  tooltip.style.left = `${event.clientX + 14}px`;
-  tooltip.style.top = `${event.clientY + 14}px`;
-  tooltip.hidden = false;
+  img.hidden = true;  // a table's row, in the units of its file
+  row.replaceChildren();
+  try {
+    const answer = await api(`/api/examples/${index}`);
+    if (page.hovered === index) row.replaceChildren(outputElement(answer.input));
+  } catch (error) {
+    showError(error);
+  }
 }
 
 function wirePlane() {
