@@ -64,8 +64,10 @@ def planes(model: Model, means: torch.Tensor) -> dict[str, Plane]:
     """The planes the page offers for posterior means [N, D]: the first two coordinates, and the first two
     principal components where there are two dimensions and two examples to have them."""
     latent = means.shape[1]
-    origin = model.prior().mean.detach().float().cpu().reshape(latent) if model.has_kl else torch.zeros(latent)
-    held = "the prior's mean" if model.has_kl else "0"
+    # z's own prior: a model with several stochastic layers decodes z_1, whose prior p(z_1 | z_2) has no one mean
+    own_prior = model.has_kl and model.stochastic_layers == 1
+    origin = model.prior().mean.detach().float().cpu().reshape(latent) if own_prior else torch.zeros(latent)
+    held = "the prior's mean" if own_prior else "0"
     axes = torch.eye(max(latent, 2))[:2, :latent]  # [2, D]; a 1-D latent space: v does nothing
     coords_origin = origin.clone()
     coords_origin[:2] = 0
@@ -87,18 +89,24 @@ def prior_draw(model: Model) -> Draw:
 
 
 def run_samplers(run: Run, model: Model) -> dict[str, Draw]:
-    """The draws the page offers: the prior (a model with one), then the run's fitted samplers.
+    """The draws the page offers: the prior (a model with one), then the samplers fitted to the run's codes
+    and saved in its folder for these weights (never fitted here: the explorer only reads the run).
 
-    The hook for the samplers fitted to a run's codes: where a module
-    ``aevb.sampling`` exists, its ``samplers(run) -> {name: draw}`` (each
-    draw ``(n, generator) → z [n, D]``) adds its entries.  It is looked up by
-    name because it is built beside this package; once merged, an ordinary
-    import replaces the lookup.
+    The hook for ``aevb.sampling`` (issue 35's samplers, built beside this
+    package): where its ``fitted`` module exists, each sampler it names with a
+    saved fit of these weights adds its ``sample(n, generator)`` (z [n, D]).
+    It is looked up by name until both are merged; then an ordinary import
+    (``from aevb.sampling.fitted import fitted_samplers, saved_sampler``)
+    replaces the lookup.
     """
     found: dict[str, Draw] = {"prior": prior_draw(model)} if model.has_kl else {}
-    if importlib.util.find_spec("aevb.sampling") is not None:
-        sampling = importlib.import_module("aevb.sampling")
-        found.update(sampling.samplers(run))
+    if importlib.util.find_spec("aevb.sampling") is None or importlib.util.find_spec("aevb.sampling.fitted") is None:
+        return found
+    fitted = importlib.import_module("aevb.sampling.fitted")
+    for name in fitted.fitted_samplers():
+        sampler, _, _ = fitted.saved_sampler(run.path, name, model)
+        if sampler is not None:
+            found[name] = sampler.sample
     return found
 
 
@@ -180,7 +188,7 @@ class Explorer:
         }
 
     def example(self, index: int) -> dict:
-        """Test example ``index`` (< :attr:`examples`): itself, its code E_q[z|x] [D] and its reconstruction."""
+        """Test example ``index`` (< len(x)): itself, its code E_q[z|x] [D] and its reconstruction."""
         x = self.x[index:index + 1]
         code = self.codes[index]
         return {"index": index, "label": None if self.labels is None else int(self.labels[index]),
