@@ -239,7 +239,6 @@ BAD = {  # name: (path, body as sent, status)
     "not UTF-8": ("api/decode", b'\xff\xfe', 400),
     "JSON not an object": ("api/decode", b'[0, 0, 0, 0]', 400),
     "nested too deep": ("api/decode", b'[' * 3000 + b']' * 3000, 400),
-    "huge payload": ("api/decode", b'{"z": [' + b'0, ' * 1_000_000 + b'0]}', 413),
     "too many steps": ("api/interpolate", b'{"a": [0, 0, 0, 0], "b": [1, 1, 1, 1], "steps": 100000}', 422),
     "fractional steps": ("api/interpolate", b'{"a": [0, 0, 0, 0], "b": [1, 1, 1, 1], "steps": 2.5}', 422),
     "missing b": ("api/interpolate", b'{"a": [0, 0, 0, 0]}', 422),
@@ -259,9 +258,20 @@ def test_a_bad_request_gets_a_4xx_naming_its_fault_and_the_server_keeps_serving(
     assert status == 200 and "png" in answer["output"]
 
 
-def test_the_body_limit_holds_without_a_declared_length_and_other_paths_answer_4xx(server):
-    # a chunked body (no Content-Length) is read only up to the limit
+def test_a_huge_payload_is_refused_before_it_is_read_and_other_paths_answer_4xx(server):
+    # refused on its declared length, before its body is sent (a client still sending it would find the
+    # connection closed under it: the server answers and stops reading)
     host, port = server.removeprefix("http://").rstrip("/").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(b"POST /api/decode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 3000000\r\n\r\n" + b'{"z": [' + b"0, " * 1000)
+        answer = b""
+        while b"bytes" not in answer:  # the status line, the headers, then the message
+            received = connection.recv(1000)
+            assert received, answer
+            answer += received
+        assert answer.startswith(b"HTTP/1.1 413") and b"over 16704 bytes" in answer
+    # a chunked body (no Content-Length) is read only up to the limit
     with socket.create_connection((host, int(port)), timeout=30) as connection:
         chunk = b"0, " * 10_000
         head = (b"POST /api/decode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -315,6 +325,37 @@ def test_a_conv_models_decode_round_trip():
         status, answer = request(url + "api/decode", {"z": [1.0, -2.0, 0.5]})
         assert status == 200
         assert_decodes(model, answer["output"]["png"], [1.0, -2.0, 0.5])
+
+
+def test_the_samplers_fitted_to_a_run_are_offered_beside_the_prior(digits_run, monkeypatch):
+    # aevb.sampling.fitted as the samplers' module names them: the fitted samplers, and each one's saved fit
+    # of these weights (None where there is none); the explorer offers those with a fit and never fits one
+    import importlib.machinery
+    import types
+
+    class Shifted:
+        def sample(self, n, generator=None, temperature=1.0):
+            return torch.randn(n, 4, generator=generator) + 5.0
+
+    asked = []
+
+    def saved_sampler(run_dir, name, model):
+        asked.append((Path(run_dir), name))
+        return (Shifted(), {}, "") if name == "gmm" else (None, None, f"no {name} sampler is fitted")
+
+    package, fitted = types.ModuleType("aevb.sampling"), types.ModuleType("aevb.sampling.fitted")
+    package.__spec__ = importlib.machinery.ModuleSpec("aevb.sampling", None, is_package=True)
+    fitted.__spec__ = importlib.machinery.ModuleSpec("aevb.sampling.fitted", None)
+    fitted.fitted_samplers, fitted.saved_sampler = lambda: ["gmm", "flow"], saved_sampler
+    monkeypatch.setitem(sys.modules, "aevb.sampling", package)
+    monkeypatch.setitem(sys.modules, "aevb.sampling.fitted", fitted)
+    explorer = Explorer.from_run(open_run(digits_run))
+    assert list(explorer.samplers) == ["prior", "gmm"]
+    assert asked == [(Path(digits_run), "gmm"), (Path(digits_run), "flow")]
+    draws = explorer.draw("gmm", 3, seed=2)
+    torch.testing.assert_close(torch.tensor(draws["z"]), Shifted().sample(3, torch.Generator().manual_seed(2)))
+    for output, z in zip(draws["outputs"], draws["z"]):
+        assert_decodes(explorer.model, output["png"], z)
 
 
 def test_an_autoencoder_has_no_draws_and_says_so(tmp_path):
