@@ -559,7 +559,7 @@ def test_the_listening_socket_says_it_is_tcp_so_answers_are_not_held_back():
 
     with bind() as sock:
         assert sock.proto == socket.IPPROTO_TCP
-        with socket.create_connection(sock.getsockname()) as client:
+        with socket.create_connection(sock.getsockname()):
             accepted, _ = sock.accept()
             with accepted:
                 assert accepted.proto == socket.IPPROTO_TCP
