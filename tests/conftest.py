@@ -49,18 +49,21 @@ def _no_user_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(aevb.data.sources, "CACHE_DIR", tmp_path_factory.getbasetemp() / "aevb-cache")
 
 
-# the system's Chromium (apt-get install chromium), offline: Playwright's own browser download cannot reach its servers
+# Chromium as the distribution installs it (apt-get install chromium): Playwright's own browser download cannot
+# reach its servers from these machines.  Flags: no sandbox (containers, root), and nothing the browser would
+# fetch by itself, so that a test sees only the page's own requests.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="session")
 def chromium():
-    """A headless Chromium driven by Playwright (a ``Browser``: ``chromium.new_page()``), shared by the session."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    """A headless Chromium driven by Playwright (a ``Browser``: ``chromium.new_page()``), shared by the session;
+    skipped where either is missing."""
     executable = shutil.which("chromium")
     if executable is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install 'aevb[test]')")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield browser

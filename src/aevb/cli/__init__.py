@@ -612,6 +612,35 @@ def report(run, iw_samples, out, device):
     click.echo(f"written: {path}")
 
 
+@cli.command(context_settings=CONTEXT)
+@_run_argument
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="TCP port to listen on; 0: a free one, printed with the address")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on; 127.0.0.1 keeps the explorer on this machine")
+@_device_option
+def serve(run, port, host, device):
+    """Explore RUN's latent space in the browser, until Ctrl-C.
+
+    \b
+    A local web page: the test set's codes in a plane (coloured by label,
+    each showing its image on hover); click anywhere to decode that point,
+    move a slider for any latent dimension, interpolate between two points
+    (linear and spherical), draw from the prior.  The model runs in this
+    process; the page fetches nothing from the internet.  Needs
+    pip install 'aevb[serve]'.
+
+    \b
+    Examples:
+      aevb serve runs/vae-digits              # prints http://127.0.0.1:PORT/
+      aevb serve runs/mnist --port 8000
+    """
+    try:  # the web stack is an extra: say how to get it rather than fail on an import
+        from aevb.serve.server import serve_run
+    except ModuleNotFoundError as error:
+        raise UserError(f"aevb serve needs {error.name}: pip install 'aevb[serve]'") from None
+
+    serve_run(run, host=host, port=port, device=device, echo=click.echo)
+
+
 # ---------------------------------------------------------------------------
 
 
