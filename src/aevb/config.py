@@ -147,8 +147,9 @@ class RunConfig:
         values = dataclasses.asdict(self)
         return values | values.pop("model_options")
 
-    def model_kwargs(self, data_shape: tuple[int, ...]) -> dict[str, Any]:
-        """Arguments of :func:`aevb.model.base.build_model` for this run."""
+    def model_kwargs(self, data_shape: tuple[int, ...], n_classes: int | None = None) -> dict[str, Any]:
+        """Arguments of :func:`aevb.model.base.build_model` for this run; ``n_classes``: the data's classes, for a
+        conditional run (``--conditional``: :func:`aevb.run.data.class_count`)."""
         kwargs: dict[str, Any] = dict(data_shape=data_shape, latent_dim=self.latent_dim, arch=self.arch,
                                       likelihood=self.likelihood, hidden=self.hidden)
         if self.likelihood_scale is not None:
@@ -157,6 +158,8 @@ class RunConfig:
             kwargs["posterior_args"] = {"scale_param": self.posterior_scale}
         # the model's own options (imports torch: called by training only)
         kwargs.update(MODELS.get(self.model).run_kwargs(self))
+        if n_classes is not None:
+            kwargs["n_classes"] = n_classes
         return kwargs
 
     def to_dict(self) -> dict[str, Any]:

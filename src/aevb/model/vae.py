@@ -18,6 +18,10 @@ PRIOR = Option("prior", "standard", "prior p(z): standard normal, a learned mixt
 PRIOR_COMPONENTS = Option("prior_components", None, "components K of the mog prior (default 10) or pseudo-inputs of "
                           "the vamp prior (default 100)", kind="int", low=1, below=COUNTS, metavar="K",
                           memory=True)
+# conditional models (aevb.model.conditioning): the run gives the model n_classes, the classes of the data's labels
+CONDITIONAL = Option("conditional", False, "condition encoder and decoder on the data's class labels, q(z|x,y) and "
+                     "p(x|z,y) (the prior stays p(z)); the number of classes is the labels' and is recorded in the "
+                     "model; aevb sample --label draws one class")
 # the KL weight of the models whose loss is reconstruction + β·KL (VAE, HVAE); the run's β schedules need it
 BETA = Option("beta", 1.0, "weight of the KL term in the training loss (β-VAE); the reported ELBO always uses 1",
               low=0)
@@ -29,9 +33,12 @@ class LatentVariableModel(Model):
     Args (besides :class:`Model`'s):
         prior: a name in ``aevb.registry.PRIORS`` (standard, mog, vamp).
         prior_args: its arguments (``{"components": 10}``; the run option ``prior_components``).
+
+    Each can be conditional on a class label (``n_classes=``, the run option ``conditional``).
     """
 
-    options = (PRIOR, PRIOR_COMPONENTS)
+    options = (PRIOR, PRIOR_COMPONENTS, CONDITIONAL)
+    takes_labels = True
 
     def __init__(self, *args, prior: str = PRIOR.default, prior_args: dict[str, Any] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -40,6 +47,7 @@ class LatentVariableModel(Model):
     @classmethod
     def run_kwargs(cls, config) -> dict[str, Any]:
         kwargs = super().run_kwargs(config)
+        kwargs.pop("conditional", None)  # the run gives n_classes, which the data's labels say (config.model_kwargs)
         components = kwargs.pop("prior_components", None)  # an entry of prior_args, not an argument of its own
         if components is not None:
             if config.prior == "standard":
@@ -83,10 +91,11 @@ class VAE(LatentVariableModel):
         if self.free_bits:  # only then, so configs of models without free bits stay as they were
             self.config.update(free_bits=self.free_bits)
 
-    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
-        """``beta`` overrides the model's β for this call (KL warm-up schedules)."""
+    def loss(self, x: torch.Tensor, beta: float | None = None, label: Any = None) -> LossOutput:
+        """``beta`` overrides the model's β for this call (KL warm-up schedules); ``label`` [B]: the batch's
+        classes, for a conditional model."""
         beta = self.beta if beta is None else beta
-        terms = objectives.elbo_terms(self, x, self.mc_samples)
+        terms = objectives.elbo_terms(self, x, self.mc_samples, label)
         reconstruction, kl = terms.reconstruction.mean(), terms.kl.mean()
         mu, sigma = _posterior_stats(terms.posterior)
         if not self.free_bits:
@@ -117,12 +126,12 @@ class IWAE(LatentVariableModel):
         self.k = self.check_options({"k": k})["k"]
         self.config.update(k=self.k)
 
-    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
-        posterior = self.encode(x)
-        bound = torch.logsumexp(objectives.log_weights(self, x, self.k, posterior), 0) - math.log(self.k)
+    def loss(self, x: torch.Tensor, beta: float | None = None, label: Any = None) -> LossOutput:
+        posterior = self.encode(x, label)
+        bound = torch.logsumexp(objectives.log_weights(self, x, self.k, posterior, label), 0) - math.log(self.k)
         with torch.no_grad():
             z = posterior.mean
-            reconstruction = -self.decode(z).log_prob(x).float().mean()
+            reconstruction = -self.decode(z, label).log_prob(x).float().mean()
             prior = self.prior()
             try:
                 kl = objectives.kl_term(posterior, prior)

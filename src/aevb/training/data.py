@@ -13,7 +13,7 @@ from aevb.data.datasets import Dataset
 from aevb.data.memory import DatasetRows
 from aevb.data.streaming import StreamedImages, mean_example
 from aevb.model import noise
-from aevb.run.data import check_data_range, check_dequantize, check_likelihood_scores, held_out, load_dataset
+from aevb.run.data import check_data_range, check_dequantize, check_likelihood_scores, class_count, held_out, load_dataset
 
 
 @dataclass
@@ -28,6 +28,12 @@ class TrainingData:
     eval_name: str  # "val", or "test" where the run has no validation split
     eval_x: torch.Tensor | None  # [M, *data_shape] that split, validated at every epoch's end
     holdout: torch.Tensor | None  # [≤10, *data_shape] images of that split (one a class) pictured while training
+    # a conditional run's (--conditional): the number of classes K, and the labels [N], [M], [≤10] of the three
+    # above, on the device; None for another run
+    n_classes: int | None = None
+    train_labels: torch.Tensor | None = None
+    eval_labels: torch.Tensor | None = None
+    holdout_labels: torch.Tensor | None = None
 
     @classmethod
     def load(cls, config: RunConfig, device: torch.device, given: Dataset | None = None) -> TrainingData:
@@ -42,10 +48,15 @@ class TrainingData:
         x_train = x_train.to(device)
         eval_name = "val" if dataset.val is not None else "test"
         x_eval, y_eval = held_out(dataset, config, eval_name)
-        holdout = None  # pictured from the validation split where there is one: the test set is for aevb eval
+        holdout = holdout_index = None  # pictured from the validation split where there is one: the test set is for aevb eval
         if dataset.kind == "image" and x_eval is not None and len(x_eval):
-            holdout = x_eval[transforms.holdout_indices(y_eval, 10, num_examples=len(x_eval))].to(device)
-        return cls(dataset, x_train, device, config.binarize, levels, eval_name, x_eval, holdout)
+            holdout_index = transforms.holdout_indices(y_eval, 10, num_examples=len(x_eval))
+            holdout = x_eval[holdout_index].to(device)
+        n_classes = class_count(config, dataset)
+        if n_classes is None:
+            return cls(dataset, x_train, device, config.binarize, levels, eval_name, x_eval, holdout)
+        return cls(dataset, x_train, device, config.binarize, levels, eval_name, x_eval, holdout, n_classes,
+                   dataset.train_labels.to(device), y_eval, None if holdout is None else y_eval[holdout_index].to(device))
 
     @property
     def examples(self) -> int:
@@ -85,6 +96,13 @@ class TrainingData:
             # index_select copies whole rows (2.5× faster than x_train[index] for 128 images); streamed images index
             x = self.train.index_select(0, index) if torch.is_tensor(self.train) else self.train[index]
         return self._prepared(x)
+
+    def labels(self, batch: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+        """The labels [stop − start] of the examples :meth:`rows` takes, for a conditional run; None for another."""
+        if self.train_labels is None:
+            return None
+        index = batch if stop - start == len(batch) else batch[start:stop]
+        return self.train_labels.index_select(0, index)
 
     def _prepared(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, *data_shape] binarised (dynamic) or dequantised afresh."""
