@@ -9,7 +9,9 @@ warning; for a model with several stochastic layers, the KL and active units
 of each layer).  Given the labels of x it adds the same numbers per class, and
 given a labelled training set the accuracy of a linear classifier and of
 k-nearest neighbours trained on the posterior means (how useful the
-representation is).
+representation is).  A conditional model's numbers are of x given its label
+y: the ELBO bounds log p(x|y), the importance sampler estimates it, and
+``conditional_note`` says so.
 
 ``evaluate_run(run_dir)`` is the whole of ``aevb eval``: the run's model on
 the run's test split, with its labels and training split where it has them.
@@ -43,9 +45,16 @@ from aevb.model.precision import matmul_dtype
 ACTIVE_UNIT_THRESHOLD = 0.01
 
 
+def _rows(labels: torch.Tensor | None, start: int, stop: int, device: torch.device) -> torch.Tensor | None:
+    """The labels [stop − start] of a batch of examples on ``device`` (a conditional model's), or None."""
+    return None if labels is None else labels[start:stop].to(device)
+
+
 @torch.no_grad()
-def posterior_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000) -> dict[str, torch.Tensor]:
-    """Posterior means [N, D], standard deviations [N, D] and per-dimension KL [N, D] over x.
+def posterior_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000,
+                         labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Posterior means [N, D], standard deviations [N, D] and per-dimension KL [N, D] over x (q(z|x, y) given the
+    labels [N] of a conditional model).
 
     The KL per dimension exists only where the prior factorises over
     dimensions (the standard normal); for the mixture priors it is None.
@@ -56,7 +65,8 @@ def posterior_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000) 
                      and model.stochastic_layers == 1)  # hierarchical: z_1's prior is p(z_1|z_2)
     prior = model.prior() if per_dimension else None
     for start in range(0, x.shape[0], batch_size):
-        posterior = model.encode(x[start:start + batch_size].to(device))
+        posterior = model.encode(x[start:start + batch_size].to(device),
+                                 _rows(labels, start, start + batch_size, device))
         means.append(posterior.mean.float())
         stds.append(posterior.stddev.float())
         if per_dimension:
@@ -78,7 +88,8 @@ def active_units(posterior_means: torch.Tensor, threshold: float = ACTIVE_UNIT_T
 
 
 @torch.no_grad()
-def layer_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000) -> dict[str, list | None]:
+def layer_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000,
+                     labels: torch.Tensor | None = None) -> dict[str, list | None]:
     """KL and active units of each stochastic layer z_1 … z_L over x (a model with L > 1 layers).
 
     ``kl_per_layer``: the mean over x of each layer's KL term (one sample of
@@ -92,10 +103,11 @@ def layer_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000) -> d
     means: list[list[torch.Tensor]] = [[] for _ in range(layers)]
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(model.device)
-        terms = elbo_terms(model, xb)
+        yb = _rows(labels, start, start + batch_size, model.device)
+        terms = elbo_terms(model, xb, label=yb)
         kl_layers = terms.kl_layers if terms.kl_layers is not None else (terms.kl,)  # each [B]
         kls += torch.stack([k.sum() for k in kl_layers]).double().cpu()
-        for layer, q in enumerate(model.layer_posteriors(xb)):
+        for layer, q in enumerate(model.layer_posteriors(xb, yb)):
             means[layer].append(q.mean.float().cpu())  # [B, D]
     active = [active_units(torch.cat(m)) for m in means]
     return {"kl_per_layer": (kls / x.shape[0]).tolist(),
@@ -191,10 +203,12 @@ def classifier_accuracy(train_codes: torch.Tensor, train_labels: torch.Tensor, t
 @torch.no_grad()
 def representation_accuracy(model: Model, train_x: torch.Tensor, train_labels: torch.Tensor,
                             test_x: torch.Tensor, test_labels: torch.Tensor) -> dict[str, float]:
-    """:func:`classifier_accuracy` on the posterior means E_q[z|x] of train and test data."""
+    """:func:`classifier_accuracy` on the posterior means E_q[z|x] of train and test data (a conditional model's
+    E_q[z|x, y], which is given the label: what of the class its code still carries)."""
     model.eval()
-    train_codes = posterior_statistics(model, train_x)["mean"]  # [N_train, D]
-    test_codes = posterior_statistics(model, test_x)["mean"]  # [N_test, D]
+    given = model.conditional
+    train_codes = posterior_statistics(model, train_x, labels=train_labels if given else None)["mean"]  # [N_train, D]
+    test_codes = posterior_statistics(model, test_x, labels=test_labels if given else None)["mean"]  # [N_test, D]
     return classifier_accuracy(train_codes, train_labels, test_codes, test_labels)
 
 
@@ -269,6 +283,10 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
               train_labels: torch.Tensor | None, classes: list[str] | None, precision: str,
               dequantized: bool) -> dict:
     device = model.device
+    if model.conditional and labels is None:
+        raise UserError(f"this {model.name} is conditional on class labels, and the data to evaluate have none: pass "
+                        f"labels= (or data with labels, (x, labels))")
+    given = labels if model.conditional else None  # what the networks see besides x
     sampler_dtype = resolve_precision(precision, device)  # None: float32
     n = x.shape[0]
     has_density = model.posterior.has_density
@@ -283,16 +301,17 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
                                                "squared": [], "absolute": []}
     for start in batches:
         xb = x[start:start + batch_size].to(device)
-        recon = model.reconstruct(xb)
+        yb = _rows(given, start, start + batch_size, device)
+        recon = model.reconstruct(xb, yb)
         columns["squared"].append((recon - xb).pow(2).flatten(1).sum(1).double())
         columns["absolute"].append((recon - xb).abs().flatten(1).sum(1).double())
         if has_density:
-            terms = elbo_terms(model, xb)
+            terms = elbo_terms(model, xb, label=yb)
             columns["reconstruction_nll"].append(terms.reconstruction.double())
             columns["kl"].append(terms.kl.double())
             if normalized:
                 with matmul_dtype(sampler_dtype):
-                    columns["log_px"].append(model.log_likelihood(xb, n_samples=iw_samples).double())
+                    columns["log_px"].append(model.log_likelihood(xb, n_samples=iw_samples, label=yb).double())
         else:
             columns["reconstruction_nll"].append(-model.decode(model.encode(xb).mean).log_prob(xb).double())
     per_example = {name: torch.cat(values).cpu() for name, values in columns.items() if values}
@@ -300,7 +319,7 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
     rec, squared, absolute = means["reconstruction_nll"], means["squared"], means["absolute"]
     dims = math.prod(model.data_shape)
 
-    stats = posterior_statistics(model, x)
+    stats = posterior_statistics(model, x, labels=given)
     metrics: dict = {
         "examples": n,
         "model": model.name,
@@ -311,6 +330,12 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
         "posterior_mu": stats["mean"].mean().item(),
         "posterior_sigma": stats["std"].mean().item(),
     }
+    if model.conditional:  # only then, so evaluations of other models stay as they were
+        metrics["n_classes"] = model.n_classes
+        metrics["conditional_note"] = (
+            "conditional on each example's label y: the ELBO bounds log p(x|y) and the log-likelihood, "
+            "bits/dim and per-class rows are of log p(x|y), which is higher than log p(x) by the information "
+            "the label gives; compare them with unconditional models' numbers only as such")
     active = active_units(stats["mean"])
     n_active = None if active is None else int(active.sum())
     if has_density:
@@ -355,7 +380,7 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
     metrics["posterior_mean_variance_per_dim"] = stats["mean"].var(0, unbiased=True).tolist() if n > 1 else None
     metrics.update(model.code_statistics(stats["mean"]))
     if model.stochastic_layers > 1:
-        metrics.update(layer_statistics(model, x))
+        metrics.update(layer_statistics(model, x, labels=given))
 
     if labels is not None:
         per_class = {"reconstruction_nll": per_example["reconstruction_nll"],

@@ -202,8 +202,9 @@ def prior_samples(model, path: str | Path, n: int = 64, temperatures: tuple[floa
     The same ε (seeded) is used for every T, so the panels show the same
     draws pulled towards the origin.  With a mixture prior (``--prior mog``
     or ``vamp``) the same components and ε are drawn for every T and T
-    scales each component's noise.  Returns ``z`` [T, n, D] and ``images``
-    [T, n, *data_shape].
+    scales each component's noise.  A conditional model decodes each draw with
+    a label drawn uniformly (seeded), the same for every T.  Returns ``z``
+    [T, n, D] and ``images`` [T, n, *data_shape].
     """
     _require_image_model(model, "prior_samples")
     device = model.device
@@ -212,7 +213,9 @@ def prior_samples(model, path: str | Path, n: int = 64, temperatures: tuple[floa
         # z_1 [n, D] (drawn ancestrally for a hierarchical VAE), the same draws for each T
         z = torch.stack([model.sample_layers(n, torch.Generator(device=device).manual_seed(seed), t)[0]
                          for t in temperatures])  # [T, n, D]
-        images = model.decode(z).mean  # [T, n, *data_shape]
+        labels = model.uniform_labels(n, torch.Generator(device=device).manual_seed(seed)) if model.conditional \
+            else None  # [n]
+        images = model.decode(z, labels).mean  # [T, n, *data_shape]
     side = max(1, math.ceil(math.sqrt(n)))
     fig = new_figure(4.2 * len(temperatures), 4.6)
     for k, t in enumerate(temperatures):
