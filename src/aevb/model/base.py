@@ -112,7 +112,8 @@ class Model(nn.Module):
         n_classes: K, for a conditional model (a model that declares :attr:`takes_labels`): the class label
             y ∈ {0 … K−1} enters the encoder, q(z|x, y), and the decoder, p(x|z, y), by composition
             (:mod:`aevb.model.conditioning`): the networks are built for x with K more channels (features) and z
-            with K more dimensions, and every method that runs one takes ``label=`` [B].  None: unconditional.
+            with K more dimensions (your own ``encoder=`` and ``decoder=`` then take those shapes), and every
+            method that runs one takes ``label=`` [B].  None: unconditional.
     """
 
     posterior_family: ClassVar[str] = "gaussian"

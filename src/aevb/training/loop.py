@@ -523,8 +523,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def _make_loss(model: Model, config: RunConfig, device: torch.device):
-    """``loss_of(x, beta, label)``: what each step minimises, the one place where training picks an accelerated
-    loss.  ``label``: the batch's labels [B] for a conditional model, else None.
+    """``loss_of(x, beta, label=None)``: what each step minimises, the one place where training picks an
+    accelerated loss.  ``label``: the batch's labels [B] for a conditional model, else None.
 
     ``model.loss(x, beta=beta, label=label)`` is the reference.  For a model that
     :func:`aevb.acceleration.fused.plan` recognises (the MLP VAE with a
@@ -537,8 +537,8 @@ def _make_loss(model: Model, config: RunConfig, device: torch.device):
         return _CompiledLoss(model, config.batch_size, device)
     plan = fused.plan(model)
     if plan is not None:
-        return lambda x, beta, label: fused.vae_loss(model, x, beta, plan)  # the plan's models take no label
-    return lambda x, beta, label: model.loss(x, beta, label=label)
+        return lambda x, beta, label=None: fused.vae_loss(model, x, beta, plan)  # the plan's models take no label
+    return model.loss  # loss(x, beta, label): every model's
 
 
 class _CompiledLoss:
