@@ -75,14 +75,18 @@ def test_the_label_changes_what_the_model_encodes_and_decodes_and_nothing_else_d
     torch.testing.assert_close(model.sample(4, g(), label=2), model.decode(z_drawn, 2).mean)
 
 
-def test_the_importance_sampled_log_p_x_given_y_bounds_the_elbo_from_above_on_average():
+@pytest.mark.parametrize("name, extra", [("iwae", {"k": 3}), ("hvae", {"stochastic_layers": 2})])
+def test_the_importance_sampled_log_p_x_given_y_bounds_the_elbo_from_above_on_average(name, extra):
+    """IWAE and the hierarchical VAE compose too: the label enters the encoder's bottom-up pass and the decoder."""
     torch.manual_seed(0)
-    model = aevb.IWAE(data_shape=(5,), latent_dim=2, likelihood="gaussian", n_classes=2, k=3).double()
+    model = build_model(name, data_shape=(5,), latent_dim=2, likelihood="gaussian", n_classes=2, **extra).double()
     x, y = torch.randn(64, 5, dtype=torch.float64), torch.arange(64) % 2
     elbo = model.elbo(x, n_samples=200, label=y).mean()
     log_px = model.log_likelihood(x, n_samples=200, label=y).mean()
     assert log_px > elbo
     assert torch.isfinite(model.loss(x, label=y).loss)
+    # and the label is what they are conditioned on: another label gives another bound
+    assert not torch.allclose(model.elbo(x, n_samples=200, label=1 - y).mean(), elbo, atol=1e-3)
 
 
 @pytest.mark.parametrize("name, extra", [("vae", {}), ("iwae", {"k": 2}), ("hvae", {"stochastic_layers": 2})])

@@ -357,12 +357,12 @@ class Model(nn.Module):
 
     # -- objectives -----------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, label: Any = None) -> LossOutput:
-        """:meth:`loss` of a batch x [B, *data_shape] (and its labels [B], for a conditional model): ``model(x)`` is
-        the ordinary PyTorch call (forward hooks, DistributedDataParallel, Lightning).  It takes the batch only: a
-        loop that changes β as it goes (a warm-up schedule) passes it to :meth:`loss`, so no trainer's state enters
-        the model."""
-        return self.loss(x) if label is None else self.loss(x, label=label)
+    def forward(self, x: torch.Tensor) -> LossOutput:
+        """:meth:`loss` of a batch x [B, *data_shape]: ``model(x)`` is the ordinary PyTorch call (forward hooks,
+        DistributedDataParallel, Lightning).  It takes the batch only: a loop that changes β as it goes (a
+        warm-up schedule) passes it to :meth:`loss`, so no trainer's state enters the model.  A conditional
+        model's batch has labels too: call ``loss(x, label=y)``."""
+        return self.loss(x)
 
     def loss(self, x: torch.Tensor, beta: float | None = None, label: Any = None) -> LossOutput:
         """The training objective for a batch x [B, *data_shape]; ``label`` [B]: its classes (conditional models).

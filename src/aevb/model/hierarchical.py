@@ -32,7 +32,7 @@ from torch.distributions import Distribution, Independent, Normal, kl_divergence
 from aevb.errors import UserError
 from aevb.model.base import LossOutput, _posterior_stats, _sample_count
 from aevb.model.posteriors import diagonal_normal
-from aevb.model.vae import BETA, CONDITIONAL, LatentVariableModel
+from aevb.model.vae import BETA, LatentVariableModel
 from aevb.model.networks import _mlp
 from aevb.model.objectives import ElboTerms
 from aevb.model.precision import at_least_float32
@@ -55,7 +55,7 @@ class HVAE(LatentVariableModel):
     """
 
     name = "hvae"
-    options = (BETA, STOCHASTIC_LAYERS, CONDITIONAL)  # not the prior: the top layer's is the standard normal
+    options = (BETA, STOCHASTIC_LAYERS)  # not the prior: the top layer's is the standard normal
 
     def __init__(self, *args, stochastic_layers: int = STOCHASTIC_LAYERS.default, beta: float = BETA.default,
                  ladder_hidden: int | None = None, prior: str = "standard", **kwargs):

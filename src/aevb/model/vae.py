@@ -18,10 +18,6 @@ PRIOR = Option("prior", "standard", "prior p(z): standard normal, a learned mixt
 PRIOR_COMPONENTS = Option("prior_components", None, "components K of the mog prior (default 10) or pseudo-inputs of "
                           "the vamp prior (default 100)", kind="int", low=1, below=COUNTS, metavar="K",
                           memory=True)
-# conditional models (aevb.model.conditioning): the run gives the model n_classes, the classes of the data's labels
-CONDITIONAL = Option("conditional", False, "condition encoder and decoder on the data's class labels, q(z|x,y) and "
-                     "p(x|z,y) (the prior stays p(z)); the number of classes is the labels' and is recorded in the "
-                     "model; aevb sample --label draws one class")
 # the KL weight of the models whose loss is reconstruction + β·KL (VAE, HVAE); the run's β schedules need it
 BETA = Option("beta", 1.0, "weight of the KL term in the training loss (β-VAE); the reported ELBO always uses 1",
               low=0)
@@ -34,10 +30,10 @@ class LatentVariableModel(Model):
         prior: a name in ``aevb.registry.PRIORS`` (standard, mog, vamp).
         prior_args: its arguments (``{"components": 10}``; the run option ``prior_components``).
 
-    Each can be conditional on a class label (``n_classes=``, the run option ``conditional``).
+    Each can be conditional on a class label (``n_classes=``; ``--conditional``, which takes K from the data).
     """
 
-    options = (PRIOR, PRIOR_COMPONENTS, CONDITIONAL)
+    options = (PRIOR, PRIOR_COMPONENTS)
     takes_labels = True
 
     def __init__(self, *args, prior: str = PRIOR.default, prior_args: dict[str, Any] | None = None, **kwargs):
@@ -47,7 +43,6 @@ class LatentVariableModel(Model):
     @classmethod
     def run_kwargs(cls, config) -> dict[str, Any]:
         kwargs = super().run_kwargs(config)
-        kwargs.pop("conditional", None)  # the run gives n_classes, which the data's labels say (config.model_kwargs)
         components = kwargs.pop("prior_components", None)  # an entry of prior_args, not an argument of its own
         if components is not None:
             if config.prior == "standard":

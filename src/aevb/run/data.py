@@ -133,7 +133,7 @@ def class_count(config: RunConfig, dataset: Dataset) -> int | None:
     """K, the number of classes of a conditional run (``--conditional``), from the data set's labels; None for
     another run.  Every split's labels are checked here, once, to lie in [0, K): the training step then takes
     them as they are (a check there would wait for an accelerator at every step)."""
-    if not getattr(config, "conditional", False):
+    if not config.conditional:
         return None
     if isinstance(dataset.train, DatasetRows):
         raise UserError("--conditional needs the labels of every training example, and a Dataset read a batch at a "
