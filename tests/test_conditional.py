@@ -39,8 +39,9 @@ def test_the_loss_is_minus_log_p_x_given_z_y_plus_the_kl_of_q_z_given_x_y_to_p_z
     torch.manual_seed(1)
     out = model.loss(x, label=y)
 
-    # the definition, written out: the encoder sees x with K constant label channels, the decoder [z, one-hot y]
-    channels = _one_hot(y, 4)[:, :, None, None].expand(5, 4, 8, 8)
+    # the definition, written out: the encoder sees x with K constant label channels (of unit norm: 1/8 on an 8×8
+    # plane), the decoder [z, one-hot y]
+    channels = _one_hot(y, 4)[:, :, None, None].expand(5, 4, 8, 8) / 8
     params = model.encoder(torch.cat([x, channels], dim=1))  # [B, 2D]: μ, log σ²
     mu, log_var = params[:, :3], params[:, 3:]
     posterior = Independent(Normal(mu, (0.5 * log_var).exp()), 1)

@@ -7,16 +7,26 @@ built by composition, for any network (registered, a user's by import path,
 or modules given): the networks are built for augmented shapes, and the model
 appends the one-hot label to what it feeds them:
 
-    encoder input  x [B, C, H, W]  →  [B, C + K, H, W]   (K constant channels, one of them 1)
-                   x [B, D]        →  [B, D + K]         (K features)
+    encoder input  x [B, C, H, W]  →  [B, C + K, H, W]   (K constant channels, one of them 1/√(H·W))
+                   x [B, D]        →  [B, D + K]         (K features, one of them 1)
     decoder input  z [B, latent]   →  [B, latent + K]
 
 So no architecture knows about labels, and a network's weights are stored
 under the same names as the unconditional model's.
+
+The label's plane holds 1/√(H·W), not 1: each plane then has the norm of
+one feature.  An MLP flattens the image, and a plane of ones is H·W copies
+of the label whose weights Adam moves each by about the learning rate, so
+the label's effect moved H·W times as fast as a pixel's: on the MNIST split
+(MLP 400, 20 latent dimensions, dynamic binarisation, 2 epochs) the
+validation ELBO was −170.3 nats with planes of ones, −132.0 with unit-norm
+planes, and −136.9 without labels.  A convolution sees the smaller value
+in every window and learns its weight as it does a pixel's.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -46,8 +56,10 @@ def one_hot(label: torch.Tensor, n_classes: int, dtype: torch.dtype) -> torch.Te
 
 
 def with_label(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x [B, C, *spatial] and one-hot y [B, K] → [B, C + K, *spatial]: y as K constant channels (features)."""
+    """x [B, C, *spatial] and one-hot y [B, K] → [B, C + K, *spatial]: y as K constant channels (features), each
+    plane of unit norm (the module's docstring says why)."""
     spatial = x.shape[2:]
+    y = y * math.prod(spatial) ** -0.5  # 1 for vectors
     channels = y.reshape(*y.shape, *(1,) * len(spatial)).expand(*y.shape, *spatial)  # [B, K, *spatial]
     return torch.cat([x, channels.to(x.dtype)], dim=1)
 
