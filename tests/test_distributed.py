@@ -57,6 +57,8 @@ CASES = {
     "mlp-vae-dynamic-binarisation": ("--model", "vae", "--arch", "mlp", "--binarize", "dynamic"),
     "dae-masking": ("--model", "dae", "--arch", "mlp", "--corruption", "masking"),
     "iwae-dequantised": ("--model", "iwae", "--arch", "mlp", "--likelihood", "gaussian-learned", "--dequantize"),
+    # the labels of a conditional model are each worker's rows of the global batch's, as its examples are
+    "conditional-vae": ("--model", "vae", "--arch", "mlp", "--conditional"),
 }
 
 

@@ -240,8 +240,8 @@ def test_early_stopping_stops_after_patience_epochs_without_a_better_validation_
     real = aevb.training.loop.mean_elbo_terms
     calls = {"n": 0}
 
-    def worse_after_the_second(model, x, batch_size=1000):
-        terms = real(model, x, batch_size)
+    def worse_after_the_second(model, x, batch_size=1000, labels=None):
+        terms = real(model, x, batch_size, labels)
         calls["n"] += 1
         terms["elbo"] = {1: -101.0, 2: -100.0}.get(calls["n"], -100.0 - calls["n"])  # best at epoch 2, then worse
         return terms

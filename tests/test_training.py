@@ -280,8 +280,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(one_epoch, 
     def poisoned_make_loss(model, config, device):  # the trainer's loss, NaN from optimiser step 19 on
         loss_of = real_make_loss(model, config, device)
 
-        def poisoned(x, beta):
-            out = loss_of(x, beta)
+        def poisoned(x, beta, label=None):
+            out = loss_of(x, beta, label)
             calls["n"] += 1
             if calls["n"] >= 19:
                 out.loss = out.loss * float("nan")

@@ -90,6 +90,7 @@ class RunConfig:
     latent_dim: int = _opt(20, "dimension of z", group="model", metavar="D", low=1, below=LAYER_SIZES, memory=True)
     hidden: list[int] | None = _opt(None, "hidden sizes, comma-separated (mlp default 400; conv: its linear layer)", group="model", metavar="N[,N…]", low=1, below=LAYER_SIZES, memory=True)
     likelihood_scale: float | None = _opt(None, "fixed σ of gaussian / scale of laplace, or initial value of the learned ones (default: the one that best fits the training data around their mean, recorded in config.json; 1 with gaussian is the MSE loss)", group="model", metavar="S", above=0)
+    conditional: bool = _opt(False, "condition encoder and decoder on the data's class labels, q(z|x,y) and p(x|z,y), the prior staying p(z) (vae, iwae, hvae); the number of classes K is the labels' and is recorded in the model; aevb sample --label K draws one class", group="model")
     posterior_scale: str = _opt("log-variance", "what the encoder outputs for the Gaussian posterior's scale: log σ² (trains faster under Adam) or log σ (models from before aevb had the choice)", group="model", choices=POSTERIOR_SCALES)
     # -- training -----------------------------------------------------------
     beta_warmup: int = _opt(0, "steps over which β rises linearly from 0 to --beta (0: constant)", group="training", metavar="STEPS", low=0, requires="beta")
@@ -149,8 +150,9 @@ class RunConfig:
         values = dataclasses.asdict(self)
         return values | values.pop("model_options")
 
-    def model_kwargs(self, data_shape: tuple[int, ...]) -> dict[str, Any]:
-        """Arguments of :func:`aevb.model.base.build_model` for this run."""
+    def model_kwargs(self, data_shape: tuple[int, ...], n_classes: int | None = None) -> dict[str, Any]:
+        """Arguments of :func:`aevb.model.base.build_model` for this run; ``n_classes``: the data's classes, for a
+        conditional run (``--conditional``: :func:`aevb.run.data.class_count`)."""
         kwargs: dict[str, Any] = dict(data_shape=data_shape, latent_dim=self.latent_dim, arch=self.arch,
                                       likelihood=self.likelihood, hidden=self.hidden)
         if self.likelihood_scale is not None:
@@ -159,6 +161,8 @@ class RunConfig:
             kwargs["posterior_args"] = {"scale_param": self.posterior_scale}
         # the model's own options (imports torch: called by training only)
         kwargs.update(MODELS.get(self.model).run_kwargs(self))
+        if n_classes is not None:
+            kwargs["n_classes"] = n_classes
         return kwargs
 
     def to_dict(self) -> dict[str, Any]:
@@ -348,6 +352,10 @@ def check_model_options(config: RunConfig) -> None:
                         f"drop {'it' if len(ignored) == 1 else 'them'} or choose a model that takes "
                         f"{'it' if len(ignored) == 1 else 'them'}")
     cls.check_options({option.name: getattr(config, option.name) for option in cls.options}, as_flag)
+    if config.conditional and not cls.takes_labels:  # declared by the model (Model.takes_labels)
+        able = ", ".join(name for name, model in MODELS.items() if model.takes_labels)
+        raise UserError(f"--conditional does not apply to --model {config.model}, which takes no label; drop it or "
+                        f"choose a model that can be conditional: {able}")
     check_likelihood_options(config)
 
 

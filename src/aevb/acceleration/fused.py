@@ -118,7 +118,7 @@ def plan(model) -> Plan | None:
     that a hook, a subclass or another part would change is ``model.loss``.
     """
     if (not isinstance(model, VAE) or any(getattr(type(model), name) is not method for name, method in _REFERENCE.items())
-            or model.free_bits or type(model.likelihood) is not BernoulliLikelihood
+            or model.free_bits or model.conditional or type(model.likelihood) is not BernoulliLikelihood
             or type(model.posterior) is not GaussianPosterior or type(model.prior_module) is not StandardNormalPrior):
         return None
     encoder = _layers(model.encoder, model.data_shape, flatten=True)

@@ -10,7 +10,10 @@ of each layer).  Given the labels of x it adds the same numbers per class, and
 given a labelled training set the accuracy of a linear classifier and of
 k-nearest neighbours trained on the posterior means (how useful the
 representation is).  Data with known factors of variation (``shapes``) add
-the disentanglement scores of :mod:`aevb.analysis.disentanglement`.
+the disentanglement scores of :mod:`aevb.analysis.disentanglement`.  A
+conditional model's numbers are of x given its label y: the ELBO bounds
+log p(x|y), the importance sampler estimates it, and ``conditional_note``
+says so.
 
 ``evaluate_run(run_dir)`` is the whole of ``aevb eval``: the run's model on
 the run's test split, with its labels and training split where it has them.
@@ -65,9 +68,16 @@ from aevb.model.precision import matmul_dtype
 ACTIVE_UNIT_THRESHOLD = 0.01
 
 
+def _rows(labels: torch.Tensor | None, start: int, stop: int, device: torch.device) -> torch.Tensor | None:
+    """The labels [stop − start] of a batch of examples on ``device`` (a conditional model's), or None."""
+    return None if labels is None else labels[start:stop].to(device)
+
+
 @torch.no_grad()
-def posterior_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000) -> dict[str, torch.Tensor]:
-    """Posterior means [N, D], standard deviations [N, D] and per-dimension KL [N, D] over x.
+def posterior_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000,
+                         labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Posterior means [N, D], standard deviations [N, D] and per-dimension KL [N, D] over x (q(z|x, y) given the
+    labels [N] of a conditional model).
 
     The KL per dimension exists only where the prior factorises over
     dimensions (the standard normal); for the mixture priors it is None.
@@ -78,7 +88,8 @@ def posterior_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000) 
                      and model.stochastic_layers == 1)  # hierarchical: z_1's prior is p(z_1|z_2)
     prior = model.prior() if per_dimension else None
     for start in range(0, x.shape[0], batch_size):
-        posterior = model.encode(x[start:start + batch_size].to(device))
+        posterior = model.encode(x[start:start + batch_size].to(device),
+                                 _rows(labels, start, start + batch_size, device))
         means.append(posterior.mean.float())
         stds.append(posterior.stddev.float())
         if per_dimension:
@@ -100,7 +111,8 @@ def active_units(posterior_means: torch.Tensor, threshold: float = ACTIVE_UNIT_T
 
 
 @torch.no_grad()
-def layer_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000) -> dict[str, list | None]:
+def layer_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000,
+                     labels: torch.Tensor | None = None) -> dict[str, list | None]:
     """KL and active units of each stochastic layer z_1 … z_L over x (a model with L > 1 layers).
 
     ``kl_per_layer``: the mean over x of each layer's KL term (one sample of
@@ -114,10 +126,11 @@ def layer_statistics(model: Model, x: torch.Tensor, batch_size: int = 1000) -> d
     means: list[list[torch.Tensor]] = [[] for _ in range(layers)]
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(model.device)
-        terms = elbo_terms(model, xb)
+        yb = _rows(labels, start, start + batch_size, model.device)
+        terms = elbo_terms(model, xb, label=yb)
         kl_layers = terms.kl_layers if terms.kl_layers is not None else (terms.kl,)  # each [B]
         kls += torch.stack([k.sum() for k in kl_layers]).double().cpu()
-        for layer, q in enumerate(model.layer_posteriors(xb)):
+        for layer, q in enumerate(model.layer_posteriors(xb, yb)):
             means[layer].append(q.mean.float().cpu())  # [B, D]
     active = [active_units(torch.cat(m)) for m in means]
     return {"kl_per_layer": (kls / x.shape[0]).tolist(),
@@ -213,10 +226,12 @@ def classifier_accuracy(train_codes: torch.Tensor, train_labels: torch.Tensor, t
 @torch.no_grad()
 def representation_accuracy(model: Model, train_x: torch.Tensor, train_labels: torch.Tensor,
                             test_x: torch.Tensor, test_labels: torch.Tensor) -> dict[str, float]:
-    """:func:`classifier_accuracy` on the posterior means E_q[z|x] of train and test data."""
+    """:func:`classifier_accuracy` on the posterior means E_q[z|x] of train and test data (a conditional model's
+    E_q[z|x, y], which is given the label: what of the class its code still carries)."""
     model.eval()
-    train_codes = posterior_statistics(model, train_x)["mean"]  # [N_train, D]
-    test_codes = posterior_statistics(model, test_x)["mean"]  # [N_test, D]
+    given = model.conditional
+    train_codes = posterior_statistics(model, train_x, labels=train_labels if given else None)["mean"]  # [N_train, D]
+    test_codes = posterior_statistics(model, test_x, labels=test_labels if given else None)["mean"]  # [N_test, D]
     return classifier_accuracy(train_codes, train_labels, test_codes, test_labels)
 
 
@@ -327,6 +342,10 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
               train_labels: torch.Tensor | None, classes: list[str] | None, precision: str,
               dequantized: bool, shard: Shard) -> dict | None:
     device = model.device
+    if model.conditional and labels is None:
+        raise UserError(f"this {model.name} is conditional on class labels, and the data to evaluate have none: pass "
+                        f"labels= (or data with labels, (x, labels))")
+    given = labels if model.conditional else None  # what the networks see besides x
     # rank 0's choice for all: auto times a multiply, and the ranks must compute alike
     sampler_dtype = shard.gather(resolve_precision(precision, device))[0]  # None: float32
     seed = int(torch.randint(2**62, ()))  # the same on every rank: evaluate_run seeds torch on each alike
@@ -353,17 +372,19 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
         chunk_size = max(1, DEFAULT_ROWS // total)
         with noise.batch_rows(_batch_generator(device, seed, index), start, stop, total):
             xb = x[begin + start:begin + stop].to(device)
-            recon = model.reconstruct(xb)
+            yb = _rows(given, begin + start, begin + stop, device)
+            recon = model.reconstruct(xb, yb)
             columns["squared"].append((recon - xb).pow(2).flatten(1).sum(1).double())
             columns["absolute"].append((recon - xb).abs().flatten(1).sum(1).double())
             if has_density:
-                terms = elbo_terms(model, xb)
+                terms = elbo_terms(model, xb, label=yb)
                 columns["reconstruction_nll"].append(terms.reconstruction.double())
                 columns["kl"].append(terms.kl.double())
                 if normalized:
                     with matmul_dtype(sampler_dtype):
                         columns["log_px"].append(
-                            model.log_likelihood(xb, n_samples=iw_samples, chunk_size=chunk_size).double())
+                            model.log_likelihood(xb, n_samples=iw_samples, chunk_size=chunk_size,
+                                             label=yb).double())
             else:
                 columns["reconstruction_nll"].append(-model.decode(model.encode(xb).mean).log_prob(xb).double())
     per_example = _gathered_columns(shard, {name: [v.cpu() for v in values] for name, values in columns.items()})
@@ -373,7 +394,7 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
     rec, squared, absolute = means["reconstruction_nll"], means["squared"], means["absolute"]
     dims = math.prod(model.data_shape)
 
-    stats = posterior_statistics(model, x)
+    stats = posterior_statistics(model, x, labels=given)
     metrics: dict = {
         "examples": n,
         "model": model.name,
@@ -384,6 +405,12 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
         "posterior_mu": stats["mean"].mean().item(),
         "posterior_sigma": stats["std"].mean().item(),
     }
+    if model.conditional:  # only then, so evaluations of other models stay as they were
+        metrics["n_classes"] = model.n_classes
+        metrics["conditional_note"] = (
+            "conditional on each example's label y: the ELBO bounds log p(x|y) and the log-likelihood, "
+            "bits/dim and per-class rows are of log p(x|y), which is higher than log p(x) by the information "
+            "the label gives; compare them with unconditional models' numbers only as such")
     active = active_units(stats["mean"])
     n_active = None if active is None else int(active.sum())
     if has_density:
@@ -428,7 +455,7 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
     metrics["posterior_mean_variance_per_dim"] = stats["mean"].var(0, unbiased=True).tolist() if n > 1 else None
     metrics.update(model.code_statistics(stats["mean"]))
     if model.stochastic_layers > 1:
-        metrics.update(layer_statistics(model, x))
+        metrics.update(layer_statistics(model, x, labels=given))
 
     if labels is not None:
         per_class = {"reconstruction_nll": per_example["reconstruction_nll"],
@@ -451,7 +478,7 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
 
 @torch.no_grad()
 def factor_scores(model: Model, x: torch.Tensor, factors: torch.Tensor, names: list[str], *, seed: int = 0,
-                  examples: int = 10_000) -> dict[str, Any]:
+                  examples: int = 10_000, labels: torch.Tensor | None = None) -> dict[str, Any]:
     """The disentanglement scores of the posterior means of x [N, ...] against their known factors [N, K].
 
     As Locatello et al.: the representation is the posterior mean; the
@@ -461,7 +488,8 @@ def factor_scores(model: Model, x: torch.Tensor, factors: torch.Tensor, names: l
     model.eval()
     n = min(examples, x.shape[0])
     chosen = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
-    codes = posterior_statistics(model, x[chosen])["mean"].double().cpu().numpy()  # [n, D]
+    given = None if labels is None else labels[chosen]  # a conditional model's: q(z|x, y)
+    codes = posterior_statistics(model, x[chosen], labels=given)["mean"].double().cpu().numpy()  # [n, D]
     scores = disentanglement_metrics(codes, factors[chosen].numpy(), seed=seed,
                                      n_points=(2 * n) // 3, n_test=n - (2 * n) // 3)
     return {**scores, "examples": n, "factors": list(names), "dci_predictor": "forest"}
@@ -521,7 +549,8 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, batch_siz
         return None  # a rank other than 0: its rows are in rank 0's metrics
     if dataset.test_factors is not None and test is None and model.latent_dim > 1:
         metrics["disentanglement"] = factor_scores(model, x, dataset.test_factors, dataset.factor_names,
-                                                   seed=seed, examples=factor_examples)
+                                                   seed=seed, examples=factor_examples,
+                                                   labels=y if model.conditional else None)
     metrics["data"] = config.data
     metrics["checkpoint_step"] = run.checkpoint_step  # set for a run still training
     # which weights the numbers are of: the export or the last checkpoint, at which training step

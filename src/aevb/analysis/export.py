@@ -33,6 +33,9 @@ TOLERANCE = 1e-4  # of the largest output value: float32 kernels of another libr
 
 def export_model(model: Model, out: str | Path, *, onnx: bool = True, seed: int = 0) -> dict[str, Any]:
     """Write the model's encoder and decoder to ``out`` (see the module's docstring); the record of export.json."""
+    if model.conditional:  # before any file is written
+        raise UserError("aevb export writes networks that take x and z alone, and this model is conditional: its "
+                        "networks also take the one-hot label (aevb.model.conditioning); use it through aevb.load")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().eval().cpu()

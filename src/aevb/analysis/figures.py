@@ -79,23 +79,44 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     return save_png(_upscale(image_grid(images, nrow), factor), path)
 
 
-def reconstruction_grid(model, x: torch.Tensor, path: str | Path) -> Path:
-    """Originals (top row) above their reconstructions (bottom row): x [N, C, H, W]."""
+def reconstruction_grid(model, x: torch.Tensor, path: str | Path, label: torch.Tensor | None = None) -> Path:
+    """Originals (top row) above their reconstructions (bottom row): x [N, C, H, W]; ``label`` [N]: their classes,
+    which a conditional model reconstructs them with."""
     was_training = model.training
     model.eval()
-    recon = model.reconstruct(x)
+    recon = model.reconstruct(x, label)
     model.train(was_training)
     return save_grid(torch.cat([x, recon.to(x.dtype)]), path, nrow=x.shape[0])
 
 
-def sample_grid(model, path: str | Path, n: int = 64, seed: int = 0, temperature: float = 1.0) -> Path:
-    """Means of p(x|z) for n draws of z from the prior, with a seeded generator."""
+def sample_grid(model, path: str | Path, n: int = 64, seed: int = 0, temperature: float = 1.0,
+                label: int | None = None) -> Path:
+    """Means of p(x|z) for n draws of z from the prior, with a seeded generator; a conditional model's of
+    p(x|z, y = ``label``), or with labels drawn uniformly where it is None (:meth:`Model.sample`)."""
     generator = torch.Generator(device=model.device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    samples = model.sample(n, generator=generator, temperature=temperature)
+    samples = model.sample(n, generator=generator, temperature=temperature, label=label)
     model.train(was_training)
     return save_grid(samples, path)
+
+
+@torch.no_grad()
+def class_grid(model, path: str | Path, columns: int = 10, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
+    """A conditional model's class-conditional samples: row k holds means of p(x|z_j, y = k), and column j shares
+    one z_j ~ p(z) across the rows, so a row shows a class and a column one code (its style, for digits).
+
+    Writes the grid [K·columns images] to ``path`` and returns the images [K, columns, *data_shape].
+    """
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    with eval_mode(model):
+        z = model.sample_layers(columns, generator, temperature)[0]  # [columns, D]
+        classes = model.n_classes
+        codes = z.unsqueeze(0).expand(classes, *z.shape).reshape(classes * columns, -1)  # [K·columns, D]
+        labels = torch.arange(classes, device=z.device).repeat_interleave(columns)  # [K·columns]: row k is class k
+        images = model.decode(codes, labels).mean  # [K·columns, *data_shape]
+    save_grid(images, path, nrow=columns)
+    return images.reshape(classes, columns, *model.data_shape)
 
 
 # ---------------------------------------------------------------------------
@@ -181,8 +202,9 @@ def prior_samples(model, path: str | Path, n: int = 64, temperatures: tuple[floa
     The same ε (seeded) is used for every T, so the panels show the same
     draws pulled towards the origin.  With a mixture prior (``--prior mog``
     or ``vamp``) the same components and ε are drawn for every T and T
-    scales each component's noise.  Returns ``z`` [T, n, D] and ``images``
-    [T, n, *data_shape].
+    scales each component's noise.  A conditional model decodes each draw with
+    a label drawn uniformly (seeded), the same for every T.  Returns ``z``
+    [T, n, D] and ``images`` [T, n, *data_shape].
     """
     _require_image_model(model, "prior_samples")
     device = model.device
@@ -191,7 +213,9 @@ def prior_samples(model, path: str | Path, n: int = 64, temperatures: tuple[floa
         # z_1 [n, D] (drawn ancestrally for a hierarchical VAE), the same draws for each T
         z = torch.stack([model.sample_layers(n, torch.Generator(device=device).manual_seed(seed), t)[0]
                          for t in temperatures])  # [T, n, D]
-        images = model.decode(z).mean  # [T, n, *data_shape]
+        labels = model.uniform_labels(n, torch.Generator(device=device).manual_seed(seed)) if model.conditional \
+            else None  # [n]
+        images = model.decode(z, labels).mean  # [T, n, *data_shape]
     side = max(1, math.ceil(math.sqrt(n)))
     fig = new_figure(4.2 * len(temperatures), 4.6)
     for k, t in enumerate(temperatures):

@@ -71,6 +71,12 @@ CORRUPTED_INPUT = Need(lambda model, run_dir: None if model.input_corruption() i
                        "the model trains on uncorrupted inputs", silent=True)
 LAYERS = Need(lambda model, run_dir: None if model.stochastic_layers > 1 else
               "the model has one stochastic layer", silent=True)
+CONDITIONAL = Need(lambda model, run_dir: None if model.conditional else
+                   "the model is not conditional on a class label", silent=True)
+# a figure that encodes or decodes without a label: a conditional model's networks need one
+UNCONDITIONAL = Need(lambda model, run_dir: None if not model.conditional else
+                     "drawn for unconditional models: this one encodes and decodes with a class label, which the "
+                     "figure does not choose")
 
 
 # ---------------------------------------------------------------------------
@@ -105,6 +111,13 @@ class FigureContext:
         """Up to n test examples [≤ n, *data_shape]: one of each class in turn where there are labels,
         else the first n (:func:`aevb.data.transforms.holdout_indices`)."""
         return self.x[holdout_indices(self.labels, n, num_examples=len(self.x)).to(self.x.device)]
+
+    def example_labels(self, n: int) -> torch.Tensor | None:
+        """The labels [≤ n] of :meth:`examples` for a conditional model, which encodes and decodes with them;
+        None for another."""
+        if not self.model.conditional:
+            return None
+        return self.labels[holdout_indices(self.labels, n, num_examples=len(self.x))].to(self.x.device)
 
 
 class NotDrawn(Exception):
@@ -189,23 +202,34 @@ def _training_curves(context: FigureContext, path: Path) -> None:
         "at their posterior means (bottom row).",
         needs=(IMAGES,), pixelated=True)
 def _reconstructions(context: FigureContext, path: Path) -> None:
-    figures.reconstruction_grid(context.model, context.examples(SHOWN_EXAMPLES), path)
+    figures.reconstruction_grid(context.model, context.examples(SHOWN_EXAMPLES), path,
+                                label=context.example_labels(SHOWN_EXAMPLES))
 
 
 @FIGURES.register("prior-samples.png")
 @figure("Samples from the prior",
         "Means of p(x|z) for z drawn from the prior at temperature 1 and at 0.5 (the same draws scaled "
-        "towards the origin): lower temperature trades variety for typicality.",
+        "towards the origin): lower temperature trades variety for typicality.  A conditional model's with "
+        "labels drawn uniformly, the same at both temperatures.",
         needs=(IMAGES, PRIOR))
 def _prior_samples(context: FigureContext, path: Path) -> None:
     figures.prior_samples(context.model, path, n=64, seed=context.seed)
+
+
+@FIGURES.register("class-samples.png")
+@figure("Samples of each class",
+        "Conditional model: row k holds means of p(x|z, y = k), and each column shares one draw z ~ p(z) "
+        "across the classes, so a row shows a class and a column what the code holds besides the class.",
+        needs=(CONDITIONAL, IMAGES), pixelated=True)
+def _class_samples(context: FigureContext, path: Path) -> None:
+    figures.class_grid(context.model, path, columns=10, seed=context.seed)
 
 
 @FIGURES.register("interpolations.png")
 @figure("Interpolations",
         "Decoder means along linear and spherical (slerp) paths between the posterior means of pairs of "
         "held-out images (shown at the ends); t = 0 and t = 1 are exactly their reconstructions.",
-        needs=(IMAGES,))
+        needs=(UNCONDITIONAL, IMAGES))
 def _interpolations(context: FigureContext, path: Path) -> None:
     ends = context.examples(2 * context.options.pairs)
     if len(ends) < 2:
@@ -226,7 +250,7 @@ def _plane_options(context: FigureContext) -> ExploreOptions:
 @figure("Posterior means of the test set",
         "Each test example at its posterior mean in the two latent directions of the grid, coloured by "
         "label where there are labels; for images, a few test images drawn at their positions beside it.",
-        needs=(PLANE,))
+        needs=(UNCONDITIONAL, PLANE))
 def _latent_scatter(context: FigureContext, path: Path) -> None:
     options = _plane_options(context)
     figures.latent_scatter(context.model, context.x, path, labels=context.labels, directions=options.directions,
@@ -238,7 +262,7 @@ def _latent_scatter(context: FigureContext, path: Path) -> None:
         "Decoder means over a grid in two latent directions (the first two coordinates, or the first two "
         "principal components of the posterior means), the other coordinates held at the mean of the "
         "posterior means.",
-        needs=(IMAGES, PLANE))
+        needs=(UNCONDITIONAL, IMAGES, PLANE))
 def _latent_grid(context: FigureContext, path: Path) -> None:
     options = _plane_options(context)
     figures.latent_grid(context.model, context.x, path, n=options.grid_size, grid_range=options.grid_range,
@@ -249,7 +273,7 @@ def _latent_grid(context: FigureContext, path: Path) -> None:
 @figure("Latent traversals",
         "One latent dimension changed at a time from −3 to 3, the others at the posterior mean of one test "
         "image; rows are the dimensions with the largest KL (the ones the model uses).",
-        needs=(IMAGES,))
+        needs=(UNCONDITIONAL, IMAGES))
 def _latent_traversal(context: FigureContext, path: Path) -> None:
     with torch.no_grad():
         base = context.model.encode(context.examples(SHOWN_EXAMPLES)[:1]).mean[0]  # [D]: the first shown image's code
@@ -269,7 +293,7 @@ def _denoising(context: FigureContext, path: Path) -> None:
 @figure("What each layer encodes",
         "Hierarchical VAE: for each stochastic layer (top first), each row holds the layers above it at one "
         "prior draw and the columns resample that layer; the layers below sit at their conditional means.",
-        needs=(LAYERS, IMAGES))
+        needs=(LAYERS, UNCONDITIONAL, IMAGES))
 def _layer_variation(context: FigureContext, path: Path) -> None:
     figures.layer_variation(context.model, path, seed=context.seed)
 
@@ -279,7 +303,7 @@ def _layer_variation(context: FigureContext, path: Path) -> None:
         "Left: negative log-likelihood per dimension of this model's residuals against the scale, computed "
         "with the library's Gaussian and Laplace likelihoods (minimum at σ = √MSE and b = mean |r|). "
         "Right: the gradient each loss sends to one prediction, by autograd through log_prob.",
-        needs=(REAL_VALUES,))
+        needs=(REAL_VALUES, UNCONDITIONAL))
 def _likelihood_choice(context: FigureContext, path: Path) -> None:
     plots.likelihood_choice(context.model, context.x[:LIKELIHOOD_EXAMPLES], path)  # the test split's residuals
 

@@ -32,14 +32,17 @@ TABLE_SUFFIXES = (".csv", ".parquet")
 SPLITS = ("train", "val", "test")
 
 
-def codes(model: Model, x: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, σ) of q(z|x) per example, each [N, D] float32 on the CPU; x [N, *data_shape] read a batch at a time."""
+def codes(model: Model, x: torch.Tensor, batch_size: int = 1000,
+          labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, σ) of q(z|x) per example, each [N, D] float32 on the CPU; x [N, *data_shape] read a batch at a time
+    (q(z|x, y) with the labels [N] of a conditional model)."""
     means, sigmas = [], []
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            posterior = model.encode(x[start:start + batch_size].to(model.device))
+            y = None if labels is None else labels[start:start + batch_size].to(model.device)
+            posterior = model.encode(x[start:start + batch_size].to(model.device), y)
             means.append(posterior.mean.float().cpu())
             sigmas.append(posterior.stddev.float().cpu())
     model.train(was_training)
@@ -64,7 +67,7 @@ def encode_run(run: Run, out: str | Path, *, data: str | None = None, labels: st
     else:
         x, y = held_out(_new_data(run.dataset, data, labels, run.config.image_size), run.config, "test")
     run.check_data_shape(x)
-    mean, sigma = codes(run.model, x, batch_size)
+    mean, sigma = codes(run.model, x, batch_size, conditioning_labels(run.model, y, "aevb encode"))
     latent = mean.shape[1]
     if out.suffix == ".npy":
         fields = [("mean", "f4", (latent,)), ("sigma", "f4", (latent,))] + ([("label", "i8")] if y is not None else [])
@@ -79,6 +82,17 @@ def encode_run(run: Run, out: str | Path, *, data: str | None = None, labels: st
     if y is not None:
         columns, values = columns + ["label"], values + [y.tolist()]
     return write_table(out, columns, values)
+
+
+def conditioning_labels(model: Model, labels: torch.Tensor | None, command: str) -> torch.Tensor | None:
+    """The labels [N] a conditional model is given with its examples (None for another model); a UserError where
+    a conditional model's examples have none."""
+    if not model.conditional:
+        return None
+    if labels is None:
+        raise UserError(f"{command}: the model is conditional on class labels, and these examples have none; pass "
+                        f"data with labels (--labels FILE with --data FILE, or an image folder of class subfolders)")
+    return labels
 
 
 def samples_in_units(run: Run, samples: torch.Tensor) -> torch.Tensor:
@@ -99,12 +113,14 @@ def write_samples(run: Run, samples: torch.Tensor, out: str | Path) -> Path:
     return write_table(out, run.dataset.column_names(), values.T.tolist())
 
 
-def write_reconstructions(run: Run, x: torch.Tensor, out: str | Path) -> Path:
+def write_reconstructions(run: Run, x: torch.Tensor, out: str | Path, labels: torch.Tensor | None = None) -> Path:
     """Rows x [n, D] of a table and their reconstructions, both in the units of its file, to ``out``: a .csv or
-    .parquet of the columns NAME and NAME_reconstructed, or a .npy array [2, n, D] (rows, reconstructions)."""
+    .parquet of the columns NAME and NAME_reconstructed, or a .npy array [2, n, D] (rows, reconstructions).
+    ``labels`` [n]: the rows' classes, for a conditional model."""
     out = _output(out, (".npy", *TABLE_SUFFIXES))
     with torch.no_grad():
-        reconstructed = run.model.reconstruct(x.to(run.model.device)).cpu()
+        y = None if labels is None else labels.to(run.model.device)
+        reconstructed = run.model.reconstruct(x.to(run.model.device), y).cpu()
     rows, reconstructed = run.dataset.original_units(x.cpu()), run.dataset.original_units(reconstructed)
     if out.suffix == ".npy":
         np.save(out, torch.stack([rows, reconstructed]).numpy())

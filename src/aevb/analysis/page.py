@@ -191,6 +191,9 @@ def _eval_section(metrics: dict) -> str:
         parts.append(f'<div class="warning"><strong>Warning:</strong> {_e(warning)}</div>')
     if metrics.get("likelihood_note"):
         parts.append(f'<p class="meta">{_e(metrics["likelihood_note"])}.</p>')
+    if metrics.get("conditional_note"):  # a conditional model's numbers are of x given its label
+        parts.append(f'<p class="meta"><strong>Conditional model</strong> ({_e(str(metrics.get("n_classes")))} classes): '
+                     f'{_e(metrics["conditional_note"])}.</p>')
     rows = []
     for key, label, unit, note in EVAL_ROWS:
         if metrics.get(key) is None:

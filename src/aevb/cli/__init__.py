@@ -360,10 +360,15 @@ def _show_evaluation(run: str, metrics: dict, iw_samples: int) -> None:
 @click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, callback=_finite, help="scale of z ~ N(0, T² I)")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the draws: the same seed, the same samples")
 @click.option("--format", "file_format", type=click.Choice(["png", "npy", "csv"]), help="png: a grid of images; npy: the samples [n, *data_shape]; csv: a table's rows under its column names. A table's samples are in the units of its file  [default: png for images, csv for tables, or the suffix of --out]")
-@click.option("--out", "-o", type=GivenPath(dir_okay=False), help="file to write [default: RUN/images/samples-T<temperature>.png, or RUN/samples-T<temperature>.npy/.csv]")
+@click.option("--out", "-o", type=GivenPath(dir_okay=False), help="file to write [default: RUN/images/samples-T<temperature>.png, or RUN/samples-T<temperature>.npy/.csv; with --label K, samples-T<temperature>-label<K>]")
+@click.option("--label", type=click.IntRange(min=0), metavar="K", help="a conditional model (--conditional): draw every sample of class K, from p(x|z, y = K) [default: each sample's class drawn uniformly]")
 @_device_option
-def sample(run, n, temperature, seed, file_format, out, device):
+def sample(run, n, temperature, seed, file_format, out, label, device):
     """Draw samples from the prior: a PNG grid of the decoder means, or the samples as a .npy or .csv file.
+
+    \b
+    A conditional model (trained with --conditional) draws them of the class
+    --label K, or, without --label, each of a class drawn uniformly.
 
     \b
     Examples:
@@ -371,6 +376,7 @@ def sample(run, n, temperature, seed, file_format, out, device):
       aevb sample runs/mnist --temperature 0.7 -o samples.png
       aevb sample runs/mnist -n 1000 --format npy          # [1000, 1, 28, 28]
       aevb sample runs/table -n 500 -o synthetic.csv       # rows in the CSV's units, under its header
+      aevb sample runs/cvae-digits --label 3               # a conditional model: 64 threes
     """
     from aevb.run.open import open_run
     from aevb.run.owner import owning_if_in_run
@@ -381,6 +387,13 @@ def sample(run, n, temperature, seed, file_format, out, device):
     if not model.has_kl:
         raise UserError(f"{run} holds an autoencoder ({model.name}), which has no prior to sample (its codes are not fitted to "
                         f"N(0, I)); train a VAE (--model vae) to sample, or use 'aevb reconstruct' / 'aevb explore'")
+    if label is not None and not model.conditional:
+        raise UserError(f"--label draws samples of one class from a conditional model, and the model of {run} is not "
+                        f"one; drop --label, or train with --conditional")
+    if label is not None and label >= model.n_classes:
+        raise UserError(f"--label {label} is out of range: the model of {run} knows {model.n_classes} classes, "
+                        f"0 … {model.n_classes - 1}")
+    stem = f"samples-T{temperature:g}" + ("" if label is None else f"-label{label}")
     if file_format is None:  # from --out's suffix (a figure's where it names none of the three), or the data's kind
         suffix = Path(out).suffix.lstrip(".") if out else ""
         file_format = suffix if suffix in ("npy", "csv") else "png" if out or len(model.data_shape) == 3 else "csv"
@@ -390,15 +403,15 @@ def sample(run, n, temperature, seed, file_format, out, device):
         from aevb.analysis.figures import sample_grid
 
         _require_images(model, "sample --format png")
-        path = Path(out) if out else Path(run) / "images" / f"samples-T{temperature:g}.png"
+        path = Path(out) if out else Path(run) / "images" / f"{stem}.png"
         with owning_if_in_run(path, "aevb sample"):
-            click.echo(f"written: {sample_grid(model, path, n=n, seed=seed, temperature=temperature)}")
+            click.echo(f"written: {sample_grid(model, path, n=n, seed=seed, temperature=temperature, label=label)}")
         return
     from aevb.analysis.outputs import write_samples
 
     generator = torch_generator(seed)
-    samples = model.sample(n, generator=generator, temperature=temperature)  # [n, *data_shape]
-    path = Path(out) if out else Path(run) / f"samples-T{temperature:g}.{file_format}"
+    samples = model.sample(n, generator=generator, temperature=temperature, label=label)  # [n, *data_shape]
+    path = Path(out) if out else Path(run) / f"{stem}.{file_format}"
     with owning_if_in_run(path, "aevb sample"):
         click.echo(f"written: {write_samples(opened, samples, path)}")
 
@@ -482,6 +495,7 @@ def reconstruct(run, n, out, device):
       aevb reconstruct runs/vae-digits -n 10
       aevb reconstruct runs/table -n 100 -o reconstructions.csv
     """
+    from aevb.analysis.outputs import conditioning_labels
     from aevb.data.transforms import holdout_indices
     from aevb.run.open import open_run
     from aevb.run.owner import owning_if_in_run
@@ -491,19 +505,21 @@ def reconstruct(run, n, out, device):
     click.echo(f"model: {opened.provenance}")
     x, y = opened.held_out("test")
     opened.check_data_shape(x)
+    given = conditioning_labels(model, y, "aevb reconstruct")  # the labels a conditional model reconstructs with
     if len(model.data_shape) != 3:
         from aevb.analysis.outputs import write_reconstructions
 
         path = Path(out) if out else Path(run) / "reconstructions.csv"
         with owning_if_in_run(path, "aevb reconstruct"):
-            click.echo(f"written: {write_reconstructions(opened, x[:n], path)}")
+            click.echo(f"written: {write_reconstructions(opened, x[:n], path, None if given is None else given[:n])}")
         return
     from aevb.analysis.figures import reconstruction_grid
 
-    x = x[holdout_indices(y, n, num_examples=len(x))].to(model.device)
+    shown = holdout_indices(y, n, num_examples=len(x))
+    x = x[shown].to(model.device)
     path = Path(out) if out else Path(run) / "images" / "reconstructions.png"
     with owning_if_in_run(path, "aevb reconstruct"):
-        click.echo(f"written: {reconstruction_grid(model, x, path)}")
+        click.echo(f"written: {reconstruction_grid(model, x, path, None if given is None else given[shown])}")
 
 
 def _require_images(model, command: str) -> None:
@@ -539,6 +555,9 @@ def interpolate(run, pairs, steps, out, device):
     model = opened.model
     click.echo(f"model: {opened.provenance}")
     _require_images(model, "interpolate")
+    if model.conditional:
+        raise UserError("'aevb interpolate' decodes paths between codes without a label, and this model is conditional "
+                        "on one; draw its classes with 'aevb sample RUN --label K' or 'aevb explore' (class-samples.png)")
     x, y = opened.held_out("test")
     chosen = holdout_indices(y, 2 * pairs, num_examples=len(x))
     if len(chosen) < 2:

@@ -33,6 +33,8 @@ def format_metrics(metrics: dict) -> str:
             continue
         text = f"{value:.3f}" if isinstance(value, float) else str(value)
         lines.append(f"{name:<40} {text:>12} {unit}")
+    if metrics.get("conditional_note"):
+        lines.append(f"conditional model ({metrics.get('n_classes')} classes): {metrics['conditional_note']}")
     return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ class AE(Model):
     has_kl = False
     needs_input_grad: ClassVar[bool] = False  # the penalty differentiates the code with respect to x
 
-    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
+    def loss(self, x: torch.Tensor, beta: float | None = None, label: Any = None) -> LossOutput:
         """−log p(x | z = f(corrupt(x))) + Σ weight·penalty, mean over the batch.
 
         The variants below change only :meth:`corrupt` (the DAE) or
@@ -42,9 +42,9 @@ class AE(Model):
         inputs = self.corrupt(x)
         if self.needs_input_grad:
             inputs = inputs.to(self._dtype).detach().requires_grad_(True)
-        posterior = self.encode(inputs)
+        posterior = self.encode(inputs, label)  # label: None (no AE is conditional), refused otherwise
         code = posterior.mean  # [B, D]
-        reconstruction = -self.decode(code).log_prob(x.to(code.dtype)).mean()
+        reconstruction = -self.decode(code, label).log_prob(x.to(code.dtype)).mean()
         penalties = self.penalties(inputs, code)  # {name: (weight, [] value)}
         loss = reconstruction
         for weight, value in penalties.values():

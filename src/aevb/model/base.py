@@ -39,7 +39,7 @@ from torch import nn
 from torch.distributions import Distribution, Independent
 
 
-from aevb.model import objectives
+from aevb.model import conditioning, objectives
 from aevb.config import LAYER_SIZES, RUN_OPTIONS
 from aevb.errors import UserError
 from aevb.io import loads_json, write_json, write_safetensors
@@ -109,6 +109,11 @@ class Model(nn.Module):
             Their output shapes are checked here, on a batch of two.  Such a model saves its weights, and
             ``aevb.load(path, encoder=…, decoder=…)`` loads them into the same networks; an import path
             as ``arch`` needs neither.
+        n_classes: K, for a conditional model (a model that declares :attr:`takes_labels`): the class label
+            y ∈ {0 … K−1} enters the encoder, q(z|x, y), and the decoder, p(x|z, y), by composition
+            (:mod:`aevb.model.conditioning`): the networks are built for x with K more channels (features) and z
+            with K more dimensions (your own ``encoder=`` and ``decoder=`` then take those shapes), and every
+            method that runs one takes ``label=`` [B].  None: unconditional.
     """
 
     posterior_family: ClassVar[str] = "gaussian"
@@ -119,6 +124,7 @@ class Model(nn.Module):
     batch_coupled: ClassVar[bool] = False
     # the loss needs the number of training examples (β-TCVAE's estimator): the trainer passes dataset_size=
     needs_dataset_size: ClassVar[bool] = False
+    takes_labels: ClassVar[bool] = False  # can be conditional: n_classes= (the label enters encoder and decoder)
     # the model's own options: constructor arguments of the same names, and flags of aevb train; declared
     # as literal Option(...) calls (or constants of them) so that --help reads them without importing torch
     options: ClassVar[tuple[Option, ...]] = ()
@@ -150,9 +156,15 @@ class Model(nn.Module):
     def __init__(self, data_shape: Sequence[int], latent_dim: int = 20, arch: str = "mlp",
                  likelihood: str = "bernoulli", hidden: Sequence[int] | None = None,
                  likelihood_args: dict[str, Any] | None = None, posterior_args: dict[str, Any] | None = None, *,
-                 encoder: nn.Module | None = None, decoder: nn.Module | None = None):
+                 encoder: nn.Module | None = None, decoder: nn.Module | None = None, n_classes: int | None = None):
         """Build the model from the arguments its class's docstring lists (checked here: a UserError names a bad one)."""
         super().__init__()
+        if n_classes is not None:
+            if not self.takes_labels:
+                raise UserError(f"model {self.name!r} cannot be conditional (n_classes, --conditional); the models "
+                                f"that can: {', '.join(n for n, c in MODELS.items() if c.takes_labels)}")
+            n_classes = conditioning.check_classes(n_classes)
+        self.n_classes = n_classes
         latent_dim, hidden = RUN_OPTIONS["latent_dim"].check(latent_dim), _sizes(hidden)
         likelihood_args, posterior_args = plain(likelihood_args or {}), plain(posterior_args or {})
         self.data_shape = tuple(_size(n, "data_shape") for n in data_shape)
@@ -177,14 +189,14 @@ class Model(nn.Module):
         else:
             if arch is None:
                 raise UserError("arch=None stands for networks of your own: pass encoder= and decoder=")
-            encoder, decoder = built_networks(arch, self.data_shape, self.latent_dim, self.encoder_outputs,
-                                               self.decoder_shape[0], hidden)
+            encoder, decoder = built_networks(arch, self.encoder_input_shape, self.decoder_input_dim,
+                                               self.encoder_outputs, self.decoder_shape[0], hidden)
             names = (f"the encoder of {arch}", f"the decoder of {arch}") if is_import_path(arch) else None
         if names is not None:  # a registered network is tested for every data shape; another is checked here
-            check_network(encoder, names[0], self.data_shape, (self.encoder_outputs,),
+            check_network(encoder, names[0], self.encoder_input_shape, (self.encoder_outputs,),
                           f"{self.posterior.params_per_latent} parameter(s) of the {self.posterior_family} posterior "
                           f"for each of the {self.latent_dim} latent dimensions")
-            check_network(decoder, names[1], (self.latent_dim,), self.decoder_shape,
+            check_network(decoder, names[1], (self.decoder_input_dim,), self.decoder_shape,
                           f"{self.likelihood.params_per_channel} parameter(s) of the {likelihood} likelihood for each "
                           f"value of an example of shape {list(self.data_shape)}")
             if next(decoder.parameters(), None) is None:
@@ -199,12 +211,32 @@ class Model(nn.Module):
             "likelihood_args": {**self.likelihood.extra_config(), **likelihood_args},
             "posterior_args": self.posterior.extra_config(),
         }
+        if self.n_classes is not None:  # only then, so configs of unconditional models stay as they were
+            self.config["n_classes"] = self.n_classes
         self.prior_module = build_prior("standard", self.latent_dim, self.data_shape)
 
     @property
     def encoder_outputs(self) -> int:
         """How many values the encoder returns per example: the posterior's parameters, k·latent_dim."""
         return self.posterior.params_per_latent * self.latent_dim
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the model takes a class label (``n_classes`` set): q(z|x, y) and p(x|z, y)."""
+        return self.n_classes is not None
+
+    @property
+    def encoder_input_shape(self) -> tuple[int, ...]:
+        """The shape of one example as the encoder network takes it: data_shape, with K label channels (features)
+        more for a conditional model."""
+        if self.n_classes is None:
+            return self.data_shape
+        return conditioning.encoder_input_shape(self.data_shape, self.n_classes)
+
+    @property
+    def decoder_input_dim(self) -> int:
+        """The size of the code as the decoder network takes it: latent_dim, + K for a conditional model."""
+        return self.latent_dim + (self.n_classes or 0)
 
     @property
     def decoder_shape(self) -> tuple[int, ...]:
@@ -215,6 +247,9 @@ class Model(nn.Module):
         """Use the registered prior ``prior`` and store it in the config (models with a KL)."""
         prior_args = plain(prior_args or {})
         self.prior_module = build_prior(prior, self.latent_dim, self.data_shape, prior_args)
+        if self.conditional and self.prior_module.encodes:
+            raise UserError(f"the {prior!r} prior runs the encoder on inputs of its own, which have no label, so it "
+                            f"cannot be the prior p(z) of a conditional model; use --prior standard or mog")
         self.config.update(prior=prior, prior_args={**self.prior_module.extra_config(), **prior_args})
 
     # -- the three distributions -------------------------------------------
@@ -265,18 +300,42 @@ class Model(nn.Module):
         """p(z), event shape [D], on the model's device (N(0, I) in float32 unless ``prior`` says otherwise)."""
         return self.prior_module(self)
 
-    def encode(self, x: torch.Tensor) -> Distribution:
-        """q(z|x) for x [B, *data_shape]: batch shape [B], event shape [D], at least float32."""
-        self._check_input(x)
-        return self.posterior(self._run(self.encoder, x))  # from [B, k·D]
+    def _one_hot(self, label: Any, batch: int) -> torch.Tensor | None:
+        """The one-hot label [batch, K] of a conditional model (None for another); a UserError where the label is
+        missing, given to an unconditional model, or does not fit."""
+        if self.n_classes is None:
+            if label is not None:
+                raise UserError(f"this {self.name} is not conditional: it takes no label; drop label= (or train with "
+                                f"--conditional)")
+            return None
+        if label is None:
+            raise UserError(f"this {self.name} is conditional on a class label: pass label= (class indices [B] in "
+                            f"[0, {self.n_classes}), or one int)")
+        label = conditioning.checked_label(label, self.n_classes, batch, self.device)
+        return conditioning.one_hot(label, self.n_classes, self._dtype)
 
-    def decode(self, z: torch.Tensor) -> Distribution:
-        """p(x|z) for z [*S, B, D]: batch shape [*S, B], event shape data_shape, at least float32."""
+    def encode(self, x: torch.Tensor, label: Any = None) -> Distribution:
+        """q(z|x) for x [B, *data_shape] (q(z|x, y) with ``label`` [B] for a conditional model): batch shape [B],
+        event shape [D], at least float32."""
+        return self.posterior(self._run(self.encoder, self._encoder_inputs(x, label)))  # from [B, k·D]
+
+    def _encoder_inputs(self, x: torch.Tensor, label: Any) -> torch.Tensor:
+        """x [B, *data_shape], checked, as the encoder network takes it: with the one-hot label appended
+        ([B, C + K, ...] or [B, D + K]) for a conditional model."""
+        self._check_input(x)
+        y = self._one_hot(label, x.shape[0])  # [B, K] or None
+        return x if y is None else conditioning.with_label(x.to(self._dtype), y)
+
+    def decode(self, z: torch.Tensor, label: Any = None) -> Distribution:
+        """p(x|z) for z [*S, B, D] (p(x|z, y) with ``label`` [B] for a conditional model): batch shape [*S, B],
+        event shape data_shape, at least float32."""
         if z.ndim < 2 or z.shape[-1] != self.latent_dim:
             raise UserError(f"z of shape {tuple(z.shape)} does not fit this model, which decodes "
                             f"[*samples, batch, {self.latent_dim}]")
         batch_shape = z.shape[:-1]
-        params = self._run(self.decoder, z.reshape(-1, self.latent_dim))  # [N, k·C, ...]
+        y = self._one_hot(label, z.shape[-2])  # [B, K] or None
+        inputs = z if y is None else conditioning.with_label_code(z, y)  # [*S, B, D (+K)]
+        params = self._run(self.decoder, inputs.reshape(-1, self.decoder_input_dim))  # [N, k·C, ...]
         return self.likelihood(params.reshape(*batch_shape, *params.shape[1:]), len(self.data_shape))
 
     @torch.no_grad()
@@ -308,45 +367,63 @@ class Model(nn.Module):
     def forward(self, x: torch.Tensor) -> LossOutput:
         """:meth:`loss` of a batch x [B, *data_shape]: ``model(x)`` is the ordinary PyTorch call (forward hooks,
         DistributedDataParallel, Lightning).  It takes the batch only: a loop that changes β as it goes (a
-        warm-up schedule) passes it to :meth:`loss`, so no trainer's state enters the model."""
+        warm-up schedule) passes it to :meth:`loss`, so no trainer's state enters the model.  A conditional
+        model's batch has labels too: call ``loss(x, label=y)``."""
         return self.loss(x)
 
-    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
-        """The training objective for a batch x [B, *data_shape].
+    def loss(self, x: torch.Tensor, beta: float | None = None, label: Any = None) -> LossOutput:
+        """The training objective for a batch x [B, *data_shape]; ``label`` [B]: its classes (conditional models).
 
         ``beta`` overrides the KL weight for this call (warm-up schedules);
         models without a KL term ignore it.
         """
         raise NotImplementedError
 
-    def elbo_terms(self, x: torch.Tensor, n_samples: int = 1) -> objectives.ElboTerms:
+    def elbo_terms(self, x: torch.Tensor, n_samples: int = 1, label: Any = None) -> objectives.ElboTerms:
         """The ELBO's reconstruction and KL terms, each [B] in nats (:func:`aevb.model.objectives.sgvb_terms`).
 
         A model with more than one stochastic layer overrides this (and
         :meth:`log_weights`) with its own sum over the layers.
         """
-        return objectives.sgvb_terms(self, x, n_samples)
+        return objectives.sgvb_terms(self, x, n_samples, label)
 
-    def log_weights(self, x: torch.Tensor, n_samples: int, posterior: Distribution | None = None) -> torch.Tensor:
+    def log_weights(self, x: torch.Tensor, n_samples: int, posterior: Distribution | None = None,
+                    label: Any = None) -> torch.Tensor:
         """Importance log-weights log p(x, z) − log q(z|x), [n_samples, B]; ``posterior``: q(z|x) if already computed."""
-        return objectives.single_layer_log_weights(self, x, n_samples, posterior)
+        return objectives.single_layer_log_weights(self, x, n_samples, posterior, label)
 
-    def elbo(self, x: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
-        """ELBO per example [B] in nats, β = 1, analytic KL; averaged over ``n_samples``."""
-        return objectives.elbo(self, x, n_samples)
+    def elbo(self, x: torch.Tensor, n_samples: int = 1, label: Any = None) -> torch.Tensor:
+        """ELBO per example [B] in nats, β = 1, analytic KL; averaged over ``n_samples``.  A conditional model's,
+        given ``label`` [B], bounds log p(x|y)."""
+        return objectives.elbo(self, x, n_samples, label)
 
-    def log_likelihood(self, x: torch.Tensor, n_samples: int = 5000, chunk_size: int | None = None) -> torch.Tensor:
-        """Importance-sampled log p(x) per example [B] in nats (Burda et al. 2016)."""
-        return objectives.log_likelihood(self, x, n_samples, chunk_size)
+    def log_likelihood(self, x: torch.Tensor, n_samples: int = 5000, chunk_size: int | None = None,
+                       label: Any = None) -> torch.Tensor:
+        """Importance-sampled log p(x) per example [B] in nats (Burda et al. 2016); log p(x|y) for a conditional
+        model given ``label`` [B]."""
+        return objectives.log_likelihood(self, x, n_samples, chunk_size, label)
 
     # -- using a trained model ----------------------------------------------
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0,
+               label: Any = None) -> torch.Tensor:
         """[n, *data_shape]: means of p(x|z) for z ~ p(z) (for N(0, I): z ~ N(0, temperature² I);
         for mixtures the temperature scales each component's noise; with several stochastic
-        layers z_1 is drawn ancestrally, see :meth:`sample_layers`)."""
-        return self.decode(self.sample_layers(n, generator, temperature)[0]).mean  # from z_1 [n, D]
+        layers z_1 is drawn ancestrally, see :meth:`sample_layers`).
+
+        A conditional model decodes p(x|z, y) for ``label`` (one int for all, or [n]); without one, each
+        sample's label is drawn uniformly from the K classes (after z, from the same ``generator``).
+        """
+        z = self.sample_layers(n, generator, temperature)[0]  # z_1 [n, D]
+        if self.conditional and label is None:
+            label = self.uniform_labels(z.shape[0], generator)
+        return self.decode(z, label).mean
+
+    def uniform_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[n] class indices drawn uniformly from the K classes of a conditional model, on ``generator``'s device."""
+        device = generator.device if generator is not None else self.device
+        return torch.randint(self.n_classes, (n,), generator=generator, device=device)
 
     # -- what a model declares about itself ------------------------------------
     # Evaluation, the figures and the report read these instead of probing for
@@ -362,9 +439,9 @@ class Model(nn.Module):
         """
         return 1
 
-    def layer_posteriors(self, x: torch.Tensor) -> list[Distribution]:
+    def layer_posteriors(self, x: torch.Tensor, label: Any = None) -> list[Distribution]:
         """q(z_l | ·) for l = 1 … L (bottom first), each batch [B], event [D]; [encode(x)] for one layer."""
-        return [self.encode(x)]
+        return [self.encode(x, label)]
 
     @torch.no_grad()
     def sample_layers(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0,
@@ -389,9 +466,10 @@ class Model(nn.Module):
         return {}
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, *data_shape]: mean of p(x|z) at the posterior mean z = E_q[z]."""
-        return self.decode(self.encode(x).mean).mean
+    def reconstruct(self, x: torch.Tensor, label: Any = None) -> torch.Tensor:
+        """[B, *data_shape]: mean of p(x|z) at the posterior mean z = E_q[z] (of p(x|z, y), q(z|x, y) given
+        ``label`` [B], for a conditional model)."""
+        return self.decode(self.encode(x, label).mean, label).mean
 
     def save(self, path: str | Path, *, step: int | None = None) -> None:
         """Write ``path/config.json`` and ``path/weights.safetensors`` (each atomically).
@@ -415,7 +493,8 @@ class Model(nn.Module):
         write_json(path / "config.json", config)
 
     def extra_repr(self) -> str:
-        return f"data_shape={self.data_shape}, latent_dim={self.latent_dim}"
+        classes = f", n_classes={self.n_classes}" if self.conditional else ""
+        return f"data_shape={self.data_shape}, latent_dim={self.latent_dim}{classes}"
 
 
 def _constructor_signature(cls: type[Model]) -> inspect.Signature:

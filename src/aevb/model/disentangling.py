@@ -105,10 +105,10 @@ class _BatchPenalisedVAE(LatentVariableModel):
 
     batch_coupled: ClassVar[bool] = True
 
-    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
-        posterior = self.encode(x)  # q(z|x), batch [B]
+    def loss(self, x: torch.Tensor, beta: float | None = None, label: Any = None) -> LossOutput:
+        posterior = self.encode(x, label)  # q(z|x) (q(z|x, y) for a conditional model), batch [B]
         z = posterior.rsample()  # [B, D]
-        reconstruction = -at_least_float32(self.decode(z).log_prob(x.to(z.dtype)))  # [B]
+        reconstruction = -at_least_float32(self.decode(z, label).log_prob(x.to(z.dtype)))  # [B]
         prior = self.prior()
         kl = at_least_float32(objectives.kl_term(posterior, prior, z.unsqueeze(0)))  # [B]
         objective, extras = self.penalised(posterior, prior, z, reconstruction, kl)

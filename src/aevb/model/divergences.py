@@ -112,10 +112,10 @@ class WAE(_MMDMixin, LatentVariableModel):
         self.config.update(mmd_weight=self.mmd_weight,
                            **self._set_kernel(options["kernel"], options["kernel_bandwidth"]))
 
-    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
-        posterior = self.encode(x)  # a point mass at f(x)
+    def loss(self, x: torch.Tensor, beta: float | None = None, label: Any = None) -> LossOutput:
+        posterior = self.encode(x, label)  # a point mass at f(x) (f(x, y) for a conditional model)
         z = posterior.mean  # [B, D]
-        reconstruction = -at_least_float32(self.decode(z).log_prob(x.to(z.dtype))).mean()
+        reconstruction = -at_least_float32(self.decode(z, label).log_prob(x.to(z.dtype))).mean()
         mmd = self.prior_mmd(z)
         mu, sigma = _posterior_stats(posterior)
         return LossOutput(reconstruction + self.mmd_weight * mmd, reconstruction.detach(),

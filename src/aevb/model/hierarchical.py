@@ -80,10 +80,9 @@ class HVAE(LatentVariableModel):
 
     # -- the two passes ----------------------------------------------------------
 
-    def _bottom_up(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """[d_1, …, d_L], each [B, 2D]."""
-        self._check_input(x)
-        d = [self._run(self.encoder, x)]
+    def _bottom_up(self, x: torch.Tensor, label: Any = None) -> list[torch.Tensor]:
+        """[d_1, …, d_L], each [B, 2D] (the encoder sees the label of a conditional model; the ladder does not)."""
+        d = [self._run(self.encoder, self._encoder_inputs(x, label))]
         for up in self.up:
             d.append(self._run(up, d[-1]))
         return d
@@ -108,39 +107,40 @@ class HVAE(LatentVariableModel):
 
     # -- the model contract --------------------------------------------------------
 
-    def encode(self, x: torch.Tensor) -> Distribution:
+    def encode(self, x: torch.Tensor, label: Any = None) -> Distribution:
         """q(z_1 | x, z_{>1} at their posterior means): batch [B], event [D]."""
-        _, qs, _ = self._top_down(self._bottom_up(x), None)
+        _, qs, _ = self._top_down(self._bottom_up(x, label), None)
         return qs[-1]
 
     def _normal(self, params: torch.Tensor) -> Distribution:
         """A layer's Gaussian from params [*, 2·D], parametrised as the model's posterior is."""
         return diagonal_normal(params, self.posterior.scale_param)
 
-    def layer_posteriors(self, x: torch.Tensor) -> list[Distribution]:
+    def layer_posteriors(self, x: torch.Tensor, label: Any = None) -> list[Distribution]:
         """q(z_l | ·) along the posterior-mean path, for l = 1 … L (bottom first)."""
-        _, qs, _ = self._top_down(self._bottom_up(x), None)
+        _, qs, _ = self._top_down(self._bottom_up(x, label), None)
         return qs[::-1]
 
-    def elbo_terms(self, x: torch.Tensor, n_samples: int = 1) -> ElboTerms:
-        zs, qs, ps = self._top_down(self._bottom_up(x), n_samples)
-        reconstruction = -self.decode(zs[-1]).log_prob(x.to(zs[-1].dtype)).mean(0)  # [B]
+    def elbo_terms(self, x: torch.Tensor, n_samples: int = 1, label: Any = None) -> ElboTerms:
+        zs, qs, ps = self._top_down(self._bottom_up(x, label), n_samples)
+        reconstruction = -self.decode(zs[-1], label).log_prob(x.to(zs[-1].dtype)).mean(0)  # [B]
         # the top layer's KL is over a [B] posterior; the others average over the S samples they depend on
         kls = [kl_divergence(q, p) for q, p in zip(qs, ps)]  # top first: [B], then [S, B]
         kls = [kl if kl.dim() == 1 else kl.mean(0) for kl in kls][::-1]  # bottom first, each [B]
         return ElboTerms(reconstruction, torch.stack(kls).sum(0), qs[-1], tuple(kls))
 
-    def log_weights(self, x: torch.Tensor, n_samples: int, posterior: Distribution | None = None) -> torch.Tensor:
+    def log_weights(self, x: torch.Tensor, n_samples: int, posterior: Distribution | None = None,
+                    label: Any = None) -> torch.Tensor:
         """log p(x|z_1) + Σ_l log p(z_l|z_{l+1}) − Σ_l log q(z_l|·) over all layers, [S, B] (``posterior`` unused: every layer is drawn anew)."""
-        zs, qs, ps = self._top_down(self._bottom_up(x), n_samples)
-        log_w = at_least_float32(self.decode(zs[-1]).log_prob(x.to(zs[-1].dtype)))
+        zs, qs, ps = self._top_down(self._bottom_up(x, label), n_samples)
+        log_w = at_least_float32(self.decode(zs[-1], label).log_prob(x.to(zs[-1].dtype)))
         for z, q, p in zip(zs, qs, ps):
             log_w = log_w + at_least_float32(p.log_prob(z)) - at_least_float32(q.log_prob(z))
         return log_w
 
-    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
+    def loss(self, x: torch.Tensor, beta: float | None = None, label: Any = None) -> LossOutput:
         beta = self.beta if beta is None else beta
-        terms = self.elbo_terms(x)
+        terms = self.elbo_terms(x, label=label)
         reconstruction, kl = terms.reconstruction.mean(), terms.kl.mean()
         mu, sigma = _posterior_stats(terms.posterior)
         extras = {f"kl_layer{l + 1}": k.mean().detach() for l, k in enumerate(terms.kl_layers)}

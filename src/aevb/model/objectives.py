@@ -13,6 +13,11 @@ and everything else (ELBO, the importance-weighted bound of Burda et al.
 quantities.  All values are in nats per example; reductions over samples run
 in at least float32 (a bfloat16 model reduces in float32, a float64 model in
 float64).
+
+A conditional model (``n_classes``) takes the examples' labels y [B] as one
+more argument of encode and decode, ``label=``, which every function here
+passes on: its ELBO bounds log p(x|y), its importance sampler estimates
+log p(x|y), and the prior p(z) is the same.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.distributions import Distribution, kl_divergence
@@ -89,7 +95,7 @@ def _check(model, x: torch.Tensor, what: str, likelihood: bool = False, **counts
             raise UserError(f"{name} must be a whole number ≥ 1, got {value!r}")
 
 
-def elbo_terms(model, x: torch.Tensor, n_samples: int = 1) -> ElboTerms:
+def elbo_terms(model, x: torch.Tensor, n_samples: int = 1, label: Any = None) -> ElboTerms:
     """Reconstruction and KL terms with ``n_samples`` reparameterised samples, each [B] in nats.
 
     The arguments are checked here; the estimate is the model's own
@@ -97,58 +103,60 @@ def elbo_terms(model, x: torch.Tensor, n_samples: int = 1) -> ElboTerms:
     model with one stochastic layer, the sum over layers for a hierarchical one.
     """
     _check(model, x, "ELBO", n_samples=n_samples)
-    return model.elbo_terms(x, n_samples)
+    return model.elbo_terms(x, n_samples, label)
 
 
-def sgvb_terms(model, x: torch.Tensor, n_samples: int = 1) -> ElboTerms:
+def sgvb_terms(model, x: torch.Tensor, n_samples: int = 1, label: Any = None) -> ElboTerms:
     """The ELBO's terms of a one-layer model, by SGVB (Kingma & Welling 2014): the data path, top to bottom.
 
-    x: [B, *data_shape].  Gradients flow to encoder and decoder through rsample.
+    x: [B, *data_shape]; label: [B] for a conditional model (q(z|x, y), p(x|z, y)), else None.  Gradients flow
+    to encoder and decoder through rsample.
     """
-    posterior = model.encode(x)  # q(z|x), batch [B]
+    posterior = model.encode(x, label)  # q(z|x), batch [B]
     # one sample has no sample dimension: its broadcast in rsample and the mean over L
     # would each add an op and a backward reduction to every training step
     z = posterior.rsample(() if n_samples == 1 else (n_samples,))  # [B, D] or [L, B, D]
-    log_px_z = model.decode(z).log_prob(x.to(z.dtype))  # [B] or [L, B], in z's (≥ float32) dtype
+    log_px_z = model.decode(z, label).log_prob(x.to(z.dtype))  # [B] or [L, B], in z's (≥ float32) dtype
     reconstruction = -(log_px_z if n_samples == 1 else log_px_z.mean(0))  # [B]
     kl = at_least_float32(kl_term(posterior, model.prior(), z.view(n_samples, *z.shape[-2:])))  # [B]
     return ElboTerms(reconstruction, kl, posterior)
 
 
-def elbo(model, x: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
+def elbo(model, x: torch.Tensor, n_samples: int = 1, label: Any = None) -> torch.Tensor:
     """The evidence lower bound E_q[log p(x|z)] − KL(q ‖ p), [B] in nats, β = 1."""
-    return elbo_terms(model, x, n_samples).elbo
+    return elbo_terms(model, x, n_samples, label).elbo
 
 
-def log_weights(model, x: torch.Tensor, n_samples: int, posterior: Distribution | None = None) -> torch.Tensor:
+def log_weights(model, x: torch.Tensor, n_samples: int, posterior: Distribution | None = None,
+                label: Any = None) -> torch.Tensor:
     """Importance log-weights log p(x, z) − log q(z|x), [n_samples, B], at least float32: the model's own
     (:meth:`aevb.model.base.Model.log_weights`, over every stochastic layer)."""
-    return model.log_weights(x, n_samples, posterior)
+    return model.log_weights(x, n_samples, posterior, label)
 
 
-def single_layer_log_weights(model, x: torch.Tensor, n_samples: int,
-                             posterior: Distribution | None = None) -> torch.Tensor:
+def single_layer_log_weights(model, x: torch.Tensor, n_samples: int, posterior: Distribution | None = None,
+                             label: Any = None) -> torch.Tensor:
     """log p(x|z) + log p(z) − log q(z|x) for z ~ q(z|x), [n_samples, B], at least float32.
 
     z is drawn with ``rsample`` so the weights can be differentiated (IWAE).
     Pass ``posterior`` to reuse an encoder pass across chunks.
     """
     if posterior is None:
-        posterior = model.encode(x)
+        posterior = model.encode(x, label)
     z = posterior.rsample((n_samples,))  # [S, B, D]
-    log_px_z = model.decode(z).log_prob(x.to(z.dtype))  # [S, B]
+    log_px_z = model.decode(z, label).log_prob(x.to(z.dtype))  # [S, B]
     log_pz = model.prior().log_prob(z)  # [S, B]
     log_qz = posterior.log_prob(z)  # [S, B]
     return (at_least_float32(log_px_z) + at_least_float32(log_pz)) - at_least_float32(log_qz)
 
 
-def iwae_bound(model, x: torch.Tensor, k: int) -> torch.Tensor:
+def iwae_bound(model, x: torch.Tensor, k: int, label: Any = None) -> torch.Tensor:
     """The importance-weighted bound log (1/k) Σ_i w_i (Burda et al. 2016), [B] in nats.
 
     Equals the ELBO for k = 1 and rises towards log p(x) as k grows.
     """
     _check(model, x, "importance-weighted bound", k=k)
-    return torch.logsumexp(log_weights(model, x, k), dim=0) - math.log(k)
+    return torch.logsumexp(log_weights(model, x, k, label=label), dim=0) - math.log(k)
 
 
 # Rows (samples × examples) decoded at once by the importance sampler: small
@@ -158,7 +166,8 @@ DEFAULT_ROWS = 4096
 
 
 @torch.no_grad()
-def log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_size: int | None = None) -> torch.Tensor:
+def log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_size: int | None = None,
+                   label: Any = None) -> torch.Tensor:
     """Importance-sampled estimate of log p(x) with q(z|x) as proposal, [B] in nats.
 
     log p(x) ≈ log (1/S) Σ_s p(x|z_s) p(z_s) / q(z_s|x),  z_s ~ q(z|x)
@@ -173,7 +182,7 @@ def log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_size: in
     ``keep_freed_memory()``), as :func:`aevb.evaluate` calls it.
     """
     _check(model, x, "log-likelihood", likelihood=True, n_samples=n_samples, chunk_size=chunk_size)
-    posterior = model.encode(x)
+    posterior = model.encode(x, label)
     batch = x.shape[0]
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_ROWS // max(batch, 1))
@@ -181,7 +190,7 @@ def log_likelihood(model, x: torch.Tensor, n_samples: int = 5000, chunk_size: in
     total = None  # log Σ_s w_s over the chunks so far, [B], at least float32
     for start in range(0, n_samples, chunk_size):
         n = min(chunk_size, n_samples - start)
-        chunk = torch.logsumexp(log_weights(model, x, n, posterior), dim=0)
+        chunk = torch.logsumexp(log_weights(model, x, n, posterior, label), dim=0)
         # a running sum, not a list of per-chunk results: small tensors that live across
         # the loop sit between the chunks' large blocks and fragment the heap
         total = chunk if total is None else torch.logaddexp(total, chunk)

@@ -33,6 +33,7 @@ class Prior(nn.Module):
     """Base of priors: ``Prior(latent_dim, data_shape, **prior_args)``."""
 
     factorises = False
+    encodes = False  # p(z) runs the model's encoder (on inputs of its own, without labels: no conditional model)
 
     def __init__(self, latent_dim: int, data_shape):
         super().__init__()
@@ -119,6 +120,8 @@ class VampPrior(Prior):
     prior is the model's own encoder at those inputs, so it follows the
     posterior as training goes.  Pseudo-inputs start near 0.5 (mid-grey).
     """
+
+    encodes = True
 
     def __init__(self, latent_dim: int, data_shape, components: int = 100):
         super().__init__(latent_dim, data_shape)

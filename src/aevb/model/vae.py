@@ -50,9 +50,12 @@ class LatentVariableModel(Model):
     Args (besides :class:`Model`'s):
         prior: a name in ``aevb.registry.PRIORS`` (standard, mog, vamp).
         prior_args: its arguments (``{"components": 10}``; the run option ``prior_components``).
+
+    Each can be conditional on a class label (``n_classes=``; ``--conditional``, which takes K from the data).
     """
 
     options = (PRIOR, PRIOR_COMPONENTS)
+    takes_labels = True
 
     def __init__(self, *args, prior: str = PRIOR.default, prior_args: dict[str, Any] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -111,10 +114,11 @@ class VAE(LatentVariableModel):
         if self.free_bits:  # only then, so configs of models without free bits stay as they were
             self.config.update(free_bits=self.free_bits)
 
-    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
-        """``beta`` overrides the model's β for this call (KL warm-up schedules)."""
+    def loss(self, x: torch.Tensor, beta: float | None = None, label: Any = None) -> LossOutput:
+        """``beta`` overrides the model's β for this call (KL warm-up schedules); ``label`` [B]: the batch's
+        classes, for a conditional model."""
         beta = self.beta if beta is None else beta
-        terms = objectives.elbo_terms(self, x, self.mc_samples)
+        terms = objectives.elbo_terms(self, x, self.mc_samples, label)
         reconstruction, kl = terms.reconstruction.mean(), terms.kl.mean()
         mu, sigma = _posterior_stats(terms.posterior)
         if not self.free_bits:
@@ -142,8 +146,8 @@ class _Decoding(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return (at_least_float32(self.model.decode(z).log_prob(x.to(z.dtype)))
+    def forward(self, z: torch.Tensor, x: torch.Tensor, label: Any = None) -> torch.Tensor:
+        return (at_least_float32(self.model.decode(z, label).log_prob(x.to(z.dtype)))
                 + at_least_float32(self.model.prior().log_prob(z)))
 
 
@@ -201,15 +205,15 @@ class IWAE(LatentVariableModel):
         """Importance samples per example in a step: m·k for miwae and piwae, else k."""
         return self.k * self.m if self.variant in ("miwae", "piwae") else self.k
 
-    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
-        posterior = self.encode(x)
+    def loss(self, x: torch.Tensor, beta: float | None = None, label: Any = None) -> LossOutput:
+        posterior = self.encode(x, label)
         if self.variant == "piwae":
-            bound = self._partitioned_bound(x, posterior)
+            bound = self._partitioned_bound(x, posterior, label)
         else:
-            bound = self.bound(objectives.log_weights(self, x, self.samples(), posterior))
+            bound = self.bound(objectives.log_weights(self, x, self.samples(), posterior, label))
         with torch.no_grad():
             z = posterior.mean
-            reconstruction = -self.decode(z).log_prob(x).float().mean()
+            reconstruction = -self.decode(z, label).log_prob(x).float().mean()
             prior = self.prior()
             try:
                 kl = objectives.kl_term(posterior, prior)
@@ -219,18 +223,18 @@ class IWAE(LatentVariableModel):
         mu, sigma = _posterior_stats(posterior)
         return LossOutput(-bound.mean(), reconstruction, kl, mu, sigma)
 
-    def _partitioned_bound(self, x: torch.Tensor, posterior) -> torch.Tensor:
+    def _partitioned_bound(self, x: torch.Tensor, posterior, label: Any = None) -> torch.Tensor:
         """PIWAE: a value equal to the IWAE bound of m·k weights [B], whose gradient reaches the decoder and
         the prior from that bound and the encoder from the MIWAE bound (Rainforth et al. 2018, §5)."""
         z = posterior.rsample((self.samples(),))  # [m·k, B, D]
         log_q = at_least_float32(posterior.log_prob(z))  # [m·k, B]
         # the generative side: z and q(z|x) constants, the decoder's and prior's weights live
-        log_w_decoder = _Decoding(self)(z.detach(), x) - log_q.detach()
+        log_w_decoder = _Decoding(self)(z.detach(), x, label) - log_q.detach()
         iwae = torch.logsumexp(log_w_decoder, 0) - math.log(log_w_decoder.shape[0])
         # the inference side: the decoder's weights constants, z and q(z|x) live
         decoding = _Decoding(self)
         frozen = {name: p.detach() for name, p in decoding.named_parameters() if not name.startswith("model.encoder")}
-        log_w_encoder = functional_call(decoding, frozen, (z, x), strict=False) - log_q
+        log_w_encoder = functional_call(decoding, frozen, (z, x, label), strict=False) - log_q
         miwae = self.bound_of_groups(log_w_encoder)
         # the value of the IWAE bound, the gradients of the two
         return iwae + (miwae - miwae.detach())

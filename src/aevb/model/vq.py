@@ -139,14 +139,13 @@ class VQVAE(Model):
         index = self.quantizer.nearest(vectors)
         return index.reshape(z_e.shape[0], -1), self.quantizer.lookup(index).reshape(z_e.shape).to(z_e.dtype)
 
-    def encode_continuous(self, x: torch.Tensor) -> torch.Tensor:
-        """The encoder's output z_e [B, D] before quantisation."""
-        self._check_input(x)
-        return self._run(self.encoder, x)
+    def encode_continuous(self, x: torch.Tensor, label: Any = None) -> torch.Tensor:
+        """The encoder's output z_e [B, D] before quantisation (``label``: refused, the VQ-VAE is unconditional)."""
+        return self._run(self.encoder, self._encoder_inputs(x, label))
 
-    def encode(self, x: torch.Tensor):
+    def encode(self, x: torch.Tensor, label: Any = None):
         """A point mass at the quantised code z_q [B, D]."""
-        return PointMass(self.quantize(self.encode_continuous(x))[1], event_dims=1)
+        return PointMass(self.quantize(self.encode_continuous(x, label))[1], event_dims=1)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The code of each example as indices into the codebook [B, G]."""
@@ -156,8 +155,8 @@ class VQVAE(Model):
         """p(x|z_q) for codes of indices [B, G]."""
         return self.decode(self.quantizer.lookup(index).reshape(index.shape[0], self.latent_dim))
 
-    def loss(self, x: torch.Tensor, beta: float | None = None) -> LossOutput:
-        z_e = self.encode_continuous(x)  # [B, D]
+    def loss(self, x: torch.Tensor, beta: float | None = None, label: Any = None) -> LossOutput:
+        z_e = self.encode_continuous(x, label)  # [B, D]
         index, z_q = self.quantize(z_e)
         straight_through = z_e + (z_q - z_e).detach()  # the decoder's gradient passed to the encoder as it is
         reconstruction = -at_least_float32(self.decode(straight_through).log_prob(x.to(z_e.dtype))).mean()

@@ -129,3 +129,33 @@ def check_data_shape(model: Model, x: torch.Tensor, run: str | Path, data: str) 
         raise UserError(f"the data {data} hold examples of shape {shape}, but the model of {run} was trained on "
                         f"{'×'.join(map(str, model.data_shape))}; point 'data' in {Path(run) / 'config.json'} "
                         f"at data of the training shape")
+
+
+def class_count(config: RunConfig, dataset: Dataset) -> int | None:
+    """K, the number of classes of a conditional run (``--conditional``), from the data set's labels; None for
+    another run.  Every split's labels are checked here, once, to lie in [0, K): the training step then takes
+    them as they are (a check there would wait for an accelerator at every step)."""
+    if not config.conditional:
+        return None
+    if isinstance(dataset.train, DatasetRows):
+        raise UserError("--conditional needs the labels of every training example, and a Dataset read a batch at a "
+                        "time gives none to aevb; pass the training data as tensors or arrays with their labels, "
+                        "train=(x, labels), or a TensorDataset(x, labels)")
+    if dataset.train_labels is None:
+        raise UserError(f"--conditional conditions the model on class labels, and {config.data} has none: pass a "
+                        f"labels file (--labels FILE) with a data file, an image folder with one subfolder per class, "
+                        f"a labelled data set (digits, mnist, …), or drop --conditional")
+    splits = [labels for labels in (dataset.train_labels, dataset.val_labels, dataset.test_labels) if labels is not None]
+    if len(splits) < 1 + (dataset.val is not None) + (dataset.test is not None):
+        raise UserError(f"--conditional needs labels for every split of {config.data}, and a held-out split has none; "
+                        f"pass test= and val= with their labels, (x, labels)")
+    low = min(int(labels.min()) for labels in splits if len(labels))
+    high = max(int(labels.max()) for labels in splits if len(labels))
+    n_classes = len(dataset.classes) if dataset.classes else high + 1
+    if low < 0 or high >= n_classes:
+        raise UserError(f"--conditional takes labels 0 … K−1, and {config.data} holds a label "
+                        f"{low if low < 0 else high} outside 0 … {n_classes - 1}; renumber the labels from 0")
+    if n_classes < 2:
+        raise UserError(f"--conditional: {config.data} has a single class, so a label tells the model nothing; "
+                        f"drop --conditional")
+    return n_classes

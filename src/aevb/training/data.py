@@ -53,7 +53,8 @@ from aevb.data.memory import DatasetRows
 from aevb.data.streaming import StreamedImages, mean_example
 from aevb.model import noise
 from aevb.registry import DATASETS
-from aevb.run.data import check_data_range, check_dequantize, check_likelihood_scores, held_out, load_dataset
+from aevb.run.data import (check_data_range, check_dequantize, check_likelihood_scores, class_count, held_out,
+                           load_dataset)
 from aevb.training import distributed
 from aevb.training.distributed import Workers
 
@@ -71,6 +72,12 @@ class TrainingData:
     eval_x: torch.Tensor | None  # [M, *data_shape] that split, validated at every epoch's end
     holdout: torch.Tensor | None  # [≤10, *data_shape] images of that split (one a class) pictured while training
     workers: Workers = Workers()  # this process among torchrun's workers: which rows of a batch it reads
+    # a conditional run's (--conditional): the number of classes K, and the labels [N], [M], [≤10] of the three
+    # above, on the device; None for another run
+    n_classes: int | None = None
+    train_labels: torch.Tensor | None = None
+    eval_labels: torch.Tensor | None = None
+    holdout_labels: torch.Tensor | None = None
 
     @classmethod
     def load(cls, config: RunConfig, device: torch.device, given: Dataset | None = None,
@@ -89,10 +96,16 @@ class TrainingData:
         if x_eval is not None and torch.is_tensor(x_train):
             # resident beside the training set, as it is validated at every epoch's end: copied once, not each time
             x_eval = x_eval.to(device)
-        holdout = None  # pictured from the validation split where there is one: the test set is for aevb eval
+        holdout = holdout_index = None  # pictured from the validation split where there is one: the test set is for aevb eval
         if dataset.kind == "image" and x_eval is not None and len(x_eval):
-            holdout = x_eval[transforms.holdout_indices(y_eval, 10, num_examples=len(x_eval))].to(device)
-        return cls(dataset, x_train, device, config.binarize, levels, eval_name, x_eval, holdout, workers)
+            holdout_index = transforms.holdout_indices(y_eval, 10, num_examples=len(x_eval))
+            holdout = x_eval[holdout_index].to(device)
+        n_classes = class_count(config, dataset)
+        if n_classes is None:
+            return cls(dataset, x_train, device, config.binarize, levels, eval_name, x_eval, holdout, workers)
+        return cls(dataset, x_train, device, config.binarize, levels, eval_name, x_eval, holdout, workers,
+                   n_classes=n_classes, train_labels=dataset.train_labels.to(device), eval_labels=y_eval.to(x_eval.device),
+                   holdout_labels=None if holdout is None else y_eval[holdout_index].to(device))
 
     @property
     def examples(self) -> int:
@@ -152,6 +165,13 @@ class TrainingData:
             return mean_example(self.train)
         combine = lambda sums: distributed.all_sum(self.workers, sums.to(self.device)).cpu()  # noqa: E731
         return mean_example(self.train, (self.workers.rank, self.workers.world_size), combine)
+
+    def labels(self, share: torch.Tensor) -> torch.Tensor | None:
+        """The labels [b_r] of the examples :meth:`rows` takes from the same share, for a conditional run; None for
+        another (a conditional run reads its examples by index: a Dataset read by batches is refused)."""
+        if self.train_labels is None:
+            return None
+        return self.train_labels.index_select(0, share.to(self.train_labels.device))
 
     def _prepared(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, *data_shape] binarised (dynamic) or dequantised afresh."""

@@ -221,15 +221,16 @@ def seed_step(generator: torch.Generator, seed: int, step: int) -> torch.Generat
 
 
 class _Objective(nn.Module):
-    """``loss_of(x, beta)`` as a module's forward, for DistributedDataParallel to wrap (its gradient hooks are
-    armed by a call through its forward)."""
+    """``loss_of(x, beta, label)`` as a module's forward, for DistributedDataParallel to wrap (its gradient hooks
+    are armed by a call through its forward).  ``label``: the rank's rows of the global batch's labels (a
+    conditional model), taken as its rows of x are, so the labels do not depend on the number of workers."""
 
     def __init__(self, model: nn.Module, loss_of: Callable):
         super().__init__()
         self.model, self.loss_of = model, loss_of
 
-    def forward(self, x: torch.Tensor, beta: float):
-        return self.loss_of(x, beta)
+    def forward(self, x: torch.Tensor, beta: float, label: torch.Tensor | None = None):
+        return self.loss_of(x, beta, label)
 
 
 def data_parallel(model: nn.Module, loss_of: Callable, device: torch.device, workers: Workers) -> Callable:

@@ -174,7 +174,7 @@ def _train(config: RunConfig, given: Dataset | None, train: Any, test: Any, val:
             scale = LIKELIHOODS.get(config.likelihood).data_scale(data.residuals())
             if scale is not None:
                 config = dataclasses.replace(config, likelihood_scale=scale)
-        model_kwargs = config.model_kwargs(data.dataset.data_shape)
+        model_kwargs = config.model_kwargs(data.dataset.data_shape, data.n_classes)
         if MODELS.get(config.model).needs_dataset_size:
             model_kwargs["dataset_size"] = data.examples
         if resume is not None:  # the run's checkpoint, its data and the sizes of its model, before any is built
@@ -401,8 +401,9 @@ class Trainer:
         generator = distributed.seed_step(self.noise, self.config.seed, position.step)
         with noise.batch_rows(generator, start, stop, size):
             x = self.data.rows(share)
+            y = self.data.labels(share)  # [b_r] for a conditional run, else None
             with matmul_dtype(self.step_dtype):
-                out = self.loss_of(x, self.beta_at(position.step))
+                out = self.loss_of(x, self.beta_at(position.step), y)
         share = self.workers.share(size)  # 1 but for an uneven split among workers
         self.optimizer.zero_grad(set_to_none=True)
         (out.loss if share == 1 else out.loss * share).backward()
@@ -426,7 +427,8 @@ class Trainer:
         elif self.terms.full:
             self.flush_log()
         if self.workers.writes and self.data.holdout is not None and image_every and step % image_every == 0:
-            reconstruction_grid(self.model, self.data.holdout, self.run_dir / "images" / f"reconstructions-{step:07d}.png")
+            reconstruction_grid(self.model, self.data.holdout, self.run_dir / "images" / f"reconstructions-{step:07d}.png",
+                                label=self.data.holdout_labels)
         if stop:
             self.flush_log()
             self.save_checkpoint()
@@ -480,7 +482,8 @@ class Trainer:
         if (self.workers.writes and self.data.holdout is not None and not self.config.image_every
                 and position.epoch % self.picture_epochs == 0):
             reconstruction_grid(self.model, self.data.holdout,
-                                self.run_dir / "images" / f"reconstructions-epoch{position.epoch:03d}.png")
+                                self.run_dir / "images" / f"reconstructions-epoch{position.epoch:03d}.png",
+                                label=self.data.holdout_labels)
         self.save_checkpoint()
         if improved and self.workers.writes:  # the checkpoint just written, kept beside the last
             atomic_write(self.run_dir / BEST_CHECKPOINT,
@@ -499,7 +502,7 @@ class Trainer:
         reconstruction term) is the best yet; the test split chooses nothing.
         """
         name, step = self.data.eval_name, self.position.step
-        terms = mean_elbo_terms(self.model, self.data.eval_x, self.config.eval_batch_size)
+        terms = mean_elbo_terms(self.model, self.data.eval_x, self.config.eval_batch_size, self.data.eval_labels)
         self.log.write({"step": step, "epoch": self.position.epoch, **{f"{name}_{k}": v for k, v in terms.items()}})
         if not all(math.isfinite(v) for v in terms.values()):
             # the weights of the last step are broken: do not save them over the last good checkpoint
@@ -542,7 +545,8 @@ class Trainer:
         if self.data.dataset.kind == "image":
             sample_grid(self.model, self.run_dir / "images" / "samples.png", n=64, seed=self.config.seed)
             if self.data.holdout is not None:
-                reconstruction_grid(self.model, self.data.holdout, self.run_dir / "images" / "reconstructions.png")
+                reconstruction_grid(self.model, self.data.holdout, self.run_dir / "images" / "reconstructions.png",
+                                    label=self.data.holdout_labels)
 
 
 def _make_optimizer(model: Model, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -571,9 +575,10 @@ def _first_line(error: BaseException) -> str:
 
 
 def _make_loss(model: Model, config: RunConfig, device: torch.device):
-    """``loss_of(x, beta)``: what each step minimises, the one place where training picks an accelerated loss.
+    """``loss_of(x, beta, label=None)``: what each step minimises, the one place where training picks an
+    accelerated loss.  ``label``: the batch's labels [B] for a conditional model, else None.
 
-    ``model.loss(x, beta=beta)`` is the reference.  For a model that
+    ``model.loss(x, beta=beta, label=label)`` is the reference.  For a model that
     :func:`aevb.acceleration.fused.plan` recognises (the MLP VAE with a
     Bernoulli likelihood), the fused loss: the same loss and gradients to
     rounding (``tests/test_fused.py``) in one autograd node.  With
@@ -584,12 +589,12 @@ def _make_loss(model: Model, config: RunConfig, device: torch.device):
         return _CompiledLoss(model, config.batch_size, device)
     plan = fused.plan(model)
     if plan is not None:
-        return lambda x, beta: fused.vae_loss(model, x, beta, plan)
-    return model.loss
+        return lambda x, beta, label=None: fused.vae_loss(model, x, beta, plan)  # the plan's models take no label
+    return model.loss  # loss(x, beta, label): every model's
 
 
 class _CompiledLoss:
-    """``model.loss`` through ``torch.compile``, called as ``loss_of(x, beta)``.
+    """``model.loss`` through ``torch.compile``, called as ``loss_of(x, beta, label)``.
 
     The compiled function takes β as a tensor (a float would be compiled
     into the graph, and a β schedule would recompile it every step) and
@@ -607,13 +612,13 @@ class _CompiledLoss:
         self.compiled = torch.compile(model.loss)
         self.warm = False
 
-    def __call__(self, x: torch.Tensor, beta: float) -> LossOutput:
+    def __call__(self, x: torch.Tensor, beta: float, label: torch.Tensor | None = None) -> LossOutput:
         if not self.warm or x.shape[0] != self.batch_size:  # the first step fills the caches
             self.warm = True
-            return self.model.loss(x, beta=beta)
+            return self.model.loss(x, beta=beta, label=label)
         try:
             # a CPU scalar, which a CUDA graph reads as a number: one on the GPU would be a copy to it each step
-            return self.compiled(x, beta=torch.tensor(beta, dtype=torch.float32))
+            return self.compiled(x, beta=torch.tensor(beta, dtype=torch.float32), label=label)
         except torch._dynamo.exc.TorchDynamoException as e:
             cause = getattr(e, "inner_exception", None) or e  # the backend's own error
             raise UserError(f"--compile: torch.compile failed ({type(cause).__name__}: {_first_line(cause)}); "

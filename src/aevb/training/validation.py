@@ -9,8 +9,10 @@ from aevb.model.objectives import elbo_terms
 
 
 @torch.no_grad()
-def mean_elbo_terms(model: Model, x: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
-    """Mean ELBO, reconstruction and KL (nats per example) over x [N, ...], in eval mode.
+def mean_elbo_terms(model: Model, x: torch.Tensor, batch_size: int = 1000,
+                    labels: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean ELBO, reconstruction and KL (nats per example) over x [N, ...], in eval mode; given the labels [N] of
+    a conditional model, of log p(x|y).
 
     A model with a point-mass posterior (the AE) has no ELBO: only its
     reconstruction term −log p(x|z = f(x)) is returned.
@@ -22,8 +24,9 @@ def mean_elbo_terms(model: Model, x: torch.Tensor, batch_size: int = 1000) -> di
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device)
+        yb = None if labels is None else labels[start:start + batch_size].to(device)
         if has_density:
-            terms = elbo_terms(model, xb)
+            terms = elbo_terms(model, xb, label=yb)
             totals += torch.stack([terms.reconstruction.sum(), terms.kl.sum()]).double()
         else:
             totals[0] += -model.decode(model.encode(xb).mean).log_prob(xb).double().sum()
