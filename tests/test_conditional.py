@@ -244,14 +244,21 @@ def test_conditional_training_refuses_data_without_labels_and_models_without_lab
 
 
 def test_labels_are_the_rows_of_the_global_batch_each_worker_takes():
-    """World-size independence: a worker's labels are rows start:stop of the batch's, as its examples are."""
+    """World-size independence: a worker's labels are those of its share of the batch, as its examples are."""
     from aevb.config import make_config
     from aevb.training.data import TrainingData
+    from aevb.training.distributed import Workers
 
     data = TrainingData.load(make_config(conditional=True), torch.device("cpu"))
     assert data.n_classes == 10
-    batch = torch.randperm(data.examples, generator=torch.Generator().manual_seed(0))[:7]
-    whole = data.labels(batch, 0, 7)
-    torch.testing.assert_close(torch.cat([data.labels(batch, 0, 3), data.labels(batch, 3, 7)]), whole)
-    torch.testing.assert_close(whole, data.dataset.train_labels[batch])
-    assert TrainingData.load(make_config(), torch.device("cpu")).labels(batch, 0, 7) is None
+    order = torch.randperm(data.examples, generator=torch.Generator().manual_seed(0))
+    (size, share), = list(data.batches(order[:7], 0, 7))  # one worker: the whole batch of 7
+    whole = data.labels(share)
+    torch.testing.assert_close(whole, data.dataset.train_labels[order[:7]])
+    halves = []
+    for rank in range(2):  # two workers: each its rows of the same batch
+        worker = TrainingData.load(make_config(conditional=True), torch.device("cpu"), workers=Workers(rank, 2))
+        (_, mine), = list(worker.batches(order[:7], 0, 7))
+        halves.append(worker.labels(mine))
+    torch.testing.assert_close(torch.cat(halves), whole)
+    assert TrainingData.load(make_config(), torch.device("cpu")).labels(share) is None
