@@ -20,6 +20,9 @@ def format_metrics(metrics: dict) -> str:
         ("reconstruction MSE per dim", metrics.get("mse_per_dim"), ""),
         ("active units", metrics.get("active_units"), f"of {metrics.get('latent_dim')}"),
         ("mean posterior μ / σ", f"{metrics['posterior_mu']:.3f} / {metrics['posterior_sigma']:.3f}", ""),
+        ("mutual information I(x; z)", metrics.get("mutual_information"),
+         f"nats (≤ log {metrics.get('aggregate_posterior_examples')}: over that many test examples)"),
+        ("KL(q(z) ‖ p(z)), aggregate posterior", metrics.get("aggregate_kl"), "nats"),
     ]
     # hierarchical models: one KL term and one active-unit count per stochastic layer
     for layer, (kl, active) in enumerate(zip(metrics.get("kl_per_layer") or [],
