@@ -149,7 +149,7 @@ def test_a_fit_of_other_weights_or_a_damaged_one_is_not_used(ae_run, tmp_path):
     copy = tmp_path / "ae"
     shutil.copytree(ae_run, copy)
     run = open_run(copy, "cpu")
-    fit_sampler(run, "gmm", {"components": 2})
+    fit_sampler(run, "gmm", {"components": 2}, seed=5)
     other = _other_weights(run.model)
     sampler, record, reason = saved_sampler(copy, "gmm", other)
     assert sampler is None and "fitted to other weights" in reason and record["options"]["components"] == 2
@@ -158,6 +158,7 @@ def test_a_fit_of_other_weights_or_a_damaged_one_is_not_used(ae_run, tmp_path):
     assert "damaged" in saved_sampler(copy, "gmm", run.model)[2]
     refitted = sampler_for(run, "gmm")  # fitted again, with the options of the earlier fit
     assert refitted.means.shape[0] == 2 and saved_sampler(copy, "gmm", run.model)[2] == ""
+    assert json.loads((copy / "samplers" / "gmm.json").read_text())["seed"] == 5  # and with its seed
 
 
 def _other_weights(model):

@@ -165,8 +165,8 @@ def saved_sampler(run_dir: str | Path, name: str, model: Model) -> tuple[Sampler
 
 
 def sampler_for(run: Run, name: str, *, seed: int = 0, echo: Callable[[str], None] | None = None) -> Sampler:
-    """Sampler ``name`` of the run: the prior, or a fitted one as saved (fitted now where there is none, or
-    refitted, with the options it had, where it was fitted to other weights)."""
+    """Sampler ``name`` of the run: the prior, or a fitted one as saved (fitted now with ``seed`` where there is
+    none, or refitted, with the options and seed it had, where it was fitted to other weights or is damaged)."""
     entry = SAMPLERS.get(name)
     if not entry.fitted:
         return PriorSampler(run.model)
@@ -178,6 +178,9 @@ def sampler_for(run: Run, name: str, *, seed: int = 0, echo: Callable[[str], Non
     options = {}
     if record is not None and isinstance(record.get("options"), dict):
         options = record["options"]  # refitted as it was fitted before
+        recorded = record.get("seed")
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and 0 <= recorded < 2**63:
+            seed = recorded
         echo(f"{reason}: fitting it again with the same options")
     return fit_sampler(run, name, options, seed=seed, echo=echo)[0]
 
