@@ -10,7 +10,10 @@ One z_i ~ q(z|x_i) per example; log q(z_i) is the log-mean-exp over all N
 examples j of log q(z_i|x_j), the example's own posterior among them (He et
 al.'s estimator).  That makes both finite-N estimates: I is at most log N
 (reached when the posteriors do not overlap), so the number of examples is
-reported beside them.  The two add up to the ELBO's KL term,
+reported beside them.  Near that ceiling (a VAE whose posteriors barely
+overlap: 7.56 of log 2,000 = 7.60 nats for the MNIST VAE of
+``bench/samplers.py``) I is underestimated and KL(q(z) ‖ p(z)) overestimated
+by the same amount.  The two add up to the ELBO's KL term,
 I + KL(q(z) ‖ p(z)) = E_x KL(q(z|x) ‖ p(z)) (Hoffman & Johnson 2016, "ELBO
 surgery"), and their estimates do so draw by draw.
 """
