@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 RECIPE = ("--data", str(MNIST / "t10k-images-idx3-ubyte.gz"), "--labels", str(MNIST / "t10k-labels-idx1-ubyte.gz"),
