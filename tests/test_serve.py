@@ -327,33 +327,23 @@ def test_a_conv_models_decode_round_trip():
         assert_decodes(model, answer["output"]["png"], [1.0, -2.0, 0.5])
 
 
-def test_the_samplers_fitted_to_a_run_are_offered_beside_the_prior(digits_run, monkeypatch):
-    # aevb.sampling.fitted as the samplers' module names them: the fitted samplers, and each one's saved fit
-    # of these weights (None where there is none); the explorer offers those with a fit and never fits one
-    import importlib.machinery
-    import types
+def test_the_samplers_fitted_to_a_run_are_offered_beside_the_prior(digits_run, tmp_path):
+    """A Gaussian mixture fitted to the run's codes (aevb fit-sampler) is offered beside the prior; the flow, never
+    fitted, is not (the explorer reads the run and never fits one)."""
+    import shutil
 
-    class Shifted:
-        def sample(self, n, generator=None, temperature=1.0):
-            return torch.randn(n, 4, generator=generator) + 5.0
+    from aevb.sampling.fitted import saved_sampler
+    from conftest import aevb_cli
 
-    asked = []
-
-    def saved_sampler(run_dir, name, model):
-        asked.append((Path(run_dir), name))
-        return (Shifted(), {}, "") if name == "gmm" else (None, None, f"no {name} sampler is fitted")
-
-    package, fitted = types.ModuleType("aevb.sampling"), types.ModuleType("aevb.sampling.fitted")
-    package.__spec__ = importlib.machinery.ModuleSpec("aevb.sampling", None, is_package=True)
-    fitted.__spec__ = importlib.machinery.ModuleSpec("aevb.sampling.fitted", None)
-    fitted.fitted_samplers, fitted.saved_sampler = lambda: ["gmm", "flow"], saved_sampler
-    monkeypatch.setitem(sys.modules, "aevb.sampling", package)
-    monkeypatch.setitem(sys.modules, "aevb.sampling.fitted", fitted)
-    explorer = Explorer.from_run(open_run(digits_run))
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)  # the shared run stays without fits
+    assert aevb_cli("fit-sampler", run, "--sampler", "gmm", "--max-components", "2") == 0
+    explorer = Explorer.from_run(open_run(run))
     assert list(explorer.samplers) == ["prior", "gmm"]
-    assert asked == [(Path(digits_run), "gmm"), (Path(digits_run), "flow")]
+    assert not (run / "samplers" / "flow.json").exists()
+    sampler = saved_sampler(run, "gmm", explorer.model)[0]
     draws = explorer.draw("gmm", 3, seed=2)
-    torch.testing.assert_close(torch.tensor(draws["z"]), Shifted().sample(3, torch.Generator().manual_seed(2)))
+    torch.testing.assert_close(torch.tensor(draws["z"]), sampler.sample(3, torch.Generator().manual_seed(2)))
     for output, z in zip(draws["outputs"], draws["z"]):
         assert_decodes(explorer.model, output["png"], z)
 

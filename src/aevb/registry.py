@@ -1,4 +1,4 @@
-"""Name → object registries for likelihoods, posteriors, networks, models, data sets and figures.
+"""Name → object registries for likelihoods, posteriors, networks, models, data sets, figures and samplers.
 
 Entries are registered where they are defined (``@LIKELIHOODS.register("bernoulli")``),
 so a new likelihood, network or model is one decorated definition in one file.
@@ -320,3 +320,4 @@ DATASETS = Registry("data set", ("aevb.data.named", "aevb.data.shapes"), "DATASE
 SCHEDULES = Registry("beta schedule", "aevb.training.schedules", "SCHEDULES")
 PRIORS = Registry("prior", "aevb.model.priors", "PRIORS")
 FIGURES = Registry("figure", "aevb.analysis.gallery", "FIGURES")  # by file name in RUN/images/, in report order
+SAMPLERS = Registry("sampler", ("aevb.sampling.samplers", "aevb.sampling.flow"), "SAMPLERS")  # of codes z, for sample

@@ -36,6 +36,7 @@ from aevb.analysis import figures, plots
 from aevb.data.transforms import holdout_indices
 from aevb.model.base import Model
 from aevb.registry import FIGURES
+from aevb.sampling import fitted
 
 # ---------------------------------------------------------------------------
 # what a figure needs
@@ -77,6 +78,14 @@ CONDITIONAL = Need(lambda model, run_dir: None if model.conditional else
 UNCONDITIONAL = Need(lambda model, run_dir: None if not model.conditional else
                      "drawn for unconditional models: this one encodes and decodes with a class label, which the "
                      "figure does not choose")
+
+
+def fitted_sampler_needs(name: str) -> tuple[Need, Need]:
+    """What the samples of fitted sampler ``name`` need: a fit in the run folder (none: left out without a word,
+    as it is for every run that never fitted one), and one of these weights (else the reason, and how to refit)."""
+    return (Need(lambda model, run_dir: None if fitted.sampler_paths(run_dir, name)[1].is_file() else
+                 f"no {name} sampler is fitted", silent=True),
+            Need(lambda model, run_dir: fitted.saved_sampler(run_dir, name, model)[2] or None))
 
 
 # ---------------------------------------------------------------------------
@@ -136,6 +145,7 @@ class Figure:
     draw: Callable[[FigureContext, Path], None]  # writes the PNG at the path
     needs: tuple[Need, ...] = ()  # in order: the first one missing gives the reason
     pixelated: bool = False  # a grid of small images, shown by the report with crisp pixels
+    inputs: tuple[str, ...] = ()  # files of the run folder besides the weights it shows: redrawn when one is newer
 
     def first_missing(self, model: Model, run_dir: Path) -> tuple[Need, str] | None:
         """The first of its needs this run lacks, with the reason; None when it has them all."""
@@ -146,11 +156,11 @@ class Figure:
         return None
 
 
-def figure(title: str, caption: str, *, needs: tuple[Need, ...] = (),
-           pixelated: bool = False) -> Callable[[Callable[[FigureContext, Path], None]], Figure]:
+def figure(title: str, caption: str, *, needs: tuple[Need, ...] = (), pixelated: bool = False,
+           inputs: tuple[str, ...] = ()) -> Callable[[Callable[[FigureContext, Path], None]], Figure]:
     """Decorator making a draw function a :class:`Figure` (register it with ``@FIGURES.register(file)``)."""
     def decorator(draw: Callable[[FigureContext, Path], None]) -> Figure:
-        return Figure(title, caption, draw, tuple(needs), pixelated)
+        return Figure(title, caption, draw, tuple(needs), pixelated, tuple(inputs))
 
     return decorator
 
@@ -223,6 +233,33 @@ def _prior_samples(context: FigureContext, path: Path) -> None:
         needs=(CONDITIONAL, IMAGES), pixelated=True)
 def _class_samples(context: FigureContext, path: Path) -> None:
     figures.class_grid(context.model, path, columns=10, seed=context.seed)
+
+
+def _fitted_samples(context: FigureContext, path: Path, name: str) -> None:
+    sampler = fitted.saved_sampler(context.run_dir, name, context.model)[0]
+    generator = torch.Generator(device=context.model.device).manual_seed(context.seed)
+    figures.save_grid(fitted.decode_samples(context.model, sampler, 64, generator), path)
+
+
+@FIGURES.register("samples-gmm.png")
+@figure("Samples from a Gaussian mixture fitted to the codes",
+        "Means of p(x|z) for z drawn from the Gaussian mixture fitted after training to the posterior means of "
+        "the training split (aevb fit-sampler --sampler gmm; RUN/samplers/gmm.json says how many components "
+        "BIC chose): samples from where the decoder was trained.",
+        needs=(IMAGES, *fitted_sampler_needs("gmm")), pixelated=True,
+        inputs=("samplers/gmm.json",))
+def _gmm_samples(context: FigureContext, path: Path) -> None:
+    _fitted_samples(context, path, "gmm")
+
+
+@FIGURES.register("samples-flow.png")
+@figure("Samples from a normalising flow fitted to the codes",
+        "Means of p(x|z) for z drawn from the neural spline flow fitted after training to the posterior means "
+        "of the training split (aevb fit-sampler --sampler flow).",
+        needs=(IMAGES, *fitted_sampler_needs("flow")), pixelated=True,
+        inputs=("samplers/flow.json",))
+def _flow_samples(context: FigureContext, path: Path) -> None:
+    _fitted_samples(context, path, "flow")
 
 
 @FIGURES.register("interpolations.png")

@@ -27,26 +27,10 @@ from aevb.io import write_text
 from aevb.model.base import Model
 from aevb.run.data import held_out
 from aevb.run.open import Run
+from aevb.sampling.codes import codes
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 SPLITS = ("train", "val", "test")
-
-
-def codes(model: Model, x: torch.Tensor, batch_size: int = 1000,
-          labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, σ) of q(z|x) per example, each [N, D] float32 on the CPU; x [N, *data_shape] read a batch at a time
-    (q(z|x, y) with the labels [N] of a conditional model)."""
-    means, sigmas = [], []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            y = None if labels is None else labels[start:start + batch_size].to(model.device)
-            posterior = model.encode(x[start:start + batch_size].to(model.device), y)
-            means.append(posterior.mean.float().cpu())
-            sigmas.append(posterior.stddev.float().cpu())
-    model.train(was_training)
-    return torch.cat(means), torch.cat(sigmas)
 
 
 def encode_run(run: Run, out: str | Path, *, data: str | None = None, labels: str | None = None,

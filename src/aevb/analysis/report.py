@@ -77,6 +77,16 @@ def _draw_figures(run: Run, options: ExploreOptions, seed: int) -> tuple[list[Pa
 # the report
 
 
+def _out_of_date(run_dir: Path, name: str, trained: float) -> bool:
+    """Whether figure ``name`` is missing, or older than the weights or any other file it shows."""
+    path = run_dir / "images" / name
+    if not path.is_file():
+        return True
+    inputs = [run_dir / relative for relative in FIGURES.get(name).inputs]
+    drawn = path.stat().st_mtime
+    return drawn < trained or any(p.is_file() and drawn < p.stat().st_mtime for p in inputs)
+
+
 def write_report(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, device: str = "auto",
                  out: str | Path | None = None, echo: Callable[[str], None] | None = None,
                  explore_args: dict | None = None) -> Path:
@@ -121,8 +131,7 @@ def _write_report(run: Run, *, iw_samples: int, device: str, out: str | Path | N
             echo(f"no evaluation in the report: {e}")
 
     plan = plan_figures(run.model, run_dir)
-    missing = [n for n in plan.figures
-               if not (run_dir / "images" / n).is_file() or (run_dir / "images" / n).stat().st_mtime < trained]
+    missing = [n for n in plan.figures if _out_of_date(run_dir, n, trained)]
     skipped = plan.skipped
     if missing:
         echo(f"drawing the figures ({', '.join(missing)} missing or older than the model)")

@@ -25,7 +25,7 @@ from aevb.config import (IW_SAMPLES, PRECISIONS, SEED_RANGE, coerce, flag, make_
 from aevb.cli.text import format_diagnostics, format_metrics, memory_message, out_of_memory
 from aevb.errors import UserError
 from aevb.options import Option
-from aevb.registry import DATASETS, MODELS, Registry, is_import_path
+from aevb.registry import DATASETS, MODELS, SAMPLERS, Registry, is_import_path
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -357,14 +357,20 @@ def _show_evaluation(run: str, metrics: dict, iw_samples: int) -> None:
 @cli.command(context_settings=CONTEXT, memory=("n",))
 @_run_argument
 @click.option("-n", "n", type=PICTURES, default=64, show_default=True, help="number of samples")
-@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, callback=_finite, help="scale of z ~ N(0, T² I)")
+@click.option("--sampler", type=click.Choice(SAMPLERS.names()), default="prior", show_default=True, help="where the codes z come from: the model's prior, or a density fitted to the posterior means of the training split (gmm: a Gaussian mixture; flow: a normalising flow), fitted and saved in RUN/samplers/ on first use; 'aevb fit-sampler' fits one with other options")
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, callback=_finite, help="the sampler's spread: z ~ N(0, T² I) from the standard prior, each component's covariance T²Σ for gmm, the flow's base N(0, T² I); 0 gives the modes")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the draws: the same seed, the same samples")
 @click.option("--format", "file_format", type=click.Choice(["png", "npy", "csv"]), help="png: a grid of images; npy: the samples [n, *data_shape]; csv: a table's rows under its column names. A table's samples are in the units of its file  [default: png for images, csv for tables, or the suffix of --out]")
-@click.option("--out", "-o", type=GivenPath(dir_okay=False), help="file to write [default: RUN/images/samples-T<temperature>.png, or RUN/samples-T<temperature>.npy/.csv; with --label K, samples-T<temperature>-label<K>]")
+@click.option("--out", "-o", type=GivenPath(dir_okay=False), help="file to write [default: RUN/images/samples-T<temperature>.png, or RUN/samples-T<temperature>.npy/.csv; samples-<sampler>-T<temperature> for a fitted sampler; with --label K, ending -label<K>]")
 @click.option("--label", type=click.IntRange(min=0), metavar="K", help="a conditional model (--conditional): draw every sample of class K, from p(x|z, y = K) [default: each sample's class drawn uniformly]")
 @_device_option
-def sample(run, n, temperature, seed, file_format, out, label, device):
-    """Draw samples from the prior: a PNG grid of the decoder means, or the samples as a .npy or .csv file.
+def sample(run, n, sampler, temperature, seed, file_format, out, label, device):
+    """Draw samples: a PNG grid of the decoder means, or the samples as a .npy or .csv file.
+
+    \b
+    The codes come from the prior, or from a sampler fitted to the codes of
+    the training split (the way to sample a plain autoencoder, and samples
+    from where a VAE's decoder was trained).
 
     \b
     A conditional model (trained with --conditional) draws them of the class
@@ -374,53 +380,100 @@ def sample(run, n, temperature, seed, file_format, out, label, device):
     Examples:
       aevb sample runs/vae-digits -n 64
       aevb sample runs/mnist --temperature 0.7 -o samples.png
+      aevb sample runs/ae-digits --sampler gmm             # fitted on first use, kept in RUN/samplers/
       aevb sample runs/mnist -n 1000 --format npy          # [1000, 1, 28, 28]
       aevb sample runs/table -n 500 -o synthetic.csv       # rows in the CSV's units, under its header
       aevb sample runs/cvae-digits --label 3               # a conditional model: 64 threes
     """
+    import torch
+
     from aevb.run.open import open_run
     from aevb.run.owner import owning_if_in_run
+    from aevb.sampling.fitted import draw
 
     opened = open_run(run, device)
     model = opened.model
     click.echo(f"model: {opened.provenance}")
-    if not model.has_kl:
-        raise UserError(f"{run} holds an autoencoder ({model.name}), which has no prior to sample (its codes are not fitted to "
-                        f"N(0, I)); train a VAE (--model vae) to sample, or use 'aevb reconstruct' / 'aevb explore'")
     if label is not None and not model.conditional:
         raise UserError(f"--label draws samples of one class from a conditional model, and the model of {run} is not "
                         f"one; drop --label, or train with --conditional")
     if label is not None and label >= model.n_classes:
         raise UserError(f"--label {label} is out of range: the model of {run} knows {model.n_classes} classes, "
                         f"0 … {model.n_classes - 1}")
-    stem = f"samples-T{temperature:g}" + ("" if label is None else f"-label{label}")
+    if model.conditional and sampler != "prior":
+        raise UserError(f"the model of {run} is conditional: it samples its prior given a class (--label K); the "
+                        f"samplers fitted to codes are for unconditional models: drop --sampler {sampler}")
     if file_format is None:  # from --out's suffix (a figure's where it names none of the three), or the data's kind
         suffix = Path(out).suffix.lstrip(".") if out else ""
         file_format = suffix if suffix in ("npy", "csv") else "png" if out or len(model.data_shape) == 3 else "csv"
     elif out and Path(out).suffix != f".{file_format}":
         raise UserError(f"--out {out} and --format {file_format} disagree; give the file the suffix .{file_format}")
     if file_format == "png":
-        from aevb.analysis.figures import sample_grid
-
         _require_images(model, "sample --format png")
-        path = Path(out) if out else Path(run) / "images" / f"{stem}.png"
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    if label is not None:  # a conditional model, one class
+        samples = model.sample(n, generator=generator, temperature=temperature, label=label)  # [n, *data_shape]
+    else:
+        samples = draw(opened, sampler, n, generator, temperature, echo=click.echo)  # [n, *data_shape]
+    name = f"samples-T{temperature:g}" if sampler == "prior" else f"samples-{sampler}-T{temperature:g}"
+    name += "" if label is None else f"-label{label}"
+    if file_format == "png":
+        from aevb.analysis.figures import save_grid
+
+        path = Path(out) if out else Path(run) / "images" / f"{name}.png"
         with owning_if_in_run(path, "aevb sample"):
-            click.echo(f"written: {sample_grid(model, path, n=n, seed=seed, temperature=temperature, label=label)}")
+            click.echo(f"written: {save_grid(samples, path)}")
         return
     from aevb.analysis.outputs import write_samples
 
-    generator = torch_generator(seed)
-    samples = model.sample(n, generator=generator, temperature=temperature, label=label)  # [n, *data_shape]
-    path = Path(out) if out else Path(run) / f"{stem}.{file_format}"
+    path = Path(out) if out else Path(run) / f"{name}.{file_format}"
     with owning_if_in_run(path, "aevb sample"):
         click.echo(f"written: {write_samples(opened, samples, path)}")
 
 
-def torch_generator(seed: int):
-    """A CPU torch.Generator seeded with ``seed`` (imported here: --help imports no torch)."""
-    import torch
+class SamplerCommand(Command):
+    """A command that takes every fitted sampler's options as flags (read from their source: no torch)."""
 
-    return torch.Generator().manual_seed(seed)
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        options = [option for name in SAMPLERS.names() for option in SAMPLERS.options(name)]
+        params = [*self.params, *map(_click_option, options)]
+        help_option = self.get_help_option(ctx)
+        return params if help_option is None else [*params, help_option]
+
+
+@cli.command(name="fit-sampler", cls=SamplerCommand, context_settings=CONTEXT)
+@_run_argument
+@click.option("--sampler", type=click.Choice(SAMPLERS.names()), required=True, help="the sampler to fit: gmm (a Gaussian mixture) or flow (a normalising flow)")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the fit (initial values, the held-out codes)")
+@_device_option
+def fit_sampler_command(run, sampler, seed, device, **flags):
+    """Fit a sampler to the posterior means of the training split and keep it in RUN/samplers/.
+
+    \b
+    It replaces an earlier fit of that sampler; 'aevb sample --sampler NAME'
+    and the report then use it.  Options of the sampler not given take their
+    defaults (flags of the other samplers are refused).
+
+    \b
+    Examples:
+      aevb fit-sampler runs/mnist --sampler gmm                  # components chosen by BIC
+      aevb fit-sampler runs/mnist --sampler gmm --components 10 --covariance diag
+      aevb fit-sampler runs/ae-mnist --sampler flow --transforms 4 --hidden-units 128,128
+    """
+    from aevb.run.open import open_run
+    from aevb.sampling.fitted import fit_sampler
+
+    declared = {option.name: option for name in SAMPLERS.names() for option in SAMPLERS.options(name)}
+    given = {name: declared[name].parse(value) for name, value in flags.items() if value is not None}
+    opened = open_run(run, device)
+    click.echo(f"model: {opened.provenance}")
+    fitted, saved = fit_sampler(opened, sampler, given, seed=seed, echo=click.echo)
+    for key, value in fitted.description.items():
+        if key in ("chosen_components", "held_out_log_likelihood", "epochs_run", "best_epoch"):
+            click.echo(f"{key.replace('_', ' ')}: {value:.4g}" if isinstance(value, float) else
+                       f"{key.replace('_', ' ')}: {value}")
+    if saved is not None:
+        click.echo(f"written: {saved}")
 
 
 @cli.command(context_settings=CONTEXT)

@@ -22,6 +22,9 @@ def format_metrics(metrics: dict) -> str:
         ("mean posterior μ / σ", f"{metrics['posterior_mu']:.3f} / {metrics['posterior_sigma']:.3f}", ""),
         ("codebook entries used (vq-vae)", metrics.get("codebook_usage"), f"of all {metrics.get('codebook_size')}"),
         ("codebook perplexity", metrics.get("codebook_perplexity"), "entries in effective use"),
+        ("mutual information I(x; z)", metrics.get("mutual_information"),
+         f"nats (≤ log {metrics.get('aggregate_posterior_examples')}: over that many test examples)"),
+        ("KL(q(z) ‖ p(z)), aggregate posterior", metrics.get("aggregate_kl"), "nats"),
     ]
     # hierarchical models: one KL term and one active-unit count per stochastic layer
     for layer, (kl, active) in enumerate(zip(metrics.get("kl_per_layer") or [],

@@ -8,6 +8,7 @@
     RUN/images/                reconstructions during training, samples at the end
     RUN/eval.json, RUN/report.html     written by ``aevb eval`` and ``aevb report``
     RUN/export/                the networks as torch.export and ONNX files (``aevb export``)
+    RUN/samplers/NAME.*        samplers fitted to the codes (``aevb fit-sampler``, :mod:`aevb.sampling.fitted`)
     RUN/.aevb-run.jsonl        the list of the files the run wrote (:mod:`aevb.run.manifest`)
     RUN/.aevb-lock             held by the one process writing the folder (:mod:`aevb.run.owner`)
 

@@ -18,7 +18,6 @@ CPU and keeps torch's threads from competing.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import threading
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from aevb.analysis.figures import image_grid, latent_directions, lerp, slerp
 from aevb.errors import UserError
 from aevb.model.base import Model
 from aevb.run.open import Run
+from aevb.sampling.fitted import fitted_samplers, saved_sampler
 
 # a sampler: (n, generator) → z [n, D], latent points that the explorer decodes
 Draw = Callable[[int, torch.Generator], torch.Tensor]
@@ -92,19 +92,12 @@ def run_samplers(run: Run, model: Model) -> dict[str, Draw]:
     """The draws the page offers: the prior (a model with one), then the samplers fitted to the run's codes
     and saved in its folder for these weights (never fitted here: the explorer only reads the run).
 
-    The hook for ``aevb.sampling`` (issue 35's samplers, built beside this
-    package): where its ``fitted`` module exists, each sampler it names with a
-    saved fit of these weights adds its ``sample(n, generator)`` (z [n, D]).
-    It is looked up by name until both are merged; then an ordinary import
-    (``from aevb.sampling.fitted import fitted_samplers, saved_sampler``)
-    replaces the lookup.
+    Each sampler of :mod:`aevb.sampling` with a saved fit of these weights adds
+    its ``sample(n, generator)`` (z [n, D]).
     """
     found: dict[str, Draw] = {"prior": prior_draw(model)} if model.has_kl else {}
-    if importlib.util.find_spec("aevb.sampling") is None or importlib.util.find_spec("aevb.sampling.fitted") is None:
-        return found
-    fitted = importlib.import_module("aevb.sampling.fitted")
-    for name in fitted.fitted_samplers():
-        sampler, _, _ = fitted.saved_sampler(run.path, name, model)
+    for name in fitted_samplers():
+        sampler, _, _ = saved_sampler(run.path, name, model)
         if sampler is not None:
             found[name] = sampler.sample
     return found
