@@ -101,3 +101,28 @@ def test_eval_json_the_table_and_the_report_state_them_with_their_examples(tmp_p
     assert aevb_cli("report", run, "-k", 2) == 0
     html = (run / "report.html").read_text(encoding="utf-8")
     assert "mutual information I(x; z)" in html and "examples of the aggregate posterior" in html
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.6, 0.9])
+def test_the_total_correlation_of_a_linear_gaussian_encoder_matches_its_closed_form(rho):
+    """x ~ N(0, Σ) with correlation ρ between its two coordinates, q(z|x) = N(x, s²): q(z) = N(0, Σ + s² I), whose
+    total correlation KL(q(z) ‖ q(z_1) q(z_2)) is −½ log(1 − r²), r = ρ / (1 + s²) its correlation."""
+    torch.manual_seed(0)
+    n, s = 4000, 0.5
+    covariance = torch.tensor([[1.0, rho], [rho, 1.0]])
+    x = torch.randn(n, 2) @ torch.linalg.cholesky(covariance).T
+    out = aggregate_posterior(_batches(_gaussian(x, s), 500), _gaussian(torch.zeros(2), 1.0))
+    r = rho / (1 + s ** 2)
+    exact = -0.5 * math.log(1 - r ** 2)
+    assert out["total_correlation"] == pytest.approx(exact, abs=0.03)
+
+
+def test_no_total_correlation_without_a_product_posterior():
+    """A posterior that is no product over the dimensions (a full-covariance Gaussian here) has no marginals to
+    compare with: the total correlation is left out."""
+    from torch.distributions import MultivariateNormal
+
+    torch.manual_seed(0)
+    q = MultivariateNormal(torch.randn(300, 2), covariance_matrix=torch.eye(2).expand(300, 2, 2))
+    out = aggregate_posterior([q], _gaussian(torch.zeros(2), 1.0))
+    assert "total_correlation" not in out and "mutual_information" in out

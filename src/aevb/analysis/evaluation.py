@@ -478,9 +478,12 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
                 "chance_accuracy": accuracy["chance"],
                 "representation_train_examples": int(train_x.shape[0]),
             })
-    if has_density and model.has_kl and model.stochastic_layers == 1:  # z_1's prior is no p(z) of a hierarchy
+    # z_1's prior is no p(z) of a hierarchy; a flow posterior's density at every other example's z would need its
+    # inverse (none for planar steps, D passes for IAF): the diagonal Gaussian posteriors only
+    if has_density and model.has_kl and model.stochastic_layers == 1 and model.posterior.factorises:
         examples = x[:AGGREGATE_EXAMPLES]
-        posteriors = [model.encode(examples[start:start + batch_size].to(device))
+        posteriors = [model.encode(examples[start:start + batch_size].to(device),
+                                   _rows(given, start, start + batch_size, device))
                       for start in range(0, len(examples), batch_size)]
         metrics.update(aggregate_posterior(posteriors, model.prior()))
     return metrics

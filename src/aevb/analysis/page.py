@@ -68,6 +68,8 @@ EVAL_ROWS = [
      "under the aggregate posterior (He et al. 2019): at most log N for N examples"),
     ("aggregate_kl", "KL(q(z) ‖ p(z)), aggregate posterior", "nats",
      "how far the codes the decoder was trained on are from the prior it samples"),
+    ("total_correlation", "total correlation of q(z)", "nats",
+     "KL(q(z) ‖ Π_d q(z_d)): how far the codes' dimensions are from independent (β-TCVAE and FactorVAE lower it)"),
     ("aggregate_posterior_examples", "examples of the aggregate posterior", "", "the first N test examples"),
     ("representation_accuracy", "classifier accuracy on posterior means", "",
      "logistic regression trained on the training split's posterior means"),

@@ -25,6 +25,7 @@ def format_metrics(metrics: dict) -> str:
         ("mutual information I(x; z)", metrics.get("mutual_information"),
          f"nats (≤ log {metrics.get('aggregate_posterior_examples')}: over that many test examples)"),
         ("KL(q(z) ‖ p(z)), aggregate posterior", metrics.get("aggregate_kl"), "nats"),
+        ("total correlation of q(z)", metrics.get("total_correlation"), "nats: KL(q(z) ‖ Π_d q(z_d))"),
     ]
     # hierarchical models: one KL term and one active-unit count per stochastic layer
     for layer, (kl, active) in enumerate(zip(metrics.get("kl_per_layer") or [],
