@@ -63,7 +63,7 @@ def test_wae_loss_is_reconstruction_plus_weighted_mmd():
 def test_infovae_loss_is_its_definition():
     torch.manual_seed(0)
     model = build_model("infovae", data_shape=SHAPE, latent_dim=3, info_alpha=0.5, info_lambda=3.0)
-    assert model.kernel_bandwidth == 6.0  # 2·latent_dim by default
+    assert model.mmd.scale == 6.0  # 2·latent_dim by default
     x = torch.rand(8, *SHAPE).round()
     torch.manual_seed(3)
     out = model.loss(x)

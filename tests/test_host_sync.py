@@ -207,7 +207,8 @@ def test_an_epochs_order_indexes_the_examples_where_they_are_read():
     streamed = TrainingData(None, StreamedImages(np.zeros((10, 1, 2, 2), np.uint8), 255.0, device="meta"),
                             torch.device("meta"), "none", None, "test", None, None)
     assert resident.index_device == torch.device("meta") and streamed.index_device == torch.device("cpu")
-    assert [b.device.type for b in resident.batches(order, 0, 4)] == ["meta"] * 3
+    assert [share.device.type for _, share in resident.batches(order, 0, 4)] == ["meta"] * 3
     batches = list(streamed.batches(order, 1, 4))  # from the second batch on, as a resumed run starts
-    assert [b.device.type for b in batches] == ["cpu"] * 2
-    assert torch.equal(torch.cat(batches), order[4:])
+    assert [share.device.type for _, share in batches] == ["cpu"] * 2
+    assert [size for size, _ in batches] == [4, 2]
+    assert torch.equal(torch.cat([share for _, share in batches]), order[4:])

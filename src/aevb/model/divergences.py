@@ -19,6 +19,7 @@ The MMD couples a batch's examples, so these train on one process
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -71,30 +72,34 @@ KERNEL_BANDWIDTH = Option("kernel_bandwidth", None, "wae, infovae: the kernel's 
                           "Tolstikhin et al.'s for a standard normal prior)", kind="float", above=0, metavar="C")
 
 
-class _MMDMixin:
-    """The prior's draws and the MMD of the batch's codes to them."""
+@dataclass(frozen=True)
+class PriorMMD:
+    """The MMD² between a batch's codes and as many draws of the prior, in one kernel and scale: the penalty of
+    both models, held by each (composition: a model has one)."""
 
     kernel: str
-    kernel_bandwidth: float
+    scale: float
 
-    def _set_kernel(self, kernel: str, kernel_bandwidth: float | None) -> dict[str, Any]:
-        self.kernel = kernel
-        self.kernel_bandwidth = 2.0 * self.latent_dim if kernel_bandwidth is None else float(kernel_bandwidth)
-        return {"kernel": self.kernel, "kernel_bandwidth": self.kernel_bandwidth}
+    @classmethod
+    def of(cls, latent_dim: int, kernel: str, kernel_bandwidth: float | None) -> PriorMMD:
+        """The kernel with its scale C (default 2·latent_dim, Tolstikhin et al.'s for a standard normal prior)."""
+        return cls(kernel, 2.0 * latent_dim if kernel_bandwidth is None else float(kernel_bandwidth))
 
-    def prior_mmd(self, z: torch.Tensor) -> torch.Tensor:
-        """MMD² between codes z [B, D] and B draws of the prior (B ≥ 2)."""
+    def __call__(self, prior, z: torch.Tensor) -> torch.Tensor:
+        """MMD² between codes z [B, D] and B draws of ``prior`` (B ≥ 2)."""
         if z.shape[0] < 2:
             raise UserError("the MMD between q(z) and p(z) needs at least 2 examples a batch; use a larger --batch-size")
-        draws = self.prior().sample((z.shape[0],))  # [B, D]
-        return mmd_squared(z, draws, self.kernel, self.kernel_bandwidth)
+        return mmd_squared(z, prior.sample((z.shape[0],)), self.kernel, self.scale)
+
+    def config(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, "kernel_bandwidth": self.scale}
 
 
 MMD_WEIGHT = Option("mmd_weight", 10.0, "wae: weight λ of the MMD between q(z) and p(z)", low=0)
 
 
 @MODELS.register("wae")
-class WAE(_MMDMixin, LatentVariableModel):
+class WAE(LatentVariableModel):
     """Wasserstein autoencoder with the MMD penalty (Tolstikhin et al. 2018): −log p(x|z) + λ·MMD², z = f(x)."""
 
     name = "wae"
@@ -109,14 +114,14 @@ class WAE(_MMDMixin, LatentVariableModel):
         options = self.check_options({"mmd_weight": mmd_weight, "kernel": kernel,
                                       "kernel_bandwidth": kernel_bandwidth})
         self.mmd_weight = options["mmd_weight"]
-        self.config.update(mmd_weight=self.mmd_weight,
-                           **self._set_kernel(options["kernel"], options["kernel_bandwidth"]))
+        self.mmd = PriorMMD.of(self.latent_dim, options["kernel"], options["kernel_bandwidth"])
+        self.config.update(mmd_weight=self.mmd_weight, **self.mmd.config())
 
     def loss(self, x: torch.Tensor, beta: float | None = None, label: Any = None) -> LossOutput:
         posterior = self.encode(x, label)  # a point mass at f(x) (f(x, y) for a conditional model)
         z = posterior.mean  # [B, D]
         reconstruction = -at_least_float32(self.decode(z, label).log_prob(x.to(z.dtype))).mean()
-        mmd = self.prior_mmd(z)
+        mmd = self.mmd(self.prior(), z)
         mu, sigma = _posterior_stats(posterior)
         return LossOutput(reconstruction + self.mmd_weight * mmd, reconstruction.detach(),
                           torch.zeros_like(reconstruction.detach()), mu, sigma, {"mmd": mmd.detach()})
@@ -127,7 +132,7 @@ INFO_LAMBDA = Option("info_lambda", 10.0, "infovae: λ; the MMD term weighs α +
 
 
 @MODELS.register("infovae")
-class InfoVAE(_MMDMixin, _BatchPenalisedVAE):
+class InfoVAE(_BatchPenalisedVAE):
     """InfoVAE with the MMD (Zhao et al. 2019): −E log p(x|z) + (1 − α)·KL + (α + λ − 1)·MMD²(q(z), p(z))."""
 
     name = "infovae"
@@ -139,8 +144,8 @@ class InfoVAE(_MMDMixin, _BatchPenalisedVAE):
         options = self.check_options({"info_alpha": info_alpha, "info_lambda": info_lambda, "kernel": kernel,
                                       "kernel_bandwidth": kernel_bandwidth})
         self.info_alpha, self.info_lambda = options["info_alpha"], options["info_lambda"]
-        self.config.update(info_alpha=self.info_alpha, info_lambda=self.info_lambda,
-                           **self._set_kernel(options["kernel"], options["kernel_bandwidth"]))
+        self.mmd = PriorMMD.of(self.latent_dim, options["kernel"], options["kernel_bandwidth"])
+        self.config.update(info_alpha=self.info_alpha, info_lambda=self.info_lambda, **self.mmd.config())
 
     @classmethod
     def check_options(cls, values: dict[str, Any], spelled: Callable[[str], str] = as_argument) -> dict[str, Any]:
@@ -153,6 +158,6 @@ class InfoVAE(_MMDMixin, _BatchPenalisedVAE):
         return values
 
     def penalised(self, posterior, prior, z, reconstruction, kl):
-        mmd = self.prior_mmd(z)
+        mmd = self.mmd(prior, z)
         objective = (reconstruction + (1 - self.info_alpha) * kl).mean() + (self.info_alpha + self.info_lambda - 1) * mmd
         return objective, {"mmd": mmd.detach()}
