@@ -40,9 +40,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def _no_user_cache(tmp_path_factory, monkeypatch):
-    """Keep what the loaders cache (decoded image folders) out of the user's ~/.cache."""
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_cache(tmp_path_factory):
+    """Keep what aevb caches (decoded image folders, feature classifiers) out of the user's ~/.cache.
+
+    For the whole session, so that module-scoped fixtures (made before any test's
+    own fixtures) are covered too; the classifiers trained once serve every test."""
     import aevb.data.sources
 
-    monkeypatch.setattr(aevb.data.sources, "CACHE_DIR", tmp_path_factory.getbasetemp() / "aevb-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(aevb.data.sources, "CACHE_DIR", tmp_path_factory.getbasetemp() / "aevb-cache")
+        yield
