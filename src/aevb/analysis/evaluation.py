@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from aevb.analysis.quality import run_sample_quality
 from aevb.data.memory import examples, memory_dataset
 from aevb.config import IW_SAMPLES
 from aevb.errors import UserError
@@ -378,7 +379,8 @@ def _evaluate(model: Model, x: torch.Tensor, *, iw_samples: int, batch_size: int
 
 def evaluate_run(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, batch_size: int = 500, seed: int = 0,
                  device: str = "auto", progress: bool = False, precision: str = "auto", write: bool = True,
-                 test: Any = None, train: Any = None) -> dict:
+                 test: Any = None, train: Any = None, quality: bool | None = None, quality_samples: int = 2000,
+                 features: str | None = None, echo: Callable[[str], None] | None = None) -> dict:
     """Evaluate a run folder's model on its test split and write ``RUN/eval.json`` (unless ``write`` is False).
 
     An ``eval.json`` of the same weights with more importance samples is kept
@@ -391,6 +393,14 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, batch_siz
     ``test`` (and ``train``, for the representation accuracy): data in memory, in any form
     :func:`aevb.train` takes, instead of those the run's configuration names (a run trained on data
     in memory has no others).
+
+    ``quality``: the sample quality of the model's samplers (``sample_quality``,
+    :func:`aevb.analysis.quality.run_sample_quality`) with ``quality_samples``
+    samples and test examples, in the space of ``features`` (an import path)
+    or of a classifier trained on the labelled training split; None measures
+    it where it can be and says why not in ``sample_quality_note`` elsewhere,
+    True makes a run where it cannot be a UserError, False leaves it out.
+    ``echo`` is told when the classifier is trained.
     """
     data = None
     if test is not None:
@@ -410,6 +420,17 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, batch_siz
     metrics = evaluate(model, x, iw_samples=iw_samples, batch_size=batch_size, levels=dataset.levels,
                        progress=progress, labels=y, train_x=train_x, train_labels=train_y,
                        classes=dataset.classes, precision=precision, dequantized=config.dequantize)
+    if quality is not False:
+        if test is not None and train is None:  # the training split is the test split: no classifier, no floor
+            if quality:
+                raise UserError("sample quality needs a training split beside test=; pass train= too, or drop quality")
+            measured, reason = None, "test= without train=: no training split for the feature classifier and the floor"
+        else:
+            measured, reason = run_sample_quality(run, n=quality_samples, features_path=features, seed=seed,
+                                                  required=bool(quality), echo=echo)
+        metrics["sample_quality"] = measured
+        if reason is not None:
+            metrics["sample_quality_note"] = f"no sample quality: {reason}"
     metrics["data"] = config.data
     metrics["checkpoint_step"] = run.checkpoint_step  # set for a run still training
     # which weights the numbers are of: the export or the last checkpoint, at which training step

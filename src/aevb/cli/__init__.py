@@ -22,7 +22,7 @@ import click
 
 from aevb.config import (IW_SAMPLES, PRECISIONS, SEED_RANGE, coerce, flag, make_config, memory_options,
                          read_config_file, run_options)
-from aevb.cli.text import format_diagnostics, format_metrics, memory_message, out_of_memory
+from aevb.cli.text import format_diagnostics, format_metrics, format_quality, memory_message, out_of_memory
 from aevb.errors import UserError
 from aevb.options import Option
 from aevb.registry import DATASETS, Registry, is_import_path
@@ -233,7 +233,7 @@ def _finite(ctx, param, value):
     return value
 
 
-@cli.command(name="eval", context_settings=CONTEXT, memory=("iw_samples", "batch_size"))
+@cli.command(name="eval", context_settings=CONTEXT, memory=("iw_samples", "batch_size", "quality_samples"))
 @_run_argument
 @click.option("--iw-samples", "-k", type=IW_SAMPLE_COUNT, default=IW_SAMPLES, show_default=True, help="importance samples per test example for log p(x) (an eval.json of the same weights with more is kept)")
 @click.option("--batch-size", type=BATCH, default=500, show_default=True, help="test examples per batch")
@@ -245,31 +245,46 @@ def _finite(ctx, param, value):
                    "test mean by 0.004, less than other samples would; auto: bf16 where it is faster (AMX CPUs, other CPUs where a bf16 "
                    "multiply measures 1.5× faster, Ampere+ GPUs), else "
                    "fp32; bf16: wherever bf16 is native. The ELBO and all other metrics are float32")
+@click.option("--quality/--no-quality", default=None,
+              help="sample quality: Fréchet distance, KID, precision, recall, density and coverage of the model's "
+                   "samples against the test split, and of the training split (the floor)  [default: where the "
+                   "model can sample and the data have labels or --features is given]")
+@click.option("--quality-samples", type=click.IntRange(20, 2**17), default=2000, show_default=True,
+              help="samples drawn and test examples compared for the sample quality (at most the test split)")
+@click.option("--features", metavar="PACKAGE.MODULE:BUILD",
+              help="the feature network of the sample quality: build(data_shape) returns a torch.nn.Module from "
+                   "x [B, *data_shape] to features [B, F]  [default: a classifier trained on the labelled "
+                   "training split, cached in ~/.cache/aevb/classifiers]")
 @_device_option
-def eval_command(run, iw_samples, batch_size, seed, precision, device):
+def eval_command(run, iw_samples, batch_size, seed, precision, quality, quality_samples, features, device):
     """Evaluate a run on its test split; print a table and write RUN/eval.json.
 
     \b
     Reports the negative ELBO and its terms, the importance-sampled negative
     log-likelihood with k samples, bits per dimension for 8-bit or binary
-    image data, reconstruction error, KL per latent dimension and active units.
+    image data, reconstruction error, KL per latent dimension and active units,
+    and the quality of the model's samples against the test split.
 
     \b
     Examples:
       aevb eval runs/vae-digits
       aevb eval runs/mnist --iw-samples 1000
       aevb eval runs/mnist --precision fp32     # float32 importance sampler
+      aevb eval runs/mnist --quality-samples 5000 --features my_pkg.nets:features
     """
     from aevb.analysis.evaluation import evaluate_run, save_evaluation
 
     # eval.json is written after the table is shown: a run folder one may not write to (or that another
     # process is writing) still gets the figures
     metrics = evaluate_run(run, iw_samples=iw_samples, batch_size=batch_size, seed=seed, device=device,
-                           progress=True, precision=precision, write=False)
+                           progress=True, precision=precision, write=False, quality=quality,
+                           quality_samples=quality_samples, features=features, echo=click.echo)
     click.echo(format_metrics(metrics))
-    diagnostics = format_diagnostics(metrics)
-    if diagnostics:
-        click.echo(diagnostics)
+    for table in (format_diagnostics(metrics), format_quality(metrics)):
+        if table:
+            click.echo(table)
+    if metrics.get("sample_quality_note"):
+        click.echo(f"note: {metrics['sample_quality_note']}")
     if metrics.get("collapse_warning"):
         click.echo(f"warning: {metrics['collapse_warning']}", err=True)
     if metrics.get("likelihood_note"):
