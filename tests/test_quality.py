@@ -317,3 +317,23 @@ def test_too_small_a_test_split_is_a_user_error(digits, digit_features):
     with pytest.raises(UserError, match="at least 20 test examples"):
         sample_quality(digit_features, digits.test[:10], digits.train, {}, n=100)
     assert sample_quality(digit_features, digits.test[:20], None, {}, n=100)["examples"] == 20
+
+
+def test_rows_of_a_table_get_an_mlp_classifier(tmp_path, monkeypatch):
+    """Rows [N, D] of two classes apart: the MLP separates them, and its features put samples of one class
+    far from a test set of both (recall halves) but close to the class itself (precision stays)."""
+    import aevb.data.sources
+
+    monkeypatch.setattr(aevb.data.sources, "CACHE_DIR", tmp_path)
+    generator = torch.Generator().manual_seed(5)
+    labels = torch.arange(600) % 2
+    rows = torch.randn(600, 6, generator=generator) + 3 * labels[:, None].float()
+    features = classifier_features(rows[:400], labels[:400], rows[400:], labels[400:],
+                                   options=ClassifierOptions(steps=200))
+    assert "MLP" in features.description and features.accuracy > 0.95
+    assert features(rows[:7]).shape == (7, 64)
+    one_class = rows[:400][labels[:400] == 0]
+    result = sample_quality(features, rows[400:], rows[:400],
+                            {"one class": lambda n, generator: one_class[:n]}, n=100)
+    assert result["samplers"]["one class"]["recall"] < 0.7 * result["floor"]["recall"]
+    assert result["samplers"]["one class"]["precision"] > 0.8

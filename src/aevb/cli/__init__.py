@@ -249,8 +249,9 @@ def _finite(ctx, param, value):
               help="sample quality: Fréchet distance, KID, precision, recall, density and coverage of the model's "
                    "samples against the test split, and of the training split (the floor)  [default: where the "
                    "model can sample and the data have labels or --features is given]")
-@click.option("--quality-samples", type=click.IntRange(20, 2**17), default=2000, show_default=True,
-              help="samples drawn and test examples compared for the sample quality (at most the test split)")
+@click.option("--quality-samples", type=click.IntRange(20, 2**14), default=2000, show_default=True,
+              help="samples drawn and test examples compared for the sample quality (at most the test split; "
+                   "precision and recall hold three N × N distance matrices: 16,384 takes about 3 GB)")
 @click.option("--features", metavar="PACKAGE.MODULE:BUILD",
               help="the feature network of the sample quality: build(data_shape) returns a torch.nn.Module from "
                    "x [B, *data_shape] to features [B, F]  [default: a classifier trained on the labelled "
