@@ -166,6 +166,18 @@ def test_a_damaged_cache_entry_is_retrained(digits, tmp_path, monkeypatch):
     assert torch.equal(again(digits.test[:5]), first(digits.test[:5]))
 
 
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_evaluation(digits, tmp_path, monkeypatch):
+    import aevb.data.sources
+
+    blocked = tmp_path / "a file, not a folder"
+    blocked.write_text("")
+    monkeypatch.setattr(aevb.data.sources, "CACHE_DIR", blocked)
+    with pytest.warns(UserWarning, match="could not be cached"):
+        features = classifier_features(digits.train, digits.train_labels, digits.test, digits.test_labels,
+                                       options=ClassifierOptions(steps=5))
+    assert features(digits.test[:3]).shape == (3, 64) and blocked.read_text() == ""
+
+
 # -- what the numbers mean on the digits -------------------------------------------------------------------------
 
 

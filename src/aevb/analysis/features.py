@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -191,11 +192,8 @@ def classifier_features(train_x: torch.Tensor, train_y: torch.Tensor, test_x: to
                  f"({options.steps} steps; cached in {folder})")
         classifier = train_classifier(train_x, train_y, classes, options, device)
         test_accuracy = accuracy(classifier, test_x, test_y)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_safetensors(folder / "weights.safetensors", classifier.state_dict())
-        write_json(folder / "classifier.json", {"version": FEATURES_VERSION, "options": asdict(options),
-                                                "data_shape": list(data_shape), "classes": classes,
-                                                "test_accuracy": test_accuracy})  # written last: the entry is whole
+        _keep(folder, classifier, {"version": FEATURES_VERSION, "options": asdict(options),
+                                   "data_shape": list(data_shape), "classes": classes, "test_accuracy": test_accuracy})
     else:
         classifier.to(device)
         test_accuracy = loads_json((folder / "classifier.json").read_bytes())["test_accuracy"]
@@ -203,6 +201,18 @@ def classifier_features(train_x: torch.Tensor, train_y: torch.Tensor, test_x: to
     return FeatureNetwork(_FeatureLayer(classifier), f"classifier ({kind} trained on the training split, "
                                                      f"{options.features} features)", float(test_accuracy),
                           device)
+
+
+def _keep(folder: Path, classifier: Classifier, description: dict) -> None:
+    """Write the classifier into its cache folder; a cache that cannot be written costs a retraining next time,
+    not this evaluation (a warning says so)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_safetensors(folder / "weights.safetensors", classifier.state_dict())
+        write_json(folder / "classifier.json", description)  # written last: an entry with it is whole
+    except (OSError, UserError) as e:
+        warnings.warn(f"the feature classifier could not be cached ({e}); it will be trained again next time",
+                      stacklevel=3)
 
 
 def _cached(folder: Path, data_shape: tuple[int, ...], classes: int, options: ClassifierOptions) -> Classifier | None:
