@@ -244,8 +244,8 @@ def test_the_samples_of_a_trained_vae_score_between_the_floor_and_noise(tmp_path
                            {"noise": lambda n, generator: torch.rand(n, 1, 8, 8, generator=generator)},
                            n=quality["examples"])["samplers"]["noise"]
     prior, floor = quality["samplers"]["prior"], quality["floor"]
-    assert floor["frechet_distance"] < prior["frechet_distance"] < noise["frechet_distance"]
-    assert floor["kid"] < prior["kid"] < noise["kid"]
+    assert floor["frechet_distance"] < prior["frechet_distance"] < noise["frechet_distance"], (floor, prior, noise)
+    assert floor["kid"] < prior["kid"] < noise["kid"], (floor, prior, noise)
     assert prior["precision"] > noise["precision"]
 
 

@@ -58,6 +58,8 @@ class Classifier(nn.Module):
 
     Images [C, H, W]: three 3×3 convolutions (the last two of stride 2), an
     average pool to 2×2, a linear layer to F.  Rows [D]: two linear layers.
+    (Pooled to 4×4 it reached 0.966 on the MNIST split against 0.957, but put
+    a digits VAE's prior samples further than uniform noise by KID.)
     """
 
     def __init__(self, data_shape: tuple[int, ...], classes: int, options: ClassifierOptions):
