@@ -41,12 +41,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def _no_user_cache(tmp_path_factory, monkeypatch):
-    """Keep what the loaders cache (decoded image folders) out of the user's ~/.cache."""
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_cache(tmp_path_factory):
+    """Keep what aevb caches (decoded image folders, feature classifiers) out of the user's ~/.cache, in this
+    process and those it starts.
+
+    For the whole session, so that module-scoped fixtures (made before any test's
+    own fixtures) are covered too; the classifiers trained once serve every test."""
     import aevb.data.sources
 
-    monkeypatch.setattr(aevb.data.sources, "CACHE_DIR", tmp_path_factory.getbasetemp() / "aevb-cache")
+    cache = tmp_path_factory.getbasetemp() / "aevb-cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(aevb.data.sources, "CACHE_DIR", cache)
+        patch.setenv("AEVB_CACHE", str(cache))  # for the aevb processes tests start
+        yield
 
 
 # Chromium as the distribution installs it (apt-get install chromium): Playwright's own browser download cannot

@@ -1,8 +1,10 @@
 """Analysis: evaluation metrics, figures and the report of a trained model.
 
 Owns what is measured and drawn once a model exists: the test ELBO and
-importance-sampled log-likelihood, posterior diagnostics, every figure (a
-registry the report iterates) and the self-contained ``report.html``.
+importance-sampled log-likelihood, posterior diagnostics, the quality of a
+model's samples in an offline feature space (``quality``, ``features``),
+every figure (a registry the report iterates) and the self-contained
+``report.html``.
 
 May import: the model and data layers, the run folder (:mod:`aevb.run`),
 acceleration (the importance sampler's precision) and aevb's base modules.

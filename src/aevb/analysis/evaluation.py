@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from aevb.analysis.disentanglement import disentanglement_metrics
+from aevb.analysis.quality import run_sample_quality
 from aevb.data.memory import examples, memory_dataset
 from aevb.config import IW_SAMPLES
 from aevb.errors import UserError
@@ -518,8 +519,9 @@ def _gathered_columns(shard: Shard, columns: dict[str, list[torch.Tensor]]) -> d
 
 def evaluate_run(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, batch_size: int = 500, seed: int = 0,
                  device: str | torch.device = "auto", progress: bool = False, precision: str = "auto", write: bool = True,
-                 test: Any = None, train: Any = None, shard: Shard = Shard(),
-                 factor_examples: int = 10_000) -> dict | None:
+                 test: Any = None, train: Any = None, shard: Shard = Shard(), factor_examples: int = 10_000,
+                 quality: bool | None = None, quality_samples: int = 2000, features: str | None = None,
+                 echo: Callable[[str], None] | None = None) -> dict | None:
     """Evaluate a run folder's model on its test split and write ``RUN/eval.json`` (unless ``write`` is False).
 
     ``shard``: this process's share under torchrun (every rank reads the run and its test split, and
@@ -539,6 +541,14 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, batch_siz
     ``test`` (and ``train``, for the representation accuracy): data in memory, in any form
     :func:`aevb.train` takes, instead of those the run's configuration names (a run trained on data
     in memory has no others).
+
+    ``quality``: the sample quality of the model's samplers (``sample_quality``,
+    :func:`aevb.analysis.quality.run_sample_quality`) with ``quality_samples``
+    samples and test examples, in the space of ``features`` (an import path)
+    or of a classifier trained on the labelled training split; None measures
+    it where it can be and says why not in ``sample_quality_note`` elsewhere,
+    True makes a run where it cannot be a UserError, False leaves it out.
+    ``echo`` is told when the classifier is trained.
     """
     data = None
     if test is not None:
@@ -564,6 +574,17 @@ def evaluate_run(run_dir: str | Path, *, iw_samples: int = IW_SAMPLES, batch_siz
         metrics["disentanglement"] = factor_scores(model, x, dataset.test_factors, dataset.factor_names,
                                                    seed=seed, examples=factor_examples,
                                                    labels=y if model.conditional else None)
+    if quality is not False:
+        if test is not None and train is None:  # the training split is the test split: no classifier, no floor
+            if quality:
+                raise UserError("sample quality needs a training split beside test=; pass train= too, or drop quality")
+            measured, reason = None, "test= without train=: no training split for the feature classifier and the floor"
+        else:
+            measured, reason = run_sample_quality(run, n=quality_samples, features_path=features, seed=seed,
+                                                  required=bool(quality), echo=echo)
+        metrics["sample_quality"] = measured
+        if reason is not None:
+            metrics["sample_quality_note"] = f"no sample quality: {reason}"
     metrics["data"] = config.data
     metrics["checkpoint_step"] = run.checkpoint_step  # set for a run still training
     # which weights the numbers are of: the export or the last checkpoint, at which training step

@@ -366,6 +366,36 @@ def _multiplies(value: str) -> str:
             "fp32": "fp32: float32 throughout"}.get(value, value)
 
 
+QUALITY_COLUMNS = [("frechet_distance", "Fréchet distance"), ("kid", "KID"), ("precision", "precision"),
+                   ("recall", "recall"), ("density", "density"), ("coverage", "coverage")]
+
+
+def _quality_section(metrics: dict) -> str:
+    """The sample quality of each sampler beside the floor (:mod:`aevb.analysis.quality`), or why it is absent."""
+    quality = metrics.get("sample_quality")
+    if not quality:
+        note = metrics.get("sample_quality_note")
+        return (f'<section id="quality"><h2>Sample quality</h2><p class="meta">{_e(note)}.</p></section>'
+                if note else "")
+    rows = ([("floor: the training split", quality["floor"])] if quality.get("floor") else []) + \
+        [(f"sampler: {name}", row) for name, row in quality["samplers"].items()]
+    cells = [[_e(name), *(_e(_format(row[key])) + (f" ± {_e(_format(row['kid_standard_error']))}"
+                                                    if key == "kid" else "") for key, _ in QUALITY_COLUMNS)]
+             for name, row in rows]
+    accuracy = quality.get("classifier_accuracy")
+    features = f"features of the {quality['features']}" + (
+        f", whose test accuracy is {accuracy:.3f}: the features are only as good as it is" if accuracy is not None
+        else "")
+    return ('<section id="quality"><h2>Sample quality</h2>'
+            f'<p class="meta">{quality["examples"]} samples of each sampler against {quality["examples"]} test '
+            f'examples, in the {_e(features)}. Lower Fréchet distance and KID (± its standard error) are better; '
+            f'precision (fidelity), recall (diversity), density and coverage ({quality["nearest_k"]}-nearest-'
+            f'neighbour balls) are better higher. The floor is what a perfect model reaches with this many '
+            f'samples: the training split against the test split.</p>'
+            + _table(cells, ["", *(label for _, label in QUALITY_COLUMNS)],
+                     classes={i: "num" for i in range(1, 1 + len(QUALITY_COLUMNS))}) + "</section>")
+
+
 def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipped: dict[str, str],
                   provenance: str | None = None, facts: RunFacts | None = None,
                   improvement: Improvement | None = None) -> str:
@@ -403,6 +433,7 @@ def render_report(run_dir: str | Path, config: dict, metrics: dict | None, skipp
         parts.append(_improving_html(improvement, run_dir))
     if metrics is not None:
         parts.append(_eval_section(metrics))
+        parts.append(_quality_section(metrics))
     parts.append('<section id="figures"><h2>Figures</h2>')
     for path in pictures.figures:
         entry = entries[path.name]

@@ -126,7 +126,7 @@ def _write_report(run: Run, *, iw_samples: int, device: str, out: str | Path | N
     if metrics is None:
         echo(f"evaluating with k = {iw_samples} importance samples")
         try:
-            metrics = evaluate_run(run_dir, iw_samples=iw_samples, device=device)
+            metrics = evaluate_run(run_dir, iw_samples=iw_samples, device=device, echo=echo)
         except UserError as e:
             echo(f"no evaluation in the report: {e}")
 

@@ -22,7 +22,7 @@ import click
 
 from aevb.config import (IW_SAMPLES, PRECISIONS, SEED_RANGE, coerce, flag, make_config, memory_options,
                          read_config_file, run_options)
-from aevb.cli.text import format_diagnostics, format_metrics, memory_message, out_of_memory
+from aevb.cli.text import format_diagnostics, format_metrics, format_quality, memory_message, out_of_memory
 from aevb.errors import UserError
 from aevb.options import Option
 from aevb.registry import DATASETS, MODELS, SAMPLERS, Registry, is_import_path
@@ -282,7 +282,7 @@ def _finite(ctx, param, value):
     return value
 
 
-@cli.command(name="eval", context_settings=CONTEXT, memory=("iw_samples", "batch_size"))
+@cli.command(name="eval", context_settings=CONTEXT, memory=("iw_samples", "batch_size", "quality_samples"))
 @_run_argument
 @click.option("--iw-samples", "-k", type=IW_SAMPLE_COUNT, default=IW_SAMPLES, show_default=True, help="importance samples per test example for log p(x) (an eval.json of the same weights with more is kept)")
 @click.option("--batch-size", type=BATCH, default=500, show_default=True, help="test examples per batch")
@@ -294,24 +294,38 @@ def _finite(ctx, param, value):
                    "test mean by 0.004, less than other samples would; auto: bf16 where it is faster (AMX CPUs, other CPUs where a bf16 "
                    "multiply measures 1.5× faster, Ampere+ GPUs), else "
                    "fp32; bf16: wherever bf16 is native. The ELBO and all other metrics are float32")
+@click.option("--quality/--no-quality", default=None,
+              help="sample quality: Fréchet distance, KID, precision, recall, density and coverage of the model's "
+                   "samples against the test split, and of the training split (the floor)  [default: where the "
+                   "model can sample and the data have labels or --features is given]")
+@click.option("--quality-samples", type=click.IntRange(20, 2**14), default=2000, show_default=True,
+              help="samples drawn and test examples compared for the sample quality (at most the test split; "
+                   "precision and recall hold three N × N distance matrices: 16,384 takes about 3 GB)")
+@click.option("--features", metavar="PACKAGE.MODULE:BUILD",
+              help="the feature network of the sample quality: build(data_shape) returns a torch.nn.Module from "
+                   "x [B, *data_shape] to features [B, F]  [default: a classifier trained on the labelled "
+                   "training split, cached in ~/.cache/aevb/classifiers]")
 @click.option("--factor-examples", type=click.IntRange(min=10), default=10_000, show_default=True, metavar="N",
               help="test examples on which the disentanglement scores are computed, for data with known factors (shapes)")
 @_device_option
-def eval_command(run, iw_samples, batch_size, seed, precision, device, factor_examples):
+def eval_command(run, iw_samples, batch_size, seed, precision, quality, quality_samples, features, device,
+                 factor_examples):
     """Evaluate a run on its test split; print a table and write RUN/eval.json.
 
     \b
     Reports the negative ELBO and its terms, the importance-sampled negative
     log-likelihood with k samples, bits per dimension for 8-bit or binary
-    image data, reconstruction error, KL per latent dimension and active units;
-    on data with known factors of variation (shapes), the disentanglement
-    scores of Locatello et al. (2019).
+    image data, reconstruction error, KL per latent dimension and active units,
+    and the quality of the model's samples against the test split; on data
+    with known factors of variation (shapes), the disentanglement scores of
+    Locatello et al. (2019).
 
     \b
     Examples:
       aevb eval runs/vae-digits
       aevb eval runs/mnist --iw-samples 1000
       aevb eval runs/mnist --precision fp32     # float32 importance sampler
+      aevb eval runs/mnist --quality-samples 5000 --features my_pkg.nets:features
     """
     from aevb.analysis.evaluation import Shard, evaluate_run
     from aevb.run.device import resolve_device
@@ -324,7 +338,9 @@ def eval_command(run, iw_samples, batch_size, seed, precision, device, factor_ex
         shard = Shard(workers.rank, workers.world_size, lambda value: distributed.gathered(workers, value))
         metrics = evaluate_run(run, iw_samples=iw_samples, batch_size=batch_size, seed=seed,
                                device=distributed.worker_device(chosen, workers), progress=workers.writes,
-                               precision=precision, write=False, shard=shard, factor_examples=factor_examples)
+                               precision=precision, write=False, shard=shard, factor_examples=factor_examples,
+                               quality=quality, quality_samples=quality_samples, features=features,
+                               echo=click.echo if workers.writes else None)
         if workers.writes:
             _show_evaluation(run, metrics, iw_samples)
         distributed.barrier(workers)  # rank 0 writes eval.json while the others wait in the group
@@ -339,9 +355,11 @@ def _show_evaluation(run: str, metrics: dict, iw_samples: int) -> None:
     # eval.json is written after the table is shown: a run folder one may not write to (or that another
     # process is writing) still gets the figures
     click.echo(format_metrics(metrics))
-    diagnostics = format_diagnostics(metrics)
-    if diagnostics:
-        click.echo(diagnostics)
+    for table in (format_diagnostics(metrics), format_quality(metrics)):
+        if table:
+            click.echo(table)
+    if metrics.get("sample_quality_note"):
+        click.echo(f"note: {metrics['sample_quality_note']}")
     if metrics.get("collapse_warning"):
         click.echo(f"warning: {metrics['collapse_warning']}", err=True)
     if metrics.get("likelihood_note"):

@@ -72,6 +72,26 @@ def format_diagnostics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def format_quality(metrics: dict) -> str:
+    """The sample-quality table of ``evaluate_run``: the floor and each sampler (empty where not measured)."""
+    quality = metrics.get("sample_quality")
+    if not quality:
+        return ""
+    accuracy = quality.get("classifier_accuracy")
+    lines = ["", f"sample quality: {quality['examples']} samples against {quality['examples']} test examples, "
+                 f"features of the {quality['features']}"
+                 + (f", test accuracy {accuracy:.3f}" if accuracy is not None else ""),
+             f"{'':<22} {'Fréchet':>9} {'KID ± s.e.':>17} {'precision':>9} {'recall':>7} {'density':>7} "
+             f"{'coverage':>8}"]
+    rows = ([("floor (training split)", quality["floor"])] if quality.get("floor") else []) + \
+        list(quality["samplers"].items())
+    for name, row in rows:
+        kid = f"{row['kid']:.4f} ± {row['kid_standard_error']:.4f}"
+        lines.append(f"{name[:22]:<22} {row['frechet_distance']:>9.3f} {kid:>17} {row['precision']:>9.3f} "
+                     f"{row['recall']:>7.3f} {row['density']:>7.3f} {row['coverage']:>8.3f}")
+    return "\n".join(lines)
+
+
 _OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "std::bad_alloc", "bad_alloc", "Cannot allocate memory")
 
 

@@ -3,13 +3,16 @@
 A registered data set (:mod:`aevb.data.named`), a data file
 (:mod:`aevb.data.files`) and an image folder (:mod:`aevb.data.folders`) are
 each read into a :class:`SourceData`: all examples, before splitting.
-``CACHE_DIR`` is where the torchvision data sets are fetched to and where
-the decoded pixels of streamed image folders are kept; it is read when used
-(``sources.CACHE_DIR``), so a test can point it elsewhere.
+``CACHE_DIR`` is where the torchvision data sets are fetched to, where
+the decoded pixels of streamed image folders are kept and the feature
+classifiers of the sample quality; ``$AEVB_CACHE`` sets it (``~/.cache/aevb``
+otherwise), and it is read when used (``sources.CACHE_DIR``), so a test can
+point it elsewhere.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +20,9 @@ import torch
 
 from aevb.data.streaming import StreamedImages
 
-# default data_dir of the torchvision data sets: CACHE_DIR / name; image folders' decoded pixels: CACHE_DIR / folders
-CACHE_DIR = Path("~/.cache/aevb")
+# default data_dir of the torchvision data sets: CACHE_DIR / name; image folders' decoded pixels: CACHE_DIR / folders;
+# feature classifiers of the sample quality: CACHE_DIR / classifiers.  $AEVB_CACHE moves it (for every process)
+CACHE_DIR = Path(os.environ.get("AEVB_CACHE") or "~/.cache/aevb")
 
 
 @dataclass
