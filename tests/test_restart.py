@@ -157,7 +157,10 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_an_unbroken_one(t
     assert_same_run(run, tmp_path / "whole")
 
 
-def test_the_same_command_run_again_continues_a_killed_run_and_then_has_nothing_left(tmp_path, slow_nets, capsys):
+def test_the_same_command_run_again_continues_a_killed_run_and_then_has_nothing_left(tmp_path, slow_nets, capsys,
+                                                                                     one_thread):
+    # one torch thread here, as in the killed process (OMP_NUM_THREADS=1): a matrix product's sums are ordered by
+    # the number of threads, and bit-for-bit equality asks for the same order
     run, marker = tmp_path / "run", str(tmp_path)
     command = [*ARGUMENTS, "--out", str(run), "--resume", "auto"]
     alone = _launch([sys.executable, "-m", "aevb.cli", "train", *command], marker)
