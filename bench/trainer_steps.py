@@ -23,7 +23,6 @@ from common import MNIST_IMAGES, MNIST_LABELS, N_TEST
 from aevb.acceleration import fused
 from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
 from aevb.config import RunConfig, make_config
-from aevb.data.streaming import mean_example
 from aevb.model.base import build_model
 from aevb.run.checkpoints import Position
 from aevb.training import distributed
@@ -50,11 +49,11 @@ class TrainerSteps:
         keep_freed_memory()  # as train() does
         torch.manual_seed(config.seed)
         self.workers = workers
-        data = TrainingData.load(config, device)
+        data = TrainingData.load(config, device, workers=workers)  # each worker its rows of every batch
         model_kwargs = config.model_kwargs(data.dataset.data_shape)
         model = build_model(config.model, **model_kwargs).to(device)
         if config.output_bias == "data-mean":
-            model.init_output_bias(mean_example(data.train))
+            model.init_output_bias(data.mean_example())
         optimizer = _make_optimizer(model, config, device)
         # which loss the trainer took (its choice, _make_loss), said in the benches' tables
         self.loss_name = "compiled" if config.compile else "fused" if fused.plan(model) is not None else "model.loss"
