@@ -23,6 +23,7 @@ every figure are the VAE's: the penalties change training only.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, ClassVar
 
@@ -49,6 +50,7 @@ def pairwise_log_density(posterior, z: torch.Tensor) -> torch.Tensor:
     return at_least_float32(base.log_prob(z.unsqueeze(1)))  # z_i against q(·|x_j): [B, 1, D] → [B, B, D]
 
 
+@functools.lru_cache(maxsize=8)  # built once per batch size, not at every step: callers must not change it in place
 def log_importance_weights(batch: int, dataset_size: int, estimator: str) -> torch.Tensor:
     """log r_ij [B, B]: the weight of q(z_i|x_j) in the estimate log q(z_i) ≈ logsumexp_j (log r_ij + log q(z_i|x_j)).
 
@@ -106,13 +108,10 @@ class _BatchPenalisedVAE(LatentVariableModel):
     batch_coupled: ClassVar[bool] = True
 
     def loss(self, x: torch.Tensor, beta: float | None = None, label: Any = None) -> LossOutput:
-        posterior = self.encode(x, label)  # q(z|x) (q(z|x, y) for a conditional model), batch [B]
-        z = posterior.rsample()  # [B, D]
-        reconstruction = -at_least_float32(self.decode(z, label).log_prob(x.to(z.dtype)))  # [B]
-        prior = self.prior()
-        kl = at_least_float32(objectives.kl_term(posterior, prior, z.unsqueeze(0)))  # [B]
-        objective, extras = self.penalised(posterior, prior, z, reconstruction, kl)
-        mu, sigma = _posterior_stats(posterior)
+        terms = objectives.sgvb_terms(self, x, 1, label)  # the VAE's data path, one draw z [B, D]
+        reconstruction, kl = at_least_float32(terms.reconstruction), terms.kl  # [B] each
+        objective, extras = self.penalised(terms.posterior, self.prior(), terms.z, reconstruction, kl)
+        mu, sigma = _posterior_stats(terms.posterior)
         return LossOutput(objective, reconstruction.mean().detach(), kl.mean().detach(), mu, sigma, extras)
 
     def penalised(self, posterior, prior, z, reconstruction, kl) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

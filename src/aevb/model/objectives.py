@@ -47,6 +47,7 @@ class ElboTerms:
     kl: torch.Tensor
     posterior: Distribution
     kl_layers: tuple[torch.Tensor, ...] | None = None  # [B] per stochastic layer (hierarchical models), top last
+    z: torch.Tensor | None = None  # the draws the terms were estimated with ([B, D] or [L, B, D]; one layer)
 
     @property
     def elbo(self) -> torch.Tensor:
@@ -119,7 +120,7 @@ def sgvb_terms(model, x: torch.Tensor, n_samples: int = 1, label: Any = None) ->
     log_px_z = model.decode(z, label).log_prob(x.to(z.dtype))  # [B] or [L, B], in z's (≥ float32) dtype
     reconstruction = -(log_px_z if n_samples == 1 else log_px_z.mean(0))  # [B]
     kl = at_least_float32(kl_term(posterior, model.prior(), z.view(n_samples, *z.shape[-2:])))  # [B]
-    return ElboTerms(reconstruction, kl, posterior)
+    return ElboTerms(reconstruction, kl, posterior, z=z)
 
 
 def elbo(model, x: torch.Tensor, n_samples: int = 1, label: Any = None) -> torch.Tensor:
