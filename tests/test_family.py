@@ -344,7 +344,7 @@ def test_every_model_declares_its_layers_corruption_and_device(name):
 
 
 def test_layer_statistics_of_a_one_layer_model_are_its_kl_and_active_units():
-    from aevb.analysis.evaluation import active_units, layer_statistics, posterior_statistics
+    from aevb.analysis.posteriors import active_units, layer_statistics, posterior_statistics
 
     torch.manual_seed(0)
     model = aevb.VAE(data_shape=SHAPE, latent_dim=3, hidden=[16]).eval()

@@ -14,7 +14,7 @@ from PIL import Image
 import aevb
 from aevb.analysis import figures, plots
 from aevb.data.datasets import load_data
-from aevb.analysis.evaluation import posterior_statistics
+from aevb.analysis.posteriors import posterior_statistics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -23,7 +23,8 @@ import aevb
 import aevb.config
 from aevb.cli import main
 from aevb.data.datasets import load_data
-from aevb.analysis.evaluation import classifier_accuracy, collapse_warning, evaluate
+from aevb.analysis.evaluation import evaluate
+from aevb.analysis.posteriors import classifier_accuracy, collapse_warning
 from aevb.registry import FIGURES
 
 IMG = '<img src="data:image/png;base64,'

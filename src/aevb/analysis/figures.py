@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from aevb.analysis.evaluation import posterior_statistics
+from aevb.analysis.posteriors import posterior_statistics
 from aevb.errors import UserError
 from aevb.io import atomic_write
 from aevb.model.base import Model

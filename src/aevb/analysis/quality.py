@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 from functools import partial
 from pathlib import Path
 from typing import Callable

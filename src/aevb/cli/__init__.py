@@ -12,7 +12,6 @@ status 2 (130 for Ctrl-C).
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
@@ -20,83 +19,12 @@ from pathlib import Path
 
 import click
 
-from aevb.config import (IW_SAMPLES, PRECISIONS, SEED_RANGE, coerce, flag, make_config, memory_options,
-                         read_config_file, run_options)
+from aevb.config import IW_SAMPLES, PRECISIONS, coerce, flag, make_config, memory_options, read_config_file
 from aevb.cli.text import format_diagnostics, format_metrics, format_quality, memory_message, out_of_memory
 from aevb.errors import UserError
-from aevb.options import Option
-from aevb.registry import DATASETS, MODELS, SAMPLERS, Registry, is_import_path
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-class SeedRange(click.IntRange):
-    """A seed's range, which ``--help`` writes as powers of two rather than in twenty digits."""
-
-    def _describe_range(self) -> str:
-        return "-2^63 ≤ x ≤ 2^64 − 1"
-
-
-SEED = SeedRange(*SEED_RANGE)  # train's --seed is checked in RunConfig, for config files too
-# upper bounds of the options that multiply a command's memory: far above any use (a picture of 65,536 images,
-# a million importance samples an example), below what would be killed by the system before any error is seen
-PICTURES = click.IntRange(1, 2**16)  # images in one picture (-n): a 256 × 256 grid
-PATH_POINTS = click.IntRange(2, 2**12)  # points on an interpolated path
-SIDE = click.IntRange(2, 2**8)  # points on a side of the latent grid: 65,536 decoded images
-IW_SAMPLE_COUNT = click.IntRange(1, 2**20)
-BATCH = click.IntRange(1, 2**20)
-
-
-class GivenPath(click.Path):
-    """A path that must not be empty: '' is the current folder to the file system, never what was meant."""
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, str) and not value.strip():
-            self.fail("is empty; give a path" + ("" if isinstance(param, click.Argument) else
-                                                 ", or leave the option out"), param, ctx)
-        return super().convert(value, param, ctx)
-
-
-MEMORY = "aevb.memory"  # ctx.meta key: the options (with values) that asked for the memory of the running command
-
-
-class Command(click.Command):
-    """A command that, run out of memory, says so in one line naming its options that asked for the memory.
-
-    ``memory``: the names of its parameters that multiply the memory it needs
-    (``iw_samples``); a command whose memory comes from elsewhere (train's run
-    options, from flags and config files) puts them, with their values, in
-    ``ctx.meta[MEMORY]``.
-    """
-
-    def __init__(self, *args, memory: tuple[str, ...] = (), **kwargs):
-        super().__init__(*args, **kwargs)
-        self.memory = memory
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except (RuntimeError, MemoryError) as error:
-            if not out_of_memory(error):
-                raise
-            asked = ctx.meta.get(MEMORY)
-            if asked is None:
-                asked = [f"{_spelled(param)} {ctx.params[param.name]}" for param in self.params
-                         if param.name in self.memory and ctx.params.get(param.name) is not None]
-            raise UserError(memory_message(error, asked)) from None
-
-
-def _spelled(param: click.Parameter) -> str:
-    """A parameter as the user types it: its long flag, else its short one."""
-    return next((opt for opt in param.opts if opt.startswith("--")), param.opts[0])
-
-
-class Group(click.Group):
-    command_class = Command
-
-    def list_commands(self, ctx):  # keep definition order, not alphabetical
-        return list(self.commands)
-
+from aevb.registry import SAMPLERS
+from aevb.cli.params import (BATCH, CONTEXT, IW_SAMPLE_COUNT, MEMORY, PATH_POINTS, PICTURES, SEED, SIDE, GivenPath,
+                             Group, RunCommand, SamplerCommand, device_option, finite, run_argument)
 
 @click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(package_name="aevb", prog_name="aevb")
@@ -115,94 +43,6 @@ def cli():
 
 # ---------------------------------------------------------------------------
 # aevb train
-
-
-class _ChoiceOrImportPath(click.Choice):
-    """A registered name, or an import path ``package.module:function`` that the option's check imports."""
-
-    def convert(self, value, param, ctx):
-        if is_import_path(value):
-            return value
-        return super().convert(value, param, ctx)
-
-
-def _click_type(option: Option):
-    if isinstance(option.choices, Registry) and option.choices.import_paths:
-        return _ChoiceOrImportPath([*option.choices, "MODULE:FUNCTION"])
-    if option.choices is not None:
-        return click.Choice(list(option.choices))
-    if option.kind == "int":
-        return int
-    if option.kind == "float" and not option.name.endswith("_split"):
-        return float
-    return str
-
-
-def _click_option(option: Option) -> click.Option:
-    """The flag of one run option; its value is None unless given, so config files and defaults fill in."""
-    help_text = option.help
-    if option.name == "data":
-        help_text += f" [registered: {', '.join(DATASETS.names())}]"
-    notes = []
-    if option.default is not None and option.default is not False:
-        default = option.default
-        notes.append(f"default: {','.join(map(str, default)) if isinstance(default, (list, tuple)) else default}")
-    if option.choices is None and option.kind in ("int", "float", "list[int]", "list[float]") \
-            and option.range_text() != "any number":
-        notes.append(option.range_text())  # ≥ 1, in [0, 1), in [-2^63, 2^64)
-    if notes:
-        help_text += f"  [{'; '.join(notes)}]"
-    if option.kind == "bool":
-        return click.Option([f"{option.flag}/--no-{flag(option.name)}", option.name], default=None, help=help_text)
-    return click.Option([option.flag, option.name], type=_click_type(option), default=None, help=help_text,
-                        metavar=option.metavar)
-
-
-class RunCommand(Command):
-    """A command that takes every run option as a flag besides its own.
-
-    The flags are made when the command runs (or shows its help), from the
-    options of the models registered by then, so that a model registered
-    at run time brings its flags; reading them imports no torch.  ``--help``
-    lists them in the groups the options declare (``Option.group``: data,
-    model, training), the options of particular models apart, each saying
-    which models take it.
-    """
-
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        params = [*self.params, *map(_click_option, run_options().values())]
-        help_option = self.get_help_option(ctx)
-        return params if help_option is None else [*params, help_option]
-
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        options = run_options()
-        takers: dict[str, list[str]] = {}  # a model's option: the models that take it
-        for model in MODELS.names():
-            for option in MODELS.options(model):
-                takers.setdefault(option.name, []).append(model)
-        sections: dict[str, list[tuple[str, str]]] = {title: [] for title in HELP_SECTIONS.values()}
-        for param in self.get_params(ctx):
-            record = param.get_help_record(ctx)
-            if record is None:
-                continue
-            option = options.get(param.name) if isinstance(param, click.Option) else None
-            if option is None:
-                sections[HELP_SECTIONS[None]].append(record)
-            elif option.name in takers:
-                sections[HELP_SECTIONS["models"]].append(
-                    (record[0], f"{record[1]}  [--model {', '.join(takers[option.name])}]"))
-            else:
-                sections[HELP_SECTIONS[option.group]].append(record)
-        for title, records in sections.items():
-            if records:
-                with formatter.section(title):
-                    formatter.write_dl(records)
-
-
-# the sections of `aevb train --help`, by Option.group (None: the command's own options; models: the options of
-# particular models), in the order shown
-HELP_SECTIONS = {None: "Options", "data": "Data", "model": "Model", "models": "Options of particular models",
-                 "training": "Training"}
 
 
 @cli.command(cls=RunCommand, context_settings=CONTEXT)
@@ -266,24 +106,8 @@ def train(config_file, resume, force, quiet, **flags):
 # commands on a run folder
 
 
-def _run_argument(function):
-    return click.argument("run", type=GivenPath(file_okay=False), metavar="RUN")(function)
-
-
-def _device_option(function):
-    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
-                        show_default=True, help="where to compute")(function)
-
-
-def _finite(ctx, param, value):
-    """click's FloatRange lets nan and inf through."""
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
-    return value
-
-
 @cli.command(name="eval", context_settings=CONTEXT, memory=("iw_samples", "batch_size", "quality_samples"))
-@_run_argument
+@run_argument
 @click.option("--iw-samples", "-k", type=IW_SAMPLE_COUNT, default=IW_SAMPLES, show_default=True, help="importance samples per test example for log p(x) (an eval.json of the same weights with more is kept)")
 @click.option("--batch-size", type=BATCH, default=500, show_default=True, help="test examples per batch")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the Monte Carlo estimates")
@@ -307,7 +131,7 @@ def _finite(ctx, param, value):
                    "training split, cached in ~/.cache/aevb/classifiers]")
 @click.option("--factor-examples", type=click.IntRange(min=10), default=10_000, show_default=True, metavar="N",
               help="test examples on which the disentanglement scores are computed, for data with known factors (shapes)")
-@_device_option
+@device_option
 def eval_command(run, iw_samples, batch_size, seed, precision, quality, quality_samples, features, device,
                  factor_examples):
     """Evaluate a run on its test split; print a table and write RUN/eval.json.
@@ -373,15 +197,15 @@ def _show_evaluation(run: str, metrics: dict, iw_samples: int) -> None:
 
 
 @cli.command(context_settings=CONTEXT, memory=("n",))
-@_run_argument
+@run_argument
 @click.option("-n", "n", type=PICTURES, default=64, show_default=True, help="number of samples")
 @click.option("--sampler", type=click.Choice(SAMPLERS.names()), default="prior", show_default=True, help="where the codes z come from: the model's prior, or a density fitted to the posterior means of the training split (gmm: a Gaussian mixture; flow: a normalising flow), fitted and saved in RUN/samplers/ on first use; 'aevb fit-sampler' fits one with other options")
-@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, callback=_finite, help="the sampler's spread: z ~ N(0, T² I) from the standard prior, each component's covariance T²Σ for gmm, the flow's base N(0, T² I); 0 gives the modes")
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, callback=finite, help="the sampler's spread: z ~ N(0, T² I) from the standard prior, each component's covariance T²Σ for gmm, the flow's base N(0, T² I); 0 gives the modes")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the draws: the same seed, the same samples")
 @click.option("--format", "file_format", type=click.Choice(["png", "npy", "csv"]), help="png: a grid of images; npy: the samples [n, *data_shape]; csv: a table's rows under its column names. A table's samples are in the units of its file  [default: png for images, csv for tables, or the suffix of --out]")
 @click.option("--out", "-o", type=GivenPath(dir_okay=False), help="file to write [default: RUN/images/samples-T<temperature>.png, or RUN/samples-T<temperature>.npy/.csv; samples-<sampler>-T<temperature> for a fitted sampler; with --label K, ending -label<K>]")
 @click.option("--label", type=click.IntRange(min=0), metavar="K", help="a conditional model (--conditional): draw every sample of class K, from p(x|z, y = K) [default: each sample's class drawn uniformly]")
-@_device_option
+@device_option
 def sample(run, n, sampler, temperature, seed, file_format, out, label, device):
     """Draw samples: a PNG grid of the decoder means, or the samples as a .npy or .csv file.
 
@@ -449,21 +273,11 @@ def sample(run, n, sampler, temperature, seed, file_format, out, label, device):
         click.echo(f"written: {write_samples(opened, samples, path)}")
 
 
-class SamplerCommand(Command):
-    """A command that takes every fitted sampler's options as flags (read from their source: no torch)."""
-
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        options = [option for name in SAMPLERS.names() for option in SAMPLERS.options(name)]
-        params = [*self.params, *map(_click_option, options)]
-        help_option = self.get_help_option(ctx)
-        return params if help_option is None else [*params, help_option]
-
-
 @cli.command(name="fit-sampler", cls=SamplerCommand, context_settings=CONTEXT)
-@_run_argument
+@run_argument
 @click.option("--sampler", type=click.Choice(SAMPLERS.names()), required=True, help="the sampler to fit: gmm (a Gaussian mixture) or flow (a normalising flow)")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the fit (initial values, the held-out codes)")
-@_device_option
+@device_option
 def fit_sampler_command(run, sampler, seed, device, **flags):
     """Fit a sampler to the posterior means of the training split and keep it in RUN/samplers/.
 
@@ -495,13 +309,13 @@ def fit_sampler_command(run, sampler, seed, device, **flags):
 
 
 @cli.command(context_settings=CONTEXT)
-@_run_argument
+@run_argument
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="file to write: .npy (a structured array: mean, sigma, label), .csv, or .parquet (needs pyarrow)")
 @click.option("--data", type=click.Path(exists=True), metavar="FILE|FOLDER", help="a data file or image folder of the run's kind, every example of it [default: the run's --split]")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), metavar="FILE", help="labels of --data FILE, one per example")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True, help="the run's split to encode where --data is not given")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True, help="examples per batch")
-@_device_option
+@device_option
 def encode(run, out, data, labels, split, batch_size, device):
     """Write the codes of a data set: the posterior mean and σ of each example, and its label where there are labels.
 
@@ -525,7 +339,7 @@ def encode(run, out, data, labels, split, batch_size, device):
 
 
 @cli.command(name="export", context_settings=CONTEXT)
-@_run_argument
+@run_argument
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="folder to write [default: RUN/export]")
 @click.option("--no-onnx", is_flag=True, help="write the torch.export programs only")
 def export_command(run, out, no_onnx):
@@ -553,10 +367,10 @@ def export_command(run, out, no_onnx):
 
 
 @cli.command(context_settings=CONTEXT, memory=("n",))
-@_run_argument
+@run_argument
 @click.option("-n", "n", type=PICTURES, default=10, show_default=True, help="test images (one per class where labels exist); for a table, its first n test rows")
 @click.option("--out", "-o", type=GivenPath(dir_okay=False), help="PNG to write [default: RUN/images/reconstructions.png]; for a table, a .csv or .npy file of the test rows and their reconstructions in the file's units [default: RUN/reconstructions.csv]")
-@_device_option
+@device_option
 def reconstruct(run, n, out, device):
     """Write test images (top row) above their reconstructions (bottom row); for a table, the test rows and
     their reconstructions in the units of its file.
@@ -600,11 +414,11 @@ def _require_images(model, command: str) -> None:
 
 
 @cli.command(context_settings=CONTEXT, memory=("pairs", "steps"))
-@_run_argument
+@run_argument
 @click.option("--pairs", type=PICTURES, default=4, show_default=True, help="pairs of test images (of different classes where labels exist)")
 @click.option("--steps", type=PATH_POINTS, default=10, show_default=True, help="points on each path, ends included")
 @click.option("--out", "-o", type=GivenPath(dir_okay=False), help="PNG to write [default: RUN/images/interpolations.png]")
-@_device_option
+@device_option
 def interpolate(run, pairs, steps, out, device):
     """Decode linear and spherical paths between the posterior means of test image pairs.
 
@@ -642,14 +456,14 @@ def interpolate(run, pairs, steps, out, device):
 
 
 @cli.command(context_settings=CONTEXT, memory=("grid_size", "pairs", "top_dims"))
-@_run_argument
-@click.option("--grid-range", type=click.FloatRange(min=0, min_open=True), metavar="R", callback=_finite, help="half-width of the latent grid in latent units [default: 2 for coords, 2 standard deviations of the projected posterior means for pca]")
+@run_argument
+@click.option("--grid-range", type=click.FloatRange(min=0, min_open=True), metavar="R", callback=finite, help="half-width of the latent grid in latent units [default: 2 for coords, 2 standard deviations of the projected posterior means for pca]")
 @click.option("--directions", type=click.Choice(["auto", "coords", "pca"]), default="auto", show_default=True, help="plane of the latent grid and scatter plot: z1,z2 (coords), the first two principal components of the posterior means (pca), or coords for a 2-D latent space or a single test example and pca otherwise (auto)")
 @click.option("-n", "grid_size", type=SIDE, default=15, show_default=True, help="latent grid points per side")
 @click.option("--pairs", type=PICTURES, default=4, show_default=True, help="interpolated pairs of test images")
 @click.option("--top-dims", type=PICTURES, default=10, show_default=True, help="latent dimensions traversed (largest KL first)")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of every random draw of the figures (prior samples, the images shown)")
-@_device_option
+@device_option
 def explore(run, grid_range, directions, grid_size, pairs, top_dims, seed, device):
     """Write every figure of a run into RUN/images/ and print their paths.
 
@@ -678,10 +492,10 @@ def explore(run, grid_range, directions, grid_size, pairs, top_dims, seed, devic
 
 
 @cli.command(context_settings=CONTEXT, memory=("iw_samples",))
-@_run_argument
+@run_argument
 @click.option("--iw-samples", "-k", type=IW_SAMPLE_COUNT, default=IW_SAMPLES, show_default=True, help="importance samples for the evaluation, if the run has no eval.json of its weights yet")
 @click.option("--out", "-o", type=GivenPath(dir_okay=False), help="HTML file to write [default: RUN/report.html]")
-@_device_option
+@device_option
 def report(run, iw_samples, out, device):
     """Write RUN/report.html: configuration, evaluation, curves and every figure, in one file.
 
@@ -703,10 +517,10 @@ def report(run, iw_samples, out, device):
 
 
 @cli.command(context_settings=CONTEXT)
-@_run_argument
+@run_argument
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="TCP port to listen on; 0: a free one, printed with the address")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on; 127.0.0.1 keeps the explorer on this machine")
-@_device_option
+@device_option
 def serve(run, port, host, device):
     """Explore RUN's latent space in the browser, until Ctrl-C.
 

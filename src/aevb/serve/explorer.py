@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from aevb.analysis.evaluation import ACTIVE_UNIT_THRESHOLD, posterior_statistics
+from aevb.analysis.posteriors import ACTIVE_UNIT_THRESHOLD, posterior_statistics
 from aevb.analysis.figures import image_grid, latent_directions, lerp, slerp
 from aevb.errors import UserError
 from aevb.model.base import Model
