@@ -25,7 +25,7 @@ _LAZY = {
     "Model": "aevb.model.base",
     "LossOutput": "aevb.model.base",
     "build_model": "aevb.model.base",
-    "load": "aevb.model.base",
+    "load": "aevb.model.saved",
     "elbo": "aevb.model.objectives",
     "iwae_bound": "aevb.model.objectives",
     "log_likelihood": "aevb.model.objectives",

@@ -23,7 +23,8 @@ import torch
 from aevb.config import RunConfig
 from aevb.data.datasets import Dataset
 from aevb.errors import UserError
-from aevb.model.base import Model, exported_step, load
+from aevb.model.base import Model
+from aevb.model.saved import exported_step, load
 from aevb.run.checkpoints import checkpoint_model, checkpoint_step
 from aevb.run.data import check_data_shape, held_out, load_dataset
 from aevb.run.device import resolve_device
