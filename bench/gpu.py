@@ -73,7 +73,7 @@ def _sync(device: torch.device) -> None:
 def aevb_variant(device: torch.device, args, **options) -> tuple[Callable[[int], None], Callable[[], float], dict]:
     mode = options.pop("compile_mode", None)
     steps = TrainerSteps(bench_config("mlp", args.batch_size, device=device.type, **options), device)
-    if mode is not None:  # the trainer's _CompiledLoss, compiled in another mode
+    if mode is not None:  # the trainer's CompiledLoss, compiled in another mode
         steps.trainer.loss_of.compiled = torch.compile(steps.model.loss, mode=mode)
     info = {"multiplies": "fp32" if steps.step_dtype is None else "bf16", "loss": steps.loss_name,
             "data": Path(steps.data.dataset.name).name, "data_shape": list(steps.data.dataset.data_shape),

@@ -28,7 +28,8 @@ from aevb.run.checkpoints import Position
 from aevb.training import distributed
 from aevb.training.data import TrainingData
 from aevb.training.distributed import Workers
-from aevb.training.loop import Trainer, _make_loss, _make_optimizer, _step_precision
+from aevb.training.accelerations import make_loss, make_optimizer, step_precision
+from aevb.training.loop import Trainer
 from aevb.training.metrics import NoLog
 from aevb.training.validation import mean_elbo_terms
 
@@ -54,11 +55,11 @@ class TrainerSteps:
         model = build_model(config.model, **model_kwargs).to(device)
         if config.output_bias == "data-mean":
             model.init_output_bias(data.mean_example())
-        optimizer = _make_optimizer(model, config, device)
-        # which loss the trainer took (its choice, _make_loss), said in the benches' tables
+        optimizer = make_optimizer(model, config, device)
+        # which loss the trainer took (its choice, make_loss), said in the benches' tables
         self.loss_name = "compiled" if config.compile else "fused" if fused.plan(model) is not None else "model.loss"
-        self.loss_of = distributed.data_parallel(model, _make_loss(model, config, device), device, workers)
-        step_dtype = distributed.from_rank0(workers, _step_precision(config, device, None))
+        self.loss_of = distributed.data_parallel(model, make_loss(model, config, device), device, workers)
+        step_dtype = distributed.from_rank0(workers, step_precision(config, device, None))
         self.trainer = Trainer(config=config, run_dir=Path("/nonexistent"), model=model, optimizer=optimizer,
                                loss_of=self.loss_of, data=data, position=Position(),
                                shuffle=torch.Generator().manual_seed(config.seed), step_dtype=step_dtype,

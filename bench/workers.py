@@ -128,7 +128,7 @@ def aevb_train(arch: str = "mlp", max_epochs: int = 10, min_epochs: int = 10, ta
                          **recipe)
     batch_size = config.batch_size
     state = {"t0": None, "eval_s": 0.0, "epochs": []}
-    make_optimizer, mean_elbo_terms = T._make_optimizer, T.mean_elbo_terms
+    make_optimizer, mean_elbo_terms = T.make_optimizer, T.mean_elbo_terms
 
     def timed_optimizer(*args, **kwargs):
         optimizer = make_optimizer(*args, **kwargs)
@@ -150,14 +150,14 @@ def aevb_train(arch: str = "mlp", max_epochs: int = 10, min_epochs: int = 10, ta
         state["model"] = model
         return terms
 
-    T._make_optimizer, T.mean_elbo_terms = timed_optimizer, timed_eval
+    T.make_optimizer, T.mean_elbo_terms = timed_optimizer, timed_eval
     try:
         with applied(patches):
             T.train(config, force=True, progress=False)
     except _Stop:
         pass
     finally:
-        T._make_optimizer, T.mean_elbo_terms = make_optimizer, mean_elbo_terms
+        T.make_optimizer, T.mean_elbo_terms = make_optimizer, mean_elbo_terms
     if save_model:
         state["model"].save(save_model)
     records = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -286,9 +286,9 @@ class _AevbStep:
         self.next_batch = _batches(x_train.to(device), batch_size)
         # the loss aevb's trainer takes for this model (the fused one for the MLP VAE)
         from aevb.config import make_config
-        from aevb.training.loop import _make_loss
+        from aevb.training.accelerations import make_loss
 
-        self.loss_of = _make_loss(self.model, make_config(arch=arch), torch.device(device))
+        self.loss_of = make_loss(self.model, make_config(arch=arch), torch.device(device))
 
     def loss(self, x: torch.Tensor):
         from aevb.model.precision import matmul_dtype
@@ -525,7 +525,7 @@ def ab_loop(epochs: int = 3, rounds: int = 3, device: str = "cpu") -> dict:
     from aevb.config import make_config
 
     tmp = Path(tempfile.mkdtemp(prefix="aevb-ab-"))
-    make_optimizer, mean_elbo_terms = T._make_optimizer, T.mean_elbo_terms
+    make_optimizer, mean_elbo_terms = T.make_optimizer, T.mean_elbo_terms
     state = {}
 
     def timed_optimizer(*args, **kwargs):
@@ -544,12 +544,12 @@ def ab_loop(epochs: int = 3, rounds: int = 3, device: str = "cpu") -> dict:
         config = make_config(data=str(MNIST_IMAGES), labels=str(MNIST_LABELS), test_split=N_TEST, val_split=0,
                              arch="mlp", epochs=epochs, device=device, out=str(tmp / name))
         state["eval_s"] = 0.0
-        T._make_optimizer, T.mean_elbo_terms = timed_optimizer, timed_eval
+        T.make_optimizer, T.mean_elbo_terms = timed_optimizer, timed_eval
         try:
             T.train(config, force=True, progress=False)
             return state["last"] / epochs
         finally:
-            T._make_optimizer, T.mean_elbo_terms = make_optimizer, mean_elbo_terms
+            T.make_optimizer, T.mean_elbo_terms = make_optimizer, mean_elbo_terms
 
     variants = {"library": [], "no-epoch-io": ["no-epoch-io"], "fast-loss": ["fast-loss"],
                 "fast-loss+no-epoch-io": ["fast-loss", "no-epoch-io"]}

@@ -233,13 +233,13 @@ def test_overrides_of_the_data_path_are_not_recognised():
 
 
 def test_the_trainer_takes_the_fused_loss_for_the_models_it_recognises_only():
-    """training.loop._make_loss is the one place an accelerated loss is chosen; its numbers are model.loss's."""
+    """training.accelerations.make_loss is the one place an accelerated loss is chosen; its numbers are model.loss's."""
     from aevb.config import make_config
-    from aevb.training.loop import _make_loss
+    from aevb.training.accelerations import make_loss
 
     cpu = torch.device("cpu")
     model, x = _vae(), _batch((1, 8, 8))
-    loss_of = _make_loss(model, make_config(arch="mlp"), cpu)
+    loss_of = make_loss(model, make_config(arch="mlp"), cpu)
     assert loss_of is not model.loss
     torch.manual_seed(1)
     fast = loss_of(x, 0.5)
@@ -247,4 +247,4 @@ def test_the_trainer_takes_the_fused_loss_for_the_models_it_recognises_only():
     reference = model.loss(x, 0.5)
     torch.testing.assert_close(fast.as_tensor(), reference.as_tensor().detach(), rtol=1e-5, atol=1e-5)
     other = _vae(likelihood="gaussian")
-    assert _make_loss(other, make_config(arch="mlp", likelihood="gaussian"), cpu) == other.loss
+    assert make_loss(other, make_config(arch="mlp", likelihood="gaussian"), cpu) == other.loss

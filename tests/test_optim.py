@@ -117,9 +117,9 @@ def test_zero_grad():
 
 def test_training_uses_it():
     from aevb.config import make_config
-    from aevb.training.loop import _make_optimizer
+    from aevb.training.accelerations import make_optimizer
 
-    opt = _make_optimizer(_model(), make_config(), torch.device("cpu"))
+    opt = make_optimizer(_model(), make_config(), torch.device("cpu"))
     assert isinstance(opt, optim.Adam) and opt.param_groups[0]["fused"]
 
 

@@ -318,14 +318,14 @@ def test_the_schedules_follow_their_shapes():
 
 def test_the_default_keeps_the_fused_adam_and_another_choice_says_it_leaves_it(tmp_path, capsys):
     from aevb.acceleration.optim import Adam
-    from aevb.training.loop import _make_optimizer
+    from aevb.training.accelerations import make_optimizer
 
     model = aevb.VAE(data_shape=(4,), latent_dim=2, arch="mlp", likelihood="gaussian", hidden=[8])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert isinstance(_make_optimizer(model, make_config(weight_decay=0.1), torch.device("cpu")), Adam)
+        assert isinstance(make_optimizer(model, make_config(weight_decay=0.1), torch.device("cpu")), Adam)
     with pytest.warns(UserWarning, match="--optimizer adamw: torch's AdamW .* not the fused Adam"):
-        assert isinstance(_make_optimizer(model, make_config(optimizer="adamw"), torch.device("cpu")),
+        assert isinstance(make_optimizer(model, make_config(optimizer="adamw"), torch.device("cpu")),
                           torch.optim.AdamW)
     assert aevb_cli("train", "--out", tmp_path / "run", *QUICK_RUN, "--val-split", 0, "--lr-schedule", "plateau") == 2
     assert "plateau watches the validation ELBO" in capsys.readouterr().err

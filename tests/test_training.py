@@ -274,7 +274,7 @@ def test_resume_on_changed_data_names_the_data(tmp_path, changed):
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(one_epoch, two_epochs, tmp_path,
                                                                       monkeypatch, capsys):
-    real_make_loss = aevb.training.loop._make_loss
+    real_make_loss = aevb.training.loop.make_loss
     calls = {"n": 0}
 
     def poisoned_make_loss(model, config, device):  # the trainer's loss, NaN from optimiser step 19 on
@@ -290,7 +290,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(one_epoch, 
 
         return poisoned
 
-    monkeypatch.setattr(aevb.training.loop, "_make_loss", poisoned_make_loss)
+    monkeypatch.setattr(aevb.training.loop, "make_loss", poisoned_make_loss)
     run = tmp_path / "run"
     capsys.readouterr()
     assert aevb_cli("train", "--out", run, *SMALL, "--epochs", 3, "--log-every", 4) == 2
@@ -308,7 +308,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(one_epoch, 
 
     assert [r["step"] for r in step_records(run)][-1] == 17  # logged after the checkpoint, before the NaN
 
-    monkeypatch.setattr(aevb.training.loop, "_make_loss", real_make_loss)  # the cause is fixed: the run continues from it
+    monkeypatch.setattr(aevb.training.loop, "make_loss", real_make_loss)  # the cause is fixed: the run continues from it
     assert aevb_cli("train", "--resume", run, "--epochs", 2, "-q") == 0
     assert_same_tensors(weights(two_epochs), weights(run))
     # the records after the checkpoint were dropped and written again

@@ -21,3 +21,9 @@ class NoLikelihoodError(UserError, NotImplementedError):
 
 class NonFiniteLossError(UserError):
     """Training produced a NaN or infinite loss."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type's name where it has none (for one-line messages)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -26,7 +26,7 @@ in the dtype its own ``forward`` would (bf16 under
 :func:`aevb.model.precision.matmul_dtype`), with the same casts, so values and
 gradients are those of ``model.loss`` to rounding (``tests/test_fused.py``).
 
-The trainer (:mod:`aevb.training.loop`, ``_make_loss``) asks :func:`plan` once
+The trainer (:mod:`aevb.training.accelerations`, ``make_loss``) asks :func:`plan` once
 per run and uses :func:`vae_loss` for the models it recognises: a
 :class:`~aevb.model.vae.VAE` whose data path is VAE's own, with aevb's MLP networks (Flatten, Linear and
 ReLU layers without hooks or a ``forward`` of their own), a Gaussian

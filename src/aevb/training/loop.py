@@ -20,7 +20,6 @@ the result does not depend on their number); rank 0 alone writes the run folder.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import shutil
 import time
@@ -33,15 +32,12 @@ from typing import Any, Callable
 
 import torch
 
-from aevb.acceleration import fused
-from aevb.acceleration import optim
-from aevb.acceleration.bf16 import resolve_precision
 from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
 from aevb.analysis.figures import reconstruction_grid, sample_grid
 from aevb.config import RunConfig, check_model_options
 from aevb.data.datasets import Dataset
 from aevb.data.memory import IN_MEMORY, memory_dataset, origin
-from aevb.errors import NonFiniteLossError, UserError
+from aevb.errors import NonFiniteLossError, UserError, first_line
 from aevb.io import atomic_write, write_json
 from aevb.model import noise
 from aevb.model.base import LossOutput, Model, build_model
@@ -54,6 +50,7 @@ from aevb.run.folder import BEST_CHECKPOINT, CHECKPOINT, RUN_PATHS, NewRun, with
 from aevb.run.owner import OwnedRun, own_run
 from aevb.run.restart import AUTO, continue_or_start
 from aevb.training import distributed
+from aevb.training.accelerations import make_loss, make_optimizer, step_precision
 from aevb.training.distributed import Workers
 from aevb.training.lr_schedules import LRSchedule, make_lr_schedule
 from aevb.training.data import TrainingData
@@ -156,7 +153,7 @@ def _train(config: RunConfig, given: Dataset | None, train: Any, test: Any, val:
         # the accelerations (aevb.acceleration) are chosen here and nowhere else: the multiplies' dtype (refused
         # before the data load where the device lacks it; rank 0's for all, as auto times a multiply and the
         # ranks must agree), the optimiser and the loss below
-        step_dtype = distributed.from_rank0(workers, _step_precision(config, device, trained))  # None: fp32
+        step_dtype = distributed.from_rank0(workers, step_precision(config, device, trained))  # None: fp32
         if workers.writes:
             check_loggers(config)
         torch.manual_seed(config.seed)
@@ -183,10 +180,10 @@ def _train(config: RunConfig, given: Dataset | None, train: Any, test: Any, val:
         model = build_model(config.model, **model_kwargs).to(device)
         if resume is None and config.output_bias == "data-mean":
             model.init_output_bias(data.mean_example())
-        optimizer = _make_optimizer(model, config, device)
+        optimizer = make_optimizer(model, config, device)
         total_steps = config.steps or config.epochs * math.ceil(data.examples / config.batch_size)
         lr_schedule = make_lr_schedule(optimizer, config, total_steps, has_validation=data.eval_name == "val")
-        loss_of = distributed.data_parallel(model, _make_loss(model, config, device), device, workers)
+        loss_of = distributed.data_parallel(model, make_loss(model, config, device), device, workers)
         if resume is not None:
             position = distributed.agree(workers, lambda: restore(run_dir / CHECKPOINT, model, optimizer, shuffle,
                                                                   config, data.examples, lr_schedule, workers.rank,
@@ -226,30 +223,6 @@ def _train(config: RunConfig, given: Dataset | None, train: Any, test: Any, val:
     return model, run_dir
 
 
-def _step_precision(config: RunConfig, device: torch.device, trained: dict | None) -> torch.dtype | None:
-    """The multiplies' dtype of the training step: bf16 where it pays (``--precision auto``), None for fp32.
-
-    A resumed run takes what ``auto`` resolved to when it was trained on that
-    kind of device (recorded in its checkpoint), rather than measuring again
-    and perhaps changing the arithmetic halfway; where the device now lacks
-    bf16 it says so and goes on in fp32.
-    """
-    recorded = (trained or {}).get("precision")
-    if config.precision != "auto" or recorded is None or recorded["device"] != device.type:
-        return resolve_precision(config.precision, device)
-    try:
-        return resolve_precision(recorded["multiplies"], device)
-    except UserError:
-        warnings.warn(f"the run trained with {recorded['multiplies']} multiplies (--precision auto), which this "
-                      f"{device.type} device lacks: it goes on with fp32 multiplies", PrecisionChangedWarning,
-                      stacklevel=3)
-        return None
-
-
-class PrecisionChangedWarning(UserWarning):
-    """A resumed run goes on with other multiplies than it was trained with."""
-
-
 class ContinuedRunWarning(UserWarning):
     """``--resume auto`` found a checkpoint: the run goes on from it (or is finished)."""
 
@@ -278,7 +251,7 @@ class Trainer:
     run_dir: Path
     model: Model
     optimizer: torch.optim.Optimizer
-    loss_of: Callable[[torch.Tensor, float], LossOutput]  # _make_loss: model.loss, the fused loss or a compiled one
+    loss_of: Callable[[torch.Tensor, float], LossOutput]  # make_loss: model.loss, the fused loss or a compiled one
     data: TrainingData
     position: Position  # where the run is: step, epoch, batch in the epoch's order
     shuffle: torch.Generator  # draws each epoch's order
@@ -359,7 +332,7 @@ class Trainer:
             # since the last record (flush_log raises), or else the weights.
             self.flush_log()
             if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-                raise NonFiniteLossError(f"non-finite weights after step {self.position.step} ({_first_line(error)}); "
+                raise NonFiniteLossError(f"non-finite weights after step {self.position.step} ({first_line(error)}); "
                                          f"stopped, {self._kept_message()}. {NONFINITE_ADVICE}") from None
             raise
         finally:
@@ -547,79 +520,3 @@ class Trainer:
             if self.data.holdout is not None:
                 reconstruction_grid(self.model, self.data.holdout, self.run_dir / "images" / "reconstructions.png",
                                     label=self.data.holdout_labels)
-
-
-def _make_optimizer(model: Model, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    """The optimiser of --optimizer: for adam, the fused Adam of aevb.acceleration.optim (the fast path)."""
-    betas, decay = tuple(config.adam_betas), config.weight_decay
-    if config.optimizer == "adam":
-        # fused Adam is one kernel per step instead of several per parameter
-        try:
-            return optim.Adam(model.parameters(), lr=config.lr, betas=betas, weight_decay=decay)
-        except (RuntimeError, TypeError):
-            return torch.optim.Adam(model.parameters(), foreach=True, lr=config.lr, betas=betas, weight_decay=decay)
-    warnings.warn(f"--optimizer {config.optimizer}: torch's {OPTIMIZER_CLASSES[config.optimizer].__name__} "
-                  f"(foreach), not the fused Adam of the default (--optimizer adam), which steps faster", stacklevel=2)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=betas, weight_decay=decay, foreach=True)
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=decay, foreach=True)
-
-
-OPTIMIZER_CLASSES = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}  # the choices off the fused path
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of an error's message, or its type's name where it has none."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def _make_loss(model: Model, config: RunConfig, device: torch.device):
-    """``loss_of(x, beta, label=None)``: what each step minimises, the one place where training picks an
-    accelerated loss.  ``label``: the batch's labels [B] for a conditional model, else None.
-
-    ``model.loss(x, beta=beta, label=label)`` is the reference.  For a model that
-    :func:`aevb.acceleration.fused.plan` recognises (the MLP VAE with a
-    Bernoulli likelihood), the fused loss: the same loss and gradients to
-    rounding (``tests/test_fused.py``) in one autograd node.  With
-    ``--compile``, ``model.loss`` through ``torch.compile`` instead, which
-    fuses it itself.
-    """
-    if config.compile:
-        return _CompiledLoss(model, config.batch_size, device)
-    plan = fused.plan(model)
-    if plan is not None:
-        return lambda x, beta, label=None: fused.vae_loss(model, x, beta, plan)  # the plan's models take no label
-    return model.loss  # loss(x, beta, label): every model's
-
-
-class _CompiledLoss:
-    """``model.loss`` through ``torch.compile``, called as ``loss_of(x, beta, label)``.
-
-    The compiled function takes β as a tensor (a float would be compiled
-    into the graph, and a β schedule would recompile it every step) and
-    full batches only: the last, smaller batch of an epoch runs eagerly, which
-    costs less than compiling a second graph for its shape.  So does the
-    first step, which fills the model's caches (the prior's distribution);
-    traced, it would leave guards on them that the second step fails.  A
-    failure to compile is the user's to fix (a missing C++ compiler): one message.
-    """
-
-    def __init__(self, model: Model, batch_size: int, device: torch.device):
-        if device.type == "cpu":  # inductor's C++ build warns that this CPU machine has no CUDA
-            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        self.model, self.batch_size = model, batch_size
-        self.compiled = torch.compile(model.loss)
-        self.warm = False
-
-    def __call__(self, x: torch.Tensor, beta: float, label: torch.Tensor | None = None) -> LossOutput:
-        if not self.warm or x.shape[0] != self.batch_size:  # the first step fills the caches
-            self.warm = True
-            return self.model.loss(x, beta=beta, label=label)
-        try:
-            # a CPU scalar, which a CUDA graph reads as a number: one on the GPU would be a copy to it each step
-            return self.compiled(x, beta=torch.tensor(beta, dtype=torch.float32), label=label)
-        except torch._dynamo.exc.TorchDynamoException as e:
-            cause = getattr(e, "inner_exception", None) or e  # the backend's own error
-            raise UserError(f"--compile: torch.compile failed ({type(cause).__name__}: {_first_line(cause)}); "
-                            f"train without --compile") from None
