@@ -196,7 +196,8 @@ class SamplerCommand(Command):
     """A command that takes every fitted sampler's options as flags (read from their source: no torch)."""
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        options = [option for name in SAMPLERS.names() for option in SAMPLERS.options(name)]
-        params = [*self.params, *map(click_option, options)]
+        # an option two samplers share (the training's --epochs) is one flag
+        options = {option.name: option for name in SAMPLERS.names() for option in SAMPLERS.options(name)}
+        params = [*self.params, *map(click_option, options.values())]
         help_option = self.get_help_option(ctx)
         return params if help_option is None else [*params, help_option]

@@ -14,18 +14,12 @@ scales the base distribution; T = 0 gives the one code f⁻¹(0).
 
 from __future__ import annotations
 
-import copy
-import math
-
 import torch
 
 from aevb.errors import UserError
 from aevb.options import Option
 from aevb.registry import SAMPLERS
-from aevb.sampling.samplers import Sampler, noise_device
-
-BATCH = 256  # codes per step
-LEARNING_RATE = 1e-3
+from aevb.sampling.samplers import FIT_EPOCHS, HELD_OUT, PATIENCE, Sampler, fit_by_gradient, noise_device
 
 
 def build_flow(features: int, transforms: int, hidden_units: list[int], seed: int = 0) -> torch.nn.Module:
@@ -46,11 +40,9 @@ class FlowSampler(Sampler):
         Option("transforms", 3, "flow: autoregressive spline transforms", low=1, high=32, metavar="N"),
         Option("hidden_units", [64, 64], "flow: hidden units of each transform's network, comma-separated",
                kind="list[int]", low=1, high=4096, metavar="N,N"),
-        Option("epochs", 200, "flow: the most passes over the codes", low=1, high=100000, metavar="N"),
-        Option("validation", 0.1, "flow: the fraction of the codes held out to stop the training", above=0, below=1,
-               metavar="FRACTION"),
-        Option("patience", 20, "flow: epochs without a better held-out log-likelihood before the training stops",
-               low=1, high=100000, metavar="N"),
+        FIT_EPOCHS,
+        HELD_OUT,
+        PATIENCE,
     )
 
     def __init__(self, flow: torch.nn.Module, loc: torch.Tensor, scale: torch.Tensor, description: dict):
@@ -85,29 +77,13 @@ class FlowSampler(Sampler):
         loc, scale = train.mean(0), train.std(0).clamp_min(1e-6)  # a dimension that never varies: kept finite
         train, held_out = (train - loc) / scale, (held_out - loc) / scale
         flow = build_flow(codes.shape[1], transforms, list(hidden_units), seed)
-        optimizer = torch.optim.Adam(flow.parameters(), lr=LEARNING_RATE)
-        best, best_state, best_epoch, history = -math.inf, copy.deepcopy(flow.state_dict()), 0, []
-        for epoch in range(1, epochs + 1):
-            flow.train()
-            for batch in torch.randperm(len(train), generator=generator).split(BATCH):
-                loss = -flow().log_prob(train[batch]).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            flow.eval()
-            with torch.no_grad():
-                score = flow().log_prob(held_out).mean().item()  # standardised codes' nats per example
-            history.append(score)
-            if score > best:
-                best, best_state, best_epoch = score, copy.deepcopy(flow.state_dict()), epoch
-            elif epoch - best_epoch >= patience:
-                break
-        flow.load_state_dict(best_state)
+        found = fit_by_gradient(flow, lambda batch: -flow().log_prob(batch).mean(), train, held_out, generator,
+                                epochs=epochs, patience=patience)  # standardised codes' nats per example
         description = {"transforms": transforms, "hidden_units": list(hidden_units), "epochs": epochs,
                        "validation": validation, "patience": patience, "features": int(codes.shape[1]),
-                       "epochs_run": len(history), "best_epoch": best_epoch, "held_out_codes": held,
+                       "epochs_run": found["epochs_run"], "best_epoch": found["best_epoch"], "held_out_codes": held,
                        # in the codes' own units: the standardisation's Jacobian added back
-                       "held_out_log_likelihood": best - scale.log().sum().item()}
+                       "held_out_log_likelihood": -found["held_out_nll"] - scale.log().sum().item()}
         return cls(flow, loc, scale, description)
 
     def state(self):

@@ -16,7 +16,9 @@ The normalising flow is in :mod:`aevb.sampling.flow`.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import copy
+import math
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch.distributions import Categorical, Distribution, MixtureSameFamily, MultivariateNormal
@@ -60,6 +62,46 @@ class Sampler:
     def restore(cls, tensors: dict[str, torch.Tensor], description: dict[str, Any]) -> Sampler:
         """The sampler :meth:`state` described; KeyError, ValueError or RuntimeError where they do not fit."""
         raise NotImplementedError
+
+
+# the options of a sampler that learns its density by gradient, one flag each however many share them
+FIT_EPOCHS = Option("epochs", 200, "flow: the most passes over the codes", low=1, high=100000,
+                    metavar="N")
+HELD_OUT = Option("validation", 0.1, "flow: the fraction of the codes held out to stop the training",
+                  above=0, below=1, metavar="FRACTION")
+PATIENCE = Option("patience", 20, "flow: epochs without a better held-out log-likelihood before the "
+                  "training stops", low=1, high=100000, metavar="N")
+BATCH = 256  # codes per step
+LEARNING_RATE = 1e-3
+
+
+def fit_by_gradient(net: torch.nn.Module, nll: Callable[[torch.Tensor], torch.Tensor], train: torch.Tensor,
+                    held_out: torch.Tensor, generator: torch.Generator, *, epochs: int, patience: int,
+                    ) -> dict[str, Any]:
+    """Train ``net`` by Adam on ``nll(codes)``, the mean negative log-likelihood of a batch of codes, over
+    ``train`` [N, ...] in batches drawn by ``generator``; stop once the nll of ``held_out`` has not improved for
+    ``patience`` epochs and keep the best epoch's weights.  Returns what the training found: the epochs run,
+    the best epoch and its held-out nll."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
+    best, best_state, best_epoch, epochs_run = math.inf, copy.deepcopy(net.state_dict()), 0, 0
+    for epoch in range(1, epochs + 1):
+        net.train()
+        for batch in torch.randperm(len(train), generator=generator).split(BATCH):
+            loss = nll(train[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        net.eval()
+        with torch.no_grad():
+            score = nll(held_out).item()
+        epochs_run = epoch
+        if score < best:
+            best, best_state, best_epoch = score, copy.deepcopy(net.state_dict()), epoch
+        elif epoch - best_epoch >= patience:
+            break
+    net.load_state_dict(best_state)
+    net.eval()
+    return {"epochs_run": epochs_run, "best_epoch": best_epoch, "held_out_nll": best}
 
 
 def noise_device(generator: torch.Generator | None) -> torch.device:
