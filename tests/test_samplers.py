@@ -75,6 +75,14 @@ def test_a_flow_fitted_to_a_known_2d_density_reaches_its_log_likelihood():
     assert abs(residual.mean().item()) < 0.1 and residual.std().item() == pytest.approx(0.5, rel=0.2)
 
 
+def test_a_flow_fits_where_it_is_fitted_on_first_use_inside_no_grad():
+    # aevb sample --sampler flow fits inside the sampling's torch.no_grad: the fit turns gradients back on
+    codes = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fitted = FlowSampler.fit(codes, seed=0, **FAST_FLOW)
+    assert fitted.description["epochs_run"] >= 1 and math.isfinite(fitted.description["held_out_log_likelihood"])
+
+
 def test_temperature_zero_gives_the_modes():
     torch.manual_seed(0)
     codes = _known_mixture().sample((600,))

@@ -87,9 +87,10 @@ def fit_by_gradient(net: torch.nn.Module, nll: Callable[[torch.Tensor], torch.Te
     for epoch in range(1, epochs + 1):
         net.train()
         for batch in torch.randperm(len(train), generator=generator).split(BATCH):
-            loss = nll(train[batch])
-            optimizer.zero_grad()
-            loss.backward()
+            with torch.enable_grad():  # also where a fit on first use runs inside sampling's no_grad
+                loss = nll(train[batch])
+                optimizer.zero_grad()
+                loss.backward()
             optimizer.step()
         net.eval()
         with torch.no_grad():
