@@ -127,3 +127,13 @@ def test_rae_gradient_penalty_estimates_the_jacobians_frobenius_norm():
     exact = torch.stack([j.square().sum() for j in jacobians]).mean()
     estimates = torch.stack([model.decoder_penalty(code).detach() for _ in range(2000)])
     assert estimates.mean().item() == pytest.approx(exact.item(), rel=0.05)  # unbiased (Hutchinson)
+
+
+def test_rae_samples_through_its_ex_post_density_by_default(tmp_path, capsys):
+    run = tmp_path / "rae"
+    assert aevb_cli("train", "--model", "rae", "--latent-dim", "3", "--hidden", "32", "--epochs", "1",
+                    "--val-split", "0", "-q", "--out", run) == 0
+    capsys.readouterr()
+    assert aevb_cli("sample", run, "-n", 4) == 0  # no --sampler: the Gaussian mixture, fitted now
+    said = capsys.readouterr().out
+    assert "fitting the gmm sampler" in said and (run / "images" / "samples-gmm-T1.png").is_file()

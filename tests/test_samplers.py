@@ -202,7 +202,7 @@ def test_misuse_gets_one_clear_message(ae_run, capsys):
     assert aevb_cli("sample", ae_run) == 2  # the default sampler is the prior, which an autoencoder lacks
     assert "no prior to sample" in (err := capsys.readouterr().err) and "--sampler gmm" in err
     assert aevb_cli("sample", ae_run, "--sampler", "made-up") == 2
-    assert "'made-up' is not one of 'prior', 'gmm', 'flow'" in capsys.readouterr().err
+    assert "'made-up' is not one of 'prior', 'gmm', 'flow', 'autoregressive'" in capsys.readouterr().err
     assert aevb_cli("fit-sampler", ae_run, "--sampler", "prior") == 2
     assert "is the model's own and is not fitted" in capsys.readouterr().err
     assert aevb_cli("fit-sampler", ae_run, "--sampler", "gmm", "--transforms", 2) == 2

@@ -320,4 +320,5 @@ DATASETS = Registry("data set", ("aevb.data.named", "aevb.data.shapes"), "DATASE
 SCHEDULES = Registry("beta schedule", "aevb.training.schedules", "SCHEDULES")
 PRIORS = Registry("prior", "aevb.model.priors", "PRIORS")
 FIGURES = Registry("figure", "aevb.analysis.gallery", "FIGURES")  # by file name in RUN/images/, in report order
-SAMPLERS = Registry("sampler", ("aevb.sampling.samplers", "aevb.sampling.flow"), "SAMPLERS")  # of codes z, for sample
+SAMPLERS = Registry("sampler", ("aevb.sampling.samplers", "aevb.sampling.flow", "aevb.sampling.autoregressive"),
+                    "SAMPLERS")  # of codes z, for sample

@@ -262,6 +262,16 @@ def _flow_samples(context: FigureContext, path: Path) -> None:
     _fitted_samples(context, path, "flow")
 
 
+@FIGURES.register("samples-autoregressive.png")
+@figure("Samples from an autoregressive prior fitted to the codes",
+        "Means of p(x|z) for codes drawn index by index from the transformer fitted after training to the codes of "
+        "the training split (aevb fit-sampler --sampler autoregressive; a VQ-VAE's way to sample).",
+        needs=(IMAGES, *fitted_sampler_needs("autoregressive")), pixelated=True,
+        inputs=("samplers/autoregressive.json",))
+def _autoregressive_samples(context: FigureContext, path: Path) -> None:
+    _fitted_samples(context, path, "autoregressive")
+
+
 @FIGURES.register("interpolations.png")
 @figure("Interpolations",
         "Decoder means along linear and spherical (slerp) paths between the posterior means of pairs of "

@@ -189,8 +189,9 @@ def model_draws(model, run_dir: str | Path | None = None) -> dict[str, Draw]:
 def quality_unavailable(model, dataset, features_path: str | None, run_dir: str | Path | None = None) -> str | None:
     """Why the sample quality of this run cannot be measured (None where it can)."""
     if not model_draws(model, run_dir):
+        fit = "autoregressive" if model.codebook() is not None else "gmm"
         return (f"an autoencoder ({model.name}) has no prior to sample from; fit a sampler to its codes "
-                f"(aevb fit-sampler RUN --sampler gmm) and evaluate again")
+                f"(aevb fit-sampler RUN --sampler {fit}) and evaluate again")
     if not isinstance(dataset.train, torch.Tensor) or not isinstance(dataset.test, torch.Tensor):
         return "the training images are streamed from disk, and the floor needs them in memory"
     if features_path is None and (dataset.train_labels is None or dataset.test_labels is None):

@@ -199,7 +199,7 @@ def _show_evaluation(run: str, metrics: dict, iw_samples: int) -> None:
 @cli.command(context_settings=CONTEXT, memory=("n",))
 @run_argument
 @click.option("-n", "n", type=PICTURES, default=64, show_default=True, help="number of samples")
-@click.option("--sampler", type=click.Choice(SAMPLERS.names()), default="prior", show_default=True, help="where the codes z come from: the model's prior, or a density fitted to the posterior means of the training split (gmm: a Gaussian mixture; flow: a normalising flow), fitted and saved in RUN/samplers/ on first use; 'aevb fit-sampler' fits one with other options")
+@click.option("--sampler", type=click.Choice(SAMPLERS.names()), help="where the codes z come from: the model's prior, or a density fitted to the posterior means of the training split (gmm: a Gaussian mixture; flow: a normalising flow; autoregressive: a transformer over a VQ-VAE's code indices), fitted and saved in RUN/samplers/ on first use; 'aevb fit-sampler' fits one with other options  [default: the model's: prior; autoregressive for vq-vae, gmm for rae]")
 @click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, callback=finite, help="the sampler's spread: z ~ N(0, T² I) from the standard prior, each component's covariance T²Σ for gmm, the flow's base N(0, T² I); 0 gives the modes")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the draws: the same seed, the same samples")
 @click.option("--format", "file_format", type=click.Choice(["png", "npy", "csv"]), help="png: a grid of images; npy: the samples [n, *data_shape]; csv: a table's rows under its column names. A table's samples are in the units of its file  [default: png for images, csv for tables, or the suffix of --out]")
@@ -223,6 +223,7 @@ def sample(run, n, sampler, temperature, seed, file_format, out, label, device):
       aevb sample runs/vae-digits -n 64
       aevb sample runs/mnist --temperature 0.7 -o samples.png
       aevb sample runs/ae-digits --sampler gmm             # fitted on first use, kept in RUN/samplers/
+      aevb sample runs/vq-digits                           # a VQ-VAE: its autoregressive code prior
       aevb sample runs/mnist -n 1000 --format npy          # [1000, 1, 28, 28]
       aevb sample runs/table -n 500 -o synthetic.csv       # rows in the CSV's units, under its header
       aevb sample runs/cvae-digits --label 3               # a conditional model: 64 threes
@@ -236,6 +237,7 @@ def sample(run, n, sampler, temperature, seed, file_format, out, label, device):
     opened = open_run(run, device)
     model = opened.model
     click.echo(f"model: {opened.provenance}")
+    sampler = sampler or model.default_sampler
     if label is not None and not model.conditional:
         raise UserError(f"--label draws samples of one class from a conditional model, and the model of {run} is not "
                         f"one; drop --label, or train with --conditional")
@@ -275,7 +277,7 @@ def sample(run, n, sampler, temperature, seed, file_format, out, label, device):
 
 @cli.command(name="fit-sampler", cls=SamplerCommand, context_settings=CONTEXT)
 @run_argument
-@click.option("--sampler", type=click.Choice(SAMPLERS.names()), required=True, help="the sampler to fit: gmm (a Gaussian mixture) or flow (a normalising flow)")
+@click.option("--sampler", type=click.Choice(SAMPLERS.names()), required=True, help="the sampler to fit: gmm (a Gaussian mixture), flow (a normalising flow) or autoregressive (a transformer over a VQ-VAE's code indices)")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the fit (initial values, the held-out codes)")
 @device_option
 def fit_sampler_command(run, sampler, seed, device, **flags):
@@ -291,6 +293,7 @@ def fit_sampler_command(run, sampler, seed, device, **flags):
       aevb fit-sampler runs/mnist --sampler gmm                  # components chosen by BIC
       aevb fit-sampler runs/mnist --sampler gmm --components 10 --covariance diag
       aevb fit-sampler runs/ae-mnist --sampler flow --transforms 4 --hidden-units 128,128
+      aevb fit-sampler runs/vq-mnist --sampler autoregressive --layers 4 --width 256
     """
     from aevb.run.open import open_run
     from aevb.sampling.fitted import fit_sampler
@@ -301,7 +304,8 @@ def fit_sampler_command(run, sampler, seed, device, **flags):
     click.echo(f"model: {opened.provenance}")
     fitted, saved = fit_sampler(opened, sampler, given, seed=seed, echo=click.echo)
     for key, value in fitted.description.items():
-        if key in ("chosen_components", "held_out_log_likelihood", "epochs_run", "best_epoch"):
+        if key in ("chosen_components", "held_out_log_likelihood", "uniform_log_likelihood", "epochs_run",
+                   "best_epoch"):
             click.echo(f"{key.replace('_', ' ')}: {value:.4g}" if isinstance(value, float) else
                        f"{key.replace('_', ' ')}: {value}")
     if saved is not None:

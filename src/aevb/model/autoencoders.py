@@ -253,6 +253,7 @@ class RegularizedAE(AE):
     """
 
     name = "rae"
+    default_sampler = "gmm"  # its ex-post density: the codes were only kept near the origin, never fitted to a prior
     options = (RAE_CODE_WEIGHT, RAE_DECODER, RAE_DECODER_WEIGHT)
 
     def __init__(self, *args, rae_code_weight: float = RAE_CODE_WEIGHT.default, rae_decoder: str = RAE_DECODER.default,

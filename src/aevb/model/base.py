@@ -124,6 +124,9 @@ class Model(nn.Module):
     # the loss needs the number of training examples (β-TCVAE's estimator): the trainer passes dataset_size=
     needs_dataset_size: ClassVar[bool] = False
     takes_labels: ClassVar[bool] = False  # can be conditional: n_classes= (the label enters encoder and decoder)
+    # where ``aevb sample`` draws codes from unless told (a name in SAMPLERS): the prior the model was trained
+    # with, or a density fitted to its codes after training where that prior gives no useful samples
+    default_sampler: ClassVar[str] = "prior"
     # the model's own options: constructor arguments of the same names, and flags of aevb train; declared
     # as literal Option(...) calls (or constants of them) so that --help reads them without importing torch
     options: ClassVar[tuple[Option, ...]] = ()
@@ -463,6 +466,11 @@ class Model(nn.Module):
     def code_statistics(self, codes: torch.Tensor) -> dict[str, float]:
         """Model-specific numbers about the codes E_q[z|x] [N, D] of a test set (for ``evaluate``)."""
         return {}
+
+    def codebook(self) -> torch.Tensor | None:
+        """For a model whose code is discrete: the K vectors [K, C] that each of the code's G = D / C parts is
+        one of (a sampler of codes then models G indices); None for a continuous code."""
+        return None
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, label: Any = None) -> torch.Tensor:

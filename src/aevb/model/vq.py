@@ -17,7 +17,9 @@ unused (its average count below ``--dead-code-threshold``) restarts at an
 encoder output of the batch.  The posterior is a point mass at z_q: there is
 no density of x, and the training prior over codes is uniform (what
 :meth:`VQVAE.sample` draws); samples worth looking at come from an
-autoregressive prior over the G codes fitted after training.  The codebook's
+autoregressive prior over the G indices fitted after training, the
+``autoregressive`` sampler of :mod:`aevb.sampling.autoregressive` (what
+``aevb sample`` draws from by default).  The codebook's
 averages couple a batch's examples, so it trains on one process.
 """
 
@@ -109,6 +111,7 @@ class VQVAE(Model):
     name = "vq-vae"
     posterior_family = "point-mass"
     has_kl = False
+    default_sampler = "autoregressive"  # the uniform training prior's samples are noise
     batch_coupled: ClassVar[bool] = True
     options = (CODEBOOK_SIZE, CODE_DIM, COMMITMENT_WEIGHT, EMA_DECAY, DEAD_CODE_THRESHOLD)
 
@@ -181,6 +184,10 @@ class VQVAE(Model):
             return [fixed[1]]
         index = torch.randint(self.codebook_size, (n, self.code_length), generator=generator)
         return [self.quantizer.lookup(index.to(self.quantizer.codebook.device)).reshape(n, self.latent_dim)]
+
+    def codebook(self) -> torch.Tensor:
+        """The codebook e [K, C]."""
+        return self.quantizer.codebook
 
     def code_statistics(self, codes: torch.Tensor) -> dict[str, Any]:
         """Codebook usage over a test set's codes z_q [N, D]: the share of entries used and the perplexity."""

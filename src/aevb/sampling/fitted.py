@@ -111,7 +111,7 @@ def fit_sampler(run: Run, name: str, options: dict[str, Any] | None = None, *, s
     model, echo = run.model, echo or (lambda message: None)
     z = training_codes(run)
     echo(f"fitting the {name} sampler to the posterior means of {len(z)} training examples")
-    sampler = entry.fit(z, seed, **checked)
+    sampler = entry.fit_to(model, z, seed, **checked)
     try:
         return sampler, save_sampler(run.path, name, sampler, checked, seed=seed, codes=len(z), model=model,
                                      step=run.provenance.step)

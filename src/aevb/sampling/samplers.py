@@ -54,6 +54,12 @@ class Sampler:
         """The sampler fitted to codes [N, D] with its checked ``options``; deterministic for one seed."""
         raise NotImplementedError
 
+    @classmethod
+    def fit_to(cls, model: Model, codes: torch.Tensor, seed: int = 0, **options: Any) -> Sampler:
+        """The sampler fitted to ``model``'s codes [N, D] (what a run's fit calls): :meth:`fit` on the codes alone,
+        unless the sampler needs more of the model (the autoregressive one: its codebook)."""
+        return cls.fit(codes, seed, **options)
+
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors to save, a JSON-able description: the options and what the fit found)."""
         raise NotImplementedError
@@ -64,12 +70,12 @@ class Sampler:
         raise NotImplementedError
 
 
-# the options of a sampler that learns its density by gradient, one flag each however many share them
-FIT_EPOCHS = Option("epochs", 200, "flow: the most passes over the codes", low=1, high=100000,
+# the options of a sampler that learns its density by gradient (flow, autoregressive), one flag each
+FIT_EPOCHS = Option("epochs", 200, "flow, autoregressive: the most passes over the codes", low=1, high=100000,
                     metavar="N")
-HELD_OUT = Option("validation", 0.1, "flow: the fraction of the codes held out to stop the training",
+HELD_OUT = Option("validation", 0.1, "flow, autoregressive: the fraction of the codes held out to stop the training",
                   above=0, below=1, metavar="FRACTION")
-PATIENCE = Option("patience", 20, "flow: epochs without a better held-out log-likelihood before the "
+PATIENCE = Option("patience", 20, "flow, autoregressive: epochs without a better held-out log-likelihood before the "
                   "training stops", low=1, high=100000, metavar="N")
 BATCH = 256  # codes per step
 LEARNING_RATE = 1e-3
@@ -119,8 +125,10 @@ class PriorSampler(Sampler):
 
     def __init__(self, model: Model):
         if not model.has_kl:
-            raise UserError(f"the {model.name} model has no prior to sample (its codes were never fitted to N(0, I)); "
-                            f"sample it with a sampler fitted to its codes: --sampler gmm or --sampler flow")
+            fitted = ("--sampler autoregressive" if model.codebook() is not None else
+                      "--sampler gmm or --sampler flow")
+            raise UserError(f"the {model.name} model has no prior to sample (its codes were never fitted to one); "
+                            f"sample it with a sampler fitted to its codes: {fitted}")
         self.model = model
 
     def sample(self, n, generator=None, temperature=1.0):
