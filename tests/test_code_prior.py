@@ -154,3 +154,12 @@ def test_a_vq_vae_samples_from_its_code_prior_from_the_command_line(tmp_path, on
     assert "Samples from an autoregressive prior fitted to the codes" in (run / "report.html").read_text()
     assert aevb_cli("sample", run, "--sampler", "prior") == 2
     assert "--sampler autoregressive" in capsys.readouterr().err
+    # the explorer offers its draws, codes made of codebook entries
+    from aevb.run.open import open_run
+    from aevb.serve.explorer import Explorer
+
+    explorer = Explorer.from_run(open_run(run))
+    assert list(explorer.samplers) == ["autoregressive"]
+    z = torch.tensor(explorer.draw("autoregressive", 3, seed=1)["z"])  # [3, 8]
+    codebook = explorer.model.codebook()
+    assert torch.cdist(z.reshape(-1, 2), codebook).min(1).values.max() < 1e-5
