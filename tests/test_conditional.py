@@ -213,7 +213,7 @@ def test_the_conditional_run_end_to_end(digit_runs, capsys):
 
 
 def test_the_class_grid_holds_one_class_per_row_and_one_code_per_column(digit_runs, tmp_path):
-    from aevb.analysis.figures import class_grid
+    from aevb.analysis.grids import class_grid
 
     model = aevb.load(digit_runs["conditional"] / "model")
     images = class_grid(model, tmp_path / "grid.png", columns=4, seed=3)  # [10, 4, 1, 8, 8]

@@ -315,7 +315,7 @@ def test_explore_skips_image_figures_for_tabular_data(tmp_path, capsys):
 
 
 def test_a_figure_registered_at_run_time_is_drawn_and_reported(tmp_path, request):
-    from aevb.analysis.figures import save_grid
+    from aevb.analysis.grids import save_grid
     from aevb.analysis.gallery import IMAGES, Need, figure
     from aevb.analysis.report import explore_run, write_report
 

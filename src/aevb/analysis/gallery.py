@@ -18,9 +18,10 @@ are drawn::
     def _mean_image(context: FigureContext, path: Path) -> None:
         save_grid(context.x.mean(0, keepdim=True), path)
 
-The drawing itself lives in :mod:`aevb.analysis.figures` (pictures of the
-model's images and latent space) and :mod:`aevb.analysis.plots` (plots of
-numbers); the draw functions here only choose their arguments.
+The drawing itself lives in :mod:`aevb.analysis.grids` (grids of the
+model's images), :mod:`aevb.analysis.figures` (its latent space) and
+:mod:`aevb.analysis.plots` (plots of numbers); the draw functions here only
+choose their arguments.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from aevb.analysis import figures, plots
+from aevb.analysis import figures, grids, plots
 from aevb.data.transforms import holdout_indices
 from aevb.model.base import Model
 from aevb.registry import FIGURES
@@ -212,7 +213,7 @@ def _training_curves(context: FigureContext, path: Path) -> None:
         "at their posterior means (bottom row).",
         needs=(IMAGES,), pixelated=True)
 def _reconstructions(context: FigureContext, path: Path) -> None:
-    figures.reconstruction_grid(context.model, context.examples(SHOWN_EXAMPLES), path,
+    grids.reconstruction_grid(context.model, context.examples(SHOWN_EXAMPLES), path,
                                 label=context.example_labels(SHOWN_EXAMPLES))
 
 
@@ -232,13 +233,13 @@ def _prior_samples(context: FigureContext, path: Path) -> None:
         "across the classes, so a row shows a class and a column what the code holds besides the class.",
         needs=(CONDITIONAL, IMAGES), pixelated=True)
 def _class_samples(context: FigureContext, path: Path) -> None:
-    figures.class_grid(context.model, path, columns=10, seed=context.seed)
+    grids.class_grid(context.model, path, columns=10, seed=context.seed)
 
 
 def _fitted_samples(context: FigureContext, path: Path, name: str) -> None:
     sampler = fitted.saved_sampler(context.run_dir, name, context.model)[0]
     generator = torch.Generator(device=context.model.device).manual_seed(context.seed)
-    figures.save_grid(fitted.decode_samples(context.model, sampler, 64, generator), path)
+    grids.save_grid(fitted.decode_samples(context.model, sampler, 64, generator), path)
 
 
 @FIGURES.register("samples-gmm.png")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from aevb.analysis.figures import eval_mode, new_figure, save_figure
+from aevb.analysis.figures import new_figure, save_figure
+from aevb.analysis.grids import eval_mode
 from aevb.model.base import Model
 from aevb.model.likelihoods import GaussianLikelihood, LaplaceLikelihood, OptimalGaussianLikelihood
 from aevb.run.folder import metrics_record

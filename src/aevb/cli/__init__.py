@@ -262,7 +262,7 @@ def sample(run, n, sampler, temperature, seed, file_format, out, label, device):
     name = f"samples-T{temperature:g}" if sampler == "prior" else f"samples-{sampler}-T{temperature:g}"
     name += "" if label is None else f"-label{label}"
     if file_format == "png":
-        from aevb.analysis.figures import save_grid
+        from aevb.analysis.grids import save_grid
 
         path = Path(out) if out else Path(run) / "images" / f"{name}.png"
         with owning_if_in_run(path, "aevb sample"):
@@ -402,7 +402,7 @@ def reconstruct(run, n, out, device):
         with owning_if_in_run(path, "aevb reconstruct"):
             click.echo(f"written: {write_reconstructions(opened, x[:n], path, None if given is None else given[:n])}")
         return
-    from aevb.analysis.figures import reconstruction_grid
+    from aevb.analysis.grids import reconstruction_grid
 
     shown = holdout_indices(y, n, num_examples=len(x))
     x = x[shown].to(model.device)

@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from aevb.analysis.posteriors import ACTIVE_UNIT_THRESHOLD, posterior_statistics
-from aevb.analysis.figures import image_grid, latent_directions, lerp, slerp
+from aevb.analysis.figures import latent_directions, lerp, slerp
+from aevb.analysis.grids import image_grid
 from aevb.errors import UserError
 from aevb.model.base import Model
 from aevb.run.open import Run

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 from aevb.acceleration.runtime import denormals_flushed, keep_freed_memory
-from aevb.analysis.figures import reconstruction_grid, sample_grid
+from aevb.analysis.grids import reconstruction_grid, sample_grid
 from aevb.config import RunConfig, check_model_options
 from aevb.data.datasets import Dataset
 from aevb.data.memory import IN_MEMORY, memory_dataset, origin
