@@ -81,12 +81,15 @@ UNCONDITIONAL = Need(lambda model, run_dir: None if not model.conditional else
                      "figure does not choose")
 
 
-def fitted_sampler_needs(name: str) -> tuple[Need, Need]:
-    """What the samples of fitted sampler ``name`` need: a fit in the run folder (none: left out without a word,
-    as it is for every run that never fitted one), and one of these weights (else the reason, and how to refit)."""
-    return (Need(lambda model, run_dir: None if fitted.sampler_paths(run_dir, name)[1].is_file() else
-                 f"no {name} sampler is fitted", silent=True),
-            Need(lambda model, run_dir: fitted.saved_sampler(run_dir, name, model)[2] or None))
+def fitted_sampler_figure(name: str) -> dict:
+    """The :func:`figure` arguments of the samples of fitted sampler ``name``: it needs images, a fit in the run
+    folder (none: left out without a word, as it is for every run that never fitted one) and one of these weights
+    (else the reason, and how to refit); it is redrawn when the fit's record changes."""
+    needs = (IMAGES,
+             Need(lambda model, run_dir: None if fitted.sampler_paths(run_dir, name)[1].is_file() else
+                  f"no {name} sampler is fitted", silent=True),
+             Need(lambda model, run_dir: fitted.saved_sampler(run_dir, name, model)[2] or None))
+    return {"needs": needs, "pixelated": True, "inputs": (f"samplers/{name}.json",)}
 
 
 # ---------------------------------------------------------------------------
@@ -247,8 +250,7 @@ def _fitted_samples(context: FigureContext, path: Path, name: str) -> None:
         "Means of p(x|z) for z drawn from the Gaussian mixture fitted after training to the posterior means of "
         "the training split (aevb fit-sampler --sampler gmm; RUN/samplers/gmm.json says how many components "
         "BIC chose): samples from where the decoder was trained.",
-        needs=(IMAGES, *fitted_sampler_needs("gmm")), pixelated=True,
-        inputs=("samplers/gmm.json",))
+        **fitted_sampler_figure("gmm"))
 def _gmm_samples(context: FigureContext, path: Path) -> None:
     _fitted_samples(context, path, "gmm")
 
@@ -257,8 +259,7 @@ def _gmm_samples(context: FigureContext, path: Path) -> None:
 @figure("Samples from a normalising flow fitted to the codes",
         "Means of p(x|z) for z drawn from the neural spline flow fitted after training to the posterior means "
         "of the training split (aevb fit-sampler --sampler flow).",
-        needs=(IMAGES, *fitted_sampler_needs("flow")), pixelated=True,
-        inputs=("samplers/flow.json",))
+        **fitted_sampler_figure("flow"))
 def _flow_samples(context: FigureContext, path: Path) -> None:
     _fitted_samples(context, path, "flow")
 
@@ -267,8 +268,7 @@ def _flow_samples(context: FigureContext, path: Path) -> None:
 @figure("Samples from an autoregressive prior fitted to the codes",
         "Means of p(x|z) for codes drawn index by index from the transformer fitted after training to the codes of "
         "the training split (aevb fit-sampler --sampler autoregressive; a VQ-VAE's way to sample).",
-        needs=(IMAGES, *fitted_sampler_needs("autoregressive")), pixelated=True,
-        inputs=("samplers/autoregressive.json",))
+        **fitted_sampler_figure("autoregressive"))
 def _autoregressive_samples(context: FigureContext, path: Path) -> None:
     _fitted_samples(context, path, "autoregressive")
 

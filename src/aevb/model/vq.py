@@ -40,6 +40,12 @@ from aevb.options import COUNTS, Option
 from aevb.registry import MODELS
 
 
+def nearest_entry(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The index [N] of the entry of codebook [K, C] nearest to each of vectors [N, C] (Euclidean distance)."""
+    vectors = at_least_float32(vectors)
+    return torch.cdist(vectors, codebook.to(vectors.device, vectors.dtype)).argmin(dim=1)
+
+
 class VectorQuantizer(nn.Module):
     """A codebook e [K, C] updated by exponential moving averages, with restarts of unused entries."""
 
@@ -52,9 +58,8 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("ema_sum", codebook.clone())  # [K, C]: their sum, averaged
 
     def nearest(self, vectors: torch.Tensor) -> torch.Tensor:
-        """The index [N] of the entry nearest to each of vectors [N, C] (squared Euclidean distance)."""
-        distances = torch.cdist(at_least_float32(vectors), self.codebook.to(at_least_float32(vectors).dtype))
-        return distances.argmin(dim=1)
+        """The index [N] of the entry nearest to each of vectors [N, C] (Euclidean distance)."""
+        return nearest_entry(vectors, self.codebook)
 
     def lookup(self, index: torch.Tensor) -> torch.Tensor:
         """The entries [..., C] of indices [...]."""

@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from aevb.errors import UserError
-from aevb.model.base import Model
+from aevb.model.vq import nearest_entry
 from aevb.options import Option
 from aevb.registry import SAMPLERS
-from aevb.sampling.samplers import FIT_EPOCHS, HELD_OUT, PATIENCE, Sampler, fit_by_gradient, noise_device
+from aevb.sampling.samplers import (FIT_EPOCHS, HELD_OUT, PATIENCE, Sampler, fit_by_gradient, noise_device,
+                                    split_held_out)
 
 
 class CodeTransformer(nn.Module):
@@ -64,10 +65,9 @@ class CodeTransformer(nn.Module):
         return logits.log_softmax(-1).gather(-1, index.unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
-def nearest_entries(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+def code_indices(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """The indices [N, G] of the codebook's entries [K, C] nearest to each of the G parts of codes z [N, G·C]."""
-    parts = z.float().reshape(-1, codebook.shape[1])  # [N·G, C]
-    return torch.cdist(parts, codebook.float().to(parts.device)).argmin(1).reshape(z.shape[0], -1)
+    return nearest_entry(z.reshape(-1, codebook.shape[1]), codebook).reshape(z.shape[0], -1)
 
 
 @SAMPLERS.register("autoregressive")
@@ -113,7 +113,7 @@ class AutoregressiveCodeSampler(Sampler):
 
     def log_prob(self, z):
         with torch.no_grad():
-            return self.net.cpu().log_prob(nearest_entries(z.cpu(), self.codebook))
+            return self.net.cpu().log_prob(code_indices(z.cpu(), self.codebook))
 
     @classmethod
     def fit_to(cls, model, codes, seed=0, **options):
@@ -124,39 +124,32 @@ class AutoregressiveCodeSampler(Sampler):
         return cls.fit(codes, seed, codebook=codebook.detach().float().cpu(), **options)
 
     @classmethod
-    def fit(cls, codes, seed=0, *, codebook=None, layers=2, width=128, heads=4, dropout=0.1, epochs=200,
+    def fit(cls, codes, seed=0, *, codebook, layers=2, width=128, heads=4, dropout=0.1, epochs=200,
             validation=0.1, patience=20):
         """Fitted to codes [N, G·C] made of entries of ``codebook`` [K, C] (each part is mapped to its nearest)."""
-        if codebook is None:
-            raise UserError("the autoregressive sampler needs the codebook [K, C] whose entries the codes are made of")
         if width % heads:
             raise UserError(f"--width {width} is not divisible by --heads {heads}; choose a width that is")
         if codes.shape[1] % codebook.shape[1]:
             raise UserError(f"codes of {codes.shape[1]} numbers are not made of entries of {codebook.shape[1]}")
-        index = nearest_entries(codes.cpu(), codebook)  # [N, G]
-        held = int(round(validation * len(index)))
-        if held < 1 or len(index) - held < 2:
-            raise UserError(f"the autoregressive sampler needs codes to train on and some held out: {len(index)} "
-                            f"codes with --validation {validation} leave {len(index) - held} and {held}; use more "
-                            f"training data or another --validation")
+        index = code_indices(codes.cpu(), codebook)  # [N, G]
         codebook_size, code_length = codebook.shape[0], index.shape[1]
         # the initial weights and the dropout from the seed, torch's global stream untouched
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             generator = torch.Generator().manual_seed(seed)
-            order = torch.randperm(len(index), generator=generator)
-            train, held_out = index[order[held:]], index[order[:held]]
+            train, held_out = split_held_out(index, validation, generator, "the autoregressive sampler")
             net = CodeTransformer(codebook_size, code_length, width, layers, heads, dropout)
             found = fit_by_gradient(net, lambda batch: -net.log_prob(batch).mean(), train, held_out, generator,
                                     epochs=epochs, patience=patience)
         used = torch.bincount(train.reshape(-1), minlength=codebook_size).float()
         frequency = used / used.sum()
-        # the best code model without order: each place's entry drawn from the training codes' frequencies
+        # a code model without order: each place's entry drawn independently, as often as the training codes use
+        # that entry at any place
         by_frequency = -frequency[held_out].clamp_min(1e-12).log().sum(1).mean().item()
         description = {"layers": layers, "width": width, "heads": heads, "dropout": dropout, "epochs": epochs,
                        "validation": validation, "patience": patience, "codebook_size": int(codebook_size),
                        "code_length": int(code_length), "code_dim": int(codebook.shape[1]),
-                       "epochs_run": found["epochs_run"], "best_epoch": found["best_epoch"], "held_out_codes": held,
+                       "epochs_run": found["epochs_run"], "best_epoch": found["best_epoch"], "held_out_codes": len(held_out),
                        # nats per code: what the prior learnt, against the uniform training prior G·log K
                        "held_out_log_likelihood": -found["held_out_nll"],
                        "uniform_log_likelihood": -code_length * math.log(codebook_size),

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from aevb.errors import UserError
 from aevb.options import Option
 from aevb.registry import SAMPLERS
-from aevb.sampling.samplers import FIT_EPOCHS, HELD_OUT, PATIENCE, Sampler, fit_by_gradient, noise_device
+from aevb.sampling.samplers import (FIT_EPOCHS, HELD_OUT, PATIENCE, Sampler, fit_by_gradient, noise_device,
+                                    split_held_out)
 
 
 def build_flow(features: int, transforms: int, hidden_units: list[int], seed: int = 0) -> torch.nn.Module:
@@ -66,14 +66,8 @@ class FlowSampler(Sampler):
     @classmethod
     def fit(cls, codes, seed=0, *, transforms=3, hidden_units=(64, 64), epochs=200, validation=0.1, patience=20):
         codes = codes.float().cpu()  # [N, D]
-        held = int(round(validation * len(codes)))
-        if held < 1 or len(codes) - held < 2:
-            raise UserError(f"a flow needs codes to train on and some held out: {len(codes)} codes with --validation "
-                            f"{validation} leave {len(codes) - held} and {held}; use more training data or another "
-                            f"--validation")
         generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(codes), generator=generator)
-        train, held_out = codes[order[held:]], codes[order[:held]]
+        train, held_out = split_held_out(codes, validation, generator, "a flow")
         loc, scale = train.mean(0), train.std(0).clamp_min(1e-6)  # a dimension that never varies: kept finite
         train, held_out = (train - loc) / scale, (held_out - loc) / scale
         flow = build_flow(codes.shape[1], transforms, list(hidden_units), seed)
@@ -81,7 +75,7 @@ class FlowSampler(Sampler):
                                 epochs=epochs, patience=patience)  # standardised codes' nats per example
         description = {"transforms": transforms, "hidden_units": list(hidden_units), "epochs": epochs,
                        "validation": validation, "patience": patience, "features": int(codes.shape[1]),
-                       "epochs_run": found["epochs_run"], "best_epoch": found["best_epoch"], "held_out_codes": held,
+                       "epochs_run": found["epochs_run"], "best_epoch": found["best_epoch"], "held_out_codes": len(held_out),
                        # in the codes' own units: the standardisation's Jacobian added back
                        "held_out_log_likelihood": -found["held_out_nll"] - scale.log().sum().item()}
         return cls(flow, loc, scale, description)

@@ -81,6 +81,19 @@ BATCH = 256  # codes per step
 LEARNING_RATE = 1e-3
 
 
+def split_held_out(codes: torch.Tensor, validation: float, generator: torch.Generator,
+                   sampler: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes to train on, codes held out): the fraction ``validation`` of codes [N, ...] held out, in an order
+    drawn by ``generator``; a UserError naming ``sampler`` where either part would be too small."""
+    held = int(round(validation * len(codes)))
+    if held < 1 or len(codes) - held < 2:
+        raise UserError(f"{sampler} needs codes to train on and some held out: {len(codes)} codes with --validation "
+                        f"{validation} leave {len(codes) - held} and {held}; use more training data or another "
+                        f"--validation")
+    order = torch.randperm(len(codes), generator=generator)
+    return codes[order[held:]], codes[order[:held]]
+
+
 def fit_by_gradient(net: torch.nn.Module, nll: Callable[[torch.Tensor], torch.Tensor], train: torch.Tensor,
                     held_out: torch.Tensor, generator: torch.Generator, *, epochs: int, patience: int,
                     ) -> dict[str, Any]:
