@@ -99,7 +99,7 @@ def main() -> None:
     for name, found in codes.items():
         print(f"{name}: log-probability of a held-out code of {found['code_length']} indices into "
               f"{found['codebook_size']} entries: {found['held_out_log_likelihood']:.1f} nats under the autoregressive "
-              f"prior, {found['frequency_log_likelihood']:.1f} under the entries' frequencies place by place, "
+              f"prior, {found['frequency_log_likelihood']:.1f} with each place drawn from the entries' frequencies, "
               f"{found['uniform_log_likelihood']:.1f} under the uniform training prior")
     print("seconds (train, fit the samplers, evaluate): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
 
