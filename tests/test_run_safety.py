@@ -587,6 +587,37 @@ def test_a_writer_that_owns_the_folder_for_a_moment_is_waited_for(run_copy, tmp_
     assert 3 < time.monotonic() - started < 30 and holder.wait(timeout=60) == 0
 
 
+# a holder between locking and writing its record (or between emptying it and unlocking): the lock, no record
+HOLD_UNNAMED = """
+import fcntl, os, sys, time
+from pathlib import Path
+fd = os.open(os.path.join(sys.argv[1], ".aevb-lock"), os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0)
+Path(sys.argv[2]).touch()
+time.sleep(float(sys.argv[3]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the child locks with fcntl")
+def test_a_holder_that_has_not_written_its_record_is_given_a_moment(run_copy, tmp_path, capsys):
+    """The window in which a holder's record is empty is not taken for a holder that will not say who it is."""
+    ready = tmp_path / "ready"
+    holder = start_child(HOLD_UNNAMED, run_copy, ready, 0.5, ready=ready)
+    assert aevb_cli("train", "--resume", run_copy, "--epochs", 3) == 0  # the lock went within the moment
+    assert holder.wait(timeout=60) == 0
+    ready.unlink()
+    capsys.readouterr()
+    holder = start_child(HOLD_UNNAMED, run_copy, ready, 300, ready=ready)
+    try:
+        started = time.monotonic()
+        assert aevb_cli("train", "--resume", run_copy, "--epochs", 4) == 2
+        assert time.monotonic() - started >= 2.0
+        one_error_line(capsys, f"run folder {run_copy} is in use by another process (it has not said which yet)")
+    finally:
+        kill(holder)
+
+
 def test_a_force_killed_while_setting_the_earlier_run_aside_is_undone(run_copy, monkeypatch, capsys):
     from aevb.run import manifest
 

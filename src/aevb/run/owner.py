@@ -45,6 +45,9 @@ from aevb.run.manifest import MANIFEST, PREVIOUS, Manifest
 
 LOCK_FILE = ".aevb-lock"
 BRIEF_WAIT = 30.0  # seconds another writer waits for an owner that writes a file or two (two evals ending together)
+# seconds another writer waits for a holder with no record: one that has just locked and not yet written it,
+# or one that has just emptied it and not yet unlocked; either way it says who it is, or goes, within a moment
+UNNAMED_WAIT = 2.0
 OWN_FILES = (MANIFEST, LOCK_FILE)  # aevb's bookkeeping: never on the list
 
 try:
@@ -266,7 +269,9 @@ def _lock(folder: Path, command: str, brief: bool) -> int:
 
     A holder that owns the folder only for a moment (``brief``: a file being
     written) is waited for, up to :data:`BRIEF_WAIT` seconds; any other is
-    named at once.
+    named at once.  A holder whose record is empty is between locking and
+    writing it, or between emptying it and unlocking: it is given
+    :data:`UNNAMED_WAIT` seconds to say which.
     """
     lock_path = folder / LOCK_FILE
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -279,14 +284,14 @@ def _lock(folder: Path, command: str, brief: bool) -> int:
         if e.errno == errno.ENOENT:
             raise UserError(f"run folder not found: {folder}") from None
         raise unwritable(lock_path, e) from None
-    deadline = time.monotonic() + BRIEF_WAIT
+    started = time.monotonic()
     while True:
         try:
             _try_lock(fd)
             break
         except OSError:
-            holder = _holder(fd)
-            if holder.get("brief") is True and time.monotonic() < deadline:
+            holder, waited = _holder(fd), time.monotonic() - started
+            if (holder.get("brief") is True and waited < BRIEF_WAIT) or (not holder and waited < UNNAMED_WAIT):
                 time.sleep(0.05)
                 continue
             os.close(fd)
