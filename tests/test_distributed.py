@@ -411,6 +411,37 @@ def test_two_processes_train_as_one_on_a_users_dataset_each_reading_its_share(tm
     assert [len(r) for r in reads] == [2 * 300 + 600 + 2, 2 * 300 + 2]
 
 
+THREADS_SCRIPT = """
+import os, sys
+import torch
+import aevb
+from aevb.config import make_config
+
+threads = lambda: len(os.listdir("/proc/self/task"))  # the process's threads, C++'s too
+before = threads()
+config = make_config(data="digits", latent_dim=3, hidden=[32], steps=4, batch_size=64, device="cpu",
+                     precision="fp32", val_split=0, out=sys.argv[1])
+aevb.train(config, progress=False)
+with open(f"{sys.argv[1]}-threads-{os.environ['RANK']}.txt", "w") as f:
+    f.write(f"{before} {threads()}")
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts a process's threads in Linux's /proc")
+def test_a_workers_group_and_its_threads_are_gone_when_train_returns(tmp_path):
+    """train() under torchrun ends the process group it made, and gloo's worker threads with it: a thread that
+    outlived it could free a collective's tensors while the interpreter shuts down, and abort the worker at exit
+    (one run in about 40 did, while importing torch._dynamo after the group kept it alive)."""
+    script = tmp_path / "train_threads.py"
+    script.write_text(THREADS_SCRIPT)
+    _finish(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                              "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path / "run")],
+                             env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for rank in (0, 1):
+        before, after = map(int, (tmp_path / f"run-threads-{rank}.txt").read_text().split())
+        assert after == before, f"worker {rank}: {before} threads before train(), {after} after"
+
+
 FOLDER_SCRIPT = """
 import os
 import sys

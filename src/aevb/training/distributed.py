@@ -38,6 +38,7 @@ model on 1 process or on N, to float rounding.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -96,6 +97,12 @@ def start(device: torch.device, join_timeout: timedelta = timedelta(minutes=2)) 
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # DDP imports torch._dynamo; imported after the group exists, it keeps references to the group that
+    # destroy_process_group does not drop, so gloo's worker threads outlive stop() and may free a collective's
+    # tensors while the interpreter shuts down: an abort at exit, about one run in 40 (measured; a core dump
+    # showed ~AsyncAllgatherWork taking the GIL in a worker thread during Py_FinalizeEx).  Imported before, the
+    # group goes with destroy_process_group and its threads are joined
+    importlib.import_module("torch._dynamo")
     try:
         # init_process_group's own env:// rendezvous, but for the prefix: a group that torchrun restarts
         # (--max-restarts) meets in the store the one before it met in, whose keys (its workers' addresses, dead
