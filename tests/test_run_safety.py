@@ -599,6 +599,32 @@ time.sleep(float(sys.argv[3]))
 """
 
 
+# a brief holder that, after a while, empties its record and unlocks a moment later (as _unlock does, slowed)
+HOLD_BRIEFLY_THEN_EMPTY = """
+import fcntl, json, os, sys, time
+from pathlib import Path
+fd = os.open(os.path.join(sys.argv[1], ".aevb-lock"), os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({"pid": os.getpid(), "command": "aevb eval", "since": "now", "brief": True}).encode())
+Path(sys.argv[2]).touch()
+time.sleep(3)
+os.ftruncate(fd, 0)
+time.sleep(0.5)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the child locks with fcntl")
+def test_a_brief_holder_emptying_its_record_is_still_waited_for(run_copy, tmp_path):
+    """A writer that has waited longer than UNNAMED_WAIT for a brief holder still gives it a moment to go once its
+    record is empty: the race that failed CI once, when an eval waiting for another read the record between the
+    holder's emptying it and unlocking."""
+    ready = tmp_path / "ready"
+    holder = start_child(HOLD_BRIEFLY_THEN_EMPTY, run_copy, ready, ready=ready)
+    started = time.monotonic()
+    assert aevb_cli("train", "--resume", run_copy, "--epochs", 3) == 0
+    assert time.monotonic() - started > 3 and holder.wait(timeout=60) == 0
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="the child locks with fcntl")
 def test_a_holder_that_has_not_written_its_record_is_given_a_moment(run_copy, tmp_path, capsys):
     """The window in which a holder's record is empty is not taken for a holder that will not say who it is."""

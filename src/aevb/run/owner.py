@@ -284,14 +284,16 @@ def _lock(folder: Path, command: str, brief: bool) -> int:
         if e.errno == errno.ENOENT:
             raise UserError(f"run folder not found: {folder}") from None
         raise unwritable(lock_path, e) from None
-    started = time.monotonic()
+    started, unnamed_since = time.monotonic(), None
     while True:
         try:
             _try_lock(fd)
             break
         except OSError:
-            holder, waited = _holder(fd), time.monotonic() - started
-            if (holder.get("brief") is True and waited < BRIEF_WAIT) or (not holder and waited < UNNAMED_WAIT):
+            holder, now = _holder(fd), time.monotonic()
+            unnamed_since = None if holder else (unnamed_since or now)  # since when its record has been empty
+            if ((holder.get("brief") is True and now - started < BRIEF_WAIT)
+                    or (not holder and now - unnamed_since < UNNAMED_WAIT)):
                 time.sleep(0.05)
                 continue
             os.close(fd)
