@@ -355,7 +355,7 @@ def test_readers_run_beside_a_writer(run_copy, tmp_path, capsys):
 def test_a_killed_writer_leaves_no_lock(run_copy, tmp_path):
     ready = tmp_path / "ready"
     kill(start_child(HOLD, run_copy, ready, ready=ready))
-    assert f'"pid"' in (run_copy / LOCK_FILE).read_text()  # its record stays, the lock went with the process
+    assert '"pid"' in (run_copy / LOCK_FILE).read_text()  # its record stays, the lock went with the process
     assert aevb_cli("eval", run_copy, "-k", 2) == 0
     assert (run_copy / LOCK_FILE).read_text() == ""  # released, and said so
 
