@@ -73,9 +73,19 @@ def _environment() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
 
 
-def _torchrun(*arguments: str, launch: tuple[str, ...], command: str = "train") -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launch, "-m", "aevb.cli", command, *arguments],
+def _launch(launch: tuple[str, ...], *target: str) -> subprocess.Popen:
+    """torchrun with options ``launch`` starting ``target`` (a script and its arguments, or -m and a module's)."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launch, *target],
                             env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _torchrun(*arguments: str, launch: tuple[str, ...], command: str = "train") -> subprocess.Popen:
+    return _launch(launch, "-m", "aevb.cli", command, *arguments)
+
+
+def _one_group() -> tuple[str, ...]:
+    """torchrun's options for 2 workers in one group on this machine."""
+    return "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port())
 
 
 def _finish(*workers: subprocess.Popen) -> None:
@@ -89,9 +99,12 @@ def _finish(*workers: subprocess.Popen) -> None:
 
 
 def two_processes(*arguments: str, command: str = "train") -> None:
-    port = _free_port()
-    _finish(_torchrun(*arguments, command=command, launch=("--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                                                           "--master_port", str(port))))
+    _finish(_torchrun(*arguments, command=command, launch=_one_group()))
+
+
+def two_processes_of_script(script: Path, *arguments: str) -> None:
+    """A user's ``script`` under torchrun with 2 workers in one group."""
+    _finish(_launch(_one_group(), str(script), *arguments))
 
 
 def _nodes(*arguments: str, second: tuple[str, ...] = ()) -> list[subprocess.Popen]:
@@ -396,11 +409,7 @@ def test_two_processes_train_as_one_on_a_users_dataset_each_reading_its_share(tm
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=_environment(), text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
     assert one.returncode == 0, one.stdout[-3000:]
-    worker = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
-                               str(tmp_path / "two")], env=_environment(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    _finish(worker)
+    two_processes_of_script(script, str(tmp_path / "two"))
     assert_same_training(tmp_path / "one", tmp_path / "two")
     reads = [[int(i) for i in (tmp_path / f"two-reads-{rank}.txt").read_text().split()] for rank in (0, 1)]
     alone = [int(i) for i in (tmp_path / "one-reads-0.txt").read_text().split()]
@@ -431,12 +440,10 @@ with open(f"{sys.argv[1]}-threads-{os.environ['RANK']}.txt", "w") as f:
 def test_a_workers_group_and_its_threads_are_gone_when_train_returns(tmp_path):
     """train() under torchrun ends the process group it made, and gloo's worker threads with it: a thread that
     outlived it could free a collective's tensors while the interpreter shuts down, and abort the worker at exit
-    (one run in about 40 did, while importing torch._dynamo after the group kept it alive)."""
+    (about one run in 50 did, while importing torch._dynamo after the group kept it alive)."""
     script = tmp_path / "train_threads.py"
     script.write_text(THREADS_SCRIPT)
-    _finish(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                              "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path / "run")],
-                             env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    two_processes_of_script(script, str(tmp_path / "run"))
     for rank in (0, 1):
         before, after = map(int, (tmp_path / f"run-threads-{rank}.txt").read_text().split())
         assert after == before, f"worker {rank}: {before} threads before train(), {after} after"
@@ -476,9 +483,7 @@ def test_a_streamed_folder_is_decoded_by_one_worker_and_trains_as_in_one_process
     one = subprocess.run([sys.executable, *arguments("one")], env=_environment(), text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
     assert one.returncode == 0, one.stdout[-3000:]
-    _finish(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *arguments("two")],
-                             env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    two_processes_of_script(*arguments("two"))
     assert_same_training(tmp_path / "one", tmp_path / "two")
     decoded = [int((tmp_path / f"{run}-decoded-{rank}.txt").read_text()) for run, rank in (("one", 0), ("two", 0),
                                                                                            ("two", 1))]

@@ -587,29 +587,21 @@ def test_a_writer_that_owns_the_folder_for_a_moment_is_waited_for(run_copy, tmp_
     assert 3 < time.monotonic() - started < 30 and holder.wait(timeout=60) == 0
 
 
-# a holder between locking and writing its record (or between emptying it and unlocking): the lock, no record
-HOLD_UNNAMED = """
-import fcntl, os, sys, time
-from pathlib import Path
-fd = os.open(os.path.join(sys.argv[1], ".aevb-lock"), os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX)
-os.ftruncate(fd, 0)
-Path(sys.argv[2]).touch()
-time.sleep(float(sys.argv[3]))
-"""
-
-
-# a brief holder that, after a while, empties its record and unlocks a moment later (as _unlock does, slowed)
-HOLD_BRIEFLY_THEN_EMPTY = """
+# the lock held by hand, to widen the moments in which its record is empty: argv 3 "brief" writes a brief
+# holder's record ("none": none, as between locking and writing it); argv 4 seconds later the record is emptied
+# (as _unlock does first), and argv 5 seconds after that the lock goes
+HOLD_BY_HAND = """
 import fcntl, json, os, sys, time
 from pathlib import Path
 fd = os.open(os.path.join(sys.argv[1], ".aevb-lock"), os.O_RDWR | os.O_CREAT)
 fcntl.flock(fd, fcntl.LOCK_EX)
-os.write(fd, json.dumps({"pid": os.getpid(), "command": "aevb eval", "since": "now", "brief": True}).encode())
-Path(sys.argv[2]).touch()
-time.sleep(3)
 os.ftruncate(fd, 0)
-time.sleep(0.5)
+if sys.argv[3] == "brief":
+    os.write(fd, json.dumps({"pid": os.getpid(), "command": "aevb eval", "since": "now", "brief": True}).encode())
+Path(sys.argv[2]).touch()
+time.sleep(float(sys.argv[4]))
+os.ftruncate(fd, 0)
+time.sleep(float(sys.argv[5]))
 """
 
 
@@ -619,7 +611,7 @@ def test_a_brief_holder_emptying_its_record_is_still_waited_for(run_copy, tmp_pa
     record is empty: the race that failed CI once, when an eval waiting for another read the record between the
     holder's emptying it and unlocking."""
     ready = tmp_path / "ready"
-    holder = start_child(HOLD_BRIEFLY_THEN_EMPTY, run_copy, ready, ready=ready)
+    holder = start_child(HOLD_BY_HAND, run_copy, ready, "brief", 3, 0.5, ready=ready)
     started = time.monotonic()
     assert aevb_cli("train", "--resume", run_copy, "--epochs", 3) == 0
     assert time.monotonic() - started > 3 and holder.wait(timeout=60) == 0
@@ -629,12 +621,12 @@ def test_a_brief_holder_emptying_its_record_is_still_waited_for(run_copy, tmp_pa
 def test_a_holder_that_has_not_written_its_record_is_given_a_moment(run_copy, tmp_path, capsys):
     """The window in which a holder's record is empty is not taken for a holder that will not say who it is."""
     ready = tmp_path / "ready"
-    holder = start_child(HOLD_UNNAMED, run_copy, ready, 0.5, ready=ready)
+    holder = start_child(HOLD_BY_HAND, run_copy, ready, "none", 0.5, 0, ready=ready)
     assert aevb_cli("train", "--resume", run_copy, "--epochs", 3) == 0  # the lock went within the moment
     assert holder.wait(timeout=60) == 0
     ready.unlink()
     capsys.readouterr()
-    holder = start_child(HOLD_UNNAMED, run_copy, ready, 300, ready=ready)
+    holder = start_child(HOLD_BY_HAND, run_copy, ready, "none", 300, 0, ready=ready)
     try:
         started = time.monotonic()
         assert aevb_cli("train", "--resume", run_copy, "--epochs", 4) == 2

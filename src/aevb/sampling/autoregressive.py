@@ -149,7 +149,8 @@ class AutoregressiveCodeSampler(Sampler):
         description = {"layers": layers, "width": width, "heads": heads, "dropout": dropout, "epochs": epochs,
                        "validation": validation, "patience": patience, "codebook_size": int(codebook_size),
                        "code_length": int(code_length), "code_dim": int(codebook.shape[1]),
-                       "epochs_run": found["epochs_run"], "best_epoch": found["best_epoch"], "held_out_codes": len(held_out),
+                       "epochs_run": found["epochs_run"], "best_epoch": found["best_epoch"],
+                       "held_out_codes": len(held_out),
                        # nats per code: what the prior learnt, against the uniform training prior G·log K
                        "held_out_log_likelihood": -found["held_out_nll"],
                        "uniform_log_likelihood": -code_length * math.log(codebook_size),

@@ -75,7 +75,8 @@ class FlowSampler(Sampler):
                                 epochs=epochs, patience=patience)  # standardised codes' nats per example
         description = {"transforms": transforms, "hidden_units": list(hidden_units), "epochs": epochs,
                        "validation": validation, "patience": patience, "features": int(codes.shape[1]),
-                       "epochs_run": found["epochs_run"], "best_epoch": found["best_epoch"], "held_out_codes": len(held_out),
+                       "epochs_run": found["epochs_run"], "best_epoch": found["best_epoch"],
+                       "held_out_codes": len(held_out),
                        # in the codes' own units: the standardisation's Jacobian added back
                        "held_out_log_likelihood": -found["held_out_nll"] - scale.log().sum().item()}
         return cls(flow, loc, scale, description)

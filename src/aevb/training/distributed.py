@@ -99,9 +99,9 @@ def start(device: torch.device, join_timeout: timedelta = timedelta(minutes=2)) 
     backend = "nccl" if device.type == "cuda" else "gloo"
     # DDP imports torch._dynamo; imported after the group exists, it keeps references to the group that
     # destroy_process_group does not drop, so gloo's worker threads outlive stop() and may free a collective's
-    # tensors while the interpreter shuts down: an abort at exit, about one run in 40 (measured; a core dump
-    # showed ~AsyncAllgatherWork taking the GIL in a worker thread during Py_FinalizeEx).  Imported before, the
-    # group goes with destroy_process_group and its threads are joined
+    # tensors while the interpreter shuts down: an abort at exit, about one two-worker run in 50 (measured; a
+    # core dump showed ~AsyncAllgatherWork taking the GIL in a worker thread during Py_FinalizeEx).  Imported
+    # before, the group goes with destroy_process_group and its threads are joined
     importlib.import_module("torch._dynamo")
     try:
         # init_process_group's own env:// rendezvous, but for the prefix: a group that torchrun restarts
